@@ -1,0 +1,151 @@
+"""The only code that reads or writes checkpoints.
+
+A checkpoint is a directory out_dir/ckpt-<iter>/ holding
+    model.safetensors   the uncompiled, unwrapped model's weights (never `_orig_mod.` or `module.` keys)
+    state.pt            optimizer, GradScaler and loop state; plain tensors and numbers, loaded with weights_only=True
+    meta.json           model config, train config, data fingerprint, iteration and val loss, for humans and tools
+    COMPLETE            sha256 of each file above, written last
+It is written under a temporary name and renamed into place, so a crash at any moment leaves earlier checkpoints
+intact; older ones are deleted only after the new one is complete. Loading verifies the hashes and skips a
+corrupt checkpoint for the one before it, saying so. Nothing in a checkpoint is ever executed.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from errors import UserError
+
+_NAME = re.compile(r"^ckpt-(\d+)$")
+_FILES = ("model.safetensors", "state.pt", "meta.json")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict) -> str:
+    """Write ckpt-<iter_num> atomically and return its path. `model` is the raw nn.Module (not compiled, not DDP),
+    `state` a dict of optimizer/scaler state dicts and numbers, `meta` JSON-serialisable."""
+    os.makedirs(out_dir, exist_ok=True)
+    final = os.path.join(out_dir, f"ckpt-{iter_num:07d}")
+    tmp = os.path.join(out_dir, f".tmp-ckpt-{iter_num:07d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied wte/lm_head weight
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta | {"iter_num": iter_num, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
+    hashes = {}
+    for name in _FILES:
+        _fsync(os.path.join(tmp, name))
+        hashes[name] = _sha256(os.path.join(tmp, name))
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        json.dump(hashes, f, indent=2)
+    _fsync(os.path.join(tmp, "COMPLETE"))
+    if os.path.exists(final):  # saving the same iteration again (e.g. a resumed run that evaluates at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(out_dir)
+    return final
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Checkpoint directories in out_dir that claim to be complete, oldest first (not yet verified)."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in os.listdir(out_dir):
+        m = _NAME.match(name)
+        if m and os.path.exists(os.path.join(out_dir, name, "COMPLETE")):
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """None when every file matches its hash in COMPLETE, else what is wrong."""
+    try:
+        with open(os.path.join(path, "COMPLETE")) as f:
+            hashes = json.load(f)
+        for name in _FILES:
+            if _sha256(os.path.join(path, name)) != hashes[name]:
+                return f"{name} does not match its checksum"
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def find_checkpoint(out_dir: str, which: str = "latest", log=print) -> str:
+    """The newest (which="latest") or lowest-val-loss (which="best") verified checkpoint in out_dir, or the
+    checkpoint directory given itself. Corrupt ones are reported through `log` and skipped."""
+    if os.path.exists(os.path.join(out_dir, "COMPLETE")):
+        candidates = [out_dir]
+    else:
+        candidates = list_checkpoints(out_dir)[::-1]
+        if which == "best":
+            candidates.sort(key=lambda p: _val_loss(p))
+        elif which != "latest":
+            raise UserError(f"unknown checkpoint choice {which!r}; use latest or best")
+    if not candidates:
+        raise UserError(f"no checkpoint in {out_dir}: train one first, or set --out_dir to where one is")
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log(f"warning: skipping corrupt checkpoint {path}: {problem}")
+    raise UserError(f"every checkpoint in {out_dir} is corrupt; nothing to load")
+
+
+def _val_loss(path: str) -> float:
+    try:
+        loss = read_meta(path).get("val_loss")
+    except (OSError, ValueError):
+        return float("inf")
+    return float("inf") if loss is None else loss
+
+
+def load_weights(path: str, model) -> None:
+    """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config)."""
+    load_model(model, os.path.join(path, "model.safetensors"), strict=True)
+
+
+def load_state(path: str, device: str = "cpu") -> dict:
+    """Optimizer/scaler/loop state; weights_only=True so the file can only hold data."""
+    return torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+
+
+def prune_checkpoints(out_dir: str, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints and the best one by val loss."""
+    paths = list_checkpoints(out_dir)
+    if not paths:
+        return
+    keep = set(paths[-keep_last:]) if keep_last > 0 else set()
+    best = min(paths, key=_val_loss)
+    if _val_loss(best) < float("inf"):
+        keep.add(best)
+    for path in paths:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""Command line -> typed config dataclass, the way nanoGPT's CLI reads, without exec into globals.
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+Precedence: dataclass defaults < preset files (in command-line order) < --key=value. A preset is a plain Python
+file of `key = value` lines, run with runpy into its own dict; every public name in it must be a field.
+Values are coerced by the field's type (`--learning_rate=1` is a float, `--compile=false` a bool, `none` sets an
+Optional field to None). Unknown keys are errors that suggest the closest field names. `--help` lists every field
+with its type, default and the comment written beside it in the dataclass.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import re
+import runpy
+import sys
+import types
+import typing
+
+from errors import UserError
+
+
+def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
+    """Build a `cls` dataclass instance from preset files and --key=value arguments in argv."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage + "\n\n" + describe_fields(cls))
+        raise SystemExit(0)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, raw = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if not sep:
+                raise UserError(f"argument {arg!r} has no value: write --{key}=VALUE")
+            _check_known(key, fields, where=arg)
+            values[key] = coerce(raw, hints[key], key)
+        else:
+            for key, value in load_preset(arg).items():
+                _check_known(key, fields, where=arg)
+                values[key] = coerce(value, hints[key], key)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"bad config: {e}") from None
+
+
+def load_preset(path: str) -> dict:
+    """Run a preset file into a fresh dict and return its public plain values (modules and functions are skipped)."""
+    try:
+        namespace = runpy.run_path(path)
+    except FileNotFoundError:
+        raise UserError(f"preset file {path!r} not found (options are written --key=value)") from None
+    except SyntaxError as e:
+        raise UserError(f"preset file {path!r} line {e.lineno}: {e.msg}") from None
+    return {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))
+    }
+
+
+def _check_known(key: str, fields: dict, where: str):
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else "; see --help"
+        raise UserError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def coerce(value, tp, key: str):
+    """Convert a command-line string (or a preset's Python value) to the field type `tp`."""
+    optional_inner = _optional_inner(tp)
+    if optional_inner is not None:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        tp = optional_inner
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = ast.literal_eval(value.replace("_", ""))  # accepts 5000, 1e4, 2**10 is not accepted
+                if isinstance(number, (int, float)) and not isinstance(number, bool) and float(number).is_integer():
+                    return int(number)
+            except (ValueError, SyntaxError):
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key} has unsupported type {tp}")
+    raise UserError(f"{key}={value!r} is not a valid {_type_name(tp)}")
+
+
+def _optional_inner(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0]
+    return None
+
+
+def _type_name(tp) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{inner.__name__} or none"
+    return tp.__name__
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The `# comment` written after each field in the dataclass source: the --help text."""
+    comments = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return comments
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def describe_fields(cls) -> str:
+    """One line per field: name, type, default, comment."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    lines = ["options (--key=value; preset files first, in order):"]
+    for f in dataclasses.fields(cls):
+        head = f"  --{f.name}={f.default!r}"
+        lines.append(f"{head:<40} {_type_name(hints[f.name]):<13} {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def format_config(config) -> str:
+    """The resolved config, one `key = value` per line: printed at start-up and valid as a preset file."""
+    return "\n".join(f"{k} = {v!r}" for k, v in dataclasses.asdict(config).items())

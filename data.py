@@ -1,0 +1,141 @@
+"""The token-file contract, batch sampling and the tokenizer.
+
+A dataset is a directory data/<name>/ written by a prepare/ script:
+    train.bin, val.bin   flat arrays of token ids, no header, dtype given by meta.json (uint16 or uint32)
+    meta.json            {"format", "tokenizer": "char"|tiktoken name, "vocab_size", "dtype", "eot_id",
+                          "chars" (char tokenizer only), "splits": {split: {"file", "tokens", "sha256"}}, "source"}
+meta.json is written last, so a directory without it was never finished. nanoGPT's meta.pkl is never unpickled.
+
+Batches are a pure function of a key (seed, iteration, global micro-step): a resumed run reads the same windows as
+an uninterrupted one, and DDP ranks, which take different micro-steps, never read the same window.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+FORMAT = "nanogpt-tokens/1"
+
+
+@dataclass
+class TokenData:
+    data_dir: str
+    meta: dict
+
+    @property
+    def dtype(self):
+        return np.dtype(self.meta["dtype"])
+
+    def split_path(self, split: str) -> str:
+        return os.path.join(self.data_dir, self.meta["splits"][split]["file"])
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records about the data it was trained on, enough to rebuild its Tokenizer."""
+        keys = ("tokenizer", "vocab_size", "dtype", "eot_id", "chars", "source")
+        return {k: self.meta.get(k) for k in keys} | {"data_dir": self.data_dir}
+
+
+def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenData:
+    """Read and check meta.json and the token files of a prepared dataset."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        name = os.path.basename(os.path.normpath(data_dir))
+        old = (
+            " (its meta.pkl is nanoGPT's format, never unpickled here)"
+            if os.path.exists(os.path.join(data_dir, "meta.pkl"))
+            else ""
+        )
+        raise UserError(f"no prepared dataset in {data_dir}{old}: run `python prepare/{name}.py` first")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        if meta["dtype"] not in ("uint16", "uint32"):
+            raise ValueError(f"dtype {meta['dtype']!r} is not uint16 or uint32")
+        if meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
+            raise ValueError(f"vocab_size {meta['vocab_size']} does not fit {meta['dtype']}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is invalid ({e}); re-run the prepare script") from None
+    data = TokenData(data_dir, meta)
+    for split in splits:
+        if split not in meta["splits"]:
+            raise UserError(f"{meta_path} has no {split!r} split; re-run the prepare script")
+        path = data.split_path(split)
+        tokens = meta["splits"][split]["tokens"]
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size != tokens * itemsize:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise UserError(
+                f"{path} {found}, expected {tokens * itemsize} ({tokens} {meta['dtype']} tokens); "
+                "re-run the prepare script"
+            )
+        if tokens <= block_size + 1:
+            raise UserError(
+                f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 2 = {block_size + 2}; "
+                "lower --block_size or prepare more data"
+            )
+    return data
+
+
+def get_batch(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...], device: str):
+    """Sample batch_size windows of block_size + 1 tokens at offsets drawn from the seed sequence `key`.
+    Returns x (B, T) and y (B, T) int64, y being x shifted left by one token."""
+    # Re-open the memmap for every batch: a long-lived np.memmap grows the process's memory (nanoGPT's lesson).
+    tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
+    rng = np.random.default_rng(list(key))
+    offsets = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
+    windows = np.stack([tokens[i : i + block_size + 1] for i in offsets]).astype(np.int64)  # (B, T+1)
+    xy = torch.from_numpy(windows)
+    if device.startswith("cuda"):
+        xy = xy.pin_memory().to(device, non_blocking=True)  # copy overlaps with the GPU's work
+    else:
+        xy = xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
+
+
+class Tokenizer:
+    """encode/decode for the tokenizer named in meta.json: "char" (the characters listed in meta) or a tiktoken
+    encoding such as "gpt2" (offline: point TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cache files)."""
+
+    def __init__(self, meta: dict):
+        self.name = meta["tokenizer"]
+        self.eot_id = meta.get("eot_id")
+        if self.name == "char":
+            self.itos = list(meta["chars"])
+            self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+        else:
+            self.enc = load_tiktoken(self.name)
+
+    def encode(self, text: str) -> list[int]:
+        if self.name == "char":
+            missing = sorted(set(text) - self.stoi.keys())
+            if missing:
+                raise UserError(f"characters {''.join(missing)!r} are not in this dataset's vocabulary")
+            return [self.stoi[c] for c in text]
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids: list[int]) -> str:
+        if self.name == "char":
+            return "".join(self.itos[i] for i in ids)
+        return self.enc.decode(ids)
+
+
+def load_tiktoken(name: str):
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError as e:
+        raise UserError(f"unknown tiktoken encoding {name!r}: {e}") from None
+    except Exception as e:  # network errors from tiktoken's first download, which has no common base class
+        raise UserError(
+            f"could not load the {name!r} tokenizer ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR to a "
+            "directory holding tiktoken's cache files"
+        ) from None

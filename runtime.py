@@ -1,0 +1,140 @@
+"""Where and how the code runs: device (cuda -> mps -> cpu), precision, torchrun/DDP, seeding, rank-0 printing.
+
+Nothing here knows about models or data. train.py and sample.py call `setup_runtime` once.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(). Used for MFU; `peak_flops` in the config overrides it for anything else.
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM and NVL
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("A6000", 155e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+@dataclass
+class Runtime:
+    device: str  # e.g. "cuda:0", "mps", "cpu"
+    device_type: str  # "cuda", "mps" or "cpu"
+    dtype: torch.dtype  # compute dtype under autocast; parameters stay float32
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """Mixed-precision context for forward passes; a no-op in float32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def print0(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+
+def pick_device(requested: str) -> str:
+    """'auto' -> cuda, then mps, then cpu; anything else is used as given (after checking it exists)."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = requested.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={requested} but CUDA is not available here; use --device=cpu or --device=auto")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={requested} but MPS is not available here; use --device=cpu or --device=auto")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise UserError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def pick_dtype(requested: str, device_type: str) -> torch.dtype:
+    """'auto' -> bfloat16 on GPUs that support it, float16 on older CUDA GPUs (with a GradScaler), float32 elsewhere."""
+    if requested == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if requested not in DTYPES:
+        raise UserError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
+    if requested == "float16" and device_type == "cpu":
+        raise UserError("dtype=float16 is not supported on CPU; use float32 or bfloat16")
+    return DTYPES[requested]
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> Runtime:
+    """Pick device and dtype; under torchrun (RANK in the environment) join the process group, one GPU per rank."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    device = pick_device(device)
+    if ddp:
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        if backend == "auto":
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for float32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, device_type, pick_dtype(dtype, device_type), ddp, rank, local_rank, world_size)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's CPU and CUDA generators (the only randomness the training code uses)."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def peak_flops(rt: Runtime, override: float | None) -> float | None:
+    """Peak FLOP/s of this device for MFU: the override if given, else the GPU table, else None (unknown)."""
+    if override:
+        return override
+    if rt.device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None

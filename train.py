@@ -1,0 +1,350 @@
+"""Train a GPT: on a CPU, one GPU, or many GPUs and nodes with torchrun (DDP).
+
+    python train.py config/train_shakespeare_char.py --batch_size=32        # one process
+    python train.py config/train_shakespeare_char_cpu.py                    # a laptop CPU
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py  # 8 GPUs on one node
+    python train.py --help                                                  # every option
+
+Two nodes: run on each `torchrun --nnodes=2 --node_rank=<0|1> --nproc_per_node=8 --master_addr=<ip of node 0>
+--master_port=29500 train.py config/train_gpt2.py`.
+
+Options are TrainConfig's fields below, set by preset files and then --key=value, as in nanoGPT.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import (
+    find_checkpoint,
+    list_checkpoints,
+    load_state,
+    load_weights,
+    prune_checkpoints,
+    read_meta,
+    save_checkpoint,
+)
+from configurator import format_config, parse_config
+from data import get_batch, load_data
+from errors import UserError, run_cli
+from model import GPT, GPTConfig
+from optim import build_optimizer, lr_at
+from runtime import peak_flops, seed_everything, setup_runtime, teardown_runtime
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # where checkpoints, metrics.jsonl and the resolved config go
+    eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations, and at the end
+    log_interval: int = 1  # print a training line every this many iterations
+    eval_iters: int = 200  # batches per split for each evaluation
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val loss improves
+    keep_last: int = 2  # checkpoints kept besides the best one (older ones are deleted)
+    init_from: str = "scratch"  # scratch, resume (newest checkpoint in out_dir), gpt2* or a Hugging Face directory
+    # wandb logging
+    wandb_log: bool = False  # log to Weights & Biases (master rank only; WANDB_MODE=offline works)
+    wandb_project: str = "owt"  # wandb project name
+    wandb_run_name: str = "gpt2"  # wandb run name
+    # data
+    dataset: str = "openwebtext"  # dataset name: reads data_root/<dataset>/ written by prepare/<dataset>.py
+    data_root: str = "data"  # directory holding prepared datasets
+    gradient_accumulation_steps: int = 40  # micro-steps per optimizer step, in total over all processes
+    batch_size: int = 12  # sequences per micro-step and process
+    block_size: int = 1024  # tokens per sequence (context length)
+    # model
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # embedding width
+    dropout: float = 0.0  # dropout probability; 0 for pretraining, try 0.1+ for fine-tuning
+    bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2 had them)
+    vocab_size: int | None = None  # model vocabulary; none = the dataset's (GPT-2 presets use 50304, a multiple of 64)
+    # AdamW optimizer
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # total optimizer steps
+    weight_decay: float = 1e-1  # AdamW weight decay, on matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    # learning rate schedule
+    decay_lr: bool = True  # warmup then cosine decay; False keeps learning_rate constant
+    warmup_iters: int = 2000  # linear warmup steps
+    lr_decay_iters: int = 600000  # cosine decay ends here; ~= max_iters per Chinchilla
+    min_lr: float = 6e-5  # floor of the schedule; ~= learning_rate / 10 per Chinchilla
+    # system
+    backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    dtype: str = (
+        "auto"  # auto (bfloat16 if supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16
+    )
+    compile: bool = True  # torch.compile the model (PyTorch 2)
+    seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in runtime.py's table
+
+    def __post_init__(self):
+        positive = (
+            "eval_interval",
+            "log_interval",
+            "eval_iters",
+            "gradient_accumulation_steps",
+            "batch_size",
+            "block_size",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_iters < 0 or self.keep_last < 0:
+            raise ValueError("max_iters and keep_last must be >= 0")
+
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # must match to resume
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, usage=__doc__)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
+    if cfg.gradient_accumulation_steps % rt.world_size != 0:
+        raise UserError(
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+            f"{rt.world_size} processes; make it a multiple"
+        )
+    accum_steps = cfg.gradient_accumulation_steps // rt.world_size  # the preset's count is global
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    rt.print0(format_config(cfg))
+    rt.print0(
+        f"# {rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}; "
+        f"tokens per iteration: {tokens_per_iter:,}"
+    )
+
+    data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
+    seed_everything(cfg.seed)
+
+    # The model: from scratch, resumed from out_dir, or GPT-2 weights. raw_model stays unwrapped for checkpoints.
+    iter_num, best_val_loss, resume_from = 0, float("inf"), None
+    if cfg.init_from == "scratch":
+        if list_checkpoints(cfg.out_dir) and not cfg.eval_only:
+            raise UserError(
+                f"{cfg.out_dir} already holds checkpoints; continue them with --init_from=resume or "
+                "choose another --out_dir"
+            )
+        model_config = GPTConfig(
+            block_size=cfg.block_size,
+            vocab_size=cfg.vocab_size or data.meta["vocab_size"],
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+        )
+        model = GPT(model_config)
+    elif cfg.init_from == "resume":
+        resume_from = find_checkpoint(cfg.out_dir, log=rt.print0)
+        meta = read_meta(resume_from)
+        check_resumable(meta, cfg, data)
+        model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": cfg.dropout})))
+        load_weights(resume_from, model)
+        rt.print0(f"resuming from {resume_from}")
+    else:
+        model = GPT.from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+    if model.config.vocab_size < data.meta["vocab_size"]:
+        raise UserError(
+            f"the model's vocab_size {model.config.vocab_size} is smaller than the dataset's {data.meta['vocab_size']}"
+        )
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"block_size={cfg.block_size} exceeds the model's {model.config.block_size}")
+    model.to(rt.device)
+    raw_model = model
+    rt.print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters")
+
+    optimizer = build_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
+    if resume_from is not None:
+        state = load_state(resume_from, rt.device)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+
+    if cfg.compile:
+        rt.print0("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "train_config.py"), "w") as f:
+            f.write(f"# resolved config of the last run in this directory\n{format_config(cfg)}\n")
+    wandb = None
+    if cfg.wandb_log and rt.master:
+        import wandb
+
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    peak = peak_flops(rt, cfg.peak_flops)
+    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
+
+    def batch(it: int, micro_step: int):
+        # Windows depend only on (seed, iteration, global micro-step): exact on resume, disjoint across ranks.
+        key = (cfg.seed, 0, it, rt.rank * accum_steps + micro_step)
+        return get_batch(data, "train", cfg.batch_size, cfg.block_size, key, rt.device)
+
+    x, y = batch(iter_num, 0)
+    t0 = time.time()
+    while True:
+        lr = lr_at(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Evaluate at every eval_interval and at the end; checkpoint when val improves (or always, if asked).
+        last = iter_num >= cfg.max_iters
+        if iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
+            losses = estimate_loss(eval_model, data, cfg, rt)
+            rt.print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if rt.master:
+                log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+                if wandb:
+                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last) and rt.master:
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "iter_num": iter_num,
+                    "best_val_loss": best_val_loss,
+                }
+                meta = {
+                    "model_config": dataclasses.asdict(raw_model.config),
+                    "train_config": dataclasses.asdict(cfg),
+                    "data": data.fingerprint(),
+                    "val_loss": losses["val"],
+                    "train_loss": losses["train"],
+                }
+                path = save_checkpoint(cfg.out_dir, iter_num, raw_model, state, meta)
+                prune_checkpoints(cfg.out_dir, cfg.keep_last)
+                rt.print0(f"saved checkpoint {path}")
+        if cfg.eval_only or last:
+            break
+
+        # One optimizer step over accum_steps micro-batches. Dropout is reseeded from (seed, rank, iteration), so
+        # a resumed run draws the same masks as an uninterrupted one.
+        seed_everything(hash_seed(cfg.seed, rt.rank, iter_num))
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro_step in range(accum_steps):
+            # DDP all-reduces gradients only on the last micro-step
+            sync = micro_step == accum_steps - 1 or not rt.ddp
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with rt.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / accum_steps  # the sum over micro-steps is the mean over the batch
+                x, y = batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        iter_num += 1
+        if (iter_num - 1) % cfg.log_interval == 0:
+            if rt.ddp:  # the logged loss is the mean over the whole global batch
+                dist.all_reduce(loss_sum)
+                loss_sum /= rt.world_size
+            lossf = loss_sum.item()  # a CPU-GPU sync, so only at log iterations
+            record = {"iter": iter_num - 1, "loss": lossf, "lr": lr, "dt": dt, "tokens_per_sec": tokens_per_iter / dt}
+            line = f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+            if peak:
+                record["mfu"] = flops_per_iter / dt / peak
+                line += f", mfu {record['mfu'] * 100:.2f}%"
+            rt.print0(line)
+            if rt.master:
+                log_metrics(metrics_path, record)
+                if wandb:
+                    wandb.log(
+                        {
+                            "iter": iter_num - 1,
+                            "train/loss_step": lossf,
+                            "lr": lr,
+                            "tokens_per_sec": record["tokens_per_sec"],
+                        }
+                        | ({"mfu": record["mfu"]} if peak else {})
+                    )
+
+    if wandb:
+        wandb.finish()
+    teardown_runtime(rt)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
+    """Mean loss over the same eval_iters batches of each split at every evaluation, shared out across ranks."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        total = torch.zeros(2, device=rt.device)  # loss sum, batch count
+        for k in range(rt.rank, cfg.eval_iters, rt.world_size):
+            x, y = get_batch(data, split, cfg.batch_size, cfg.block_size, (cfg.seed, 1, k), rt.device)
+            with rt.autocast():
+                _, loss = model(x, y)
+            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+        if rt.ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def check_resumable(meta: dict, cfg: TrainConfig, data) -> None:
+    """Refuse to resume into a different model or data; schedule-only changes are fine."""
+    saved_model, saved_train = meta["model_config"], meta["train_config"]
+    wanted = {k: getattr(cfg, k) for k in MODEL_KEYS if k != "vocab_size"}
+    if cfg.vocab_size is not None:
+        wanted["vocab_size"] = cfg.vocab_size
+    differ = [f"{k} ({saved_model[k]} -> {v})" for k, v in wanted.items() if saved_model[k] != v]
+    for key in ("tokenizer", "vocab_size"):
+        if meta["data"].get(key) != data.meta.get(key):
+            differ.append(f"data {key} ({meta['data'].get(key)} -> {data.meta.get(key)})")
+    if differ:
+        raise UserError(f"cannot resume: the checkpoint differs in {', '.join(differ)}; restore those settings")
+    changed = [
+        k
+        for k in ("max_iters", "learning_rate", "eval_interval", "lr_decay_iters", "min_lr", "warmup_iters")
+        if saved_train.get(k) != getattr(cfg, k)
+    ]
+    if changed:
+        diffs = ", ".join(f"{k} ({saved_train.get(k)} -> {getattr(cfg, k)})" for k in changed)
+        print(f"note: resuming with changed {diffs}")
+
+
+def hash_seed(*key: int) -> int:
+    """A 63-bit seed mixed from integers, so nearby keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def log_metrics(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(
+            json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    run_cli(main)
