@@ -23,9 +23,7 @@ from runtime import seed_everything, setup_runtime
 
 @dataclass
 class SampleConfig:
-    init_from: str = (
-        "resume"  # resume (a checkpoint in out_dir), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a HF directory
-    )
+    init_from: str = "resume"  # resume (from out_dir), gpt2, gpt2-medium, gpt2-large, gpt2-xl or a HF directory
     out_dir: str = "out"  # training output directory to load from when init_from=resume
     checkpoint: str = "latest"  # which checkpoint in out_dir: latest or best (lowest val loss)
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
@@ -36,9 +34,7 @@ class SampleConfig:
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p; none = all
     seed: int = 1337  # same seed, same device, same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = (
-        "auto"  # auto (bfloat16 if supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16
-    )
+    dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model
 
     def __post_init__(self):

@@ -84,9 +84,7 @@ class TrainConfig:
     # system
     backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = (
-        "auto"  # auto (bfloat16 if supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16
-    )
+    dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = True  # torch.compile the model (PyTorch 2)
     seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
     peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in runtime.py's table

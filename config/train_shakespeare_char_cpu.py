@@ -3,7 +3,7 @@
 # Hardware: 2 CPU cores. Expected: val loss ~1.88 after 2000 iterations, about 2 minutes.
 # Data: python prepare/shakespeare_char.py
 
-out_dir = "out-shakespeare-char"
+out_dir = "out-shakespeare-char-cpu"
 eval_interval = 250
 eval_iters = 20
 log_interval = 1
