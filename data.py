@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from prepare.tokenization import ENDOFTEXT, TokenizerUnavailable, chars_hash, encoding_hash, load_encoding
 
 FORMAT = "nanogpt-tokens/1"
 
@@ -36,7 +37,7 @@ class TokenData:
 
     def fingerprint(self) -> dict:
         """What a checkpoint records about the data it was trained on, enough to rebuild its Tokenizer."""
-        keys = ("tokenizer", "vocab_size", "dtype", "eot_id", "chars", "source")
+        keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "source")
         return {k: self.meta.get(k) for k in keys} | {"data_dir": self.data_dir}
 
 
@@ -102,16 +103,27 @@ def get_batch(data: TokenData, split: str, batch_size: int, block_size: int, key
 
 class Tokenizer:
     """encode/decode for the tokenizer named in meta.json: "char" (the characters listed in meta) or a tiktoken
-    encoding such as "gpt2" (offline: point TIKTOKEN_CACHE_DIR at a directory holding tiktoken's cache files)."""
+    encoding such as "gpt2" (offline: TIKTOKEN_CACHE_DIR, or tokenizer_dir holding GPT-2's vocab.bpe and
+    encoder.json). A tokenizer whose vocabulary hash differs from the one recorded in meta is refused."""
 
-    def __init__(self, meta: dict):
+    def __init__(self, meta: dict, tokenizer_dir: str | None = None):
         self.name = meta["tokenizer"]
         self.eot_id = meta.get("eot_id")
         if self.name == "char":
             self.itos = list(meta["chars"])
             self.stoi = {ch: i for i, ch in enumerate(self.itos)}
+            found = chars_hash(meta["chars"])
         else:
-            self.enc = load_tiktoken(self.name)
+            try:
+                self.enc = load_encoding(self.name, tokenizer_dir)
+            except TokenizerUnavailable as e:
+                raise UserError(str(e)) from None
+            found = encoding_hash(self.enc)
+        if meta.get("tokenizer_hash") not in (None, found):
+            raise UserError(
+                f"the {self.name} tokenizer found here differs from the one the data was prepared with "
+                "(vocabulary hash mismatch); use the same tokenizer files"
+            )
 
     def encode(self, text: str) -> list[int]:
         if self.name == "char":
@@ -119,23 +131,9 @@ class Tokenizer:
             if missing:
                 raise UserError(f"characters {''.join(missing)!r} are not in this dataset's vocabulary")
             return [self.stoi[c] for c in text]
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        return self.enc.encode(text, allowed_special={ENDOFTEXT})
 
     def decode(self, ids: list[int]) -> str:
         if self.name == "char":
             return "".join(self.itos[i] for i in ids)
         return self.enc.decode(ids)
-
-
-def load_tiktoken(name: str):
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding(name)
-    except ValueError as e:
-        raise UserError(f"unknown tiktoken encoding {name!r}: {e}") from None
-    except Exception as e:  # network errors from tiktoken's first download, which has no common base class
-        raise UserError(
-            f"could not load the {name!r} tokenizer ({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR to a "
-            "directory holding tiktoken's cache files"
-        ) from None

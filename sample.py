@@ -36,6 +36,7 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model
+    tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -60,10 +61,10 @@ def main(argv=None):
         meta = read_meta(path)
         model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": 0.0})))
         load_weights(path, model)
-        tokenizer = Tokenizer(meta["data"])
+        tokenizer = Tokenizer(meta["data"], cfg.tokenizer_dir)
     else:
         model = GPT.from_pretrained(cfg.init_from)
-        tokenizer = Tokenizer({"tokenizer": "gpt2", "eot_id": 50256})
+        tokenizer = Tokenizer({"tokenizer": "gpt2", "eot_id": 50256}, cfg.tokenizer_dir)
     model.eval().to(rt.device)
     if cfg.compile:
         model = torch.compile(model)

@@ -148,7 +148,7 @@ def main(argv=None):
     elif cfg.init_from == "resume":
         resume_from = find_checkpoint(cfg.out_dir, log=rt.print0)
         meta = read_meta(resume_from)
-        check_resumable(meta, cfg, data)
+        check_resumable(meta, cfg, data, log=rt.print0)
         model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": cfg.dropout})))
         load_weights(resume_from, model)
         rt.print0(f"resuming from {resume_from}")
@@ -309,14 +309,14 @@ def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
     return out
 
 
-def check_resumable(meta: dict, cfg: TrainConfig, data) -> None:
+def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
     """Refuse to resume into a different model or data; schedule-only changes are fine."""
     saved_model, saved_train = meta["model_config"], meta["train_config"]
     wanted = {k: getattr(cfg, k) for k in MODEL_KEYS if k != "vocab_size"}
     if cfg.vocab_size is not None:
         wanted["vocab_size"] = cfg.vocab_size
     differ = [f"{k} ({saved_model[k]} -> {v})" for k, v in wanted.items() if saved_model[k] != v]
-    for key in ("tokenizer", "vocab_size"):
+    for key in ("tokenizer", "tokenizer_hash", "vocab_size"):
         if meta["data"].get(key) != data.meta.get(key):
             differ.append(f"data {key} ({meta['data'].get(key)} -> {data.meta.get(key)})")
     if differ:
@@ -328,7 +328,7 @@ def check_resumable(meta: dict, cfg: TrainConfig, data) -> None:
     ]
     if changed:
         diffs = ", ".join(f"{k} ({saved_train.get(k)} -> {getattr(cfg, k)})" for k in changed)
-        print(f"note: resuming with changed {diffs}")
+        log(f"note: resuming with changed {diffs}")
 
 
 def hash_seed(*key: int) -> int:

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 from token_writer import TINY_SHAKESPEARE_URL, fail, read_or_download, write_dataset
+from tokenization import TokenizerUnavailable, encoding_hash, load_encoding
 
 
 def main(argv=None):
@@ -18,23 +19,24 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join("data", "shakespeare"), help="dataset directory")
     parser.add_argument("--input", default=None, help="text file to use (default: <out>/input.txt)")
     parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name")
+    parser.add_argument("--tokenizer_dir", default=None, help="directory with GPT-2's vocab.bpe and encoder.json")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the text kept for validation")
     args = parser.parse_args(argv)
     text = read_or_download(args.input or os.path.join(args.out, "input.txt"), TINY_SHAKESPEARE_URL)
-    import tiktoken
-
     try:
-        enc = tiktoken.get_encoding(args.tokenizer)
-    except Exception as e:  # unknown name (ValueError) or a failed first download (network errors)
-        fail(
-            f"could not load tiktoken encoding {args.tokenizer!r} ({type(e).__name__}); offline, set "
-            "TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cache files"
-        )
+        enc = load_encoding(args.tokenizer, args.tokenizer_dir)
+    except TokenizerUnavailable as e:
+        fail(str(e))
     n = len(text)
     split_at = int(n * (1 - args.val_fraction))
     train_ids = np.array(enc.encode_ordinary(text[:split_at]), dtype=np.int64)
     val_ids = np.array(enc.encode_ordinary(text[split_at:]), dtype=np.int64)
-    tokenizer = {"tokenizer": args.tokenizer, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token}
+    tokenizer = {
+        "tokenizer": args.tokenizer,
+        "tokenizer_hash": encoding_hash(enc),
+        "vocab_size": enc.n_vocab,
+        "eot_id": enc.eot_token,
+    }
     meta = write_dataset(args.out, {"train": train_ids, "val": val_ids}, tokenizer, source="tiny-shakespeare")
     for split, info in meta["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens -> {os.path.join(args.out, info['file'])}")

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 from token_writer import TINY_SHAKESPEARE_URL, read_or_download, write_dataset
+from tokenization import chars_hash
 
 
 def main(argv=None):
@@ -24,7 +25,13 @@ def main(argv=None):
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.int64)
     n_train = int(len(ids) * (1 - args.val_fraction))
-    tokenizer = {"tokenizer": "char", "vocab_size": len(chars), "eot_id": None, "chars": "".join(chars)}
+    tokenizer = {
+        "tokenizer": "char",
+        "tokenizer_hash": chars_hash("".join(chars)),
+        "vocab_size": len(chars),
+        "eot_id": None,
+        "chars": "".join(chars),
+    }
     meta = write_dataset(args.out, {"train": ids[:n_train], "val": ids[n_train:]}, tokenizer, source="tiny-shakespeare")
     print(f"{len(text):,} characters, vocabulary of {len(chars)}")
     for split, info in meta["splits"].items():

@@ -47,36 +47,58 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _replace_atomically(tmp: str, path: str):
+def _fsync_and_replace(tmp: str, path: str):
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def write_dataset(out_dir: str, splits: dict, tokenizer: dict, source: str) -> dict:
-    """Write each split's token ids (a 1-D integer array) to <split>.bin and then meta.json. `tokenizer` holds
-    "tokenizer", "vocab_size", "eot_id" and, for char, "chars". Returns the metadata written."""
+def write_split(out_dir: str, split: str, chunks, vocab_size: int, total: int | None = None) -> dict:
+    """Stream 1-D integer arrays into <out_dir>/<split>.bin (via a temporary file) and return its manifest entry.
+    `total` (tokens) only sizes the progress bar."""
+    dtype = token_dtype(vocab_size)
+    path = os.path.join(out_dir, f"{split}.bin")
+    tmp = path + ".tmp"
+    sha, tokens = hashlib.sha256(), 0
+    with open(tmp, "wb") as f, tqdm(total=total, desc=f"writing {split}.bin", unit="tok", unit_scale=True) as bar:
+        for chunk in chunks:
+            arr = np.asarray(chunk)
+            if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+                raise ValueError(f"{split}: token ids outside [0, {vocab_size})")
+            block = arr.astype(dtype).tobytes()
+            sha.update(block)
+            f.write(block)
+            tokens += arr.size
+            bar.update(arr.size)
+    _fsync_and_replace(tmp, path)
+    return {"file": f"{split}.bin", "tokens": tokens, "sha256": sha.hexdigest()}
+
+
+def begin_dataset(out_dir: str):
+    """Remove a previous meta.json first, so a half-rewritten directory never looks finished."""
     os.makedirs(out_dir, exist_ok=True)
-    dtype = token_dtype(tokenizer["vocab_size"])
-    meta = {"format": FORMAT, **tokenizer, "dtype": dtype.name, "source": source, "splits": {}}
-    for split, ids in splits.items():
-        arr = np.asarray(ids)
-        if arr.size and (arr.min() < 0 or arr.max() >= tokenizer["vocab_size"]):
-            raise ValueError(f"{split}: token ids outside [0, {tokenizer['vocab_size']})")
-        arr = arr.astype(dtype)
-        path = os.path.join(out_dir, f"{split}.bin")
-        tmp = path + ".tmp"
-        sha = hashlib.sha256()
-        chunk = 1 << 22
-        with open(tmp, "wb") as f:
-            for start in tqdm(range(0, len(arr), chunk), desc=f"writing {split}.bin", unit="chunk", leave=False):
-                block = arr[start : start + chunk].tobytes()
-                sha.update(block)
-                f.write(block)
-        _replace_atomically(tmp, path)
-        meta["splits"][split] = {"file": f"{split}.bin", "tokens": int(len(arr)), "sha256": sha.hexdigest()}
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+
+
+def write_meta(out_dir: str, tokenizer: dict, source: str, splits: dict) -> dict:
+    """Write meta.json (atomically, after every .bin is in place) and return it. `tokenizer` holds "tokenizer",
+    "tokenizer_hash", "vocab_size", "eot_id" and, for char, "chars"."""
+    meta = {"format": FORMAT, **tokenizer, "dtype": token_dtype(tokenizer["vocab_size"]).name, "source": source}
+    meta["splits"] = splits
     meta_path = os.path.join(out_dir, "meta.json")
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
-    _replace_atomically(meta_path + ".tmp", meta_path)
+    _fsync_and_replace(meta_path + ".tmp", meta_path)
     return meta
+
+
+def write_dataset(out_dir: str, splits: dict, tokenizer: dict, source: str, documents: dict | None = None) -> dict:
+    """Write in-memory splits (1-D integer arrays) and meta.json; `documents` gives each split's document count."""
+    begin_dataset(out_dir)
+    entries = {}
+    for split, ids in splits.items():
+        entries[split] = write_split(out_dir, split, [ids], tokenizer["vocab_size"], total=len(ids))
+        entries[split]["documents"] = (documents or {}).get(split, 1)
+    return write_meta(out_dir, tokenizer, source, entries)

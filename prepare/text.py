@@ -1,0 +1,211 @@
+"""Any text source -> token files: local files or a Hugging Face hub dataset, through `datasets` and tiktoken.
+
+    python prepare/text.py --input "books/*.txt" --out data/books                       # one document per file
+    python prepare/text.py --input corpus.jsonl --text_column=body --out data/corpus     # also .json .parquet .csv
+    python prepare/text.py --input notes.txt --tokenizer=char --out data/notes_char      # a character vocabulary
+    python prepare/text.py --input Skylion007/openwebtext --val_fraction=0.0005 --out data/openwebtext   # the hub
+
+Each document is tokenized and followed by one end-of-text token (BPE tokenizers; a character vocabulary has none).
+Validation data is a `--val_split` of a hub dataset or a random `--val_fraction` of the documents; a source with a
+single document is split by tokens instead. Writes <out>/train.bin, val.bin and meta.json (see data.py).
+"""
+
+import argparse
+import glob
+import os
+import time
+
+import numpy as np
+from token_writer import begin_dataset, fail, write_meta, write_split
+from tokenization import (
+    ENDOFTEXT,
+    TokenizerUnavailable,
+    char_encode,
+    char_lookup,
+    chars_hash,
+    encoding_hash,
+    load_encoding,
+)
+
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="local files or globs, or a hub dataset name")
+    p.add_argument("--out", required=True, help="dataset directory, e.g. data/<name>")
+    p.add_argument("--text_column", default="text", help="column holding the text (.jsonl/.json/.parquet/.csv/hub)")
+    p.add_argument(
+        "--sample_by",
+        default="document",
+        choices=["document", "paragraph", "line"],
+        help=".txt files: one document per file, per blank-line paragraph or per line",
+    )
+    p.add_argument("--config", default=None, help="hub dataset configuration name")
+    p.add_argument("--split", default="train", help="split to read (hub datasets)")
+    p.add_argument("--val_split", default=None, help="hub split to use for validation instead of --val_fraction")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of documents held out for validation")
+    p.add_argument("--max_documents", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (default), any tiktoken encoding name, or char")
+    p.add_argument("--tokenizer_dir", default=None, help="directory with GPT-2's vocab.bpe and encoder.json (offline)")
+    p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
+    p.add_argument("--seed", type=int, default=2357, help="seed of the random validation split")
+    p.add_argument("--cache_dir", default=None, help="datasets cache directory (default: datasets' own)")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        fail(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.num_proc < 1:
+        fail(f"--num_proc must be >= 1, got {args.num_proc}")
+    return args
+
+
+def load_source(args):
+    """(train, val or None, description) as datasets.Dataset objects with one `text` column."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    files = sorted({f for pattern in args.input for f in glob.glob(os.path.expanduser(pattern))})
+    try:
+        if files:
+            exts = {os.path.splitext(f)[1].lower() for f in files}
+            builders = {BUILDERS.get(e) for e in exts}
+            if None in builders or len(builders) != 1:
+                fail(f"input files must all be one of {', '.join(BUILDERS)}; got {', '.join(sorted(exts))}")
+            builder = builders.pop()
+            kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
+            train = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=args.cache_dir, **kwargs)
+            val, source = None, f"{len(files)} local {builder} file(s): {', '.join(files[:3])}"[:500]
+        elif len(args.input) == 1 and not os.path.exists(args.input[0]) and "*" not in args.input[0]:
+            name = args.input[0]
+            train = datasets.load_dataset(name, args.config, split=args.split, cache_dir=args.cache_dir)
+            val = None
+            if args.val_split:
+                val = datasets.load_dataset(name, args.config, split=args.val_split, cache_dir=args.cache_dir)
+            source = f"hub dataset {name}" + (f" ({args.config})" if args.config else "") + f", split {args.split}"
+        else:
+            fail(f"no input files match {' '.join(args.input)}")
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
+        fail(f"could not read {' '.join(args.input)}: {str(e).splitlines()[0][:300]}")
+    if args.text_column not in train.column_names:
+        fail(
+            f"no column {args.text_column!r} in {' '.join(args.input)} (columns: {', '.join(train.column_names)}); "
+            "set --text_column"
+        )
+    train = _text_only(train, args.text_column)
+    val = _text_only(val, args.text_column) if val is not None else None
+    if args.max_documents is not None:
+        train = train.select(range(min(args.max_documents, len(train))))
+    return train, val, source
+
+
+def _text_only(ds, column: str):
+    ds = ds.select_columns([column])
+    return ds if column == "text" else ds.rename_column(column, "text")
+
+
+def make_tokenizer(args, train):
+    """(encode_batch(list[str]) -> list[np.ndarray], tokenizer manifest entry)."""
+    if args.tokenizer == "char":
+        # The vocabulary is every character in the training (and validation) text.
+        found = train.map(
+            lambda b: {"chars": ["".join(set("".join(b["text"])))]},
+            batched=True,
+            batch_size=1000,
+            remove_columns=["text"],
+            num_proc=_procs(args, train),
+            desc="finding characters",
+        )
+        chars = "".join(sorted(set("".join(found["chars"]))))
+        table = char_lookup(chars)
+        info = {
+            "tokenizer": "char",
+            "tokenizer_hash": chars_hash(chars),
+            "vocab_size": len(chars),
+            "eot_id": None,
+            "chars": chars,
+        }
+        return (lambda texts: [char_encode(t, table) for t in texts]), info
+    try:
+        enc = load_encoding(args.tokenizer, args.tokenizer_dir)
+    except TokenizerUnavailable as e:
+        fail(str(e))
+    eot = enc.encode_single_token(ENDOFTEXT) if ENDOFTEXT in enc.special_tokens_set else enc.eot_token
+    info = {"tokenizer": args.tokenizer, "tokenizer_hash": encoding_hash(enc), "vocab_size": enc.n_vocab, "eot_id": eot}
+
+    def encode_batch(texts):
+        # tiktoken's batch encoding runs its Rust core on several threads; special tokens in the text stay text.
+        return [np.append(np.asarray(ids, dtype=np.int64), eot) for ids in enc.encode_ordinary_batch(texts)]
+
+    return encode_batch, info
+
+
+def _procs(args, ds) -> int | None:
+    return min(args.num_proc, max(1, len(ds) // 1000)) if args.num_proc > 1 and len(ds) >= 2000 else None
+
+
+def tokenize(ds, encode_batch, args, desc):
+    """One output row per batch of 1000 documents: their token ids concatenated, with document and byte counts.
+    Fewer, larger rows keep Arrow's per-row overhead off the hot path."""
+
+    def fn(batch):
+        ids = encode_batch(batch["text"])
+        nbytes = sum(len(t.encode("utf-8")) for t in batch["text"])
+        ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        return {"ids": [ids], "tokens": [len(ids)], "documents": [len(batch["text"])], "bytes": [nbytes]}
+
+    return ds.map(
+        fn, batched=True, batch_size=1000, remove_columns=ds.column_names, num_proc=_procs(args, ds), desc=desc
+    )
+
+
+def chunks(tokens_ds):
+    for row in tokens_ds.with_format("numpy").iter(batch_size=16):
+        yield from row["ids"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    train, val, source = load_source(args)
+    if val is None and args.val_fraction > 0 and len(train) >= 2:
+        n_val = max(1, round(len(train) * args.val_fraction))
+        parts = train.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
+        train, val = parts["train"], parts["test"]
+    encode_batch, tokenizer = make_tokenizer(args, train)
+    begin_dataset(args.out)
+    splits, total_bytes = {}, 0
+    if val is None and args.val_fraction > 0:  # a single document: split its tokens
+        tokens = tokenize(train, encode_batch, args, "tokenizing")
+        ids = np.concatenate(list(chunks(tokens)))
+        cut = int(len(ids) * (1 - args.val_fraction))
+        total_bytes = sum(tokens["bytes"])
+        for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
+            splits[split] = write_split(args.out, split, [part], tokenizer["vocab_size"], total=len(part))
+            splits[split]["documents"] = 1
+    else:
+        for split, ds in (("train", train), ("val", val)):
+            if ds is None:
+                continue
+            tokens = tokenize(ds, encode_batch, args, f"tokenizing {split}")
+            total = int(sum(tokens["tokens"]))
+            splits[split] = write_split(args.out, split, chunks(tokens), tokenizer["vocab_size"], total=total)
+            splits[split]["documents"] = int(sum(tokens["documents"]))
+            total_bytes += int(sum(tokens["bytes"]))
+    for split, info in splits.items():
+        if info["tokens"] == 0:
+            fail(f"the {split} split is empty; give more text or change --val_fraction")
+    meta = write_meta(args.out, tokenizer, source, splits)
+    dt = time.time() - t0
+    docs = len(train) + (len(val) if val is not None else 0)
+    toks = sum(s["tokens"] for s in splits.values())
+    print(
+        f"{docs:,} documents, {toks:,} tokens ({meta['dtype']}), {total_bytes / 1e6:.1f} MB of text in {dt:.1f} s "
+        f"= {total_bytes / 1e6 / dt:.2f} MB/s -> {args.out}"
+    )
+    for split, info in splits.items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens -> {info['file']}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
