@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 
 import torch
@@ -61,10 +62,14 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict)
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:
         json.dump(hashes, f, indent=2)
     _fsync(os.path.join(tmp, "COMPLETE"))
-    if os.path.exists(final):  # saving the same iteration again (e.g. a resumed run that evaluates at once)
-        shutil.rmtree(final)
+    old = None
+    if os.path.exists(final):  # saving the same iteration again (e.g. a run resumed there, then preempted)
+        old = os.path.join(out_dir, f".old-ckpt-{iter_num:07d}-{os.getpid()}")
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync(out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -93,8 +98,11 @@ def verify_checkpoint(path: str) -> str | None:
         for name in _FILES:
             if _sha256(os.path.join(path, name)) != hashes[name]:
                 return f"{name} does not match its checksum"
-    except (OSError, ValueError, KeyError) as e:
-        return f"unreadable ({type(e).__name__}: {e})"
+        meta = read_meta(path)
+        if not {"model_config", "train_config", "data"} <= set(meta):
+            return "meta.json lacks model_config, train_config or data"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable ({type(e).__name__}: {str(e)[:200]})"
     return None
 
 
@@ -129,12 +137,30 @@ def _val_loss(path: str) -> float:
 
 def load_weights(path: str, model) -> None:
     """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config)."""
-    load_model(model, os.path.join(path, "model.safetensors"), strict=True)
+    try:
+        load_model(model, os.path.join(path, "model.safetensors"), strict=True)
+    except (OSError, RuntimeError, ValueError) as e:  # safetensors raises its own errors, subclasses of these
+        raise UserError(f"cannot load the weights in {path}: {str(e).splitlines()[0][:200]}") from None
 
 
 def load_state(path: str, device: str = "cpu") -> dict:
-    """Optimizer/scaler/loop state; weights_only=True so the file can only hold data."""
-    return torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+    """Optimizer/scaler/loop state; weights_only=True so the file can only hold data, never code."""
+    try:
+        return torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+    except Exception as e:  # a refused pickle (UnpicklingError) or a damaged file: either way, not loadable
+        raise UserError(f"cannot load {path}/state.pt safely ({type(e).__name__}); it is damaged or not ours") from None
+
+
+def code_version() -> str | None:
+    """The git commit of this code (with -dirty for local changes), recorded in every checkpoint."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def prune_checkpoints(out_dir: str, keep_last: int) -> None:
@@ -148,4 +174,5 @@ def prune_checkpoints(out_dir: str, keep_last: int) -> None:
         keep.add(best)
     for path in paths:
         if path not in keep:
+            os.remove(os.path.join(path, "COMPLETE"))  # unlisted first, so a crash mid-delete leaves no half checkpoint
             shutil.rmtree(path, ignore_errors=True)

@@ -6,15 +6,22 @@ into that line on stderr and exit code 2, with no traceback. Bugs still raise no
 
 import sys
 
+# Exit codes of train.py, sample.py and prepare/ (documented in README.md).
+EXIT_USER_ERROR = 2  # a UserError: fix what the message says and run again
+EXIT_NONFINITE = 3  # training stopped after too many consecutive non-finite steps; no bad checkpoint was written
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved; run again with --init_from=resume (EX_TEMPFAIL)
+
 
 class UserError(Exception):
     """A problem the user can fix; the message is shown as is."""
 
 
 def run_cli(main) -> None:
-    """Run an entry script's main() and turn a UserError into one line on stderr and exit code 2."""
+    """Run an entry script's main(): exit with the code it returns (0 for None), and turn a UserError into one
+    line on stderr and exit code 2."""
     try:
-        main()
+        code = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USER_ERROR) from None
+    raise SystemExit(code or 0)

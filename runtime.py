@@ -5,6 +5,7 @@ Nothing here knows about models or data. train.py and sample.py call `setup_runt
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -138,3 +139,33 @@ def peak_flops(rt: Runtime, override: float | None) -> float | None:
         if key in name:
             return flops
     return None
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGUSR1 (SLURM's usual warning before preemption) into a flag the training loop polls,
+    so it can finish the step, checkpoint and exit. restore() puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def agreed(self, rt: Runtime) -> bool:
+        """True on every rank when any rank got a signal, so all ranks stop after the same step."""
+        flag = self.received is not None
+        if rt.ddp:
+            t = torch.tensor([int(flag)], device=rt.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag

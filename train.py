@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (
+    code_version,
     find_checkpoint,
     list_checkpoints,
     load_state,
@@ -35,10 +36,10 @@ from checkpoint import (
 )
 from configurator import format_config, parse_config
 from data import get_batch, load_data
-from errors import UserError, run_cli
+from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError, run_cli
 from model import GPT, GPTConfig
 from optim import build_optimizer, lr_at
-from runtime import peak_flops, seed_everything, setup_runtime, teardown_runtime
+from runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = True  # torch.compile the model (PyTorch 2)
     seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
+    max_nonfinite_steps: int = 10  # stop (exit code 3) after this many non-finite steps in a row; 0 never stops
     peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in runtime.py's table
 
     def __post_init__(self):
@@ -199,95 +201,158 @@ def main(argv=None):
         key = (cfg.seed, 0, it, rt.rank * accum_steps + micro_step)
         return get_batch(data, "train", cfg.batch_size, cfg.block_size, key, rt.device)
 
+    def save(losses: dict | None) -> None:
+        # Only finite weights are ever written: a diverged run keeps its last good checkpoint.
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            rt.print0(f"not saving iteration {iter_num}: the weights are not finite")
+            return
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "skipped_steps": skipped_steps,
+        }
+        meta = {
+            "model_config": dataclasses.asdict(raw_model.config),
+            "train_config": dataclasses.asdict(cfg),
+            "data": data.fingerprint(),
+            "code_version": code_version(),
+            "val_loss": losses["val"] if losses else None,
+            "train_loss": losses["train"] if losses else None,
+        }
+        path = save_checkpoint(cfg.out_dir, iter_num, raw_model, state, meta)
+        prune_checkpoints(cfg.out_dir, cfg.keep_last)
+        rt.print0(f"saved checkpoint {path}")
+
+    stop = StopSignals()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit with EXIT_PREEMPTED
+    skipped_steps, bad_in_a_row, exit_code = 0, 0, 0
     x, y = batch(iter_num, 0)
     t0 = time.time()
-    while True:
-        lr = lr_at(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    try:
+        while True:
+            lr = lr_at(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # Evaluate at every eval_interval and at the end; checkpoint when val improves (or always, if asked).
-        last = iter_num >= cfg.max_iters
-        if iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
-            losses = estimate_loss(eval_model, data, cfg, rt)
-            rt.print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if rt.master:
-                log_metrics(metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
-                if wandb:
-                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last) and rt.master:
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "iter_num": iter_num,
-                    "best_val_loss": best_val_loss,
-                }
-                meta = {
-                    "model_config": dataclasses.asdict(raw_model.config),
-                    "train_config": dataclasses.asdict(cfg),
-                    "data": data.fingerprint(),
-                    "val_loss": losses["val"],
-                    "train_loss": losses["train"],
-                }
-                path = save_checkpoint(cfg.out_dir, iter_num, raw_model, state, meta)
-                prune_checkpoints(cfg.out_dir, cfg.keep_last)
-                rt.print0(f"saved checkpoint {path}")
-        if cfg.eval_only or last:
-            break
-
-        # One optimizer step over accum_steps micro-batches. Dropout is reseeded from (seed, rank, iteration), so
-        # a resumed run draws the same masks as an uninterrupted one.
-        seed_everything(hash_seed(cfg.seed, rt.rank, iter_num))
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro_step in range(accum_steps):
-            # DDP all-reduces gradients only on the last micro-step
-            sync = micro_step == accum_steps - 1 or not rt.ddp
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with rt.autocast():
-                    _, loss = model(x, y)
-                    loss = loss / accum_steps  # the sum over micro-steps is the mean over the batch
-                x, y = batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        iter_num += 1
-        if (iter_num - 1) % cfg.log_interval == 0:
-            if rt.ddp:  # the logged loss is the mean over the whole global batch
-                dist.all_reduce(loss_sum)
-                loss_sum /= rt.world_size
-            lossf = loss_sum.item()  # a CPU-GPU sync, so only at log iterations
-            record = {"iter": iter_num - 1, "loss": lossf, "lr": lr, "dt": dt, "tokens_per_sec": tokens_per_iter / dt}
-            line = f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
-            if peak:
-                record["mfu"] = flops_per_iter / dt / peak
-                line += f", mfu {record['mfu'] * 100:.2f}%"
-            rt.print0(line)
-            if rt.master:
-                log_metrics(metrics_path, record)
-                if wandb:
-                    wandb.log(
-                        {
-                            "iter": iter_num - 1,
-                            "train/loss_step": lossf,
-                            "lr": lr,
-                            "tokens_per_sec": record["tokens_per_sec"],
-                        }
-                        | ({"mfu": record["mfu"]} if peak else {})
+            # Evaluate at every eval_interval and at the end; checkpoint when val improves (or always, if asked).
+            last = iter_num >= cfg.max_iters
+            if iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
+                losses = estimate_loss(eval_model, data, cfg, rt)
+                rt.print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if rt.master:
+                    log_metrics(
+                        metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
                     )
+                    if wandb:
+                        wandb.log(
+                            {"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr}
+                        )
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if (
+                    iter_num > 0
+                    and not cfg.eval_only
+                    and (improved or cfg.always_save_checkpoint or last)
+                    and rt.master
+                ):
+                    save(losses)
+            if cfg.eval_only or last:
+                break
+
+            # One optimizer step over accum_steps micro-batches. Dropout is reseeded from (seed, rank, iteration),
+            # so a resumed run draws the same masks as an uninterrupted one.
+            seed_everything(hash_seed(cfg.seed, rt.rank, iter_num))
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro_step in range(accum_steps):
+                # DDP all-reduces gradients only on the last micro-step
+                sync = micro_step == accum_steps - 1 or not rt.ddp
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with rt.autocast():
+                        _, loss = model(x, y)
+                        loss = loss / accum_steps  # the sum over micro-steps is the mean over the batch
+                    x, y = batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)  # a no-op unless float16 loss scaling is on
+            # The norm of the all-reduced gradient is the same on every rank, so all ranks agree on skipping.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if scaler.is_enabled() or torch.isfinite(grad_norm):  # float16 overflow skips are the scaler's business
+                scaler.step(optimizer)
+                scaler.update()
+                bad_in_a_row = 0
+            else:
+                skipped_steps += 1
+                bad_in_a_row += 1
+                rt.print0(
+                    f"iter {iter_num}: non-finite gradient norm, step skipped ({bad_in_a_row} in a row, "
+                    f"{skipped_steps} in all)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+
+            t1 = time.time()
+            dt, t0 = t1 - t0, t1
+            iter_num += 1
+            if (iter_num - 1) % cfg.log_interval == 0:
+                if rt.ddp:  # the logged loss is the mean over the whole global batch
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= rt.world_size
+                lossf = loss_sum.item()
+                record = {
+                    "iter": iter_num - 1,
+                    "loss": lossf,
+                    "lr": lr,
+                    "dt": dt,
+                    "tokens_per_sec": tokens_per_iter / dt,
+                    "grad_norm": grad_norm.item(),
+                }
+                line = (
+                    f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+                )
+                if peak:
+                    record["mfu"] = flops_per_iter / dt / peak
+                    line += f", mfu {record['mfu'] * 100:.2f}%"
+                rt.print0(line)
+                if rt.master:
+                    log_metrics(metrics_path, record | {"skipped_steps": skipped_steps})
+                    if wandb:
+                        wandb.log(
+                            {
+                                "iter": iter_num - 1,
+                                "train/loss_step": lossf,
+                                "lr": lr,
+                                "tokens_per_sec": record["tokens_per_sec"],
+                                "skipped_steps": skipped_steps,
+                            }
+                            | ({"mfu": record["mfu"]} if peak else {})
+                        )
+
+            if bad_in_a_row >= cfg.max_nonfinite_steps > 0:
+                rt.print0(
+                    f"stopping: {bad_in_a_row} non-finite steps in a row at iteration {iter_num}; lower "
+                    "--learning_rate or check the data. The last good checkpoint is kept."
+                )
+                exit_code = EXIT_NONFINITE
+                break
+            if stop.agreed(rt):
+                rt.print0(f"signal received: saving iteration {iter_num} and exiting; continue with --init_from=resume")
+                if rt.master:
+                    save(None)
+                exit_code = EXIT_PREEMPTED
+                break
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of memory on {rt.device} with batch_size={cfg.batch_size}, block_size="
+            f"{cfg.block_size}; lower --batch_size (raise --gradient_accumulation_steps to keep the "
+            "tokens per step) or --block_size"
+        ) from None
+    finally:
+        stop.restore()
 
     if wandb:
         wandb.finish()
     teardown_runtime(rt)
+    return exit_code
 
 
 @torch.no_grad()
@@ -316,6 +381,8 @@ def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
     if cfg.vocab_size is not None:
         wanted["vocab_size"] = cfg.vocab_size
     differ = [f"{k} ({saved_model[k]} -> {v})" for k, v in wanted.items() if saved_model[k] != v]
+    if saved_train.get("dataset") != cfg.dataset:
+        differ.append(f"dataset ({saved_train.get('dataset')} -> {cfg.dataset})")
     for key in ("tokenizer", "tokenizer_hash", "vocab_size"):
         if meta["data"].get(key) != data.meta.get(key):
             differ.append(f"data {key} ({meta['data'].get(key)} -> {data.meta.get(key)})")
