@@ -31,18 +31,19 @@ def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values: dict[str, object] = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, raw = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            if not sep:
-                raise UserError(f"argument {arg!r} has no value: write --{key}=VALUE")
-            _check_known(key, fields, where=arg)
-            values[key] = coerce(raw, hints[key], key)
-        else:
-            for key, value in load_preset(arg).items():
-                _check_known(key, fields, where=arg)
-                values[key] = coerce(value, hints[key], key)
+    presets = [a for a in argv if not a.startswith("--")]
+    overrides = [a for a in argv if a.startswith("--")]
+    for path in presets:  # presets first, in command-line order, wherever they stand among the --key=value
+        for key, value in load_preset(path).items():
+            _check_known(key, fields, where=path)
+            values[key] = coerce(value, hints[key], key)
+    for arg in overrides:
+        key, sep, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            raise UserError(f"argument {arg!r} has no value: write --{key}=VALUE")
+        _check_known(key, fields, where=arg)
+        values[key] = coerce(raw, hints[key], key)
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:

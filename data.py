@@ -77,9 +77,9 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
                 f"{path} {found}, expected {tokens * itemsize} ({tokens} {meta['dtype']} tokens); "
                 "re-run the prepare script"
             )
-        if tokens <= block_size + 1:
+        if tokens < block_size + 1:
             raise UserError(
-                f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 2 = {block_size + 2}; "
+                f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "lower --block_size or prepare more data"
             )
     return data
@@ -91,7 +91,7 @@ def get_batch(data: TokenData, split: str, batch_size: int, block_size: int, key
     # Re-open the memmap for every batch: a long-lived np.memmap grows the process's memory (nanoGPT's lesson).
     tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
     rng = np.random.default_rng(list(key))
-    offsets = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
+    offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)  # every full window, the last included
     windows = np.stack([tokens[i : i + block_size + 1] for i in offsets]).astype(np.int64)  # (B, T+1)
     xy = torch.from_numpy(windows)
     if device.startswith("cuda"):

@@ -1,0 +1,329 @@
+"""The model against things outside it: maths (ln V at init, causality, attention written out by hand, an
+overfitted batch), GPT-2's published init, and transformers' GPT2LMHeadModel on the same weights."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig, sample_next_token
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: one thread is fastest, and immune to a busy machine's oversubscription.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    return GPT(tiny_config).eval()
+
+
+def random_tokens(config: GPTConfig, batch: int, length: int | None = None, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(config.vocab_size, (batch, length or config.block_size), generator=g)
+
+
+# --- forward ---------------------------------------------------------------------------------------------------------
+
+
+def test_forward_returns_logits_for_every_position_and_no_loss_without_targets(tiny_model, tiny_config):
+    idx = random_tokens(tiny_config, 3, 10)
+    logits, loss = tiny_model(idx)
+    assert logits.shape == (3, 10, tiny_config.vocab_size)
+    assert logits.dtype == torch.float32
+    assert loss is None
+
+
+def test_sequence_longer_than_block_size_is_rejected(tiny_model, tiny_config):
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model(random_tokens(tiny_config, 1, tiny_config.block_size + 1))
+
+
+def test_loss_at_init_is_near_ln_vocab(tiny_config):
+    # With std-0.02 weights the logits are nearly uniform, so cross-entropy ~ ln(V) (= 4.17 for V = 65).
+    model = GPT(tiny_config).eval()
+    losses = []
+    for seed in range(4):
+        x = random_tokens(tiny_config, 8, seed=seed)
+        y = random_tokens(tiny_config, 8, seed=100 + seed)
+        _, loss = model(x, y)
+        losses.append(loss.item())
+    assert abs(sum(losses) / len(losses) - math.log(tiny_config.vocab_size)) < 0.3
+
+
+def test_loss_is_mean_cross_entropy_over_non_ignored_targets(tiny_model, tiny_config):
+    x = random_tokens(tiny_config, 2, 12)
+    y = random_tokens(tiny_config, 2, 12, seed=1)
+    y[0, :5] = -1
+    y[1, 7:] = -1
+    logits, loss = tiny_model(x, y)
+    logp = torch.log_softmax(logits, dim=-1)
+    keep = y != -1
+    expected = -logp[keep].gather(1, y[keep][:, None]).mean()  # written out: mean of -log p(target)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # Only one target left: the loss is that single token's -log p.
+    y1 = torch.full_like(y, -1)
+    y1[1, 3] = y[1, 3]
+    _, loss1 = tiny_model(x, y1)
+    torch.testing.assert_close(loss1, -logp[1, 3, y[1, 3]], rtol=1e-5, atol=1e-6)
+
+
+def test_causality_changing_token_t_changes_only_positions_from_t(tiny_model, tiny_config):
+    t = 7
+    idx = random_tokens(tiny_config, 2)
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % tiny_config.vocab_size
+    before, _ = tiny_model(idx)
+    after, _ = tiny_model(changed)
+    torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+    diff = (after - before).abs().amax(dim=(0, 2))  # (T,) largest change per position
+    assert (diff[t:] > 1e-4).all(), diff
+
+
+def manual_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention from the module's own weights, written out: softmax(q k^T / sqrt(hs) + mask) v."""
+    B, T, C = x.shape
+    nh, hs = attn.n_head, C // attn.n_head
+    qkv = x @ attn.c_attn.weight.T + attn.c_attn.bias  # (B, T, 3C)
+    q, k, v = (t.reshape(B, T, nh, hs).permute(0, 2, 1, 3) for t in qkv.split(C, dim=-1))  # (B, nh, T, hs)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, T)
+    future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    y = (weights @ v).permute(0, 2, 1, 3).reshape(B, T, C)
+    return y @ attn.c_proj.weight.T + attn.c_proj.bias
+
+
+def test_sdpa_attention_equals_manual_masked_softmax(tiny_model, tiny_config):
+    attn = tiny_model.transformer.h[1].attn
+    with torch.no_grad():  # larger weights than the init, so the softmax is far from uniform
+        for p in attn.parameters():
+            p.normal_(0.0, 0.3)
+        x = torch.randn(3, tiny_config.block_size, tiny_config.n_embd)
+        torch.testing.assert_close(attn(x), manual_attention(attn, x), rtol=1e-4, atol=1e-5)
+
+
+def test_overfits_one_small_batch(tiny_config):
+    # 64 random targets: a working model and optimizer memorise them (the loss -> 0), a broken one stays near ln V.
+    model = GPT(tiny_config)
+    x = random_tokens(tiny_config, 4)
+    y = random_tokens(tiny_config, 4, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        logits, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+    assert torch.equal(logits.argmax(dim=-1), y)
+
+
+# --- structure and init ----------------------------------------------------------------------------------------------
+
+
+def test_token_embedding_is_tied_to_lm_head(tiny_model):
+    assert tiny_model.transformer.wte.weight is tiny_model.lm_head.weight
+    n_unique = sum(p.numel() for p in tiny_model.parameters())  # parameters() lists a shared tensor once
+    assert tiny_model.num_params(non_embedding=False) == n_unique
+
+
+def test_gpt2_scaled_init_of_residual_projections():
+    # GPT-2: residual projections are initialised with std 0.02 / sqrt(2 * n_layer); other matrices with 0.02.
+    config = GPTConfig(block_size=16, vocab_size=256, n_layer=4, n_head=2, n_embd=64)
+    model = GPT(config)
+    c_proj = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_proj.weight")])
+    others = torch.cat(
+        [p.flatten() for n, p in model.named_parameters() if n.endswith(("c_attn.weight", "c_fc.weight"))]
+    )
+    expected = 0.02 / math.sqrt(2 * config.n_layer)
+    assert c_proj.std().item() == pytest.approx(expected, rel=0.05)
+    assert others.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert biases and all((b == 0).all() for b in biases)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_embd=30, n_head=4), "divisible"),
+        (dict(block_size=0), "block_size"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
+def test_gpt_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kwargs)
+
+
+# --- generation ------------------------------------------------------------------------------------------------------
+
+
+def test_greedy_generate_equals_argmax_chain(tiny_model, tiny_config):
+    idx = random_tokens(tiny_config, 2, 5)
+    out = tiny_model.generate(idx, 8, temperature=0)
+    expected = idx
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = tiny_model(expected)
+            expected = torch.cat([expected, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_top_k_1_sampling_equals_greedy(tiny_model, tiny_config):
+    idx = random_tokens(tiny_config, 2, 5)
+    greedy = tiny_model.generate(idx, 8, temperature=0)
+    assert torch.equal(tiny_model.generate(idx, 8, temperature=1.0, top_k=1), greedy)
+
+
+def test_sampling_is_a_function_of_the_torch_seed(tiny_model, tiny_config):
+    idx = random_tokens(tiny_config, 2, 3)
+    torch.manual_seed(123)
+    a = tiny_model.generate(idx, 12, temperature=1.0)
+    torch.manual_seed(123)
+    b = tiny_model.generate(idx, 12, temperature=1.0)
+    torch.manual_seed(456)
+    c = tiny_model.generate(idx, 12, temperature=1.0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_generate_past_block_size_crops_the_context(tiny_model, tiny_config):
+    T = tiny_config.block_size
+    idx = random_tokens(tiny_config, 1, T - 2)
+    out = tiny_model.generate(idx, 10, temperature=0)
+    assert out.shape == (1, T + 8)
+    expected = idx
+    with torch.no_grad():
+        for _ in range(10):
+            logits, _ = tiny_model(expected[:, -T:])  # the model only ever sees the last block_size tokens
+            expected = torch.cat([expected, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+def kept_distribution(monkeypatch, logits, **kwargs) -> torch.Tensor:
+    """The probabilities sample_next_token hands to torch.multinomial."""
+    seen = []
+    real = torch.multinomial
+
+    def spy(probs, num_samples):
+        seen.append(probs.clone())
+        return real(probs, num_samples)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    sample_next_token(logits, **kwargs)
+    assert len(seen) == 1
+    return seen[0][0]
+
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [(0.5, 1), (0.75, 2), (0.8, 2), (0.85, 3), (0.96, 4), (1.0, 4)],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(monkeypatch, top_p, kept):
+    # Nucleus sampling (Holtzman et al. 2019): the most likely tokens whose total probability first reaches p.
+    order = torch.tensor([2, 0, 3, 1])  # shuffled, so the kept set is not simply a prefix of the vocabulary
+    logits = PROBS[order].log()[None]
+    probs = kept_distribution(monkeypatch, logits, temperature=1.0, top_p=top_p)
+    expected = torch.zeros(4)
+    expected[:kept] = PROBS[:kept] / PROBS[:kept].sum()
+    torch.testing.assert_close(probs, expected[order], rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_and_temperature_shape_the_distribution(monkeypatch):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
+    probs = kept_distribution(monkeypatch, logits, temperature=0.5, top_k=2)
+    expected = torch.zeros(5)
+    expected[[1, 2]] = torch.softmax(torch.tensor([3.0, 2.0]) / 0.5, dim=0)
+    torch.testing.assert_close(probs, expected)
+
+
+# --- parity with transformers' GPT-2 ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    """A small random GPT2LMHeadModel saved in Hugging Face format (config.json + model.safetensors)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is needed for the GPT-2 parity tests")
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        n_positions=32,
+        vocab_size=100,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,  # no early stop in HF's generate
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # every tensor random (biases and LayerNorm too), so a mis-mapped weight shows
+        for name, p in hf.named_parameters():
+            is_gain = ".ln_" in name and name.endswith(".weight")
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_gain else 0.1 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(directory)  # safetensors is transformers' default (and only) format
+    assert (directory / "config.json").exists() and (directory / "model.safetensors").exists()
+    return hf, str(directory)
+
+
+def test_logits_match_transformers_gpt2(hf_gpt2):
+    hf, directory = hf_gpt2
+    ours = GPT.from_pretrained(directory).eval()
+    assert ours.config.n_layer == 2 and ours.config.vocab_size == 100 and ours.config.block_size == 32
+    idx = torch.randint(100, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    assert expected.abs().max() > 1.0  # the comparison is not between two near-zero tensors
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+def test_greedy_generate_matches_transformers_gpt2(hf_gpt2):
+    hf, directory = hf_gpt2
+    ours = GPT.from_pretrained(directory).eval()
+    idx = torch.randint(100, (2, 6), generator=torch.Generator().manual_seed(2))
+    expected = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=20, pad_token_id=0)
+    out = ours.generate(idx, 20, temperature=0)
+    assert out.shape == expected.shape == (2, 26)
+    assert torch.equal(out, expected)
+    assert len(set(out[:, 6:].flatten().tolist())) > 1  # the continuation is not one repeated token
+
+
+def test_from_pretrained_crops_block_size(hf_gpt2):
+    hf, directory = hf_gpt2
+    ours = GPT.from_pretrained(directory, override_args={"block_size": 16, "dropout": 0.0}).eval()
+    assert ours.config.block_size == 16
+    assert ours.transformer.wpe.weight.shape == (16, 64)
+    idx = torch.randint(100, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+        assert (logits - expected).abs().max().item() < 1e-4
+        with pytest.raises(ValueError, match="block_size"):
+            ours(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_from_pretrained_rejects_other_overrides(hf_gpt2):
+    _, directory = hf_gpt2
+    with pytest.raises(ValueError, match="overridden"):
+        GPT.from_pretrained(directory, override_args={"n_layer": 1})
+
+
+def test_hf_gelu_new_is_torch_tanh_gelu():
+    # GPT-2's activation (transformers' "gelu_new") is the tanh approximation our MLP uses.
+    activations = pytest.importorskip("transformers.activations", reason="transformers is needed for this check")
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(activations.ACT2FN["gelu_new"](x), F.gelu(x, approximate="tanh"))
