@@ -85,6 +85,17 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
     return data
 
 
+def train_key(seed: int, iteration: int, global_micro_step: int) -> tuple[int, ...]:
+    """The seed-sequence key of a training batch. Rank r of W, on micro-step m of M per rank, takes global micro-step
+    r * M + m: W ranks with M each read exactly the batches one process with W * M micro-steps reads."""
+    return (seed, 0, iteration, global_micro_step)
+
+
+def eval_key(seed: int, k: int) -> tuple[int, ...]:
+    """The key of the k-th evaluation batch: the same batches at every evaluation, so val losses compare."""
+    return (seed, 1, k)
+
+
 def get_batch(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...], device: str):
     """Sample batch_size windows of block_size + 1 tokens at offsets drawn from the seed sequence `key`.
     Returns x (B, T) and y (B, T) int64, y being x shifted left by one token."""

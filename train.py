@@ -35,7 +35,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from configurator import format_config, parse_config
-from data import get_batch, load_data
+from data import eval_key, get_batch, load_data, train_key
 from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError, run_cli
 from model import GPT, GPTConfig
 from optim import build_optimizer, lr_at
@@ -198,7 +198,7 @@ def main(argv=None):
 
     def batch(it: int, micro_step: int):
         # Windows depend only on (seed, iteration, global micro-step): exact on resume, disjoint across ranks.
-        key = (cfg.seed, 0, it, rt.rank * accum_steps + micro_step)
+        key = train_key(cfg.seed, it, rt.rank * accum_steps + micro_step)
         return get_batch(data, "train", cfg.batch_size, cfg.block_size, key, rt.device)
 
     def save(losses: dict | None) -> None:
@@ -363,7 +363,7 @@ def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
     for split in ("train", "val"):
         total = torch.zeros(2, device=rt.device)  # loss sum, batch count
         for k in range(rt.rank, cfg.eval_iters, rt.world_size):
-            x, y = get_batch(data, split, cfg.batch_size, cfg.block_size, (cfg.seed, 1, k), rt.device)
+            x, y = get_batch(data, split, cfg.batch_size, cfg.block_size, eval_key(cfg.seed, k), rt.device)
             with rt.autocast():
                 _, loss = model(x, y)
             total += torch.stack([loss.float(), torch.ones((), device=rt.device)])

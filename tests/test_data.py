@@ -261,3 +261,22 @@ def test_gpt2_tokenizer_round_trip():
     assert tok.encode("<|endoftext|>") == [50256]
     text = "ROMEO:\nBut, soft! what light through yonder window breaks?"
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_two_ranks_read_what_one_process_reads_and_never_the_same_window(char_dir):
+    """Rank r of 2 with 1 micro-step takes global micro-step r: together they read the two batches a single process
+    with 2 micro-steps reads, each window once; and a resumed run asks for the very same keys."""
+    from data import train_key
+
+    data = load_data(char_dir, block_size=16)
+
+    def windows(key):
+        x, _ = get_batch(data, "train", 8, 16, key, "cpu")
+        return {tuple(row) for row in x.tolist()}
+
+    for it in (0, 7, 1234):
+        rank0, rank1 = windows(train_key(1337, it, 0 * 1 + 0)), windows(train_key(1337, it, 1 * 1 + 0))
+        single = windows(train_key(1337, it, 0)) | windows(train_key(1337, it, 1))
+        assert rank0 | rank1 == single
+        assert not rank0 & rank1
+        assert windows(train_key(1337, it, 1)) == rank1  # a pure function: the same after a restart
