@@ -19,6 +19,7 @@ import subprocess
 import time
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from errors import UserError
@@ -139,7 +140,7 @@ def load_weights(path: str, model) -> None:
     """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config)."""
     try:
         load_model(model, os.path.join(path, "model.safetensors"), strict=True)
-    except (OSError, RuntimeError, ValueError) as e:  # safetensors raises its own errors, subclasses of these
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # RuntimeError: shapes or keys differ
         raise UserError(f"cannot load the weights in {path}: {str(e).splitlines()[0][:200]}") from None
 
 

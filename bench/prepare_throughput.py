@@ -68,11 +68,12 @@ def main():
     nbytes = per_copy * (len(docs) // len(paragraphs))
     ds = datasets.Dataset.from_dict({"text": docs})
     enc = tiktoken.get_encoding("gpt2")
-    print(f"corpus: {len(docs):,} documents, {nbytes / 1e6:.1f} MB; {args.num_proc} processes; "
-          f"{os.cpu_count()} CPUs")
+    print(f"corpus: {len(docs):,} documents, {nbytes / 1e6:.1f} MB; {args.num_proc} processes; {os.cpu_count()} CPUs")
     results = {}
-    for name, run in (("nanoGPT-style", lambda d: nanogpt_style(ds, enc, d, args.num_proc)),
-                      ("ours", lambda d: ours(ds, d, args.num_proc))):
+    for name, run in (
+        ("nanoGPT-style", lambda d: nanogpt_style(ds, enc, d, args.num_proc)),
+        ("ours", lambda d: ours(ds, d, args.num_proc)),
+    ):
         out = tempfile.mkdtemp()
         t0 = time.perf_counter()
         tokens = run(out)

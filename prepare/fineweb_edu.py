@@ -13,8 +13,9 @@ import text
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    defaults = ["--input", "HuggingFaceFW/fineweb-edu", "--config", "sample-10BT", "--out", "data/fineweb_edu",
-                "--val_fraction", "0.001", "--tokenizer", "gpt2"]
+    defaults = (
+        "--input HuggingFaceFW/fineweb-edu --config sample-10BT --out data/fineweb_edu --val_fraction 0.001".split()
+    )
     return text.main(defaults + list(argv))
 
 

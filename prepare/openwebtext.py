@@ -15,8 +15,7 @@ import text
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    defaults = ["--input", "Skylion007/openwebtext", "--out", "data/openwebtext", "--val_fraction", "0.0005",
-                "--seed", "2357", "--tokenizer", "gpt2"]
+    defaults = "--input Skylion007/openwebtext --out data/openwebtext --val_fraction 0.0005 --seed 2357".split()
     return text.main(defaults + list(argv))  # later options override the defaults
 
 
