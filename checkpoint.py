@@ -64,8 +64,13 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict)
         json.dump(hashes, f, indent=2)
     _fsync(os.path.join(tmp, "COMPLETE"))
     old = None
-    if os.path.exists(final):  # saving the same iteration again (e.g. a run resumed there, then preempted)
-        old = os.path.join(out_dir, f".old-ckpt-{iter_num:07d}-{os.getpid()}")
+    if os.path.exists(final):
+        if verify_checkpoint(final) is None:
+            # The same iteration again holds the same run state: keep the verified copy rather than swap directories,
+            # which cannot be done atomically (a crash between two renames would lose both names).
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        old = os.path.join(out_dir, f".old-ckpt-{iter_num:07d}-{os.getpid()}")  # a corrupt one: replace it
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync(out_dir)

@@ -173,7 +173,8 @@ def main(argv=None):
     if resume_from is not None:
         state = load_state(resume_from, rt.device)
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
+            scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
 
     if cfg.compile:

@@ -1,0 +1,194 @@
+"""train.main end to end on CPU: bit-exact resume, nanoGPT's log lines, metrics.jsonl, refusals, learning, wandb,
+bfloat16 autocast."""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from checkpoint import find_checkpoint, list_checkpoints, read_meta
+from errors import UserError
+from optim import lr_at
+
+TINY = [
+    "--device=cpu",
+    "--compile=False",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=16",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=2",
+    "--eval_iters=2",
+    "--log_interval=1",
+    "--dropout=0.1",
+    "--warmup_iters=4",
+    "--lr_decay_iters=24",
+    "--learning_rate=3e-3",
+    "--min_lr=3e-4",
+]
+
+ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms")  # nanoGPT's training line
+STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$")  # nanoGPT's eval line
+
+
+def args(char_data, out_dir, *extra) -> list[str]:
+    return [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out_dir}", *TINY, *extra]
+
+
+def records(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir) -> dict[int, float]:
+    """Training loss per logged iteration (the last record wins when a resumed run logs an iteration again)."""
+    return {r["iter"]: r["loss"] for r in records(out_dir) if "loss" in r}
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(find_checkpoint(out_dir), "model.safetensors"))
+
+
+def test_resume_is_bit_exact(char_data, tmp_path):
+    """24 iterations in one go, or 12 then a resume to 24, give identical losses and weights: data windows and
+    dropout masks are functions of (seed, iteration), and optimizer state is restored exactly. Dropout and
+    gradient accumulation are on, so both must be handled for this to hold."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(args(char_data, a, "--max_iters=24", "--eval_interval=12"))
+    train.main(args(char_data, b, "--max_iters=12", "--eval_interval=12"))
+    assert os.path.basename(find_checkpoint(b)) == "ckpt-0000012"
+    train.main(args(char_data, b, "--max_iters=24", "--eval_interval=12", "--init_from=resume"))
+
+    losses_a, losses_b = step_losses(a), step_losses(b)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(24))
+    assert [losses_a[i] for i in range(12, 24)] == [losses_b[i] for i in range(12, 24)]
+    assert losses_a[23] < losses_a[0]  # it trained
+
+    wa, wb = final_weights(a), final_weights(b)
+    assert os.path.basename(find_checkpoint(a)) == os.path.basename(find_checkpoint(b)) == "ckpt-0000024"
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_meta(find_checkpoint(a))["val_loss"] == read_meta(find_checkpoint(b))["val_loss"]
+
+
+def test_log_lines_and_metrics_records(char_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=10", "--eval_interval=5", "--log_interval=3", "--warmup_iters=2"))
+    lines = capsys.readouterr().out.splitlines()
+
+    iter_lines = [m for m in map(ITER_LINE.match, lines) if m]
+    step_lines = [m for m in map(STEP_LINE.match, lines) if m]
+    assert [int(m[1]) for m in iter_lines] == [0, 3, 6, 9]  # every log_interval, from 0, as nanoGPT
+    assert [int(m[1]) for m in step_lines] == [0, 5, 10]  # every eval_interval and the last step
+
+    recs = records(out)
+    steps = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "val_loss" in r]
+    assert len(steps) + len(evals) == len(recs)
+    assert [r["iter"] for r in steps] == [0, 3, 6, 9]
+    assert [r["iter"] for r in evals] == [0, 5, 10]
+    tokens_per_iter = 2 * 4 * 16  # gradient_accumulation_steps * batch_size * block_size
+    for r, m in zip(steps, iter_lines, strict=True):
+        assert {"iter", "loss", "lr", "dt", "tokens_per_sec"} <= r.keys() and "mfu" not in r  # no known CPU peak
+        assert f"{r['loss']:.4f}" == m[2] and f"{r['dt'] * 1000:.2f}" == m[3]
+        assert r["lr"] == lr_at(r["iter"], 3e-3, 2, 24, 3e-4)
+        assert r["tokens_per_sec"] == pytest.approx(tokens_per_iter / r["dt"])
+    for r, m in zip(evals, step_lines, strict=True):
+        assert set(r) == {"iter", "train_loss", "val_loss"}
+        assert (f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}") == (m[2], m[3])
+    # at init the model is near-uniform over the vocabulary: loss ~ ln(vocab_size) (GPT-2 init, std 0.02)
+    vocab_size = read_meta(find_checkpoint(out))["model_config"]["vocab_size"]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(vocab_size), abs=0.1)
+
+
+def test_eval_only_evaluates_once_and_saves_nothing(char_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=100", "--eval_interval=10", "--eval_only=True"))
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert [STEP_LINE.match(ln)[1] for ln in lines if STEP_LINE.match(ln)] == ["0"]
+    assert not any(ITER_LINE.match(ln) for ln in lines)
+    assert list_checkpoints(out) == []
+    recs = records(out)
+    assert len(recs) == 1 and recs[0]["iter"] == 0 and set(recs[0]) == {"iter", "train_loss", "val_loss"}
+
+
+def test_eval_only_on_a_checkpoint_reproduces_its_val_loss(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=4"))
+    before = list_checkpoints(out)
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=4", "--init_from=resume", "--eval_only=True"))
+    assert list_checkpoints(out) == before
+    last = records(out)[-1]
+    assert last["iter"] == 4 and last["val_loss"] == read_meta(before[-1])["val_loss"]
+
+
+def test_scratch_run_refuses_an_out_dir_with_checkpoints(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
+    with pytest.raises(UserError, match="init_from=resume"):
+        train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
+
+
+def test_resume_refuses_a_different_model_and_allows_a_longer_schedule(char_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
+    with pytest.raises(UserError, match=r"n_layer \(2 -> 3\)"):
+        train.main(args(char_data, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume", "--n_layer=3"))
+    capsys.readouterr()
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume"))
+    assert "max_iters (2 -> 4)" in capsys.readouterr().out
+    assert os.path.basename(find_checkpoint(out)) == "ckpt-0000004"
+    assert sorted(step_losses(out)) == [0, 1, 2, 3]
+
+
+def test_loss_decreases(char_data, tmp_path):
+    """150 steps on tiny-shakespeare characters (about a second): the val loss falls from ln(vocab) to well below
+    the unigram entropy of the training text, so the model has learned more than character frequencies."""
+    out = str(tmp_path / "out")
+    extra = ["--max_iters=150", "--eval_interval=150", "--lr_decay_iters=150", "--warmup_iters=5", "--dropout=0.0"]
+    train.main(
+        args(char_data, out, *extra, "--learning_rate=1e-2", "--min_lr=1e-3", "--batch_size=16", "--eval_iters=8")
+    )
+    evals = [r for r in records(out) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 150]
+
+    with open(os.path.join(char_data, "tiny_char", "meta.json")) as f:
+        meta = json.load(f)
+    tokens = np.fromfile(os.path.join(char_data, "tiny_char", "train.bin"), dtype=meta["dtype"])
+    p = np.bincount(tokens, minlength=meta["vocab_size"]) / len(tokens)
+    unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    assert evals[0]["val_loss"] == pytest.approx(math.log(meta["vocab_size"]), abs=0.1)
+    assert evals[-1]["val_loss"] < unigram_entropy - 0.3
+    losses = step_losses(out)
+    assert losses[0] == pytest.approx(math.log(meta["vocab_size"]), abs=0.1)
+    assert np.mean([losses[i] for i in range(140, 150)]) < losses[0] - 1.0
+
+
+def test_wandb_offline_writes_a_run(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2", "--wandb_log=True", "--wandb_run_name=t"))
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    files = os.listdir(tmp_path / "wandb" / runs[0])
+    assert any(f.endswith(".wandb") for f in files)
+
+
+def test_bfloat16_autocast_on_cpu_trains(char_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=4", "--dtype=bfloat16"))
+    assert "on cpu, bfloat16" in capsys.readouterr().out
+    losses = step_losses(out)
+    assert sorted(losses) == [0, 1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    weights = final_weights(out)
+    assert all(t.dtype == torch.float32 for t in weights.values())  # parameters stay float32 under autocast
