@@ -1,24 +1,35 @@
-"""The GPT language model: GPT-2's architecture in one readable file.
+"""The GPT language model: GPT-2's architecture in one readable file, plus the switches the field moved to.
 
-Reading order: GPTConfig, then the blocks bottom-up (LayerNorm, CausalSelfAttention, MLP, Block), then GPT
-(init, forward, generation, loading Hugging Face GPT-2 weights).
+Reading order: GPTConfig, then the blocks bottom-up (norms, positions, CausalSelfAttention, MLP, MoE, Block), then
+GPT (init, forward, generation, loading Hugging Face weights). With GPTConfig's defaults this is exactly GPT-2;
+e.g. pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False is a Llama.
 
 Shape legend used in the comments:
-    B batch size, T time (sequence length), C n_embd, nh n_head, hs head size (C // nh), V vocab size.
+    B batch size, T time (sequence length), C n_embd, nh n_head, nkv n_kv_head, hs head size (C // nh),
+    H MLP hidden size, E experts, V vocab size.
 
 References:
     [1] Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
-    [2] Vaswani et al. 2017, "Attention Is All You Need".
+    [2] Vaswani et al. 2017, "Attention Is All You Need" (sinusoidal positions, post-norm).
+    [3] Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding" (RoPE).
+    [4] Press et al. 2021, "Train Short, Test Long" (ALiBi).
+    [5] Zhang & Sennrich 2019, "Root Mean Square Layer Normalization" (RMSNorm).
+    [6] Shazeer 2020, "GLU Variants Improve Transformer" (SwiGLU).
+    [7] So et al. 2021, "Primer" (squared ReLU).
+    [8] Ainslie et al. 2023, "GQA" (grouped-query attention); Shazeer 2019 (multi-query attention).
+    [9] Fedus et al. 2021, "Switch Transformers" (load-balancing loss); Shazeer et al. 2017 (top-k routing).
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu_tanh", "gelu", "relu", "relu2", "swiglu")
 
 
 @dataclass
@@ -30,6 +41,21 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2; False is a little better and faster
+    # Architecture switches; the defaults are GPT-2.
+    pos_embedding: str = "learned"  # learned, sinusoidal [2], rope [3], alibi [4] or none
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm: str = "layernorm"  # layernorm or rmsnorm [5]
+    norm_position: str = "pre"  # pre (GPT-2) or post (the original Transformer's Add & Norm [2])
+    norm_eps: float = 1e-5
+    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2), gelu (exact), relu, relu2 [7] or swiglu [6]
+    mlp_hidden: int | None = None  # MLP hidden size; None = 4 * n_embd (swiglu: 8/3 * n_embd, rounded up to 64)
+    n_kv_head: int | None = None  # key/value heads; None = n_head, 1 = multi-query, between = grouped-query [8]
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix, as GPT-2
+    n_expert: int = 0  # Mixture of Experts MLPs when > 0 [9]
+    n_expert_active: int = 2  # experts each token is routed to (top-k)
+    moe_shared_expert: bool = False  # one more expert that every token goes through
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -39,38 +65,132 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (
+            ("pos_embedding", POSITIONS),
+            ("norm", NORMS),
+            ("mlp", MLPS),
+            ("norm_position", ("pre", "post")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head size (n_embd // n_head)")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = -(-8 * self.n_embd // 3 // 64) * 64 if self.mlp == "swiglu" else 4 * self.n_embd
+        if self.n_expert < 0 or (self.n_expert and not 1 <= self.n_expert_active <= self.n_expert):
+            raise ValueError(f"n_expert_active ({self.n_expert_active}) must be in [1, n_expert ({self.n_expert})]")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
 
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's nn.LayerNorm cannot drop only the bias)."""
 
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, eps: float = 1e-5):
         super().__init__()
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def make_norm(config: GPTConfig, ndim: int | None = None) -> nn.Module:
+    ndim = ndim or config.n_embd
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(ndim, eps=config.norm_eps)  # x / rms(x) * weight [5]
+    return LayerNorm(ndim, bias=config.bias, eps=config.norm_eps)
+
+
+def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
+    """(block_size, C) fixed positions [2]: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same)."""
+    pos = torch.arange(block_size, dtype=torch.float32)[:, None]  # (T, 1)
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (C/2,)
+    table = torch.zeros(block_size, n_embd)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: n_embd // 2])
+    return table
+
+
+def rope_tables(block_size: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (block_size, hs), for RoPE [3] in the half-split layout Llama's weights use: dimension i is
+    paired with i + hs/2, both rotated by angle p * theta^(-2i/hs)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hs) by position: each pair (x_i, x_{i+hs/2}) turns by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Head-specific slopes [4]: the geometric sequence 2^(-8/n), 2^(-16/n), ... (interleaved for non powers of 2)."""
+
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        return torch.tensor(power_of_2(n_head))
+    closest = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_head - closest])
+
+
+def alibi_bias(slopes: torch.Tensor, T: int, device) -> torch.Tensor:
+    """(nh, T, T) additive attention bias: -slope * distance to each earlier key, -inf for later keys."""
+    pos = torch.arange(T, device=device)
+    distance = (pos[:, None] - pos[None, :]).float()  # (T, T), query minus key
+    bias = -slopes.to(device)[:, None, None] * distance  # (nh, T, T)
+    return bias.masked_fill(distance < 0, float("-inf"))
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_size
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        # q, k and v for all heads in one matmul: nh query heads, then nkv key heads, then nkv value heads
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hs, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.hs, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.hs, eps=config.norm_eps)
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x):
+    def forward(self, x, rope=None, attn_bias=None):
+        """x (B, T, C); rope: (cos, sin) each (T, hs) or None; attn_bias: (nh, T, T) additive mask or None."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v with a causal mask [2]; SDPA picks flash/memory-efficient kernels when it can
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], 2)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # softmax(q k^T / sqrt(hs) + bias) v with a causal mask [2]; SDPA picks flash/memory-efficient kernels when it
+        # can. Grouped-query attention shares each key/value head among n_head / n_kv_head query heads.
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_bias,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_bias is None,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -78,27 +198,77 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation of GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        if config.mlp == "swiglu":
+            self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        h = self.c_fc(x)  # (B, T, C) -> (B, T, H)
+        if self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+        elif self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu":
+            h = F.relu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()  # [7]
+        else:  # swiglu [6]: a SiLU-gated linear unit
+            h = F.silu(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))  # (B, T, H) -> (B, T, C)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block [1]: x + attn(ln(x)), then x + mlp(ln(x))."""
+class MoE(nn.Module):
+    """Top-k routed Mixture of Experts [9]: each token goes to its n_expert_active most likely experts, whose outputs
+    are mixed by the renormalised router probabilities; plus an optional shared expert every token uses. Records the
+    load-balancing loss of its last forward in self.aux_loss: E * sum_e f_e * P_e, where f_e is the share of routing
+    slots that went to expert e and P_e its mean router probability; 1.0 when perfectly balanced."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.k = config.n_expert_active
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
+        self.shared = MLP(config) if config.moe_shared_expert else None
+        self.aux_loss = torch.zeros(())
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+        B, T, C = x.size()
+        flat = x.reshape(B * T, C)  # (N, C), N = B * T tokens
+        probs = F.softmax(self.router(flat).float(), dim=-1)  # (N, E)
+        top_p, top_i = probs.topk(self.k, dim=-1)  # (N, k) each
+        weights = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)  # (N, k)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(top_i == e)  # the tokens routed to expert e, and in which of their k slots
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        share = F.one_hot(top_i, len(self.experts)).float().sum(dim=1).mean(dim=0) / self.k  # f_e, (E,)
+        self.aux_loss = len(self.experts) * (share * probs.mean(dim=0)).sum()
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(B, T, C)
+
+
+class Block(nn.Module):
+    """Transformer block. Pre-norm [1]: x + attn(ln(x)), then x + mlp(ln(x)). Post-norm [2]: ln(x + attn(x)), then
+    ln(x + mlp(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.post_norm = config.norm_position == "post"
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
+
+    def forward(self, x, rope=None, attn_bias=None):
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, rope, attn_bias))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), rope, attn_bias)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -107,18 +277,27 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_embedding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        # Post-norm blocks already end in a norm; pre-norm ones need a final one.
+        modules["ln_f"] = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017), as GPT-2: the output projection is the token embedding matrix.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017), as GPT-2: the output projection is the token embedding matrix.
+            self.transformer.wte.weight = self.lm_head.weight
+        # Position tables are recomputed, not saved: they are functions of the config.
+        if config.pos_embedding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        elif config.pos_embedding == "rope":
+            cos, sin = rope_tables(config.block_size, config.head_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif config.pos_embedding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.apply(self._init_weights)
         # GPT-2 [1] scales the init of residual projections by 1/sqrt(N), N = 2 * n_layer residual additions,
         # so the residual stream's variance does not grow with depth.
@@ -135,10 +314,10 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; position embeddings are left out by default, as in the GPT-2/Chinchilla convention.
-        Token embeddings count once: they are shared with lm_head."""
+        """Parameter count; learned position embeddings are left out by default (the GPT-2/Chinchilla convention).
+        Tied token embeddings count once."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -146,34 +325,59 @@ class GPT(nn.Module):
         """idx (B, T) int64 token ids; targets (B, T) int64 or None, -1 marks positions to ignore.
 
         Returns (logits, loss) in every mode: logits (B, T, V) for every position, and loss the mean
-        cross-entropy over the non-ignored targets (a 0-dim tensor), or None when targets is None.
+        cross-entropy over the non-ignored targets (a 0-dim tensor) plus moe_aux_loss_coef times the MoE
+        load-balancing loss, or None when targets is None.
         """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = attn_bias = None
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+        elif self.config.pos_embedding == "sinusoidal":
+            x = x + self.pos_table[:T]
+        elif self.config.pos_embedding == "rope":
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # each (T, hs)
+        elif self.config.pos_embedding == "alibi":
+            attn_bias = alibi_bias(self.alibi_slopes, T, idx.device).to(x.dtype)  # (nh, T, T)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, rope, attn_bias)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
+            if self.config.n_expert:
+                loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss()
         return logits, loss
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Mean load-balancing loss of the MoE layers in the last forward (0 without MoE)."""
+        losses = [block.mlp.aux_loss for block in self.transformer.h if isinstance(block.mlp, MoE)]
+        return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def crop_block_size(self, block_size: int):
         """Shrink the context length, e.g. to fine-tune GPT-2 (1024) with a smaller block_size."""
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for name in ("pos_table", "rope_cos", "rope_sin"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name)[:block_size])
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs (forward + backward) per token: 6N for the weights plus attention's 12 * L * C * T,
-        from the PaLM paper's appendix B (Chowdhery et al. 2022)."""
+        """Training FLOPs (forward + backward) per token: 6 per active weight plus attention's 12 * L * C * T,
+        from the PaLM paper's appendix B (Chowdhery et al. 2022). MoE counts only the experts a token uses."""
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        n = self.num_params()
+        if cfg.n_expert:
+            per_expert = sum(p.numel() for p in self.transformer.h[0].mlp.experts[0].parameters())
+            n -= cfg.n_layer * per_expert * (cfg.n_expert - cfg.n_expert_active)
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None):
@@ -188,50 +392,18 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, override_args: dict | None = None) -> "GPT":
-        """Load GPT-2 weights from a Hugging Face-format directory (config.json + model.safetensors) or a hub
+        """GPT-2 or Llama weights from a Hugging Face-format directory (config.json + model.safetensors) or a hub
         name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded with huggingface_hub). override_args may set
-        dropout and a smaller block_size. transformers is not needed."""
-        from safetensors.torch import load_file
+        dropout and a smaller block_size. transformers is not needed (see hf_interop.py)."""
+        from hf_interop import load_hf
 
         override_args = dict(override_args or {})
         if not set(override_args) <= {"dropout", "block_size"}:
             raise ValueError(f"only dropout and block_size can be overridden, got {sorted(override_args)}")
-        if os.path.isdir(name_or_dir):
-            directory = name_or_dir
-        else:
-            from huggingface_hub import snapshot_download
-
-            directory = snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors"])
-        with open(os.path.join(directory, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type") != "gpt2":
-            raise ValueError(f"{name_or_dir}: model_type {hf.get('model_type')!r} is not supported (gpt2 is)")
-        config = GPTConfig(
-            block_size=hf["n_positions"],
-            vocab_size=hf["vocab_size"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=hf["n_embd"],
-            dropout=override_args.get("dropout", 0.0),
-            bias=True,
-        )
+        config, state_dict = load_hf(name_or_dir)
+        config.dropout = override_args.get("dropout", 0.0)
         model = cls(config)
-        sd_hf = {
-            k.removeprefix("transformer."): v
-            for k, v in load_file(os.path.join(directory, "model.safetensors")).items()
-        }
-        sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # buffers
-        sd = model.state_dict()
-        # HF GPT-2 stores these Linear layers as Conv1D with (in, out) weights: transpose into nn.Linear's (out, in).
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        for key in sd:
-            src = "wte.weight" if key == "lm_head.weight" else key.removeprefix("transformer.")
-            if src not in sd_hf:
-                raise ValueError(f"{name_or_dir}: weight {src} missing from model.safetensors")
-            w = sd_hf[src].t() if key.endswith(conv1d) else sd_hf[src]
-            if w.shape != sd[key].shape:
-                raise ValueError(f"{name_or_dir}: {src} has shape {tuple(w.shape)}, expected {tuple(sd[key].shape)}")
-            sd[key].copy_(w)
+        model.load_state_dict(state_dict, strict=True)
         if "block_size" in override_args:
             model.crop_block_size(override_args["block_size"])
         return model

@@ -1,0 +1,256 @@
+"""Hugging Face interop: read GPT-2 and Llama checkpoints in Hugging Face format, and write ours in it.
+
+A Hugging Face directory holds config.json and model.safetensors. GPT-2 (model_type "gpt2") stores its Linear
+layers as Conv1D with (in, out) weights, transposed here; Llama (model_type "llama") maps to the switches
+pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head, tie_embeddings. transformers is not needed.
+"""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import GPTConfig
+
+GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class UnsupportedModel(ValueError):
+    """The config cannot be read from, or written to, a Hugging Face format; the message says why."""
+
+
+def resolve(name_or_dir: str) -> str:
+    """A local directory as is; a hub name downloaded (config.json and model.safetensors only) to the HF cache."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors"])
+
+
+def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
+    """(GPTConfig, state dict with our names) from a Hugging Face GPT-2 or Llama directory or hub name."""
+    directory = resolve(name_or_dir)
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    weights = load_file(os.path.join(directory, "model.safetensors"))
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        return _gpt2_config(hf), _gpt2_state_dict(weights, hf["n_layer"])
+    if kind == "llama":
+        config = _llama_config(hf)
+        return config, _llama_state_dict(weights, config)
+    raise UnsupportedModel(f"{name_or_dir}: model_type {kind!r} is not supported (gpt2 and llama are)")
+
+
+def _gpt2_config(hf: dict) -> GPTConfig:
+    act = hf.get("activation_function", "gelu_new")
+    mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}.get(act)
+    if mlp is None:
+        raise UnsupportedModel(f"GPT-2 activation {act!r} is not supported")
+    return GPTConfig(
+        block_size=hf["n_positions"],
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        bias=True,
+        mlp=mlp,
+        mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _gpt2_state_dict(weights: dict, n_layer: int) -> dict:
+    sd = {}
+    for key, w in weights.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older checkpoints
+            continue
+        if key == "lm_head.weight":
+            sd[key] = w
+            continue
+        sd["transformer." + key] = w.t().contiguous() if key.endswith(_CONV1D) else w
+    if "lm_head.weight" not in sd:  # tied: lm_head is wte
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def _llama_config(hf: dict) -> GPTConfig:
+    n_head, n_embd = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
+        raise UnsupportedModel("Llama head_dim different from hidden_size / num_attention_heads is not supported")
+    # transformers >= 5 writes rope_parameters; older versions rope_theta and rope_scaling
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": "default"}
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise UnsupportedModel("Llama RoPE scaling (rope_type other than default) is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"Llama hidden_act {hf.get('hidden_act')!r} is not supported (silu is)")
+    bias = hf.get("attention_bias", False)
+    if hf.get("mlp_bias", False) != bias:
+        raise UnsupportedModel("Llama with attention_bias != mlp_bias is not supported")
+    return GPTConfig(
+        block_size=hf["max_position_embeddings"],
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_embd=n_embd,
+        bias=bias,
+        pos_embedding="rope",
+        rope_theta=rope["rope_theta"],
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        mlp_hidden=hf["intermediate_size"],
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+# our name -> Llama's name, per layer ({i}) and global
+_LLAMA_LAYER = {
+    "ln_1.weight": "input_layernorm.weight",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "attn.c_proj.bias": "self_attn.o_proj.bias",
+    "mlp.c_gate.weight": "mlp.gate_proj.weight",
+    "mlp.c_gate.bias": "mlp.gate_proj.bias",
+    "mlp.c_fc.weight": "mlp.up_proj.weight",
+    "mlp.c_fc.bias": "mlp.up_proj.bias",
+    "mlp.c_proj.weight": "mlp.down_proj.weight",
+    "mlp.c_proj.bias": "mlp.down_proj.bias",
+}
+_LLAMA_GLOBAL = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def _llama_state_dict(weights: dict, config: GPTConfig) -> dict:
+    sd = {ours: weights[theirs] for ours, theirs in _LLAMA_GLOBAL.items() if theirs in weights}
+    if "lm_head.weight" not in sd:  # tied
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    for i in range(config.n_layer):
+        hf, ours = f"model.layers.{i}.", f"transformer.h.{i}."
+        for our_key, their_key in _LLAMA_LAYER.items():
+            if hf + their_key in weights:
+                sd[ours + our_key] = weights[hf + their_key]
+        # q, k, v are one fused matrix here: query heads, then key heads, then value heads
+        for part in ("weight", "bias"):
+            names = [f"{hf}self_attn.{p}_proj.{part}" for p in "qkv"]
+            if all(n in weights for n in names):
+                sd[f"{ours}attn.c_attn.{part}"] = torch.cat([weights[n] for n in names], dim=0)
+    return sd
+
+
+def hf_format(config: GPTConfig) -> str:
+    """Which Hugging Face layout can hold this config: "gpt2" or "llama"; UnsupportedModel if neither."""
+    c = config
+    gpt2 = (
+        c.pos_embedding == "learned"
+        and c.norm == "layernorm"
+        and c.norm_position == "pre"
+        and c.bias
+        and c.mlp in ("gelu_tanh", "gelu", "relu")
+        and c.n_kv_head == c.n_head
+        and not c.qk_norm
+    )
+    llama = (
+        c.pos_embedding == "rope"
+        and c.norm == "rmsnorm"
+        and c.norm_position == "pre"
+        and c.mlp == "swiglu"
+        and not c.qk_norm
+    )
+    if c.n_expert:
+        raise UnsupportedModel("Mixture of Experts models have no GPT-2 or Llama Hugging Face layout")
+    if gpt2:
+        return "gpt2"
+    if llama:
+        return "llama"
+    raise UnsupportedModel(
+        "this architecture fits neither Hugging Face layout: GPT-2 needs learned positions, pre-norm LayerNorm with "
+        "bias, a GELU/ReLU MLP and n_kv_head == n_head; Llama needs rope, pre-norm rmsnorm and swiglu (neither has "
+        "qk_norm, alibi, sinusoidal or no positions, or post-norm)"
+    )
+
+
+def save_hf(model, directory: str) -> str:
+    """Write `model` as a Hugging Face directory (config.json + model.safetensors) in the GPT-2 or Llama layout
+    that transformers.AutoModelForCausalLM loads. Returns the layout's name."""
+    config = model.config
+    kind = hf_format(config)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if kind == "gpt2":
+        hf_config = {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": config.vocab_size,
+            "n_positions": config.block_size,
+            "n_ctx": config.block_size,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": config.mlp_hidden,
+            "activation_function": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[config.mlp],
+            "layer_norm_epsilon": config.norm_eps,
+            "tie_word_embeddings": config.tie_embeddings,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
+        weights = {}
+        for key, w in sd.items():
+            if key == "lm_head.weight":
+                if not config.tie_embeddings:
+                    weights[key] = w
+                continue
+            name = key.removeprefix("transformer.")
+            weights["transformer." + name] = w.t() if name.endswith(_CONV1D) else w
+    else:
+        hf_config = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.n_embd,
+            "intermediate_size": config.mlp_hidden,
+            "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head,
+            "num_key_value_heads": config.n_kv_head,
+            "head_dim": config.head_size,
+            "max_position_embeddings": config.block_size,
+            "rms_norm_eps": config.norm_eps,
+            "rope_theta": config.rope_theta,
+            "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+            "hidden_act": "silu",
+            "attention_bias": config.bias,
+            "mlp_bias": config.bias,
+            "tie_word_embeddings": config.tie_embeddings,
+        }
+        weights = {theirs: sd[ours] for ours, theirs in _LLAMA_GLOBAL.items()}
+        if config.tie_embeddings:
+            del weights["lm_head.weight"]
+        hs, nh, nkv = config.head_size, config.n_head, config.n_kv_head
+        for i in range(config.n_layer):
+            hf, ours = f"model.layers.{i}.", f"transformer.h.{i}."
+            for our_key, their_key in _LLAMA_LAYER.items():
+                if ours + our_key in sd:
+                    weights[hf + their_key] = sd[ours + our_key]
+            for part in ("weight", "bias"):
+                if f"{ours}attn.c_attn.{part}" in sd:
+                    q, k, v = sd[f"{ours}attn.c_attn.{part}"].split([nh * hs, nkv * hs, nkv * hs], dim=0)
+                    for name, w in zip("qkv", (q, k, v), strict=True):
+                        weights[f"{hf}self_attn.{name}_proj.{part}"] = w
+    os.makedirs(directory, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        os.path.join(directory, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config | {"torch_dtype": "float32"}, f, indent=2)
+    return kind
