@@ -70,6 +70,20 @@ class TrainConfig:
     dropout: float = 0.0  # dropout probability; 0 for pretraining, try 0.1+ for fine-tuning
     bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2 had them)
     vocab_size: int | None = None  # model vocabulary; none = the dataset's (GPT-2 presets use 50304, a multiple of 64)
+    pos_embedding: str = "learned"  # positions: learned (GPT-2), sinusoidal, rope, alibi or none
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm
+    norm_position: str = "pre"  # pre (GPT-2) or post (the original Transformer's Add & Norm)
+    norm_eps: float = 1e-5  # epsilon of the norms
+    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2), gelu, relu, relu2 or swiglu
+    mlp_hidden: int | None = None  # MLP hidden size; none = 4 * n_embd (swiglu: 8/3 * n_embd rounded up to 64)
+    n_kv_head: int | None = None  # key/value heads: none = n_head, 1 = multi-query, in between = grouped-query
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    tie_embeddings: bool = True  # the output layer shares the token embedding matrix (GPT-2)
+    n_expert: int = 0  # Mixture of Experts: experts per MLP layer; 0 = a dense MLP
+    n_expert_active: int = 2  # experts each token is routed to (top-k)
+    moe_shared_expert: bool = False  # add one expert that every token uses
+    moe_aux_loss_coef: float = 0.01  # weight of the MoE load-balancing loss in the training loss
     # AdamW optimizer
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # total optimizer steps
@@ -105,9 +119,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_iters < 0 or self.keep_last < 0:
             raise ValueError("max_iters and keep_last must be >= 0")
+        model_config(self, self.vocab_size or 1)  # checks the architecture switches now, not after loading data
 
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # must match to resume
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The GPTConfig named by the model fields of a TrainConfig (they share names)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)}
+    return GPTConfig(**(fields | {"vocab_size": vocab_size}))
 
 
 def main(argv=None):
@@ -137,16 +155,7 @@ def main(argv=None):
                 f"{cfg.out_dir} already holds checkpoints; continue them with --init_from=resume or "
                 "choose another --out_dir"
             )
-        model_config = GPTConfig(
-            block_size=cfg.block_size,
-            vocab_size=cfg.vocab_size or data.meta["vocab_size"],
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-        )
-        model = GPT(model_config)
+        model = GPT(model_config(cfg, cfg.vocab_size or data.meta["vocab_size"]))
     elif cfg.init_from == "resume":
         resume_from = find_checkpoint(cfg.out_dir, log=rt.print0)
         meta = read_meta(resume_from)
@@ -265,6 +274,7 @@ def main(argv=None):
             # so a resumed run draws the same masks as an uninterrupted one.
             seed_everything(hash_seed(cfg.seed, rt.rank, iter_num))
             loss_sum = torch.zeros((), device=rt.device)
+            aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
             for micro_step in range(accum_steps):
                 # DDP all-reduces gradients only on the last micro-step
                 sync = micro_step == accum_steps - 1 or not rt.ddp
@@ -275,6 +285,8 @@ def main(argv=None):
                     x, y = batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
+                if raw_model.config.n_expert:
+                    aux_sum += raw_model.moe_aux_loss().detach() / accum_steps
             scaler.unscale_(optimizer)  # a no-op unless float16 loss scaling is on
             # The norm of the all-reduced gradient is the same on every rank, so all ranks agree on skipping.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -313,6 +325,9 @@ def main(argv=None):
                 if peak:
                     record["mfu"] = flops_per_iter / dt / peak
                     line += f", mfu {record['mfu'] * 100:.2f}%"
+                if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
+                    record["aux_loss"] = aux_sum.item()
+                    line += f", aux loss {record['aux_loss']:.4f}"
                 rt.print0(line)
                 if rt.master:
                     log_metrics(metrics_path, record | {"skipped_steps": skipped_steps})
@@ -378,10 +393,11 @@ def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
 def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
     """Refuse to resume into a different model or data; schedule-only changes are fine."""
     saved_model, saved_train = meta["model_config"], meta["train_config"]
-    wanted = {k: getattr(cfg, k) for k in MODEL_KEYS if k != "vocab_size"}
-    if cfg.vocab_size is not None:
-        wanted["vocab_size"] = cfg.vocab_size
-    differ = [f"{k} ({saved_model[k]} -> {v})" for k, v in wanted.items() if saved_model[k] != v]
+    # Every architecture field must match; dropout may change, and vocab_size only when given explicitly.
+    wanted = dataclasses.asdict(model_config(cfg, cfg.vocab_size or saved_model["vocab_size"]))
+    differ = [
+        f"{k} ({saved_model.get(k)} -> {v})" for k, v in wanted.items() if k != "dropout" and saved_model.get(k) != v
+    ]
     if saved_train.get("dataset") != cfg.dataset:
         differ.append(f"dataset ({saved_train.get('dataset')} -> {cfg.dataset})")
     for key in ("tokenizer", "tokenizer_hash", "vocab_size"):
