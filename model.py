@@ -364,10 +364,11 @@ class GPT(nn.Module):
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
         if "wpe" in self.transformer:
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+            # clone: a view would keep (and make safetensors refuse) the whole original table
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
         for name in ("pos_table", "rope_cos", "rope_sin"):
             if hasattr(self, name):
-                setattr(self, name, getattr(self, name)[:block_size])
+                setattr(self, name, getattr(self, name)[:block_size].clone())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token: 6 per active weight plus attention's 12 * L * C * T,

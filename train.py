@@ -392,12 +392,11 @@ def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
 
 def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
     """Refuse to resume into a different model or data; schedule-only changes are fine."""
-    saved_model, saved_train = meta["model_config"], meta["train_config"]
-    # Every architecture field must match; dropout may change, and vocab_size only when given explicitly.
-    wanted = dataclasses.asdict(model_config(cfg, cfg.vocab_size or saved_model["vocab_size"]))
-    differ = [
-        f"{k} ({saved_model.get(k)} -> {v})" for k, v in wanted.items() if k != "dropout" and saved_model.get(k) != v
-    ]
+    saved_train = meta["train_config"]
+    # Every architecture key must be as the run was started (dropout may change). The keys are compared with the
+    # saved train config rather than the model, so a run initialised from GPT-2 weights resumes with its command.
+    keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
+    differ = [f"{k} ({saved_train.get(k)} -> {getattr(cfg, k)})" for k in keys if saved_train.get(k) != getattr(cfg, k)]
     if saved_train.get("dataset") != cfg.dataset:
         differ.append(f"dataset ({saved_train.get('dataset')} -> {cfg.dataset})")
     for key in ("tokenizer", "tokenizer_hash", "vocab_size"):

@@ -192,3 +192,29 @@ def test_bfloat16_autocast_on_cpu_trains(char_data, tmp_path, capsys):
     assert sorted(losses) == [0, 1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     weights = final_weights(out)
     assert all(t.dtype == torch.float32 for t in weights.values())  # parameters stay float32 under autocast
+
+
+def test_fine_tune_from_a_hugging_face_directory_then_resume(char_data, tmp_path):
+    """--init_from=<HF dir> trains from those weights (the first loss is the pretrained model's), and the same
+    command with --init_from=resume continues, although the architecture came from the directory."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    hf_dir = tmp_path / "hf"
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(hf_dir)
+    out = tmp_path / "out"
+    base = [
+        f"--data_root={char_data}",
+        "--dataset=tiny_char",
+        f"--out_dir={out}",
+        "--device=cpu",
+        "--compile=False",
+        "--block_size=16",
+        "--batch_size=4",
+        "--gradient_accumulation_steps=1",
+        "--eval_iters=2",
+    ]
+    assert train.main([*base, f"--init_from={hf_dir}", "--max_iters=4", "--eval_interval=4"]) == 0
+    meta = read_meta(find_checkpoint(str(out)))
+    assert meta["model_config"]["n_embd"] == 32 and meta["model_config"]["block_size"] == 16  # cropped to 16
+    assert train.main([*base, "--init_from=resume", "--max_iters=6", "--eval_interval=2"]) == 0
+    assert read_meta(find_checkpoint(str(out)))["iter_num"] == 6
