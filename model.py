@@ -148,12 +148,36 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_head - closest])
 
 
-def alibi_bias(slopes: torch.Tensor, T: int, device) -> torch.Tensor:
-    """(nh, T, T) additive attention bias: -slope * distance to each earlier key, -inf for later keys."""
-    pos = torch.arange(T, device=device)
-    distance = (pos[:, None] - pos[None, :]).float()  # (T, T), query minus key
-    bias = -slopes.to(device)[:, None, None] * distance  # (nh, T, T)
+def causal_distance(start: int, T: int, device) -> torch.Tensor:
+    """(T, start + T) query position minus key position, for T queries at positions start..start+T-1 attending to
+    keys 0..start+T-1; negative means the key is in the future."""
+    q = torch.arange(start, start + T, device=device)
+    k = torch.arange(start + T, device=device)
+    return (q[:, None] - k[None, :]).float()
+
+
+def alibi_bias(slopes: torch.Tensor, start: int, T: int, device) -> torch.Tensor:
+    """(nh, T, start + T) additive attention bias: -slope * distance to each earlier key, -inf for later keys."""
+    distance = causal_distance(start, T, device)
+    bias = -slopes.to(device)[:, None, None] * distance  # (nh, T, start + T)
     return bias.masked_fill(distance < 0, float("-inf"))
+
+
+class KVCache:
+    """One layer's keys and values, pre-allocated for `length` positions: (B, nkv, length, hs) each. The prompt is
+    written in one prefill, then one position per decoding step."""
+
+    def __init__(self, batch_size: int, config: "GPTConfig", length: int, device, dtype):
+        shape = (batch_size, config.n_kv_head, length, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, start: int, k, v):
+        """Store k, v (B, nkv, T, hs) at positions start..start+T-1; return all keys and values up to there."""
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -171,8 +195,9 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(self.hs, eps=config.norm_eps)
         self.qk_norm = config.qk_norm
 
-    def forward(self, x, rope=None, attn_bias=None):
-        """x (B, T, C); rope: (cos, sin) each (T, hs) or None; attn_bias: (nh, T, T) additive mask or None."""
+    def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None, start: int = 0):
+        """x (B, T, C) at positions start..start+T-1; rope: (cos, sin) each (T, hs) or None; attn_mask: (nh or 1, T,
+        start+T) additive or boolean mask, or None for plain causal attention; cache: this layer's KVCache."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], 2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -182,13 +207,15 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, nkv, start+T, hs): every key so far
         # softmax(q k^T / sqrt(hs) + bias) v with a causal mask [2]; SDPA picks flash/memory-efficient kernels when it
         # can. Grouped-query attention shares each key/value head among n_head / n_kv_head query heads.
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=attn_bias,
+            attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_bias is None,
+            is_causal=attn_mask is None and T > 1,  # a single query (decoding) may see every key
             enable_gqa=self.n_kv_head != self.n_head,
         )  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
@@ -264,11 +291,11 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MoE(config) if config.n_expert else MLP(config)
 
-    def forward(self, x, rope=None, attn_bias=None):
+    def forward(self, x, rope=None, attn_mask=None, cache=None, start=0):
         if self.post_norm:
-            x = self.ln_1(x + self.attn(x, rope, attn_bias))
+            x = self.ln_1(x + self.attn(x, rope, attn_mask, cache, start))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), rope, attn_bias)
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, cache, start)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -321,29 +348,34 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache: list[KVCache] | None = None, start_pos: int = 0):
         """idx (B, T) int64 token ids; targets (B, T) int64 or None, -1 marks positions to ignore.
+        With kv_cache (from new_kv_cache), idx holds positions start_pos..start_pos+T-1 of the sequences, whose earlier
+        keys and values are in the cache: a prefill is start_pos=0 with the prompt, a decoding step T=1.
 
         Returns (logits, loss) in every mode: logits (B, T, V) for every position, and loss the mean
         cross-entropy over the non-ignored targets (a 0-dim tensor) plus moe_aux_loss_coef times the MoE
         load-balancing loss, or None when targets is None.
         """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = attn_bias = None
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        rope = mask = None
         if self.config.pos_embedding == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
         elif self.config.pos_embedding == "sinusoidal":
-            x = x + self.pos_table[:T]
+            x = x + self.pos_table[pos]
         elif self.config.pos_embedding == "rope":
-            rope = (self.rope_cos[:T], self.rope_sin[:T])  # each (T, hs)
-        elif self.config.pos_embedding == "alibi":
-            attn_bias = alibi_bias(self.alibi_slopes, T, idx.device).to(x.dtype)  # (nh, T, T)
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hs)
+        if self.config.pos_embedding == "alibi":
+            mask = alibi_bias(self.alibi_slopes, start_pos, T, idx.device).to(x.dtype)  # (nh, T, start+T)
+        elif start_pos > 0 and T > 1:  # several new queries after cached keys: causal with an offset
+            mask = causal_distance(start_pos, T, idx.device) >= 0  # (T, start+T), True = may attend
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rope, attn_bias)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, mask, kv_cache[i] if kv_cache else None, start_pos)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -352,6 +384,14 @@ class GPT(nn.Module):
             if self.config.n_expert:
                 loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss()
         return logits, loss
+
+    def new_kv_cache(self, batch_size: int, length: int | None = None, dtype=None) -> list[KVCache]:
+        """Empty per-layer caches for batch_size sequences of up to `length` (default block_size) positions."""
+        param = self.lm_head.weight
+        length = length or self.config.block_size
+        return [
+            KVCache(batch_size, self.config, length, param.device, dtype or param.dtype) for _ in self.transformer.h
+        ]
 
     def moe_aux_loss(self) -> torch.Tensor:
         """Mean load-balancing loss of the MoE layers in the last forward (0 without MoE)."""
