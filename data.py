@@ -148,3 +148,9 @@ class Tokenizer:
         if self.name == "char":
             return "".join(self.itos[i] for i in ids)
         return self.enc.decode(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes of one token: a BPE token may hold part of a character."""
+        if self.name == "char":
+            return self.itos[token_id].encode("utf-8")
+        return self.enc.decode_single_token_bytes(token_id)

@@ -421,15 +421,15 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None):
-        """Extend idx (B, T) by max_new_tokens tokens, feeding predictions back in. temperature=0 is greedy.
-        The context is cropped to the last block_size tokens. Call under model.eval()."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+    def generate(
+        self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None, kv_cache: bool = True
+    ):
+        """Extend idx (B, T) by max_new_tokens tokens, feeding predictions back in; temperature=0 is greedy. The
+        context is the last block_size tokens. Call under model.eval(). More controls: generate.py."""
+        from generate import Sampling, generate
+
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        return torch.cat([idx, *generate(self, idx, max_new_tokens, sampling, kv_cache)], dim=1)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, override_args: dict | None = None) -> "GPT":
@@ -451,20 +451,9 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits, temperature: float = 1.0, top_k=None, top_p=None):
-    """Pick one token per row from logits (B, V): greedy when temperature is 0, otherwise sample from
-    softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest set whose
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2019). Returns (B, 1) int64."""
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        logits[drop_sorted.scatter(1, sorted_idx, drop_sorted)] = -float("inf")
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+    """One token per row from logits (B, V): greedy when temperature is 0, else sampled after temperature, top-k and
+    top-p (nucleus, Holtzman et al. 2019) filtering. Returns (B, 1) int64. See generate.py."""
+    from generate import Sampling, next_token
+
+    seen = torch.zeros(logits.size(0), 0, dtype=torch.long, device=logits.device)
+    return next_token(logits, Sampling(temperature=temperature, top_k=top_k, top_p=top_p), seen)

@@ -1,13 +1,16 @@
-"""Sample text from a trained model or from GPT-2.
+"""Sample text from a trained model, GPT-2, or a Hugging Face directory, with a KV cache.
 
     python sample.py --out_dir=out-shakespeare-char                       # newest checkpoint in out_dir
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0 # greedy, prompt from a file
+    python sample.py --out_dir=out --num_samples=1 --stream=True --stop='\n\n'  # print as it goes, stop at a blank line
     python sample.py --help                                                # every option
 
-Options are SampleConfig's fields below, set by preset files and then --key=value.
+Options are SampleConfig's fields below, set by preset files and then --key=value. The samples of one run are
+generated as one batch; each is printed followed by a line of dashes, as nanoGPT does.
 """
 
+import codecs
 import os
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from checkpoint import find_checkpoint, load_weights, read_meta
 from configurator import parse_config
 from data import Tokenizer
 from errors import UserError, run_cli
+from generate import Sampling, StreamDecoder, cut_at_stop, generate
 from model import GPT, GPTConfig
 from runtime import seed_everything, setup_runtime
 
@@ -32,6 +36,11 @@ class SampleConfig:
     temperature: float = 0.8  # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
     top_k: int | None = 200  # keep only the k most likely tokens; none = all
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p; none = all
+    min_p: float | None = None  # keep tokens at least min_p times as likely as the most likely; none = all
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL's penalty); 1 = off
+    stop: str | None = None  # stop string(s), several separated by |; output is cut at the first; \n escapes work
+    kv_cache: bool = True  # cache keys and values (fast); False recomputes the whole context for every token
+    stream: bool = False  # print tokens as they are produced (one sample at a time: needs num_samples=1)
     seed: int = 1337  # same seed, same device, same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
@@ -49,6 +58,12 @@ class SampleConfig:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] or none, got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.stream and self.num_samples != 1:
+            raise ValueError("stream=True prints one sample as it is produced: set num_samples=1")
 
 
 def main(argv=None):
@@ -82,12 +97,45 @@ def main(argv=None):
             raise UserError("the prompt is empty; give some text with --start")
         ids = [tokenizer.eot_id]  # an empty prompt starts a new document
     x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None].repeat(cfg.num_samples, 1)  # (num_samples, T)
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
+    stops = [codecs.decode(s, "unicode_escape") for s in cfg.stop.split("|")] if cfg.stop else []
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    steps = generate(model, x, cfg.max_new_tokens, sampling, kv_cache=cfg.kv_cache, generator=generator)
 
-    with torch.no_grad(), rt.autocast():
-        y = GPT.generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    for row in y.tolist():
-        print(tokenizer.decode(row))
+    if cfg.stream:
+        with rt.autocast():
+            stream(steps, tokenizer, prompt, stops)
+        return
+    new = [[] for _ in range(cfg.num_samples)]
+    with rt.autocast():
+        for token in steps:
+            for row, t in zip(new, token[:, 0].tolist(), strict=True):
+                row.append(t)
+            if stops and all(cut_at_stop(tokenizer.decode(row), stops)[1] for row in new):
+                break  # every sample has hit a stop string
+    for row in new:
+        print(prompt + cut_at_stop(tokenizer.decode(row), stops)[0])
         print("---------------")
+
+
+def stream(steps, tokenizer, prompt: str, stops: list[str]) -> None:
+    """Print one sample's text as tokens arrive: whole UTF-8 characters only, holding back a tail that could be the
+    start of a stop string."""
+    print(prompt, end="", flush=True)
+    decoder, text, shown = StreamDecoder(tokenizer.token_bytes), "", 0
+    hold = max((len(s) for s in stops), default=1) - 1
+    for token in steps:
+        text += decoder.push(token[0, 0].item())
+        text, stopped = cut_at_stop(text, stops)
+        safe = len(text) if stopped else max(shown, len(text) - hold)
+        print(text[shown:safe], end="", flush=True)
+        shown = safe
+        if stopped:
+            break
+    else:
+        text += decoder.flush()
+        print(text[shown:], end="")
+    print("\n---------------")
 
 
 if __name__ == "__main__":

@@ -212,9 +212,9 @@ def kept_distribution(monkeypatch, logits, **kwargs) -> torch.Tensor:
     seen = []
     real = torch.multinomial
 
-    def spy(probs, num_samples):
+    def spy(probs, num_samples, **kwargs):
         seen.append(probs.clone())
-        return real(probs, num_samples)
+        return real(probs, num_samples, **kwargs)
 
     monkeypatch.setattr(torch, "multinomial", spy)
     sample_next_token(logits, **kwargs)
