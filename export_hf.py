@@ -28,10 +28,11 @@ class ExportConfig:
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
     path = find_checkpoint(cfg.out_dir, cfg.checkpoint)
-    model = GPT(GPTConfig(**(read_meta(path)["model_config"] | {"dropout": 0.0})))
+    meta = read_meta(path)
+    model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": 0.0})))
     load_weights(path, model)
     try:
-        layout = save_hf(model, cfg.hf_dir)
+        layout = save_hf(model, cfg.hf_dir, eos_token_id=meta["data"].get("eot_id"))
     except UnsupportedModel as e:
         raise UserError(f"cannot export {path}: {e}") from None
     print(f"wrote {path} to {cfg.hf_dir} in the Hugging Face {layout} layout")

@@ -179,9 +179,10 @@ def hf_format(config: GPTConfig) -> str:
     )
 
 
-def save_hf(model, directory: str) -> str:
+def save_hf(model, directory: str, eos_token_id: int | None = None) -> str:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors) in the GPT-2 or Llama layout
-    that transformers.AutoModelForCausalLM loads. Returns the layout's name."""
+    that transformers.AutoModelForCausalLM loads. eos_token_id is the end-of-text token, if the vocabulary has one
+    (written explicitly: transformers' defaults would make generate stop at an ordinary token). Returns the layout."""
     config = model.config
     kind = hf_format(config)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -245,6 +246,8 @@ def save_hf(model, directory: str) -> str:
                     q, k, v = sd[f"{ours}attn.c_attn.{part}"].split([nh * hs, nkv * hs, nkv * hs], dim=0)
                     for name, w in zip("qkv", (q, k, v), strict=True):
                         weights[f"{hf}self_attn.{name}_proj.{part}"] = w
+    bos = eos_token_id if kind == "gpt2" else None  # GPT-2 begins documents with its end-of-text token
+    hf_config |= {"bos_token_id": bos, "eos_token_id": eos_token_id}
     os.makedirs(directory, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in weights.items()},

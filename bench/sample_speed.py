@@ -1,0 +1,65 @@
+"""Decoding speed: tokens/s of generate.py with and without the KV cache, GPT-2 124M shapes, random weights.
+
+    python -m bench.sample_speed                                   # batch 1 and 16, 500 new tokens, both paths
+    python -m bench.sample_speed --batch_sizes=1 --new_tokens=500 --device=cuda --dtype=bfloat16
+    python -m bench.sample_speed --uncached_tokens=100             # the slow path on fewer tokens
+
+Both paths run in the same process on the same weights, greedy, from a one-token prompt, after one warm-up run;
+the uncached path recomputes the whole context every step (nanoGPT's sample.py). It prints tokens/s (new tokens
+of all sequences per second) and the cached/uncached ratio. Where --uncached_tokens is lower than --new_tokens the
+ratio compares the measured per-token rates of the two runs, which flatters the uncached path (its steps grow with
+the context), so the full-length comparison is the honest one.
+"""
+
+import argparse
+import time
+
+import torch
+
+from generate import Sampling, generate
+from model import GPT, GPTConfig
+from runtime import DTYPES
+
+
+def timed(model, batch_size, n, kv_cache, device) -> float:
+    idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in generate(model, idx, n, Sampling(temperature=0), kv_cache=kv_cache):
+        pass
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_sizes", default="1,16")
+    p.add_argument("--new_tokens", type=int, default=500)
+    p.add_argument("--uncached_tokens", type=int, default=None, help="tokens for the uncached run (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768))
+    model = model.to(args.device, DTYPES[args.dtype]).eval()
+    print(
+        f"GPT-2 124M shapes, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, greedy, "
+        f"{args.new_tokens} new tokens"
+    )
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        timed(model, batch_size, 8, True, args.device)  # warm-up
+        rates = {}
+        for kv_cache, n in ((True, args.new_tokens), (False, args.uncached_tokens or args.new_tokens)):
+            dt = timed(model, batch_size, n, kv_cache, args.device)
+            rates[kv_cache] = batch_size * n / dt
+            print(
+                f"batch {batch_size:>3}, {'cached' if kv_cache else 'uncached':>8}: {n} tokens in {dt:7.2f} s = "
+                f"{rates[kv_cache]:9.1f} tokens/s"
+            )
+        print(f"batch {batch_size:>3}: cached / uncached = {rates[True] / rates[False]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
