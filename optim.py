@@ -1,36 +1,99 @@
-"""Optimizer and learning-rate schedule: AdamW with weight-decay groups, linear warmup then cosine decay."""
+"""Optimizers and learning-rate schedules.
+
+Optimizers: AdamW with weight-decay groups (matrices decayed; biases and norm gains not), or Muon (Jordan et al.
+2024, torch.optim.Muon) for the 2-D matrices inside the transformer blocks with AdamW for everything else
+(embeddings, lm_head, 1-D parameters), as Muon's authors recommend.
+
+Schedules (a multiplier of each group's own base learning rate): linear warmup, then cosine decay to min_lr
+(Loshchilov & Hutter 2017), warmup-stable-decay (Hu et al. 2024, MiniCPM: constant, then a linear decay over the last
+decay_fraction of the run), or constant.
+"""
 
 import inspect
 import math
 
 import torch
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def build_optimizers(
+    model: torch.nn.Module,
+    name: str,
+    weight_decay: float,
+    learning_rate: float,
+    betas: tuple[float, float],
+    device_type: str,
+    muon_learning_rate: float | None = None,
+) -> list:
+    """The optimizers for `model`: [AdamW] or [Muon, AdamW]. Every parameter is in exactly one group; each group
+    records its base learning rate as "base_lr" for the schedule to scale."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if name == "adamw":
+        muon_params = []
+    elif name == "muon":
+        muon_params = [p for n, p in params.items() if p.dim() == 2 and n.startswith("transformer.h.")]
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; use adamw or muon")
+    in_muon = {id(p) for p in muon_params}
+    rest = [p for p in params.values() if id(p) not in in_muon]
+    adamw_groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizers = [torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=fused or None)]
+    if muon_params:
+        # "match_rms_adamw" scales Muon's orthogonalised update to AdamW's typical size (Liu et al. 2025, Moonshot),
+        # so Muon can share AdamW's learning rate.
+        muon = torch.optim.Muon(
+            muon_params,
+            lr=muon_learning_rate or learning_rate,
+            weight_decay=weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        optimizers.insert(0, muon)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
 
 def build_optimizer(
     model: torch.nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
 ) -> torch.optim.AdamW:
-    """AdamW where only matrices (2-D and up: Linear weights, embeddings) are decayed; biases and norm gains are not.
-    Uses the fused CUDA kernel when available."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+    """nanoGPT's optimizer: AdamW with matrices decayed and 1-D parameters not."""
+    return build_optimizers(model, "adamw", weight_decay, learning_rate, betas, device_type)[0]
 
 
 def lr_at(
-    it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float, decay_lr: bool = True
+    it: int,
+    learning_rate: float,
+    warmup_iters: int,
+    lr_decay_iters: int,
+    min_lr: float,
+    decay_lr: bool = True,
+    schedule: str = "cosine",
+    decay_fraction: float = 0.2,
 ) -> float:
-    """Learning rate at iteration `it`: linear warmup from 0 over warmup_iters, cosine decay to min_lr at
-    lr_decay_iters (Loshchilov & Hutter 2017), then min_lr; constant learning_rate when decay_lr is False."""
+    """Learning rate at iteration `it`: linear warmup from 0 over warmup_iters, then the schedule: cosine decay to
+    min_lr at lr_decay_iters, or warmup-stable-decay (constant, then linear to min_lr over the last decay_fraction
+    of lr_decay_iters), or constant; min_lr after lr_decay_iters. decay_lr=False keeps learning_rate (nanoGPT)."""
     if not decay_lr:
         return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
+    if schedule == "constant":
+        return learning_rate
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        decay_start = lr_decay_iters - decay_fraction * lr_decay_iters
+        if it < decay_start:
+            return learning_rate
+        return learning_rate + (min_lr - learning_rate) * (it - decay_start) / max(1.0, lr_decay_iters - decay_start)
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; use {', '.join(SCHEDULES)}")
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)

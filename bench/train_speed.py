@@ -1,0 +1,89 @@
+"""Training throughput, like nanoGPT's bench.py: ms/iter, tokens/s, MFU against the device's real peak, peak memory.
+
+    python -m bench.train_speed config/train_gpt2.py --batch_size=12 --gradient_accumulation_steps=1  # GPT-2 124M
+    python -m bench.train_speed config/train_gpt2.py --batch_size=32 --gradient_checkpointing=True
+    python -m bench.train_speed config/train_shakespeare_char_cpu.py --device=cpu --compile=False
+
+Takes every train.py option (presets and --key=value). Synthetic data (uniform random tokens, so no data files are
+needed), burn-in steps, then timed steps with the device synchronised at both ends. One process; the step is
+train.py's: forward and backward under autocast, gradient clipping, the optimizer(s).
+"""
+
+import sys
+import time
+
+import torch
+
+from configurator import parse_config
+from model import GPT
+from optim import build_optimizers
+from runtime import peak_flops, seed_everything, setup_runtime
+from train import TrainConfig, model_config
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    burn_in, steps = 10, 20
+    cfg = parse_config(TrainConfig, argv, usage=__doc__)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    seed_everything(cfg.seed)
+    model = GPT(model_config(cfg, cfg.vocab_size or 50304)).to(rt.device)
+    model.checkpoint_every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
+    optimizers = build_optimizers(
+        model,
+        cfg.optimizer,
+        cfg.weight_decay,
+        cfg.learning_rate,
+        (cfg.beta1, cfg.beta2),
+        rt.device_type,
+        cfg.muon_learning_rate,
+    )
+    fwd = torch.compile(model) if cfg.compile else model
+    tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    data = torch.randint(
+        model.config.vocab_size,
+        (burn_in + steps, cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size + 1),
+        device=rt.device,
+    )
+
+    def step(i):
+        for micro in range(cfg.gradient_accumulation_steps):
+            xy = data[i, micro]
+            with rt.autocast():
+                _, loss = fwd(xy[:, :-1], xy[:, 1:])
+            (loss / cfg.gradient_accumulation_steps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(burn_in):
+        step(i)
+    sync()
+    if rt.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(burn_in, burn_in + steps):
+        loss = step(i)
+    loss.item()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    peak = peak_flops(rt, cfg.peak_flops)
+    line = (
+        f"{model.num_params() / 1e6:.1f}M params, {tokens:,} tokens/iter: {dt * 1000:.1f} ms/iter, "
+        f"{tokens / dt:,.0f} tokens/s"
+    )
+    if peak:
+        line += f", MFU {model.flops_per_token(cfg.block_size) * tokens / dt / peak * 100:.1f}%"
+    if rt.device_type == "cuda":
+        line += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
