@@ -1,0 +1,169 @@
+"""Score any text with a model: loss, perplexity and bits per byte, with a sliding window over long text.
+
+    python evaluate.py --out_dir=out-shakespeare-char --text=data/shakespeare_char/input.txt
+    python evaluate.py --out_dir=out-shakespeare-char --tokens=data/shakespeare_char/val.bin --stride=64
+    python evaluate.py --init_from=gpt2 --text=essay.txt --surprisal=essay.jsonl   # per-token surprisal
+    python evaluate.py --init_from=path/to/hf_dir --tokens=data/openwebtext/val.bin --max_tokens=1000000
+
+Every token after the first is scored once, predicted from the tokens before it. Text longer than block_size is read
+in windows of block_size tokens that start every `stride` tokens (default block_size // 2); each window scores only
+the tokens no earlier window scored, so every token gets at least block_size - stride tokens of context (all of it
+near the start). This is the sliding-window perplexity of Hugging Face's "Perplexity of fixed-length models" guide;
+stride = block_size gives plain non-overlapping chunks (faster, less context). A text file is scored as a document:
+when the tokenizer has an end-of-text token, it is put before the text as context, so the first token is scored too.
+
+    loss           mean negative log-likelihood of the scored tokens, in nats per token
+    perplexity     exp(loss)
+    bits per byte  loss * tokens / bytes / ln 2, bytes being the UTF-8 bytes of the scored tokens' text (end-of-text
+                   markers count 0: they are document boundaries, not text). Unlike loss, it compares across
+                   tokenizers.
+
+--surprisal=FILE writes one JSON line per scored token: {"token": id, "text": its text, "surprisal_bits": -log2 p}.
+"""
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from configurator import parse_config
+from data import Tokenizer, load_data
+from errors import UserError, run_cli
+from inference import load_for_inference
+from model import GPT
+from runtime import setup_runtime
+
+
+@dataclass
+class EvaluateConfig:
+    init_from: str = "resume"  # resume (from out_dir), gpt2, gpt2-medium, gpt2-large, gpt2-xl or a HF directory
+    out_dir: str = "out"  # training output directory to load from when init_from=resume
+    checkpoint: str = "latest"  # which checkpoint in out_dir: latest or best (lowest val loss)
+    text: str | None = None  # a UTF-8 text file to score
+    tokens: str | None = None  # or a prepared token file, e.g. data/shakespeare_char/val.bin (its meta.json beside it)
+    max_tokens: int | None = None  # score only the first this many tokens; none = all
+    stride: int | None = None  # sliding-window step in tokens, 1..block_size; none = block_size // 2
+    batch_size: int = 4  # windows per forward pass
+    surprisal: str | None = None  # write per-token surprisal as JSON lines to this file
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
+    tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
+
+    def __post_init__(self):
+        if (self.text is None) == (self.tokens is None):
+            raise ValueError("give exactly one of --text=FILE and --tokens=FILE")
+        if self.batch_size < 1 or (self.stride is not None and self.stride < 1):
+            raise ValueError("batch_size and stride must be >= 1")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError("max_tokens must be >= 2 (the first token is context)")
+
+
+def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over n tokens, whose n - 1 targets are t[j + 1] for j = 0..n-2. Each window is (begin, end,
+    new): inputs t[begin:end] predict targets begin..end-1, of which new..end-1 are scored there for the first time."""
+    if not 1 <= stride <= block_size:
+        raise UserError(f"stride must be in 1..block_size ({block_size}), got {stride}")
+    out, begin, done = [], 0, 0
+    while done < n - 1:
+        end = min(begin + block_size, n - 1)
+        out.append((begin, end, done))  # begin <= done because stride <= block_size
+        done, begin = end, begin + stride
+    return out
+
+
+@torch.no_grad()
+def token_nll(
+    model: GPT, ids: torch.Tensor, stride: int, batch_size: int = 4, autocast=contextlib.nullcontext
+) -> torch.Tensor:
+    """Negative log-likelihood in nats, float32 (n - 1,), of each of ids[1:] (int64, (n,)) given the tokens before it
+    within its sliding window. Call under eval()."""
+    device = model.lm_head.weight.device
+    nll = torch.empty(len(ids) - 1)
+    plan = windows(len(ids), model.config.block_size, stride)
+    for i in range(0, len(plan), batch_size):
+        group = plan[i : i + batch_size]
+        x = torch.zeros(len(group), max(end - begin for begin, end, _ in group), dtype=torch.long)
+        for row, (begin, end, _) in enumerate(group):
+            x[row, : end - begin] = ids[begin:end]  # right-padded: causal attention never reads the padding
+        with autocast():
+            logits, _ = model(x.to(device))  # (rows, T, V)
+        for row, (begin, end, new) in enumerate(group):
+            scored = logits[row, new - begin : end - begin].float()  # (end - new, V)
+            targets = ids[new + 1 : end + 1].to(device)
+            nll[new:end] = F.cross_entropy(scored, targets, reduction="none").cpu()
+    return nll
+
+
+def text_bytes(tokenizer: Tokenizer, ids) -> int:
+    """UTF-8 bytes of the text tokens stand for; end-of-text markers count 0."""
+    unique, counts = np.unique(np.asarray(ids), return_counts=True)
+    return int(
+        sum(
+            c * len(tokenizer.token_bytes(int(t))) for t, c in zip(unique, counts, strict=True) if t != tokenizer.eot_id
+        )
+    )
+
+
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """Nats per token -> bits per UTF-8 byte of the same text."""
+    return loss * tokens / n_bytes / math.log(2)
+
+
+def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None) -> list[int] | np.ndarray:
+    """The tokens of a prepared split, e.g. data/x/val.bin, checked against the model's tokenizer."""
+    data_dir, file = os.path.split(path)
+    data = load_data(data_dir or ".", 1, splits=())
+    split = next((s for s, info in data.meta["splits"].items() if info["file"] == file), None)
+    if split is None:
+        raise UserError(f"{path} is not a split listed in {os.path.join(data_dir, 'meta.json')}")
+    load_data(data_dir or ".", 1, splits=(split,))  # checks the file's size against meta.json
+    theirs = Tokenizer(data.meta, tokenizer_dir)
+    if theirs.name != tokenizer.name or getattr(theirs, "itos", None) != getattr(tokenizer, "itos", None):
+        raise UserError(f"{path} was tokenized with {theirs.name}, not the model's {tokenizer.name} vocabulary")
+    return np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
+
+
+def main(argv=None):
+    cfg = parse_config(EvaluateConfig, argv, usage=__doc__)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir)
+    model.to(rt.device)
+    if cfg.text is not None:
+        if not os.path.isfile(cfg.text):
+            raise UserError(f"text file {cfg.text!r} not found")
+        with open(cfg.text, encoding="utf-8") as f:
+            ids = tokenizer.encode(f.read())
+        if tokenizer.eot_id is not None:
+            ids = [tokenizer.eot_id, *ids]  # a document starts after an end-of-text token, as in training data
+    else:
+        ids = read_tokens(cfg.tokens, tokenizer, cfg.tokenizer_dir)
+    ids = torch.from_numpy(np.asarray(ids[: cfg.max_tokens], dtype=np.int64))
+    if len(ids) < 2:
+        raise UserError("fewer than 2 tokens: nothing to score")
+    if int(ids.max()) >= model.config.vocab_size:
+        raise UserError(f"token id {int(ids.max())} is outside the model's vocabulary of {model.config.vocab_size}")
+    block_size = model.config.block_size
+    stride = cfg.stride or max(1, block_size // 2)
+
+    nll = token_nll(model, ids, stride, cfg.batch_size, rt.autocast)
+    targets = ids[1:]
+    loss, n_bytes = nll.mean().item(), text_bytes(tokenizer, targets.numpy())
+    print(f"scored {len(nll):,} tokens ({n_bytes:,} bytes) with block_size {block_size}, stride {stride}")
+    print(f"loss {loss:.6f} nats/token")
+    print(f"perplexity {math.exp(loss):.6f}")
+    print(f"bits per byte {bits_per_byte(loss, len(nll), n_bytes):.6f}" if n_bytes else "bits per byte: no text")
+    if cfg.surprisal:
+        with open(cfg.surprisal, "w", encoding="utf-8") as f:
+            for token, value in zip(targets.tolist(), nll.tolist(), strict=True):
+                text = tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+                f.write(json.dumps({"token": token, "text": text, "surprisal_bits": value / math.log(2)}) + "\n")
+        print(f"wrote per-token surprisal to {cfg.surprisal}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,169 @@
+"""Loss curves from metrics.jsonl: one run, or several overlaid to compare them.
+
+    python plot.py out-shakespeare-char                                    # writes loss_curve.png
+    python plot.py out-a out-b --out=compare.png --labels=baseline,rope    # run dirs or metrics.jsonl paths
+
+Each run draws its training loss at every logged iteration (thin, light), its evaluated train and val losses
+(markers), and its learning rate on the right-hand axis. When every run's train_config.py gives the same tokens per
+iteration (gradient_accumulation_steps * batch_size * block_size), a top axis shows tokens seen. train.py refreshes
+out_dir/loss_curve.png at every evaluation through refresh_loss_curve().
+
+matplotlib is imported only when a plot is drawn, with its Agg backend (no display needed), through Figure objects
+rather than pyplot, so plotting keeps no global state.
+"""
+
+import ast
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from configurator import describe_fields, parse_config
+from errors import UserError, run_cli
+
+FIGSIZE = (10.0, 6.0)  # inches
+DPI = 100  # so a plot is 1000 x 600 pixels
+
+
+@dataclass
+class PlotConfig:
+    out: str = "loss_curve.png"  # the PNG to write
+    labels: str | None = None  # legend names, comma-separated, one per run; none = the run directories' names
+    title: str | None = None  # the plot's title; none = the run names
+
+
+@dataclass
+class Metrics:
+    """One run's metrics.jsonl, split into its two kinds of record."""
+
+    iters: list[int]  # logged training iterations
+    loss: list[float]  # training loss (mean over the global batch) at each of them
+    lr: list[float]
+    eval_iters: list[int]  # evaluations
+    train_loss: list[float]
+    val_loss: list[float]
+
+
+def read_metrics(path: str) -> Metrics:
+    """Parse metrics.jsonl; non-finite values (written as null) and torn last lines are skipped."""
+    m = Metrics([], [], [], [], [], [])
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+            if "val_loss" in r and r.get("train_loss") is not None and r.get("val_loss") is not None:
+                m.eval_iters.append(r["iter"])
+                m.train_loss.append(r["train_loss"])
+                m.val_loss.append(r["val_loss"])
+            elif "loss" in r and r["loss"] is not None:
+                m.iters.append(r["iter"])
+                m.loss.append(r["loss"])
+                m.lr.append(r.get("lr", math.nan))
+    return m
+
+
+def tokens_per_iter(run_dir: str) -> int | None:
+    """gradient_accumulation_steps * batch_size * block_size from run_dir/train_config.py, or None. The file is
+    parsed as `key = literal` lines, never executed."""
+    try:
+        with open(os.path.join(run_dir, "train_config.py")) as f:
+            tree = ast.parse(f.read())
+        values = {
+            node.targets[0].id: ast.literal_eval(node.value)
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+        }
+        return values["gradient_accumulation_steps"] * values["batch_size"] * values["block_size"]
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        return None
+
+
+def metrics_path(run: str) -> str:
+    """A run directory or a metrics.jsonl path -> the metrics.jsonl path."""
+    return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+
+
+def plot_runs(metrics_paths: list[str], out_png: str, labels: list[str] | None = None, title: str | None = None):
+    """Draw the runs' losses and learning rates against iteration into out_png (written atomically)."""
+    from matplotlib.figure import Figure  # lazily: training without matplotlib still works
+    from matplotlib.ticker import EngFormatter, FuncFormatter
+
+    paths = [metrics_path(p) for p in metrics_paths]
+    labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax_lr = ax.twinx()
+    tokens = set()
+    for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        m = read_metrics(path)
+        color = f"C{i}"
+        ax.plot(m.iters, m.loss, color=color, alpha=0.3, linewidth=0.8, label=f"{label} train (per iteration)")
+        ax.plot(m.eval_iters, m.train_loss, "o-", color=color, markersize=4, label=f"{label} train (eval)")
+        ax.plot(m.eval_iters, m.val_loss, "s--", color=color, markersize=4, label=f"{label} val (eval)")
+        ax_lr.plot(m.iters, m.lr, ":", color=color, alpha=0.7, linewidth=1)
+        tokens.add(tokens_per_iter(os.path.dirname(path)))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/token)")
+    ax_lr.set_ylabel("learning rate (dotted)")
+    ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}"))
+    if len(tokens) == 1 and None not in tokens:  # a tokens axis only when it means the same for every run
+        tpi = tokens.pop()
+        top = ax.secondary_xaxis("top", functions=(lambda it: it * tpi, lambda tok: tok / tpi))
+        top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M, 3G
+        top.set_xlabel(f"tokens seen ({tpi:,} per iteration)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title or " vs ".join(labels), fontsize=10)
+    tmp = f"{out_png}.tmp-{os.getpid()}.png"
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)  # a viewer never sees half a PNG
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def refresh_loss_curve(out_dir: str) -> str | None:
+    """Rewrite out_dir/loss_curve.png from out_dir/metrics.jsonl; returns its path, or None when it could not be
+    drawn (no metrics yet, matplotlib missing or failing). Never raises: a plot must not stop a training run."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    out_png = os.path.join(out_dir, "loss_curve.png")
+    try:
+        plot_runs([path], out_png)
+    except ImportError:
+        return None  # matplotlib is optional for training
+    except Exception as e:  # any plotting problem: say so and carry on training
+        print(f"warning: loss curve not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return out_png
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\n" + describe_fields(PlotConfig))
+        return
+    runs = [a for a in argv if not a.startswith("--")]  # positional: runs, not preset files
+    cfg = parse_config(PlotConfig, [a for a in argv if a.startswith("--")], usage=__doc__)
+    if not runs:
+        raise UserError("give at least one run directory or metrics.jsonl, e.g. python plot.py out-shakespeare-char")
+    for run in runs:
+        if not os.path.isfile(metrics_path(run)):
+            raise UserError(f"no metrics.jsonl at {metrics_path(run)}")
+    labels = cfg.labels.split(",") if cfg.labels else None
+    if labels and len(labels) != len(runs):
+        raise UserError(f"--labels has {len(labels)} names for {len(runs)} runs")
+    try:
+        plot_runs(runs, cfg.out, labels, cfg.title)
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    print(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

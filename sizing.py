@@ -1,0 +1,206 @@
+"""How big is a training run before you start it: parameters, FLOPs, memory, time and data, from a train config.
+
+    python sizing.py config/train_gpt2.py --gpu=A100 --num_gpus=8
+    python sizing.py config/train_shakespeare_char.py --gpu=H100
+    python sizing.py config/train_gpt2.py --n_layer=24 --n_head=16 --n_embd=1024 --gpu=H100 --num_gpus=8 --mfu=0.4
+
+Takes train.py's command line (presets, then --key=value, into train.TrainConfig) plus --gpu, --num_gpus and --mfu.
+The model is built on PyTorch's meta device, so nothing is allocated and parameters are counted exactly.
+
+Formulas (b micro-batch, s block_size, h n_embd, a n_head, L n_layer, V vocab, N parameters):
+  FLOPs per token   6N + 12·L·h·s (PaLM, Chowdhery et al. 2022, appendix B; 6N counts active weights, so an MoE
+                    counts its routed experts only); causal attention does half the attention work: 6N + 6·L·h·s.
+  weights + grads + AdamW   4N + 4N + 8N bytes (float32 master weights, gradients, exp_avg and exp_avg_sq).
+  activations per layer     34·s·b·h + 5·a·s²·b bytes for 16-bit activations (Korthikanti et al. 2022, "Reducing
+                    Activation Recomputation in Large Transformer Models", section 4.1; a 4h GELU MLP, dropout masks
+                    included). Flash attention (SDPA's kernels) never stores the s² terms: 34·s·b·h. Plus 6·s·b·V for
+                    the 16-bit logits and the float32 log-probabilities the loss keeps.
+  with gradient checkpointing  each layer keeps only its 16-bit input, 2·s·b·h, and one layer's activations exist
+                    at a time while it is recomputed (Korthikanti et al. 2022, section 4).
+  step time         FLOPs per iteration / (num_gpus · peak FLOP/s · MFU), peak from runtime.GPU_PEAK_FLOPS.
+  Chinchilla        20 training tokens per parameter (Hoffmann et al. 2022, "Training Compute-Optimal Large
+                    Language Models", table 3).
+Memory figures are per GPU: DDP keeps a full copy of weights, gradients and optimizer state on each.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from configurator import describe_fields, parse_config
+from data import load_data
+from errors import UserError, run_cli
+from model import GPT, GPTConfig
+from runtime import GPU_PEAK_FLOPS
+
+if TYPE_CHECKING:  # train.py imports this module (short_report): train is imported inside the functions
+    from train import TrainConfig
+
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+@dataclass
+class SizingOptions:
+    gpu: str = "A100"  # GPU name, looked up in runtime.GPU_PEAK_FLOPS (H100, A100, RTX 4090, ...)
+    num_gpus: int = 1  # GPUs sharing each iteration (DDP)
+    mfu: float = 0.45  # assumed model FLOPs utilisation; 40-50% is what well-tuned GPT training reaches
+
+
+def build_meta_model(config: GPTConfig) -> GPT:
+    """The model with every tensor on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def param_counts(model: GPT) -> dict[str, int]:
+    """Parameters by part. named_parameters() lists a tied lm_head once, as the token embedding: lm_head is 0."""
+    parts = dict.fromkeys(("embeddings", "position", "attention", "mlp", "norms", "lm_head"), 0)
+    for name, p in model.named_parameters():
+        if name.startswith("transformer.wte."):
+            part = "embeddings"
+        elif name.startswith("transformer.wpe."):
+            part = "position"
+        elif ".attn." in name:  # c_attn, c_proj and the QK-norm weights
+            part = "attention"
+        elif ".mlp." in name:  # a dense MLP, or an MoE's router, experts and shared expert
+            part = "mlp"
+        elif ".ln_" in name or name.startswith("transformer.ln_f."):
+            part = "norms"
+        elif name.startswith("lm_head."):
+            part = "lm_head"
+        else:
+            raise ValueError(f"parameter {name} belongs to no part; teach param_counts about it")
+        parts[part] += p.numel()
+    return parts
+
+
+def activation_bytes(config: GPTConfig, batch_size: int, checkpointing: bool, flash: bool) -> int:
+    """Activation memory of one micro-batch's forward, kept for the backward (formulas in the module docstring)."""
+    s, b, h, a, L = config.block_size, batch_size, config.n_embd, config.n_head, config.n_layer
+    per_layer = 34 * s * b * h + (0 if flash else 5 * a * s * s * b)
+    logits = 6 * s * b * config.vocab_size
+    if checkpointing:
+        return L * 2 * s * b * h + per_layer + logits
+    return L * per_layer + logits
+
+
+def gpu_peak_flops(gpu: str) -> float:
+    """Peak dense 16-bit FLOP/s of a GPU named exactly as in the table, or whose full name contains a table key."""
+    for key, flops in GPU_PEAK_FLOPS:
+        if key.lower() == gpu.lower():
+            return flops
+    for key, flops in GPU_PEAK_FLOPS:
+        if key.lower() in gpu.lower():
+            return flops
+    raise UserError(f"unknown --gpu={gpu!r}; known: {', '.join(k for k, _ in GPU_PEAK_FLOPS)}")
+
+
+def dataset_vocab_size(cfg: "TrainConfig") -> int:
+    """vocab_size when the config leaves it to the dataset."""
+    if cfg.vocab_size:
+        return cfg.vocab_size
+    try:
+        return load_data(os.path.join(cfg.data_root, cfg.dataset), 1, splits=()).meta["vocab_size"]
+    except UserError as e:
+        raise UserError(f"vocab_size is none and the dataset is unreadable ({e}); pass --vocab_size") from None
+
+
+def short_report(cfg: "TrainConfig", config: GPTConfig | None = None) -> str:
+    """Two lines for train.py's start-up: parameters, tokens and FLOPs per iteration, Chinchilla's data budget.
+    config is the model's own GPTConfig (it differs from cfg's fields when starting from GPT-2 weights)."""
+    if config is None:
+        from train import model_config
+
+        config = model_config(cfg, dataset_vocab_size(cfg))
+    model = build_meta_model(config)
+    n = model.num_params(non_embedding=False)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
+    planned = cfg.max_iters * tokens_per_iter
+    return (
+        f"sizing: {n:,} parameters, {tokens_per_iter:,} tokens/iter, {flops_per_iter:.3g} FLOPs/iter (6N + 12LCT)\n"
+        f"sizing: {planned:,} tokens planned = {planned / n:.1f} per parameter "
+        f"(Chinchilla-optimal: {CHINCHILLA_TOKENS_PER_PARAM})"
+    )
+
+
+def report(cfg: "TrainConfig", opts: SizingOptions, config: GPTConfig) -> str:
+    """The full sizing report as text."""
+    model = build_meta_model(config)
+    parts = param_counts(model)
+    n = sum(parts.values())
+    assert n == model.num_params(non_embedding=False), "param_counts must cover every parameter once"
+    s, L, h = cfg.block_size, config.n_layer, config.n_embd
+    flops_per_token = model.flops_per_token(s)
+    causal_flops_per_token = flops_per_token - 6 * L * h * s
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * s
+    flops_per_iter = flops_per_token * tokens_per_iter
+    peak = gpu_peak_flops(opts.gpu)
+    step_s = flops_per_iter / (opts.num_gpus * peak * opts.mfu)
+    gib = 2**30
+
+    def row(label: str, value: str) -> str:
+        return f"  {label:<36} {value:>22}"
+
+    lines = ["parameters"]
+    lines += [row(part, f"{count:,}") + f"  {count / n:6.1%}" for part, count in parts.items()]
+    lines.append(row("total", f"{n:,}"))
+    if config.n_expert:
+        per_expert = sum(p.numel() for p in model.transformer.h[0].mlp.experts[0].parameters())
+        lines.append(
+            row("active per token (MoE)", f"{n - L * per_expert * (config.n_expert - config.n_expert_active):,}")
+        )
+    lines += [
+        "compute",
+        row("FLOPs per token, 6N + 12LCT", f"{flops_per_token:.4g}"),
+        row("FLOPs per token, causal 6N + 6LCT", f"{causal_flops_per_token:.4g}"),
+        row("tokens per iteration", f"{tokens_per_iter:,}"),
+        row("FLOPs per iteration", f"{flops_per_iter:.4g}"),
+        f"memory per GPU (micro-batch {cfg.batch_size} x {s} tokens)",
+        row("weights (fp32)", f"{4 * n / gib:.2f} GiB"),
+        row("gradients (fp32)", f"{4 * n / gib:.2f} GiB"),
+        row("AdamW state (fp32, 2 per weight)", f"{8 * n / gib:.2f} GiB"),
+    ]
+    for label, ckpt, flash in (
+        ("activations, attention stored", False, False),
+        ("activations, flash attention", False, True),
+        ("activations, checkpointed layers", True, True),
+    ):
+        lines.append(row(label, f"{activation_bytes(config, cfg.batch_size, ckpt, flash) / gib:.2f} GiB"))
+    planned = cfg.max_iters * tokens_per_iter
+    lines += [
+        f"time on {opts.num_gpus} x {opts.gpu} ({peak / 1e12:.0f} TFLOP/s peak each, assumed MFU {opts.mfu:.0%})",
+        row("step", f"{step_s * 1000:.1f} ms"),
+        row("tokens per second", f"{tokens_per_iter / step_s:,.0f}"),
+        row(f"{cfg.max_iters:,} iterations", f"{cfg.max_iters * step_s / 3600:.1f} hours"),
+        "data (Hoffmann et al. 2022)",
+        row("Chinchilla-optimal (20 per param)", f"{CHINCHILLA_TOKENS_PER_PARAM * n:,} tokens"),
+        row("this run", f"{planned:,} tokens"),
+        row("this run, tokens per parameter", f"{planned / n:.1f}"),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from train import TrainConfig, model_config  # here, not at the top: train.py imports this module
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(
+            __doc__ + "\n" + describe_fields(SizingOptions) + "\n  and every train.py option (python train.py --help)"
+        )
+        return
+    own = {f"--{name}" for name in SizingOptions.__dataclass_fields__}
+    mine = [a for a in argv if a.partition("=")[0] in own]
+    opts = parse_config(SizingOptions, mine)
+    cfg = parse_config(TrainConfig, [a for a in argv if a not in mine])
+    if opts.num_gpus < 1 or not 0 < opts.mfu <= 1:
+        raise UserError("--num_gpus must be >= 1 and --mfu in (0, 1]")
+    print(report(cfg, opts, model_config(cfg, dataset_vocab_size(cfg))))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,89 @@
+"""sizing.py against numbers known outside the code: GPT-2 124M has 124,439,808 parameters; the parts add up to
+the model's own count for every architecture; the FLOPs and memory formulas as written in the papers."""
+
+import dataclasses
+import os
+
+import pytest
+
+import sizing
+from configurator import parse_config
+from model import GPT, GPTConfig
+from train import TrainConfig, model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gpt2_closed_form(V: int, T: int, L: int = 12, C: int = 768) -> int:
+    """GPT-2 with biases and tied embeddings, counted by hand: per block 2 LayerNorms (2C each), c_attn (3C^2 + 3C),
+    attention c_proj (C^2 + C), c_fc (4C^2 + 4C) and MLP c_proj (4C^2 + C); plus wte, wpe and ln_f."""
+    per_block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    return V * C + T * C + L * per_block + 2 * C
+
+
+def test_gpt2_124m():
+    config = GPTConfig(vocab_size=50257, block_size=1024, bias=True)
+    parts = sizing.param_counts(sizing.build_meta_model(config))
+    assert sum(parts.values()) == 124_439_808 == gpt2_closed_form(50257, 1024)
+    assert parts["lm_head"] == 0  # tied to wte
+    assert parts["position"] == 1024 * 768 and parts["embeddings"] == 50257 * 768
+    assert parts["norms"] == (2 * 12 + 1) * 2 * 768
+
+
+def test_train_gpt2_preset_matches_model(capsys):
+    argv = [os.path.join(ROOT, "config", "train_gpt2.py")]
+    cfg = parse_config(TrainConfig, argv)
+    config = model_config(cfg, cfg.vocab_size)
+    model = sizing.build_meta_model(config)
+    # the preset has bias=False (TrainConfig's default) and the padded vocabulary 50304
+    biases = 2 * 768 + 3 * 768 + 768 + 4 * 768 + 768  # per block: ln_1, ln_2, c_attn, c_proj, c_fc, c_proj
+    expected = gpt2_closed_form(50304, 1024) - 12 * biases - 768  # and ln_f's
+    assert sum(sizing.param_counts(model).values()) == model.num_params(non_embedding=False) == expected
+    sizing.main([*argv, "--gpu=A100", "--num_gpus=8"])
+    text = capsys.readouterr().out
+    assert f"{expected:,}" in text and "A100" in text and "Chinchilla" in text
+    assert f"{5 * 8 * 12 * 1024:,}" in text  # tokens per iteration
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {},
+        dict(tie_embeddings=False),
+        dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, qk_norm=True),
+        dict(n_expert=4, n_expert_active=2, moe_shared_expert=True),
+        dict(pos_embedding="alibi", norm_position="post"),
+    ],
+)
+def test_parts_cover_the_model(tiny_config, switches):
+    config = dataclasses.replace(tiny_config, **switches)
+    parts = sizing.param_counts(sizing.build_meta_model(config))
+    assert sum(parts.values()) == GPT(config).num_params(non_embedding=False)
+    assert (parts["lm_head"] == 0) == config.tie_embeddings
+
+
+def test_flops_and_memory_formulas():
+    config = GPTConfig(vocab_size=50257, block_size=1024, bias=True)
+    model = sizing.build_meta_model(config)
+    n = model.num_params()  # non-embedding in the GPT-2 sense: positions excluded
+    assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
+    s, b, h, a, L, V = 1024, 8, 768, 12, 12, 50257
+    assert (
+        sizing.activation_bytes(config, b, checkpointing=False, flash=False)
+        == L * (34 * s * b * h + 5 * a * s * s * b) + 6 * s * b * V
+    )
+    assert (
+        sizing.activation_bytes(config, b, checkpointing=True, flash=True)
+        == L * 2 * s * b * h + (34 * s * b * h) + 6 * s * b * V
+    )
+    assert sizing.gpu_peak_flops("NVIDIA H100 80GB HBM3") == sizing.gpu_peak_flops("h100") == 989e12
+    assert sizing.gpu_peak_flops("H100 PCIe") == 756e12
+
+
+def test_short_report_and_errors():
+    cfg = TrainConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=100)
+    text = sizing.short_report(cfg)
+    n = GPT(model_config(cfg, 65)).num_params(non_embedding=False)
+    assert text.count("\n") == 1 and f"{n:,} parameters" in text and f"{40 * 4 * 16:,} tokens/iter" in text
+    with pytest.raises(sizing.UserError, match="unknown --gpu"):
+        sizing.gpu_peak_flops("abacus")
