@@ -20,7 +20,7 @@ import time
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from errors import UserError
 
@@ -45,14 +45,15 @@ def _fsync(path: str):
 
 
 def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict) -> str:
-    """Write ckpt-<iter_num> atomically and return its path. `model` is the raw nn.Module (not compiled, not DDP),
-    `state` a dict of optimizer/scaler state dicts and numbers, `meta` JSON-serialisable."""
+    """Write ckpt-<iter_num> atomically and return its path. `model` is the raw nn.Module (not compiled, not DDP)
+    or its full state dict, `state` a dict of optimizer/scaler state dicts and numbers, `meta` JSON-serialisable."""
     os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, f"ckpt-{iter_num:07d}")
     tmp = os.path.join(out_dir, f".tmp-ckpt-{iter_num:07d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied wte/lm_head weight
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    save_file(_unique(weights), os.path.join(tmp, "model.safetensors"))
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta | {"iter_num": iter_num, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
@@ -77,6 +78,18 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict)
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _unique(weights: dict) -> dict:
+    """Each tensor once: a tied lm_head is stored as transformer.wte.weight, as nn.Module order gives it (FSDP's
+    gathered dicts are sorted by name); loading restores the tie."""
+    seen, out = set(), {}
+    for name, t in sorted(weights.items(), key=lambda item: item[0] == "lm_head.weight"):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().contiguous()
+    return out
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
@@ -144,7 +157,17 @@ def _val_loss(path: str) -> float:
 def load_weights(path: str, model) -> None:
     """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config)."""
     try:
-        load_model(model, os.path.join(path, "model.safetensors"), strict=True)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        # A tied weight saved once (under its first name) also fills the names it is tied to.
+        expected = model.state_dict()
+        first_name = {}
+        for name, t in expected.items():
+            first_name.setdefault((t.data_ptr(), tuple(t.shape)), name)
+        for name, t in expected.items():
+            alias = first_name[(t.data_ptr(), tuple(t.shape))]
+            if name not in weights and alias in weights:
+                weights[name] = weights[alias]
+        model.load_state_dict(weights, strict=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # RuntimeError: shapes or keys differ
         raise UserError(f"cannot load the weights in {path}: {str(e).splitlines()[0][:200]}") from None
 

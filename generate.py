@@ -61,24 +61,53 @@ def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor, generator=
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling, kv_cache: bool = True, generator=None):
-    """Yield (B, 1) new tokens, one step at a time, continuing idx (B, T). Call under model.eval()."""
+def generate(
+    model,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling,
+    kv_cache: bool = True,
+    generator=None,
+    compile: bool = False,
+):
+    """Yield (B, 1) new tokens, one step at a time, continuing idx (B, T). Call under model.eval().
+
+    compile=True (with the cache) decodes with static shapes through torch.compile: on CUDA in "reduce-overhead"
+    mode, which captures the one-token step as a CUDA graph, since a small model at batch 1 is bound by kernel
+    launches, not arithmetic."""
     block_size = model.config.block_size
+    forward = model
+    if compile and kv_cache:
+        mode = "reduce-overhead" if idx.device.type == "cuda" else None
+        forward = torch.compile(model, mode=mode, dynamic=False)
     cache, filled = None, 0  # filled: positions of the sequence held in the cache
+
+    def position(p: int):  # a tensor keeps the compiled step's shapes (and its CUDA graph) the same every step
+        return torch.tensor(p, device=idx.device) if compile else p
+
     for _ in range(max_new_tokens):
         if not kv_cache:
             logits, _ = model(idx[:, -block_size:])
         elif cache is not None and filled < block_size:  # decode one position
-            logits, _ = model(idx[:, -1:], kv_cache=cache, start_pos=filled)
+            logits, _ = forward(idx[:, -1:], kv_cache=cache, start_pos=position(filled))
             filled += 1
         else:  # prefill the prompt, or re-prefill the last block_size tokens once the sequence has outgrown it
             context = idx[:, -block_size:]
-            cache = cache or model.new_kv_cache(idx.size(0))
-            logits, _ = model(context, kv_cache=cache, start_pos=0)
+            cache = cache or new_cache(model, idx.size(0), static=compile)
+            logits, _ = forward(context, kv_cache=cache, start_pos=position(0))
             filled = context.size(1)  # at block_size the cache is full and the next step re-prefills
         token = next_token(logits[:, -1, :], sampling, idx, generator)
         idx = torch.cat((idx, token), dim=1)
         yield token
+
+
+def new_cache(model, batch_size: int, static: bool):
+    cache = model.new_kv_cache(batch_size)
+    if static:  # fixed addresses, so a captured graph may update them in place
+        for layer in cache:
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
+    return cache
 
 
 class StreamDecoder:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -148,32 +149,40 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_head - closest])
 
 
-def causal_distance(start: int, T: int, device) -> torch.Tensor:
-    """(T, start + T) query position minus key position, for T queries at positions start..start+T-1 attending to
-    keys 0..start+T-1; negative means the key is in the future."""
-    q = torch.arange(start, start + T, device=device)
-    k = torch.arange(start + T, device=device)
-    return (q[:, None] - k[None, :]).float()
+def causal_distance(q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+    """(T, k_len) query position minus key position, for queries at positions q_pos (T,) and keys at 0..k_len-1;
+    negative means the key is in the future."""
+    k_pos = torch.arange(k_len, device=q_pos.device)
+    return (q_pos[:, None] - k_pos[None, :]).float()
 
 
-def alibi_bias(slopes: torch.Tensor, start: int, T: int, device) -> torch.Tensor:
-    """(nh, T, start + T) additive attention bias: -slope * distance to each earlier key, -inf for later keys."""
-    distance = causal_distance(start, T, device)
-    bias = -slopes.to(device)[:, None, None] * distance  # (nh, T, start + T)
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+    """(nh, T, k_len) additive attention bias: -slope * distance to each earlier key, -inf for later keys."""
+    distance = causal_distance(q_pos, k_len)
+    bias = -slopes.to(q_pos.device)[:, None, None] * distance  # (nh, T, k_len)
     return bias.masked_fill(distance < 0, float("-inf"))
 
 
 class KVCache:
     """One layer's keys and values, pre-allocated for `length` positions: (B, nkv, length, hs) each. The prompt is
-    written in one prefill, then one position per decoding step."""
+    written in one prefill, then one position per decoding step.
+
+    With an int start position, attention reads the filled part only (shapes grow by one each step). With a tensor
+    start position the shapes are static: attention reads the whole buffer under a mask, so a compiled decoding
+    step can be captured once as a CUDA graph and replayed."""
 
     def __init__(self, batch_size: int, config: "GPTConfig", length: int, device, dtype):
         shape = (batch_size, config.n_kv_head, length, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, start: int, k, v):
-        """Store k, v (B, nkv, T, hs) at positions start..start+T-1; return all keys and values up to there."""
+    def update(self, start, k, v):
+        """Store k, v (B, nkv, T, hs) at positions start..start+T-1; return the keys and values to attend to."""
+        if torch.is_tensor(start):  # static shapes
+            index = start + torch.arange(k.size(2), device=k.device)
+            self.k.index_copy_(2, index, k)
+            self.v.index_copy_(2, index, v)
+            return self.k, self.v
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -325,6 +334,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         elif config.pos_embedding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        self.checkpoint_every = 0  # > 0: recompute every k-th block in the backward pass (set by train.py)
         self.apply(self._init_weights)
         # GPT-2 [1] scales the init of residual projections by 1/sqrt(N), N = 2 * n_layer residual additions,
         # so the residual stream's variance does not grow with depth.
@@ -348,20 +358,22 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache: list[KVCache] | None = None, start_pos: int = 0):
+    def forward(self, idx, targets=None, kv_cache: list[KVCache] | None = None, start_pos=0):
         """idx (B, T) int64 token ids; targets (B, T) int64 or None, -1 marks positions to ignore.
         With kv_cache (from new_kv_cache), idx holds positions start_pos..start_pos+T-1 of the sequences, whose earlier
-        keys and values are in the cache: a prefill is start_pos=0 with the prompt, a decoding step T=1.
+        keys and values are in the cache: a prefill is start_pos=0 with the prompt, a decoding step T=1. start_pos
+        may be a 0-dim int64 tensor: then every shape is static (see KVCache).
 
         Returns (logits, loss) in every mode: logits (B, T, V) for every position, and loss the mean
         cross-entropy over the non-ignored targets (a 0-dim tensor) plus moe_aux_loss_coef times the MoE
         load-balancing loss, or None when targets is None.
         """
         B, T = idx.size()
-        if start_pos + T > self.config.block_size:
+        static = torch.is_tensor(start_pos)
+        if not static and start_pos + T > self.config.block_size:
             raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        pos = start_pos + torch.arange(T, device=idx.device)  # (T,)
         rope = mask = None
         if self.config.pos_embedding == "learned":
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
@@ -369,13 +381,19 @@ class GPT(nn.Module):
             x = x + self.pos_table[pos]
         elif self.config.pos_embedding == "rope":
             rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hs)
+        k_len = kv_cache[0].k.size(2) if static else start_pos + T  # keys attended to
         if self.config.pos_embedding == "alibi":
-            mask = alibi_bias(self.alibi_slopes, start_pos, T, idx.device).to(x.dtype)  # (nh, T, start+T)
-        elif start_pos > 0 and T > 1:  # several new queries after cached keys: causal with an offset
-            mask = causal_distance(start_pos, T, idx.device) >= 0  # (T, start+T), True = may attend
+            mask = alibi_bias(self.alibi_slopes, pos, k_len).to(x.dtype)  # (nh, T, k_len)
+        elif static or (start_pos > 0 and T > 1):  # queries after cached keys: causal with an offset
+            mask = causal_distance(pos, k_len) >= 0  # (T, k_len), True = may attend
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, mask, kv_cache[i] if kv_cache else None, start_pos)
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                # Gradient checkpointing: keep only the block's input and recompute its activations in the backward
+                # pass (Chen et al. 2016); the RNG state is replayed, so dropout masks are the same.
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, kv_cache[i] if kv_cache else None, start_pos)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None

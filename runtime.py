@@ -117,7 +117,9 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
 
 
 def teardown_runtime(rt: Runtime) -> None:
+    """Leave the process group: a barrier so that no rank tears down while another still talks to it."""
     if rt.ddp and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import find_checkpoint, load_weights, read_meta
 from configurator import parse_config
-from data import Tokenizer
 from errors import UserError, run_cli
 from generate import Sampling, StreamDecoder, cut_at_stop, generate
-from model import GPT, GPTConfig
+from inference import load_for_inference
 from runtime import seed_everything, setup_runtime
 
 
@@ -44,7 +42,7 @@ class SampleConfig:
     seed: int = 1337  # same seed, same device, same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # static-shape decoding through torch.compile (CUDA graphs on CUDA); slow to start
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
 
     def __post_init__(self):
@@ -71,18 +69,8 @@ def main(argv=None):
     rt = setup_runtime(cfg.device, cfg.dtype)
     seed_everything(cfg.seed)
 
-    if cfg.init_from == "resume":
-        path = find_checkpoint(cfg.out_dir, cfg.checkpoint, log=rt.print0)
-        meta = read_meta(path)
-        model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": 0.0})))
-        load_weights(path, model)
-        tokenizer = Tokenizer(meta["data"], cfg.tokenizer_dir)
-    else:
-        model = GPT.from_pretrained(cfg.init_from)
-        tokenizer = Tokenizer({"tokenizer": "gpt2", "eot_id": 50256}, cfg.tokenizer_dir)
+    model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, rt.print0)
     model.eval().to(rt.device)
-    if cfg.compile:
-        model = torch.compile(model)
 
     prompt = cfg.start
     if prompt.startswith("FILE:"):
@@ -100,7 +88,7 @@ def main(argv=None):
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
     stops = [codecs.decode(s, "unicode_escape") for s in cfg.stop.split("|")] if cfg.stop else []
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    steps = generate(model, x, cfg.max_new_tokens, sampling, kv_cache=cfg.kv_cache, generator=generator)
+    steps = generate(model, x, cfg.max_new_tokens, sampling, cfg.kv_cache, generator, compile=cfg.compile)
 
     if cfg.stream:
         with rt.autocast():

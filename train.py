@@ -37,9 +37,12 @@ from checkpoint import (
 from configurator import format_config, parse_config
 from data import eval_key, get_batch, load_data, train_key
 from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError, run_cli
+from fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from model import GPT, GPTConfig
-from optim import build_optimizer, lr_at
+from optim import SCHEDULES, build_optimizers, lr_at
+from plot import refresh_loss_curve
 from runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
+from sizing import short_report
 
 
 @dataclass
@@ -84,7 +87,9 @@ class TrainConfig:
     n_expert_active: int = 2  # experts each token is routed to (top-k)
     moe_shared_expert: bool = False  # add one expert that every token uses
     moe_aux_loss_coef: float = 0.01  # weight of the MoE load-balancing loss in the training loss
-    # AdamW optimizer
+    # optimizer
+    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_learning_rate: float | None = None  # Muon's peak learning rate; none = learning_rate (RMS-matched to AdamW)
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # total optimizer steps
     weight_decay: float = 1e-1  # AdamW weight decay, on matrices only
@@ -92,7 +97,9 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
     # learning rate schedule
-    decay_lr: bool = True  # warmup then cosine decay; False keeps learning_rate constant
+    decay_lr: bool = True  # apply lr_schedule after warmup; False keeps learning_rate constant (nanoGPT)
+    lr_schedule: str = "cosine"  # cosine, wsd (warmup-stable-decay) or constant
+    decay_fraction: float = 0.2  # wsd: the share of lr_decay_iters spent decaying to min_lr
     warmup_iters: int = 2000  # linear warmup steps
     lr_decay_iters: int = 600000  # cosine decay ends here; ~= max_iters per Chinchilla
     min_lr: float = 6e-5  # floor of the schedule; ~= learning_rate / 10 per Chinchilla
@@ -101,6 +108,10 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = True  # torch.compile the model (PyTorch 2)
+    gradient_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more compute
+    checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th block (1 = all)
+    fsdp: bool = False  # under torchrun: shard model, gradients and optimizer state (FSDP2) instead of DDP
+    fp8: bool = False  # FP8 matmuls in the Linear layers (torchao; NVIDIA GPUs with compute capability 8.9+)
     seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
     max_nonfinite_steps: int = 10  # stop (exit code 3) after this many non-finite steps in a row; 0 never stops
     peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in runtime.py's table
@@ -119,6 +130,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_iters < 0 or self.keep_last < 0:
             raise ValueError("max_iters and keep_last must be >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.fsdp and self.optimizer == "muon":
+            raise ValueError("optimizer=muon needs whole matrices; use it without fsdp")
+        if not 0 < self.decay_fraction <= 1 or self.checkpoint_every < 1:
+            raise ValueError("decay_fraction must be in (0, 1] and checkpoint_every >= 1")
         model_config(self, self.vocab_size or 1)  # checks the architecture switches now, not after loading data
 
 
@@ -176,12 +195,27 @@ def main(argv=None):
     model.to(rt.device)
     raw_model = model
     rt.print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters")
+    rt.print0(short_report(cfg, raw_model.config))
 
-    optimizer = build_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    raw_model.checkpoint_every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
+    if cfg.fp8:
+        enable_fp8(raw_model, rt)
+    if cfg.fsdp:
+        shard_model(raw_model, rt.device_type, rt.world_size)  # in place: raw_model's parameters are now shards
+    optimizers = build_optimizers(
+        raw_model,
+        cfg.optimizer,
+        cfg.weight_decay,
+        cfg.learning_rate,
+        (cfg.beta1, cfg.beta2),
+        rt.device_type,
+        cfg.muon_learning_rate,
+    )
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
     if resume_from is not None:
         state = load_state(resume_from, rt.device)
-        optimizer.load_state_dict(state["optimizer"])
+        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+            load_optimizer_state(raw_model, opt, opt_state, cfg.fsdp)
         if state["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
@@ -190,7 +224,7 @@ def main(argv=None):
         rt.print0("compiling the model... (takes a minute)")
         model = torch.compile(model)
     eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
-    if rt.ddp:
+    if rt.ddp and not cfg.fsdp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     if rt.master:
@@ -212,12 +246,19 @@ def main(argv=None):
         return get_batch(data, "train", cfg.batch_size, cfg.block_size, key, rt.device)
 
     def save(losses: dict | None) -> None:
+        # Called on every rank: under FSDP gathering the full state is a collective. Only the master writes.
+        if not (rt.master or cfg.fsdp):
+            return
+        weights = model_state(raw_model, cfg.fsdp)
+        optimizer_states = [optimizer_state(raw_model, opt, cfg.fsdp) for opt in optimizers]
+        if not rt.master:
+            return
         # Only finite weights are ever written: a diverged run keeps its last good checkpoint.
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
             rt.print0(f"not saving iteration {iter_num}: the weights are not finite")
             return
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizers": optimizer_states,
             "scaler": scaler.state_dict(),
             "iter_num": iter_num,
             "best_val_loss": best_val_loss,
@@ -231,7 +272,7 @@ def main(argv=None):
             "val_loss": losses["val"] if losses else None,
             "train_loss": losses["train"] if losses else None,
         }
-        path = save_checkpoint(cfg.out_dir, iter_num, raw_model, state, meta)
+        path = save_checkpoint(cfg.out_dir, iter_num, weights, state, meta)
         prune_checkpoints(cfg.out_dir, cfg.keep_last)
         rt.print0(f"saved checkpoint {path}")
 
@@ -241,9 +282,19 @@ def main(argv=None):
     t0 = time.time()
     try:
         while True:
-            lr = lr_at(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr, cfg.decay_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = lr_at(
+                iter_num,
+                cfg.learning_rate,
+                cfg.warmup_iters,
+                cfg.lr_decay_iters,
+                cfg.min_lr,
+                cfg.decay_lr,
+                cfg.lr_schedule,
+                cfg.decay_fraction,
+            )
+            for opt in optimizers:  # every group follows the schedule from its own base learning rate
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * (lr / cfg.learning_rate if cfg.learning_rate else 0.0)
 
             # Evaluate at every eval_interval and at the end; checkpoint when val improves (or always, if asked).
             last = iter_num >= cfg.max_iters
@@ -254,18 +305,14 @@ def main(argv=None):
                     log_metrics(
                         metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
                     )
+                    refresh_loss_curve(cfg.out_dir)  # out_dir/loss_curve.png
                     if wandb:
                         wandb.log(
                             {"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr}
                         )
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if (
-                    iter_num > 0
-                    and not cfg.eval_only
-                    and (improved or cfg.always_save_checkpoint or last)
-                    and rt.master
-                ):
+                if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
                     save(losses)
             if cfg.eval_only or last:
                 break
@@ -276,9 +323,11 @@ def main(argv=None):
             loss_sum = torch.zeros((), device=rt.device)
             aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
             for micro_step in range(accum_steps):
-                # DDP all-reduces gradients only on the last micro-step
+                # DDP and FSDP reduce gradients across ranks only on the last micro-step
                 sync = micro_step == accum_steps - 1 or not rt.ddp
-                with contextlib.nullcontext() if sync else model.no_sync():
+                if cfg.fsdp:
+                    raw_model.set_requires_gradient_sync(sync)
+                with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
                     with rt.autocast():
                         _, loss = model(x, y)
                         loss = loss / accum_steps  # the sum over micro-steps is the mean over the batch
@@ -287,11 +336,15 @@ def main(argv=None):
                 loss_sum += loss.detach()
                 if raw_model.config.n_expert:
                     aux_sum += raw_model.moe_aux_loss().detach() / accum_steps
-            scaler.unscale_(optimizer)  # a no-op unless float16 loss scaling is on
+            for opt in optimizers:
+                scaler.unscale_(opt)  # a no-op unless float16 loss scaling is on
             # The norm of the all-reduced gradient is the same on every rank, so all ranks agree on skipping.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a distributed tensor
+                grad_norm = grad_norm.full_tensor()
             if scaler.is_enabled() or torch.isfinite(grad_norm):  # float16 overflow skips are the scaler's business
-                scaler.step(optimizer)
+                for opt in optimizers:
+                    scaler.step(opt)
                 scaler.update()
                 bad_in_a_row = 0
             else:
@@ -301,7 +354,8 @@ def main(argv=None):
                     f"iter {iter_num}: non-finite gradient norm, step skipped ({bad_in_a_row} in a row, "
                     f"{skipped_steps} in all)"
                 )
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
 
             t1 = time.time()
             dt, t0 = t1 - t0, t1
@@ -352,8 +406,7 @@ def main(argv=None):
                 break
             if stop.agreed(rt):
                 rt.print0(f"signal received: saving iteration {iter_num} and exiting; continue with --init_from=resume")
-                if rt.master:
-                    save(None)
+                save(None)
                 exit_code = EXIT_PREEMPTED
                 break
     except torch.OutOfMemoryError:
@@ -367,6 +420,9 @@ def main(argv=None):
 
     if wandb:
         wandb.finish()
+    # Free the DDP wrapper first: its reducer holds the process group, whose last release must happen inside
+    # destroy_process_group (Python's GIL released), not when main() returns (a deadlock with gloo's worker threads).
+    del model, eval_model
     teardown_runtime(rt)
     return exit_code
 
@@ -378,11 +434,16 @@ def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
     out = {}
     for split in ("train", "val"):
         total = torch.zeros(2, device=rt.device)  # loss sum, batch count
-        for k in range(rt.rank, cfg.eval_iters, rt.world_size):
-            x, y = get_batch(data, split, cfg.batch_size, cfg.block_size, eval_key(cfg.seed, k), rt.device)
+        # every rank runs the same number of forward passes (FSDP's all-gathers need all of them); extras weigh 0
+        for first in range(0, cfg.eval_iters, rt.world_size):
+            k = first + rt.rank
+            x, y = get_batch(
+                data, split, cfg.batch_size, cfg.block_size, eval_key(cfg.seed, k % cfg.eval_iters), rt.device
+            )
             with rt.autocast():
                 _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+            weight = float(k < cfg.eval_iters)
+            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=rt.device)])
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -397,6 +458,8 @@ def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
     # saved train config rather than the model, so a run initialised from GPT-2 weights resumes with its command.
     keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
     differ = [f"{k} ({saved_train.get(k)} -> {getattr(cfg, k)})" for k in keys if saved_train.get(k) != getattr(cfg, k)]
+    if saved_train.get("optimizer") != cfg.optimizer:  # its state would not fit
+        differ.append(f"optimizer ({saved_train.get('optimizer')} -> {cfg.optimizer})")
     if saved_train.get("dataset") != cfg.dataset:
         differ.append(f"dataset ({saved_train.get('dataset')} -> {cfg.dataset})")
     for key in ("tokenizer", "tokenizer_hash", "vocab_size"):
@@ -412,6 +475,22 @@ def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
     if changed:
         diffs = ", ".join(f"{k} ({saved_train.get(k)} -> {getattr(cfg, k)})" for k in changed)
         log(f"note: resuming with changed {diffs}")
+
+
+def enable_fp8(model, rt) -> None:
+    """Swap the blocks' Linear layers for FP8 training ones (torchao's float8 recipe); master weights unchanged."""
+    capable = rt.device_type == "cuda" and torch.cuda.get_device_capability(rt.device) >= (8, 9)
+    if not capable:
+        raise UserError(
+            f"--fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+            f"this run is on {rt.device}"
+        )
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise UserError("--fp8 uses torchao's float8 training: pip install torchao") from None
+    # lm_head and the embeddings stay in bf16: the vocabulary dimension is rarely a multiple of 16 and FP8 hurts there
+    convert_to_float8_training(model, module_filter_fn=lambda module, name: name.startswith("transformer.h."))
 
 
 def hash_seed(*key: int) -> int:

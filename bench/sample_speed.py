@@ -4,7 +4,7 @@
     python -m bench.sample_speed --batch_sizes=1 --new_tokens=500 --device=cuda --dtype=bfloat16
     python -m bench.sample_speed --uncached_tokens=100             # the slow path on fewer tokens
 
-Both paths run in the same process on the same weights, greedy, from a one-token prompt, after one warm-up run;
+Both paths run in the same process on the same weights, greedy, from a one-token prompt, after a warm-up run of each;
 the uncached path recomputes the whole context every step (nanoGPT's sample.py). It prints tokens/s (new tokens
 of all sequences per second) and the cached/uncached ratio. Where --uncached_tokens is lower than --new_tokens the
 ratio compares the measured per-token rates of the two runs, which flatters the uncached path (its steps grow with
@@ -49,7 +49,8 @@ def main():
         f"{args.new_tokens} new tokens"
     )
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        timed(model, batch_size, 8, True, args.device)  # warm-up
+        for kv_cache in (True, False):  # warm-up: allocator, kernels, CPU caches
+            timed(model, batch_size, 32, kv_cache, args.device)
         rates = {}
         for kv_cache, n in ((True, args.new_tokens), (False, args.uncached_tokens or args.new_tokens)):
             dt = timed(model, batch_size, n, kv_cache, args.device)

@@ -188,3 +188,23 @@ def test_sample_cli_seed_stop_and_stream(char_checkpoint, capsys):
     assert samples(capsys) == batch
     sample.main([*base, "--num_samples=1", "--seed=5", "--kv_cache=False"])
     assert samples(capsys) == batch
+
+
+@pytest.mark.parametrize("switches", [{}, {"pos_embedding": "alibi"}, {"pos_embedding": "rope", "n_kv_head": 2}])
+def test_static_shape_decoding_equals_dynamic(switches, monkeypatch):
+    """The compile path's static shapes (tensor positions, whole-buffer attention under a mask), run eagerly."""
+    model = tiny(**switches)
+    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(3))
+    dynamic = run(model, prompt, 25)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the same code path, without compiling
+    static = torch.cat([prompt, *generate(model, prompt, 25, GREEDY, compile=True)], dim=1)
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager():
+    """torch.compile of the static decoding step (inductor on CPU; CUDA graphs on a GPU) gives the same tokens."""
+    model = tiny(pos_embedding="rope", n_kv_head=2)
+    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(4))
+    compiled = torch.cat([prompt, *generate(model, prompt, 10, GREEDY, compile=True)], dim=1)
+    assert torch.equal(compiled, run(model, prompt, 10))

@@ -24,7 +24,13 @@ def test_prepare_train_resume_sample(char_data, tmp_path, capsys):
     out = str(tmp_path / "out")
     common = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", *TINY]
     train.main([*common, "--max_iters=20", "--eval_interval=10"])
-    assert sorted(os.listdir(out)) == ["ckpt-0000010", "ckpt-0000020", "metrics.jsonl", "train_config.py"]
+    assert sorted(os.listdir(out)) == [
+        "ckpt-0000010",
+        "ckpt-0000020",
+        "loss_curve.png",
+        "metrics.jsonl",
+        "train_config.py",
+    ]
     train.main([*common, "--max_iters=30", "--eval_interval=10", "--init_from=resume"])
     text = capsys.readouterr().out
     assert "resuming from" in text and "step 30:" in text

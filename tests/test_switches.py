@@ -305,7 +305,7 @@ def test_alibi_bias_is_minus_slope_times_distance_and_causal(start):
     # T queries at positions start..start+T-1 (start > 0 after a KV-cache prefill) against keys 0..start+T-1.
     slopes = gpt_model.alibi_slopes(8)
     T = 5
-    bias = gpt_model.alibi_bias(slopes, start, T, "cpu")
+    bias = gpt_model.alibi_bias(slopes, start + torch.arange(T), start + T)
     assert bias.shape == (8, T, start + T)
     for h in (0, 3, 7):
         for i in range(T):

@@ -1,0 +1,173 @@
+"""Every user mistake ends in one line `error: ...` on stderr, exit code 2, no traceback, and no file changed.
+
+Each case runs an entry script's main() through errors.run_cli, exactly as `python train.py ...` does."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import export_hf
+import sample
+import train
+from checkpoint import save_checkpoint
+from errors import run_cli
+from model import GPT, GPTConfig
+
+TINY = [
+    "--device=cpu",
+    "--compile=False",
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=16",
+    "--block_size=8",
+    "--batch_size=2",
+    "--gradient_accumulation_steps=1",
+    "--eval_iters=1",
+    "--max_iters=2",
+    "--eval_interval=2",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A prepared dataset, a trained run, broken copies of both, a char checkpoint and an MoE checkpoint."""
+    import shakespeare_char
+    from conftest import shakespeare_text
+
+    root = tmp_path_factory.mktemp("world")
+    data = root / "data"
+    good = data / "good"
+    good.mkdir(parents=True)
+    (good / "input.txt").write_text(shakespeare_text(20_000), encoding="utf-8")
+    shakespeare_char.main(["--out", str(good)])
+    for name, damage in {
+        "truncated": lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-10]),
+        "odd": lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes() + b"\0"),
+        "badjson": lambda d: (d / "meta.json").write_text("{not json"),
+        "emptyval": lambda d: _set_split(d, "val", 0),
+    }.items():
+        broken = data / name
+        broken.mkdir()
+        for f in good.iterdir():
+            (broken / f.name).write_bytes(f.read_bytes())
+        damage(broken)
+    run = root / "run"
+    train.main([f"--data_root={data}", "--dataset=good", f"--out_dir={run}", *TINY])
+    corrupt = root / "corrupt"
+    corrupt.mkdir()
+    ckpt = sorted(run.iterdir())[0]
+    (corrupt / ckpt.name).mkdir()
+    for f in ckpt.iterdir():
+        (corrupt / ckpt.name / f.name).write_bytes(f.read_bytes())
+    weights = corrupt / ckpt.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    moe = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=2, n_embd=16, n_expert=2, n_expert_active=1))
+    save_checkpoint(
+        str(root / "moe"),
+        1,
+        moe,
+        {},
+        {"model_config": moe.config.__dict__, "train_config": {}, "data": {"tokenizer": "char", "chars": "abcdefghij"}},
+    )
+    (root / "syntax.py").write_text("batch_size = = 3\n")
+    (root / "unknown.py").write_text("batch_sise = 3\n")
+    return root
+
+
+def _set_split(d, split, tokens):
+    meta = json.loads((d / "meta.json").read_text())
+    meta["splits"][split]["tokens"] = tokens
+    (d / f"{split}.bin").write_bytes(b"")
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def T(*extra, dataset="good"):  # a train.py command line in `world`
+    return ("train", ["--data_root={root}/data", f"--dataset={dataset}", "--out_dir={root}/fresh", *TINY, *extra])
+
+
+def S(*extra, out="run"):  # a sample.py command line
+    return ("sample", [f"--out_dir={{root}}/{out}", "--device=cpu", "--max_new_tokens=2", *extra])
+
+
+CASES = {
+    "unknown key": (T("--batch_sise=3"), "did you mean --batch_size"),
+    "bad int": (T("--max_iters=abc"), "max_iters"),
+    "bad bool": (T("--compile=maybe"), "compile"),
+    "flag without value": (T("--learning_rate"), "no value"),
+    "missing preset": (T("{root}/nope.py"), "not found"),
+    "preset syntax error": (T("{root}/syntax.py"), "syntax.py"),
+    "preset unknown key": (T("{root}/unknown.py"), "batch_sise"),
+    "unknown dtype": (T("--dtype=float64"), "dtype"),
+    "float16 on cpu": (T("--dtype=float16"), "float16"),
+    "unknown device": (T("--device=tpu"), "device"),
+    "missing dataset": (T(dataset="nope"), "prepare/nope.py"),
+    "truncated tokens": (T(dataset="truncated"), "re-run the prepare script"),
+    "odd-sized tokens": (T(dataset="odd"), "re-run the prepare script"),
+    "corrupt meta.json": (T(dataset="badjson"), "invalid"),
+    "empty val split": (T(dataset="emptyval"), "val split"),
+    "block_size too big for the data": (T("--block_size=100000"), "block_size"),
+    "heads do not divide": (T("--n_head=3"), "divisible"),
+    "unknown position scheme": (T("--pos_embedding=foo"), "pos_embedding"),
+    "kv heads do not divide": (T("--n_kv_head=3", "--n_head=4"), "n_kv_head"),
+    "accumulation zero": (T("--gradient_accumulation_steps=0"), "gradient_accumulation_steps"),
+    "unknown optimizer": (T("--optimizer=sgd"), "optimizer"),
+    "unknown schedule": (T("--lr_schedule=linear"), "lr_schedule"),
+    "fsdp with muon": (T("--fsdp=True", "--optimizer=muon"), "muon"),
+    "fp8 without the hardware": (T("--fp8=True"), "fp8"),
+    "resume without checkpoint": (T("--init_from=resume"), "no checkpoint"),
+    "resume a different model": (
+        (
+            "train",
+            [
+                "--data_root={root}/data",
+                "--dataset=good",
+                "--out_dir={root}/run",
+                *TINY,
+                "--n_layer=2",
+                "--init_from=resume",
+            ],
+        ),
+        "n_layer (1 -> 2)",
+    ),
+    "scratch over checkpoints": (
+        ("train", ["--data_root={root}/data", "--dataset=good", "--out_dir={root}/run", *TINY]),
+        "--init_from=resume",
+    ),
+    "only a corrupt checkpoint": (S(out="corrupt"), "corrupt"),
+    "sample without checkpoint": (S(out="nothing"), "no checkpoint"),
+    "top_p above 1": (S("--top_p=1.5"), "top_p"),
+    "negative temperature": (S("--temperature=-1"), "temperature"),
+    "top_k zero": (S("--top_k=0"), "top_k"),
+    "min_p above 1": (S("--min_p=2"), "min_p"),
+    "no samples": (S("--num_samples=0"), "num_samples"),
+    "negative max_new_tokens": (S("--max_new_tokens=-1"), "max_new_tokens"),
+    "missing prompt file": (S("--start=FILE:/nonexistent/prompt.txt"), "not found"),
+    "character outside the vocabulary": (S("--start=☃"), "not in this dataset's vocabulary"),
+    "stream several samples": (S("--stream=True", "--num_samples=2"), "num_samples=1"),
+    "export MoE": (("export_hf", ["--out_dir={root}/moe", "--hf_dir={root}/hf"]), "Mixture of Experts"),
+}
+
+
+def snapshot(root) -> dict:
+    return {p: (os.path.getsize(p), os.path.getmtime(p)) for p in map(str, root.rglob("*")) if os.path.isfile(p)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_error_is_one_line_exit_2_and_changes_nothing(world, name, capsys):
+    (script, argv), fragment = CASES[name]
+    if name == "fp8 without the hardware" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = [a.replace("{root}", str(world)) for a in argv]
+    main = {"train": train.main, "sample": sample.main, "export_hf": export_hf.main}[script]
+    before = snapshot(world)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and fragment in lines[0], lines[0]
+    assert snapshot(world) == before  # no file written, changed or removed
