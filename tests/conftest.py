@@ -16,6 +16,22 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "tiktoken_cache")
 
 
+def _gpt2_tokenizer_available() -> bool:
+    try:
+        import tiktoken
+
+        tiktoken.get_encoding("gpt2")
+        return True
+    except Exception:  # offline without tiktoken's cache files: a network error
+        return False
+
+
+GPT2_AVAILABLE = _gpt2_tokenizer_available()
+needs_gpt2_tokenizer = pytest.mark.skipif(
+    not GPT2_AVAILABLE, reason="the GPT-2 tokenizer needs the network or TIKTOKEN_CACHE_DIR with tiktoken's cache files"
+)
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     """2 layers, 2 heads, n_embd 32, block 16: fast enough for every test."""
@@ -32,7 +48,30 @@ def shakespeare_text(n_chars: int = 200_000) -> str:
     if os.path.exists(SHAKESPEARE):
         with open(SHAKESPEARE, encoding="utf-8") as f:
             return f.read(n_chars)
-    words = ["the", "king", "and", "queen", "of", "rome", "speak", "now", "First Citizen:", "\n"]
+    # every letter in both cases and the usual punctuation, so prompts like "ROMEO:" stay inside the vocabulary
+    words = [
+        "the",
+        "king",
+        "and",
+        "queen",
+        "of",
+        "rome",
+        "speak",
+        "now",
+        "First Citizen:",
+        "\n",
+        "ROMEO:",
+        "JULIET:",
+        "THE QUICK BROWN FOX JUMPS OVER A LAZY DOG.",
+        "the quick brown fox jumps over a lazy dog,",
+        "Bcy;",
+        "what?",
+        "yes!",
+        "'tis",
+        "-",
+        "&",
+        "$3",
+    ]
     g = torch.Generator().manual_seed(0)
     return " ".join(words[i] for i in torch.randint(len(words), (n_chars // 4,), generator=g).tolist())[:n_chars]
 

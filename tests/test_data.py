@@ -13,7 +13,7 @@ import shakespeare
 import shakespeare_char
 import token_writer
 import torch
-from conftest import SHAKESPEARE
+from conftest import SHAKESPEARE, needs_gpt2_tokenizer
 
 from data import TokenData, Tokenizer, get_batch, load_data
 from errors import UserError
@@ -254,6 +254,7 @@ def test_char_tokenizer_rejects_unknown_characters(char_dir):
         tok.encode("ROMEO # JULIET")
 
 
+@needs_gpt2_tokenizer
 def test_gpt2_tokenizer_round_trip():
     pytest.importorskip("tiktoken")
     tok = Tokenizer({"tokenizer": "gpt2", "eot_id": 50256})

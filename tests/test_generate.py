@@ -3,6 +3,7 @@ stop strings, batching, seeds and UTF-8-safe streaming."""
 
 import pytest
 import torch
+from conftest import needs_gpt2_tokenizer
 
 import sample
 from checkpoint import save_checkpoint
@@ -139,6 +140,7 @@ def test_cut_at_stop():
     assert cut_at_stop("abc", []) == ("abc", False)
 
 
+@needs_gpt2_tokenizer
 def test_stream_decoder_never_prints_half_a_character():
     tok = Tokenizer({"tokenizer": "gpt2", "eot_id": 50256})
     text = "naïve café 東京 🤖 – ok"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import text
 import tiktoken
-from conftest import ROOT, shakespeare_text
+from conftest import ROOT, needs_gpt2_tokenizer, shakespeare_text
 
 from data import Tokenizer, load_data
 from errors import UserError
@@ -44,6 +44,7 @@ def read_ids(out, split, meta):
     return np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
 
 
+@needs_gpt2_tokenizer
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv", "txt"])
 def test_local_formats_count_every_token_plus_one_eot(tmp_path, fmt):
     docs = documents()
@@ -77,6 +78,7 @@ def test_local_formats_count_every_token_plus_one_eot(tmp_path, fmt):
     assert meta["tokenizer_hash"] and meta["dtype"] == "uint16"
 
 
+@needs_gpt2_tokenizer
 def test_single_document_is_split_by_tokens(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text(shakespeare_text(20_000), encoding="utf-8")
@@ -144,6 +146,7 @@ def test_tokenizer_dir_equals_tiktoken_cache(tmp_path):
     assert meta_dir["splits"]["train"]["sha256"] == ref["splits"]["train"]["sha256"]
 
 
+@needs_gpt2_tokenizer
 def test_wrong_tokenizer_vocabulary_is_refused(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(20)))
