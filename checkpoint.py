@@ -158,18 +158,19 @@ def load_weights(path: str, model) -> None:
     """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config)."""
     try:
         weights = load_file(os.path.join(path, "model.safetensors"))
-        # A tied weight saved once (under its first name) also fills the names it is tied to.
-        expected = model.state_dict()
-        first_name = {}
-        for name, t in expected.items():
-            first_name.setdefault((t.data_ptr(), tuple(t.shape)), name)
-        for name, t in expected.items():
-            alias = first_name[(t.data_ptr(), tuple(t.shape))]
-            if name not in weights and alias in weights:
-                weights[name] = weights[alias]
+        # A tied weight saved once (under any of its names) also fills the names it is tied to.
+        groups: dict[tuple, list[str]] = {}
+        for name, t in model.state_dict().items():
+            groups.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
+        for names in groups.values():
+            present = [n for n in names if n in weights]
+            for name in names:
+                if present and name not in weights:
+                    weights[name] = weights[present[0]]
         model.load_state_dict(weights, strict=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # RuntimeError: shapes or keys differ
-        raise UserError(f"cannot load the weights in {path}: {str(e).splitlines()[0][:200]}") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        raise UserError(f"cannot load the weights in {path}: {detail}") from None
 
 
 def load_state(path: str, device: str = "cpu") -> dict:

@@ -268,3 +268,27 @@ def test_best_skips_a_corrupt_best(tmp_path, tiny_config):
     save(tmp_path, 30, model, val_loss=3.0)
     flip_bytes(os.path.join(best, "model.safetensors"))
     assert find_checkpoint(str(tmp_path), which="best", log=lambda _: None) == second
+
+
+@pytest.mark.parametrize(
+    "stored_as", [["transformer.wte.weight"], ["lm_head.weight"], ["transformer.wte.weight", "lm_head.weight"]]
+)
+def test_a_tied_weight_loads_under_any_of_its_names(tmp_path, tiny_config, stored_as):
+    """Single-process saves store the tied embedding once, FSDP's gathered state dicts store both names, and
+    older saves kept lm_head.weight: all load, and the tie holds afterwards."""
+    from safetensors.torch import save_file
+
+    from checkpoint import load_weights
+
+    model = GPT(tiny_config)
+    path = save(tmp_path, 10, model)
+    weights = {
+        k: v.clone() for k, v in model.state_dict().items() if k not in ("transformer.wte.weight", "lm_head.weight")
+    }
+    for name in stored_as:
+        weights[name] = model.lm_head.weight.detach().clone()
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    fresh = GPT(tiny_config)
+    load_weights(path, fresh)
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
