@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from configurator import parse_config
 from errors import UserError, run_cli
-from inference import load_for_inference
+from inference import load_for_inference, read_prompt
 from model import GPT, CausalSelfAttention, alibi_bias, apply_rope
 
 
@@ -131,13 +131,7 @@ def token_label(tokenizer, token: int) -> str:
 def main(argv=None):
     cfg = parse_config(AttentionConfig, argv, usage=__doc__)
     model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir)
-    text = cfg.start
-    if text.startswith("FILE:"):
-        file = text.removeprefix("FILE:")
-        if not os.path.isfile(file):
-            raise UserError(f"prompt file {file!r} not found")
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
+    text = read_prompt(cfg.start)
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("the prompt is empty; give some text with --start")

@@ -5,8 +5,11 @@ data was prepared with), a GPT-2 hub name (gpt2, gpt2-medium, gpt2-large, gpt2-x
 (both decoded with the GPT-2 BPE).
 """
 
+import os
+
 from checkpoint import find_checkpoint, load_weights, read_meta
 from data import Tokenizer
+from errors import UserError
 from model import GPT, GPTConfig
 
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}
@@ -26,3 +29,14 @@ def load_for_inference(
         model = GPT.from_pretrained(init_from)
         tokenizer = Tokenizer(GPT2_TOKENIZER, tokenizer_dir)
     return model.eval(), tokenizer
+
+
+def read_prompt(start: str) -> str:
+    """The prompt text: `start` itself, or the contents of the file named by FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    file = start.removeprefix("FILE:")
+    if not os.path.isfile(file):
+        raise UserError(f"prompt file {file!r} not found")
+    with open(file, encoding="utf-8") as f:
+        return f.read()

@@ -11,7 +11,6 @@ generated as one batch; each is printed followed by a line of dashes, as nanoGPT
 """
 
 import codecs
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from configurator import parse_config
 from errors import UserError, run_cli
 from generate import Sampling, StreamDecoder, cut_at_stop, generate
-from inference import load_for_inference
+from inference import load_for_inference, read_prompt
 from runtime import seed_everything, setup_runtime
 
 
@@ -72,13 +71,7 @@ def main(argv=None):
     model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, rt.print0)
     model.eval().to(rt.device)
 
-    prompt = cfg.start
-    if prompt.startswith("FILE:"):
-        file = prompt.removeprefix("FILE:")
-        if not os.path.isfile(file):
-            raise UserError(f"prompt file {file!r} not found")
-        with open(file, encoding="utf-8") as f:
-            prompt = f.read()
+    prompt = read_prompt(cfg.start)
     ids = tokenizer.encode(prompt)
     if not ids:
         if tokenizer.eot_id is None:

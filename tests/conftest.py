@@ -32,6 +32,20 @@ needs_gpt2_tokenizer = pytest.mark.skipif(
 )
 
 
+# train.py arguments for a tiny CPU run (the model of tiny_config); tests add what they vary
+TINY_TRAIN = [
+    "--device=cpu",
+    "--compile=False",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=16",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=2",
+    "--eval_iters=2",
+]
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     """2 layers, 2 heads, n_embd 32, block 16: fast enough for every test."""

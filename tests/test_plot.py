@@ -4,20 +4,12 @@ missing input never raises from refresh_loss_curve."""
 import json
 import struct
 
+from conftest import TINY_TRAIN
+
 import plot
 import train
 
-TINY = [  # as tests/test_smoke.py
-    "--device=cpu",
-    "--compile=False",
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=32",
-    "--block_size=16",
-    "--batch_size=4",
-    "--gradient_accumulation_steps=2",
-    "--eval_iters=2",
-]
+TINY = TINY_TRAIN
 
 
 def png_size(path) -> tuple[int, int]:

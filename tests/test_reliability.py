@@ -11,26 +11,14 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, TINY_TRAIN
 
 import checkpoint
 import sample
 import train
 from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 
-TINY = [
-    "--device=cpu",
-    "--compile=False",
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=32",
-    "--block_size=16",
-    "--batch_size=4",
-    "--gradient_accumulation_steps=2",
-    "--eval_iters=2",
-    "--warmup_iters=2",
-    "--lr_decay_iters=1000",
-]
+TINY = [*TINY_TRAIN, "--warmup_iters=2", "--lr_decay_iters=1000"]
 
 
 def args(char_data, out, *extra):

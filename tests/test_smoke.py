@@ -2,22 +2,12 @@
 
 import os
 
+from conftest import TINY_TRAIN
+
 import sample
 import train
 
-TINY = [
-    "--device=cpu",
-    "--compile=False",
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=32",
-    "--block_size=16",
-    "--batch_size=4",
-    "--gradient_accumulation_steps=2",
-    "--eval_iters=2",
-    "--log_interval=5",
-    "--dropout=0.1",
-]
+TINY = [*TINY_TRAIN, "--log_interval=5", "--dropout=0.1"]
 
 
 def test_prepare_train_resume_sample(char_data, tmp_path, capsys):

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 from safetensors.torch import load_file
 
 import train
@@ -17,15 +18,7 @@ from errors import UserError
 from optim import lr_at
 
 TINY = [
-    "--device=cpu",
-    "--compile=False",
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=32",
-    "--block_size=16",
-    "--batch_size=4",
-    "--gradient_accumulation_steps=2",
-    "--eval_iters=2",
+    *TINY_TRAIN,
     "--log_interval=1",
     "--dropout=0.1",
     "--warmup_iters=4",
