@@ -136,6 +136,11 @@ class Tokenizer:
                 "(vocabulary hash mismatch); use the same tokenizer files"
             )
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids 0..vocab_size-1 decode; a model's vocabulary may be larger (rounded up for speed), never smaller."""
+        return len(self.itos) if self.name == "char" else self.enc.n_vocab
+
     def encode(self, text: str) -> list[int]:
         if self.name == "char":
             missing = sorted(set(text) - self.stoi.keys())

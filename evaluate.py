@@ -91,7 +91,7 @@ def token_nll(
         for row, (begin, end, _) in enumerate(group):
             x[row, : end - begin] = ids[begin:end]  # right-padded: causal attention never reads the padding
         with autocast():
-            logits, _ = model(x.to(device))  # (rows, T, V)
+            logits, _ = model(x.to(device), all_logits=True)  # (rows, T, V)
         for row, (begin, end, new) in enumerate(group):
             scored = logits[row, new - begin : end - begin].float()  # (end - new, V)
             targets = ids[new + 1 : end + 1].to(device)

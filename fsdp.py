@@ -14,17 +14,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shard_model(model: torch.nn.Module, device_type: str, world_size: int) -> None:
-    """Shard `model` in place across the process group: one FSDP unit per block, plus the root."""
+def shard_model(
+    model: torch.nn.Module, device_type: str, world_size: int, dtype: torch.dtype = torch.float32, compile: bool = False
+) -> None:
+    """Shard `model` in place across the process group: one FSDP unit per block, plus the root.
+
+    In bf16/fp16 the units all-gather their parameters in that dtype and reduce gradients in float32 (torchtitan's
+    policy); the float32 shards stay the master weights. compile=True compiles each block before sharding it, so
+    FSDP's hooks sit between graphs rather than breaking one graph of the whole forward (torchtitan does the same)."""
     mesh = init_device_mesh(device_type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        if compile:
+            block.compile()  # in place (keeps parameter names): the module's call runs a compiled forward
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def model_state(model: torch.nn.Module, sharded: bool) -> dict:
@@ -33,13 +42,36 @@ def model_state(model: torch.nn.Module, sharded: bool) -> dict:
 
 
 def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
-    """The optimizer's full state dict, keyed as a single process keys it (a collective under FSDP)."""
-    return get_optimizer_state_dict(model, optimizer, options=FULL) if sharded else optimizer.state_dict()
+    """The optimizer's full state dict keyed by parameter name (FQN), the one format every mode reads: one process,
+    DDP and FSDP (a collective under FSDP)."""
+    options = FULL if sharded else StateDictOptions(full_state_dict=True)  # unsharded: no gather, no rank-0 only
+    return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
-    """Load a full optimizer state dict, sharding it when the model is sharded."""
-    if sharded:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    """Load a full optimizer state dict into `optimizer` (sharding it when the model is sharded). Only the state
+    (moments, step counts) comes from the checkpoint: the hyperparameters of each group (learning rate, weight decay,
+    betas) stay those the optimizer was built with, so a resumed run follows its own command line."""
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    state = _by_name(model, optimizer, state)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    for group, own in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(own)
+
+
+def _by_name(model: torch.nn.Module, optimizer, state: dict) -> dict:
+    """An optimizer state dict keyed by integers (optimizer.state_dict(), as older checkpoints hold) rekeyed by
+    parameter name: integer i is the i-th parameter of the optimizer's groups, which build_optimizers orders the same
+    way every time."""
+    keys = [k for group in state["param_groups"] for k in group["params"]]
+    if not keys or not isinstance(keys[0], int):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if len(ordered) != len(keys):
+        raise ValueError(f"the saved optimizer state has {len(keys)} parameters, this optimizer {len(ordered)}")
+    name_of = dict(zip(keys, ordered, strict=True))
+    return {
+        "state": {name_of[k]: v for k, v in state["state"].items()},
+        "param_groups": [g | {"params": [name_of[k] for k in g["params"]]} for g in state["param_groups"]],
+    }

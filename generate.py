@@ -60,7 +60,74 @@ def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor, generator=
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-@torch.no_grad()
+class Decoder:
+    """KV-cache decoding for one model, reusable across calls: the cache is allocated once and kept while the batch
+    size stays the same, so repeated calls (a chat, a benchmark) reuse its memory and, compiled, its graphs.
+
+    compile=True decodes with static shapes through torch.compile: the position is a device tensor and each step
+    feeds a fresh (B, 1) token tensor, so there are two graphs (prefill, decode; a third once a sequence outgrows
+    block_size and re-prefills) whatever the number of tokens. On CUDA it uses "reduce-overhead" mode, which
+    captures the one-token step as a CUDA graph, since a small model at batch 1 is bound by kernel launches, not
+    arithmetic. Call under model.eval(); for bf16/fp16, cast the model (model.to(dtype)) rather than autocast, so a
+    compiled step does not re-cast every weight on every token."""
+
+    def __init__(self, model, kv_cache: bool = True, compile: bool = False):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.static = compile and kv_cache
+        self.forward = model
+        if self.static:
+            device = next(model.parameters()).device
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self.forward = torch.compile(model, mode=mode, dynamic=False)
+        self.cache = None
+
+    def _cache_for(self, batch_size: int):
+        if self.cache is None or self.cache[0].k.size(0) != batch_size:
+            self.cache = self.model.new_kv_cache(batch_size)
+            if self.static:  # fixed addresses, so a captured graph may update them in place
+                for layer in self.cache:
+                    torch._dynamo.mark_static_address(layer.k)
+                    torch._dynamo.mark_static_address(layer.v)
+        return self.cache
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        sampling: Sampling,
+        generator=None,
+        vocab_size: int | None = None,
+    ):
+        """Yield (B, 1) new tokens, one step at a time, continuing idx (B, T). vocab_size: ids from it up (the padding
+        of a vocabulary rounded up for speed) are never sampled. Nothing here waits for the device: a caller that
+        reads a token (streaming, stop strings) syncs then, one that collects them does not."""
+        model, block_size = self.model, self.model.config.block_size
+        filled = 0  # positions of the sequence held in the cache
+        pos = None  # static: the next position, as a device tensor
+        token = None
+        for _ in range(max_new_tokens):
+            if not self.kv_cache:
+                logits, _ = model(idx[:, -block_size:])
+            elif token is not None and filled < block_size:  # decode one position: the fresh (B, 1) token
+                logits, _ = self.forward(token, kv_cache=self.cache, start_pos=pos if self.static else filled)
+                filled += 1
+                if self.static:
+                    pos = pos + 1
+            else:  # prefill the prompt, or re-prefill the last block_size tokens once the sequence has outgrown it
+                context = idx[:, -block_size:].contiguous()  # same strides every time: no recompile per token
+                cache = self._cache_for(idx.size(0))
+                start = torch.zeros((), dtype=torch.long, device=idx.device) if self.static else 0
+                logits, _ = self.forward(context, kv_cache=cache, start_pos=start)
+                filled = context.size(1)  # at block_size the cache is full and the next step re-prefills
+                if self.static:
+                    pos = torch.full((), filled, dtype=torch.long, device=idx.device)
+            token = next_token(logits[:, -1, :vocab_size], sampling, idx, generator)  # (B, 1)
+            idx = torch.cat((idx, token), dim=1)
+            yield token
+
+
 def generate(
     model,
     idx: torch.Tensor,
@@ -69,45 +136,10 @@ def generate(
     kv_cache: bool = True,
     generator=None,
     compile: bool = False,
+    vocab_size: int | None = None,
 ):
-    """Yield (B, 1) new tokens, one step at a time, continuing idx (B, T). Call under model.eval().
-
-    compile=True (with the cache) decodes with static shapes through torch.compile: on CUDA in "reduce-overhead"
-    mode, which captures the one-token step as a CUDA graph, since a small model at batch 1 is bound by kernel
-    launches, not arithmetic."""
-    block_size = model.config.block_size
-    forward = model
-    if compile and kv_cache:
-        mode = "reduce-overhead" if idx.device.type == "cuda" else None
-        forward = torch.compile(model, mode=mode, dynamic=False)
-    cache, filled = None, 0  # filled: positions of the sequence held in the cache
-
-    def position(p: int):  # a tensor keeps the compiled step's shapes (and its CUDA graph) the same every step
-        return torch.tensor(p, device=idx.device) if compile else p
-
-    for _ in range(max_new_tokens):
-        if not kv_cache:
-            logits, _ = model(idx[:, -block_size:])
-        elif cache is not None and filled < block_size:  # decode one position
-            logits, _ = forward(idx[:, -1:], kv_cache=cache, start_pos=position(filled))
-            filled += 1
-        else:  # prefill the prompt, or re-prefill the last block_size tokens once the sequence has outgrown it
-            context = idx[:, -block_size:]
-            cache = cache or new_cache(model, idx.size(0), static=compile)
-            logits, _ = forward(context, kv_cache=cache, start_pos=position(0))
-            filled = context.size(1)  # at block_size the cache is full and the next step re-prefills
-        token = next_token(logits[:, -1, :], sampling, idx, generator)
-        idx = torch.cat((idx, token), dim=1)
-        yield token
-
-
-def new_cache(model, batch_size: int, static: bool):
-    cache = model.new_kv_cache(batch_size)
-    if static:  # fixed addresses, so a captured graph may update them in place
-        for layer in cache:
-            torch._dynamo.mark_static_address(layer.k)
-            torch._dynamo.mark_static_address(layer.v)
-    return cache
+    """Yield (B, 1) new tokens continuing idx (B, T), with a Decoder made for this call (see Decoder)."""
+    return Decoder(model, kv_cache, compile).generate(idx, max_new_tokens, sampling, generator, vocab_size)
 
 
 class StreamDecoder:

@@ -258,9 +258,10 @@ class MLP(nn.Module):
 
 class MoE(nn.Module):
     """Top-k routed Mixture of Experts [9]: each token goes to its n_expert_active most likely experts, whose outputs
-    are mixed by the renormalised router probabilities; plus an optional shared expert every token uses. Records the
-    load-balancing loss of its last forward in self.aux_loss: E * sum_e f_e * P_e, where f_e is the share of routing
-    slots that went to expert e and P_e its mean router probability; 1.0 when perfectly balanced."""
+    are mixed by the renormalised router probabilities (top-1: scaled by its probability); plus an optional shared
+    expert every token uses. Records the load-balancing loss of its last forward in self.aux_loss:
+    E * sum_e f_e * P_e, where f_e is the share of routing slots that went to expert e and P_e its mean router
+    probability; 1.0 when perfectly balanced."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -273,14 +274,20 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         flat = x.reshape(B * T, C)  # (N, C), N = B * T tokens
-        probs = F.softmax(self.router(flat).float(), dim=-1)  # (N, E)
+        # The router runs in float32 even under autocast (Switch's selective precision [9]): in bf16 the softmax and
+        # the top-k choice are noisy.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            probs = F.softmax(F.linear(flat.float(), self.router.weight.float()), dim=-1)  # (N, E)
         top_p, top_i = probs.topk(self.k, dim=-1)  # (N, k) each
-        weights = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)  # (N, k)
+        # Top-1 scales the expert's output by its router probability, as Switch does [9]: renormalised, that weight
+        # would be exactly 1 and the router would get no gradient from the language-modelling loss.
+        weights = (top_p if self.k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)  # (N, k)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(top_i == e)  # the tokens routed to expert e, and in which of their k slots
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+            # An expert with no tokens still runs (on an empty batch), so every parameter gets a (zero) gradient in
+            # every backward: DDP and FSDP need the same gradients on every rank, whatever the routing there.
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
         share = F.one_hot(top_i, len(self.experts)).float().sum(dim=1).mean(dim=0) / self.k  # f_e, (E,)
         self.aux_loss = len(self.experts) * (share * probs.mean(dim=0)).sum()
         if self.shared is not None:
@@ -327,7 +334,11 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         # Position tables are recomputed, not saved: they are functions of the config.
         if config.pos_embedding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+            # The raw table has RMS 1/sqrt(2), 35x the std-0.02 token embeddings, which it would drown. Vaswani et al.
+            # [2] keep the two at the same scale (embeddings times sqrt(d_model) against a unit table); here the table
+            # is scaled to the token embeddings' init std instead, so tied weights and the init stay GPT-2's.
+            table = sinusoidal_table(config.block_size, config.n_embd) * (0.02 * math.sqrt(2))
+            self.register_buffer("pos_table", table, persistent=False)
         elif config.pos_embedding == "rope":
             cos, sin = rope_tables(config.block_size, config.head_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -351,22 +362,26 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; learned position embeddings are left out by default (the GPT-2/Chinchilla convention).
-        Tied token embeddings count once."""
+        """Parameter count. non_embedding leaves out the lookup tables (the Kaplan/Chinchilla convention): learned
+        position embeddings, and the token embeddings too when they are not tied to lm_head (a tied matrix is also
+        the output layer's weight, so it stays). Tied token embeddings count once."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache: list[KVCache] | None = None, start_pos=0):
+    def forward(self, idx, targets=None, kv_cache: list[KVCache] | None = None, start_pos=0, all_logits: bool = False):
         """idx (B, T) int64 token ids; targets (B, T) int64 or None, -1 marks positions to ignore.
         With kv_cache (from new_kv_cache), idx holds positions start_pos..start_pos+T-1 of the sequences, whose earlier
         keys and values are in the cache: a prefill is start_pos=0 with the prompt, a decoding step T=1. start_pos
         may be a 0-dim int64 tensor: then every shape is static (see KVCache).
 
-        Returns (logits, loss) in every mode: logits (B, T, V) for every position, and loss the mean
-        cross-entropy over the non-ignored targets (a 0-dim tensor) plus moe_aux_loss_coef times the MoE
-        load-balancing loss, or None when targets is None.
+        Returns (logits, loss) in every mode. With targets: logits (B, T, V) and loss, the mean cross-entropy over the
+        non-ignored targets (a 0-dim tensor), plus moe_aux_loss_coef times the MoE load-balancing loss in training
+        mode. Without targets: logits (B, 1, V) for the last position only, as nanoGPT (all_logits=True: (B, T, V)),
+        and loss None.
         """
         B, T = idx.size()
         static = torch.is_tensor(start_pos)
@@ -395,11 +410,13 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, mask, kv_cache[i] if kv_cache else None, start_pos)
         x = self.transformer.ln_f(x)
+        if targets is None and not all_logits:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): inference needs only the next token's logits
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
-            if self.config.n_expert:
+            if self.config.n_expert and self.training:  # evaluation reports the cross-entropy alone
                 loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss()
         return logits, loss
 

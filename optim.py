@@ -88,7 +88,8 @@ def lr_at(
     if it >= lr_decay_iters:
         return min_lr
     if schedule == "wsd":
-        decay_start = lr_decay_iters - decay_fraction * lr_decay_iters
+        # the decay starts after warmup even when decay_fraction would put it inside: the rate never jumps back up
+        decay_start = max(lr_decay_iters - decay_fraction * lr_decay_iters, warmup_iters)
         if it < decay_start:
             return learning_rate
         return learning_rate + (min_lr - learning_rate) * (it - decay_start) / max(1.0, lr_decay_iters - decay_start)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 from configurator import describe_fields, parse_config
@@ -141,6 +142,40 @@ def refresh_loss_curve(out_dir: str) -> str | None:
         print(f"warning: loss curve not written: {type(e).__name__}: {e}", file=sys.stderr)
         return None
     return out_png
+
+
+class BackgroundPlot:
+    """Redraws out_dir/loss_curve.png on a worker thread, so drawing never stalls a training step. A refresh asked
+    for while one is drawing runs right after it (one worker at a time: matplotlib is not thread-safe); join() waits
+    for the last one."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self._lock = threading.Lock()
+        self._wanted = False
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._wanted = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="loss-curve", daemon=True)
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._wanted:
+                    self._thread = None
+                    return
+                self._wanted = False
+            refresh_loss_curve(self.out_dir)
+
+    def join(self) -> None:
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 def main(argv=None):

@@ -85,7 +85,8 @@ def pick_dtype(requested: str, device_type: str) -> torch.dtype:
     """'auto' -> bfloat16 on GPUs that support it, float16 on older CUDA GPUs (with a GradScaler), float32 elsewhere."""
     if requested == "auto":
         if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Only native bf16 (Ampere and newer): V100 and T4 emulate it slowly, so they get float16 + GradScaler.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     if requested not in DTYPES:
         raise UserError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")

@@ -17,7 +17,7 @@ import torch
 
 from configurator import parse_config
 from errors import UserError, run_cli
-from generate import Sampling, StreamDecoder, cut_at_stop, generate
+from generate import Decoder, Sampling, StreamDecoder, cut_at_stop
 from inference import load_for_inference, read_prompt
 from runtime import seed_everything, setup_runtime
 
@@ -69,7 +69,9 @@ def main(argv=None):
     seed_everything(cfg.seed)
 
     model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, rt.print0)
-    model.eval().to(rt.device)
+    # Inference runs in the compute dtype itself rather than under autocast: the KV cache takes the model's dtype,
+    # and a compiled step does not re-cast every weight on every token.
+    model.eval().to(rt.device, rt.dtype)
 
     prompt = read_prompt(cfg.start)
     ids = tokenizer.encode(prompt)
@@ -81,19 +83,21 @@ def main(argv=None):
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
     stops = [codecs.decode(s, "unicode_escape") for s in cfg.stop.split("|")] if cfg.stop else []
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    steps = generate(model, x, cfg.max_new_tokens, sampling, cfg.kv_cache, generator, compile=cfg.compile)
+    decoder = Decoder(model, cfg.kv_cache, cfg.compile)
+    steps = decoder.generate(x, cfg.max_new_tokens, sampling, generator, vocab_size=tokenizer.vocab_size)
 
     if cfg.stream:
-        with rt.autocast():
-            stream(steps, tokenizer, prompt, stops)
+        stream(steps, tokenizer, prompt, stops)
         return
-    new = [[] for _ in range(cfg.num_samples)]
-    with rt.autocast():
+    if stops:  # each token is read as it comes, to stop once every sample has hit a stop string
+        new = [[] for _ in range(cfg.num_samples)]
         for token in steps:
             for row, t in zip(new, token[:, 0].tolist(), strict=True):
                 row.append(t)
-            if stops and all(cut_at_stop(tokenizer.decode(row), stops)[1] for row in new):
-                break  # every sample has hit a stop string
+            if all(cut_at_stop(tokenizer.decode(row), stops)[1] for row in new):
+                break
+    else:  # no host sync per token: the tokens are read once at the end
+        new = torch.cat([x[:, :0], *steps], dim=1).tolist()
     for row in new:
         print(prompt + cut_at_stop(tokenizer.decode(row), stops)[0])
         print("---------------")

@@ -40,9 +40,11 @@ from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError, run_cli
 from fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from model import GPT, GPTConfig
 from optim import SCHEDULES, build_optimizers, lr_at
-from plot import refresh_loss_curve
+from plot import BackgroundPlot
 from runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
 from sizing import short_report
+
+MFU_WARMUP_ITERS = 5  # iterations left out of MFU: compilation and allocator warm-up, as nanoGPT
 
 
 @dataclass
@@ -101,7 +103,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine, wsd (warmup-stable-decay) or constant
     decay_fraction: float = 0.2  # wsd: the share of lr_decay_iters spent decaying to min_lr
     warmup_iters: int = 2000  # linear warmup steps
-    lr_decay_iters: int = 600000  # cosine decay ends here; ~= max_iters per Chinchilla
+    lr_decay_iters: int | None = None  # the decay ends here; none = max_iters (Chinchilla: decay over the whole run)
     min_lr: float = 6e-5  # floor of the schedule; ~= learning_rate / 10 per Chinchilla
     # system
     backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo
@@ -138,13 +140,17 @@ class TrainConfig:
             raise ValueError("optimizer=muon needs whole matrices; use it without fsdp")
         if not 0 < self.decay_fraction <= 1 or self.checkpoint_every < 1:
             raise ValueError("decay_fraction must be in (0, 1] and checkpoint_every >= 1")
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
         model_config(self, self.vocab_size or 1)  # checks the architecture switches now, not after loading data
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    """The GPTConfig named by the model fields of a TrainConfig (they share names)."""
+    """The GPTConfig named by the model fields of a TrainConfig (they share names). vocab_size is the dataset's when
+    the config leaves it open: rounded up to a multiple of 64, whose matmuls run faster on GPUs (the extra ids never
+    occur in the data, and sampling never picks them)."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(**(fields | {"vocab_size": vocab_size}))
+    return GPTConfig(**(fields | {"vocab_size": cfg.vocab_size or -(-vocab_size // 64) * 64}))
 
 
 def main(argv=None):
@@ -174,7 +180,7 @@ def main(argv=None):
                 f"{cfg.out_dir} already holds checkpoints; continue them with --init_from=resume or "
                 "choose another --out_dir"
             )
-        model = GPT(model_config(cfg, cfg.vocab_size or data.meta["vocab_size"]))
+        model = GPT(model_config(cfg, data.meta["vocab_size"]))
     elif cfg.init_from == "resume":
         resume_from = find_checkpoint(cfg.out_dir, log=rt.print0)
         meta = read_meta(resume_from)
@@ -201,7 +207,9 @@ def main(argv=None):
     if cfg.fp8:
         enable_fp8(raw_model, rt)
     if cfg.fsdp:
-        shard_model(raw_model, rt.device_type, rt.world_size)  # in place: raw_model's parameters are now shards
+        # in place: raw_model's parameters are now shards. With compile, each block is compiled before it is sharded
+        # (FSDP's hooks between blocks would otherwise break the graph and leave the whole forward eager).
+        shard_model(raw_model, rt.device_type, rt.world_size, rt.dtype, cfg.compile)
     optimizers = build_optimizers(
         raw_model,
         cfg.optimizer,
@@ -220,7 +228,7 @@ def main(argv=None):
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
 
-    if cfg.compile:
+    if cfg.compile and not cfg.fsdp:
         rt.print0("compiling the model... (takes a minute)")
         model = torch.compile(model)
     eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
@@ -233,12 +241,24 @@ def main(argv=None):
             f.write(f"# resolved config of the last run in this directory\n{format_config(cfg)}\n")
     wandb = None
     if cfg.wandb_log and rt.master:
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--wandb_log=True needs wandb: pip install wandb (or drop --wandb_log)") from None
 
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    plotter = BackgroundPlot(cfg.out_dir)
     peak = peak_flops(rt, cfg.peak_flops)
-    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
+    # per GPU: the FLOPs of one process's share of the global batch
+    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter / rt.world_size
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    if decay_iters > cfg.max_iters > 0 and cfg.decay_lr and cfg.lr_schedule != "constant" and not cfg.eval_only:
+        rt.print0(
+            f"note: lr_decay_iters={decay_iters} is past max_iters={cfg.max_iters}: this run ends before the "
+            f"{cfg.lr_schedule} schedule has decayed (continue with --init_from=resume --max_iters={decay_iters}, "
+            "or leave lr_decay_iters out to decay by max_iters)"
+        )
 
     def batch(it: int, micro_step: int):
         # Windows depend only on (seed, iteration, global micro-step): exact on resume, disjoint across ranks.
@@ -280,13 +300,14 @@ def main(argv=None):
     skipped_steps, bad_in_a_row, exit_code = 0, 0, 0
     x, y = batch(iter_num, 0)
     t0 = time.time()
+    local_iter = 0  # iterations this process has run: the first few (compilation, warm-up) are left out of MFU
     try:
         while True:
             lr = lr_at(
                 iter_num,
                 cfg.learning_rate,
                 cfg.warmup_iters,
-                cfg.lr_decay_iters,
+                decay_iters,
                 cfg.min_lr,
                 cfg.decay_lr,
                 cfg.lr_schedule,
@@ -305,7 +326,7 @@ def main(argv=None):
                     log_metrics(
                         metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
                     )
-                    refresh_loss_curve(cfg.out_dir)  # out_dir/loss_curve.png
+                    plotter.refresh()  # out_dir/loss_curve.png, drawn on another thread
                     if wandb:
                         wandb.log(
                             {"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr}
@@ -314,6 +335,7 @@ def main(argv=None):
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
                     save(losses)
+                t0 = time.time()  # the step's time leaves out evaluation and checkpointing
             if cfg.eval_only or last:
                 break
 
@@ -329,7 +351,7 @@ def main(argv=None):
                     raw_model.set_requires_gradient_sync(sync)
                 with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
                     with rt.autocast():
-                        _, loss = model(x, y)
+                        loss = model(x, y)[1]  # the logits are not kept: they would stay alive into the next step
                         loss = loss / accum_steps  # the sum over micro-steps is the mean over the batch
                     x, y = batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
                     scaler.scale(loss).backward()
@@ -342,12 +364,20 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a distributed tensor
                 grad_norm = grad_norm.full_tensor()
-            if scaler.is_enabled() or torch.isfinite(grad_norm):  # float16 overflow skips are the scaler's business
+            logging = iter_num % cfg.log_interval == 0
+            if logging and rt.ddp:  # the logged loss is the mean over the whole global batch
+                dist.all_reduce(loss_sum)
+                loss_sum /= rt.world_size
+            # The step's one host sync: the norm decides the step, the loss goes to the log.
+            grad_normf, lossf = torch.stack([grad_norm.float(), loss_sum.float()]).tolist()
+            finite = math.isfinite(grad_normf)
+            if finite or scaler.is_enabled():  # in float16 the scaler skips the step itself and lowers its scale
                 for opt in optimizers:
                     scaler.step(opt)
                 scaler.update()
+            if finite:
                 bad_in_a_row = 0
-            else:
+            else:  # a skipped step, by us or by the scaler: counted either way, so a run of NaN weights stops
                 skipped_steps += 1
                 bad_in_a_row += 1
                 rt.print0(
@@ -360,24 +390,21 @@ def main(argv=None):
             t1 = time.time()
             dt, t0 = t1 - t0, t1
             iter_num += 1
-            if (iter_num - 1) % cfg.log_interval == 0:
-                if rt.ddp:  # the logged loss is the mean over the whole global batch
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= rt.world_size
-                lossf = loss_sum.item()
+            local_iter += 1
+            if logging:
                 record = {
                     "iter": iter_num - 1,
                     "loss": lossf,
                     "lr": lr,
                     "dt": dt,
                     "tokens_per_sec": tokens_per_iter / dt,
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": grad_normf,
                 }
                 line = (
                     f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
                 )
-                if peak:
-                    record["mfu"] = flops_per_iter / dt / peak
+                if peak and local_iter > MFU_WARMUP_ITERS:
+                    record["mfu"] = flops_per_iter / dt / peak  # per GPU
                     line += f", mfu {record['mfu'] * 100:.2f}%"
                 if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
                     record["aux_loss"] = aux_sum.item()
@@ -394,7 +421,7 @@ def main(argv=None):
                                 "tokens_per_sec": record["tokens_per_sec"],
                                 "skipped_steps": skipped_steps,
                             }
-                            | ({"mfu": record["mfu"]} if peak else {})
+                            | ({"mfu": record["mfu"]} if "mfu" in record else {})
                         )
 
             if bad_in_a_row >= cfg.max_nonfinite_steps > 0:
@@ -418,6 +445,7 @@ def main(argv=None):
     finally:
         stop.restore()
 
+    plotter.join()
     if wandb:
         wandb.finish()
     # Free the DDP wrapper first: its reducer holds the process group, whose last release must happen inside
@@ -469,7 +497,16 @@ def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
         raise UserError(f"cannot resume: the checkpoint differs in {', '.join(differ)}; restore those settings")
     changed = [
         k
-        for k in ("max_iters", "learning_rate", "eval_interval", "lr_decay_iters", "min_lr", "warmup_iters")
+        for k in (
+            "max_iters",
+            "learning_rate",
+            "muon_learning_rate",
+            "weight_decay",
+            "eval_interval",
+            "lr_decay_iters",
+            "min_lr",
+            "warmup_iters",
+        )
         if saved_train.get(k) != getattr(cfg, k)
     ]
     if changed:
@@ -489,8 +526,16 @@ def enable_fp8(model, rt) -> None:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
         raise UserError("--fp8 uses torchao's float8 training: pip install torchao") from None
-    # lm_head and the embeddings stay in bf16: the vocabulary dimension is rarely a multiple of 16 and FP8 hurts there
-    convert_to_float8_training(model, module_filter_fn=lambda module, name: name.startswith("transformer.h."))
+    convert_to_float8_training(model, module_filter_fn=fp8_eligible)
+
+
+def fp8_eligible(module: torch.nn.Module, name: str) -> bool:
+    """Which Linear layers train in FP8: those in the blocks whose dimensions are multiples of 16 (FP8 matmuls need
+    them), except MoE routers (their choice is kept in float32). lm_head and the embeddings stay in bf16, where FP8
+    hurts accuracy most."""
+    if not isinstance(module, torch.nn.Linear) or not name.startswith("transformer.h.") or name.endswith("router"):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def hash_seed(*key: int) -> int:

@@ -245,10 +245,12 @@ def test_train_config_defaults_are_nanogpt_gpt2_defaults():
         beta2=0.95,
         grad_clip=1.0,
         warmup_iters=2000,
-        lr_decay_iters=600000,
         min_lr=6e-5,
     )
     assert {k: getattr(cfg, k) for k in expected} == expected
+    # nanoGPT's lr_decay_iters=600000 equals its max_iters; here none follows max_iters, so a preset that shortens
+    # max_iters still decays (in nanoGPT it silently would not)
+    assert cfg.lr_decay_iters is None
 
 
 @pytest.mark.parametrize(

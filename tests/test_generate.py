@@ -67,9 +67,12 @@ def test_cache_prefill_then_steps_equals_full_forward():
     model = tiny(pos_embedding="rope", n_kv_head=2)
     x = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
-        full, _ = model(x)
+        full, _ = model(x, all_logits=True)
         cache = model.new_kv_cache(2)
-        parts = [model(x[:, :7], kv_cache=cache)[0], model(x[:, 7:10], kv_cache=cache, start_pos=7)[0]]
+        parts = [
+            model(x[:, :7], kv_cache=cache, all_logits=True)[0],
+            model(x[:, 7:10], kv_cache=cache, start_pos=7, all_logits=True)[0],
+        ]
         parts += [model(x[:, t : t + 1], kv_cache=cache, start_pos=t)[0] for t in range(10, 16)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
 

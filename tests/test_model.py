@@ -32,12 +32,15 @@ def random_tokens(config: GPTConfig, batch: int, length: int | None = None, seed
 # --- forward ---------------------------------------------------------------------------------------------------------
 
 
-def test_forward_returns_logits_for_every_position_and_no_loss_without_targets(tiny_model, tiny_config):
+def test_forward_without_targets_returns_the_last_position_or_all_and_no_loss(tiny_model, tiny_config):
     idx = random_tokens(tiny_config, 3, 10)
     logits, loss = tiny_model(idx)
-    assert logits.shape == (3, 10, tiny_config.vocab_size)
+    assert logits.shape == (3, 1, tiny_config.vocab_size)  # as nanoGPT: only the next token's logits
     assert logits.dtype == torch.float32
     assert loss is None
+    every, _ = tiny_model(idx, all_logits=True)
+    assert every.shape == (3, 10, tiny_config.vocab_size)
+    torch.testing.assert_close(every[:, -1:], logits)
 
 
 def test_sequence_longer_than_block_size_is_rejected(tiny_model, tiny_config):
@@ -79,8 +82,8 @@ def test_causality_changing_token_t_changes_only_positions_from_t(tiny_model, ti
     idx = random_tokens(tiny_config, 2)
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 1) % tiny_config.vocab_size
-    before, _ = tiny_model(idx)
-    after, _ = tiny_model(changed)
+    before, _ = tiny_model(idx, all_logits=True)
+    after, _ = tiny_model(changed, all_logits=True)
     torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
     diff = (after - before).abs().amax(dim=(0, 2))  # (T,) largest change per position
     assert (diff[t:] > 1e-4).all(), diff
@@ -286,7 +289,7 @@ def test_logits_match_transformers_gpt2(hf_gpt2):
     idx = torch.randint(100, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(idx).logits
-        logits, _ = ours(idx)
+        logits, _ = ours(idx, all_logits=True)
     assert expected.abs().max() > 1.0  # the comparison is not between two near-zero tensors
     assert (logits - expected).abs().max().item() < 1e-4
 
@@ -310,7 +313,7 @@ def test_from_pretrained_crops_block_size(hf_gpt2):
     idx = torch.randint(100, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = hf(idx).logits
-        logits, _ = ours(idx)
+        logits, _ = ours(idx, all_logits=True)
         assert (logits - expected).abs().max().item() < 1e-4
         with pytest.raises(ValueError, match="block_size"):
             ours(torch.zeros(1, 17, dtype=torch.long))

@@ -128,3 +128,19 @@ def test_fsdp_two_ranks_train_and_save_a_full_checkpoint(char_data, tmp_path, ca
     assert run(char_data, out, "--init_from=resume", "--max_iters=8") == 0
     sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5"])
     assert capsys.readouterr().out.count("---------------") == 1
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_under_fsdp_exactly(char_data, tmp_path):
+    """One checkpoint format (optimizer state keyed by parameter name) for every mode: 6 iterations in one process
+    then 2 more under 2-rank FSDP give the losses of 8 in one process."""
+    run(char_data, tmp_path / "whole", "--max_iters=8", "--eval_interval=8", "--lr_decay_iters=8")
+    out = tmp_path / "mixed"
+    run(char_data, out, "--lr_decay_iters=8")
+    data = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", *CONFIG]
+    data += ["--max_iters=8", "--eval_interval=8", "--lr_decay_iters=8", "--gradient_accumulation_steps=2"]
+    result = torchrun(tmp_path, *data, "--fsdp=True", "--init_from=resume")
+    assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))[-3000:]
+    whole, mixed = losses(tmp_path / "whole"), losses(out)
+    assert len(whole) == len(mixed) == 8
+    assert mixed == pytest.approx(whole, rel=1e-4, abs=1e-5)

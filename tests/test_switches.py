@@ -79,6 +79,8 @@ def test_forward_shapes(switches):
     model = GPT(config).eval()
     for T in (config.block_size, 5):
         logits, loss = model(random_tokens(config, 3, T))
+        assert logits.shape == (3, 1, config.vocab_size) and loss is None  # inference: the last position only
+        logits, loss = model(random_tokens(config, 3, T), all_logits=True)
         assert logits.shape == (3, T, config.vocab_size)
         assert loss is None
     x, y = random_tokens(config, 2), random_tokens(config, 2, seed=1)
@@ -101,8 +103,8 @@ def test_causality(switches):
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 1) % config.vocab_size
     with torch.no_grad():
-        before, _ = model(idx)
-        after, _ = model(changed)
+        before, _ = model(idx, all_logits=True)
+        after, _ = model(changed, all_logits=True)
     torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
     diff = (after - before).abs().amax(dim=(0, 2))  # (T,) largest change per position
     assert (diff[t:] > 1e-4).all(), diff
@@ -288,7 +290,10 @@ def test_sinusoidal_table_is_vaswani_formula():
         assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
         assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
     model = GPT(make_config(pos_embedding="sinusoidal"))
-    torch.testing.assert_close(model.pos_table, gpt_model.sinusoidal_table(BASE["block_size"], BASE["n_embd"]))
+    # the model's copy is scaled to the token embeddings' init std (0.02 RMS), so it does not drown them
+    table = gpt_model.sinusoidal_table(BASE["block_size"], BASE["n_embd"])
+    torch.testing.assert_close(model.pos_table, table * 0.02 * math.sqrt(2))
+    assert model.pos_table.square().mean().sqrt().item() == pytest.approx(0.02, rel=0.01)
     assert "pos_table" not in model.state_dict()
 
 
@@ -321,9 +326,9 @@ def test_crop_block_size(pos_embedding):
     model = GPT(make_config(pos_embedding=pos_embedding, block_size=32)).eval()
     idx = random_tokens(model.config, 2, 12)
     with torch.no_grad():
-        before, _ = model(idx)
+        before, _ = model(idx, all_logits=True)
         model.crop_block_size(12)
-        after, _ = model(idx)
+        after, _ = model(idx, all_logits=True)
     assert model.config.block_size == 12
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     for name in ("pos_table", "rope_cos", "rope_sin"):

@@ -211,3 +211,28 @@ def test_fine_tune_from_a_hugging_face_directory_then_resume(char_data, tmp_path
     assert meta["model_config"]["n_embd"] == 32 and meta["model_config"]["block_size"] == 16  # cropped to 16
     assert train.main([*base, "--init_from=resume", "--max_iters=6", "--eval_interval=2"]) == 0
     assert read_meta(find_checkpoint(str(out)))["iter_num"] == 6
+
+
+def test_resume_follows_the_new_learning_rate_not_the_saved_one(char_data, tmp_path, capsys):
+    """The optimizer state comes back, its hyperparameters do not: a resume with a tiny learning rate barely moves
+    the weights (the saved base learning rate of 3e-3 would move them by ~1e-3 a step)."""
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=8", "--eval_interval=8", "--dropout=0.0"))
+    before = final_weights(out)
+    train.main(
+        args(
+            char_data,
+            out,
+            "--max_iters=12",
+            "--eval_interval=12",
+            "--dropout=0.0",
+            "--init_from=resume",
+            "--learning_rate=1e-12",
+            "--min_lr=1e-12",
+            "--weight_decay=0.5",
+        )
+    )
+    assert "resuming with changed max_iters (8 -> 12), learning_rate (0.003 -> 1e-12)" in capsys.readouterr().out
+    after = final_weights(out)
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-9
+    assert [r["lr"] for r in records(out) if "lr" in r and r["iter"] >= 8] == [pytest.approx(1e-12)] * 4
