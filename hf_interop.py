@@ -11,14 +11,16 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from errors import UserError
 from model import GPTConfig
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-class UnsupportedModel(ValueError):
-    """The config cannot be read from, or written to, a Hugging Face format; the message says why."""
+class UnsupportedModel(UserError, ValueError):
+    """The config cannot be read from, or written to, a Hugging Face format; the message says why (one line from
+    the entry scripts)."""
 
 
 def resolve(name_or_dir: str) -> str:
@@ -50,6 +52,12 @@ def _gpt2_config(hf: dict) -> GPTConfig:
     mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}.get(act)
     if mlp is None:
         raise UnsupportedModel(f"GPT-2 activation {act!r} is not supported")
+    # Attention variants that compute another function than ours. reorder_and_upcast_attn only computes the same
+    # scores in float32, which our float32 softmax (SDPA) already does, so it is accepted.
+    if not hf.get("scale_attn_weights", True):
+        raise UnsupportedModel("GPT-2 with scale_attn_weights=false (no 1/sqrt(head size) scaling) is not supported")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise UnsupportedModel("GPT-2 with scale_attn_by_inverse_layer_idx=true is not supported")
     return GPTConfig(
         block_size=hf["n_positions"],
         vocab_size=hf["vocab_size"],

@@ -33,7 +33,12 @@ def build_optimizers(
     if name == "adamw":
         muon_params = []
     elif name == "muon":
-        muon_params = [p for n, p in params.items() if p.dim() == 2 and n.startswith("transformer.h.")]
+        # MoE routers stay in AdamW: a router's rows are per-expert scores, not a linear map to orthogonalise
+        muon_params = [
+            p
+            for n, p in params.items()
+            if p.dim() == 2 and n.startswith("transformer.h.") and not n.endswith("router.weight")
+        ]
     else:
         raise ValueError(f"unknown optimizer {name!r}; use adamw or muon")
     in_muon = {id(p) for p in muon_params}

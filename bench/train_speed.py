@@ -21,9 +21,9 @@ from runtime import peak_flops, seed_everything, setup_runtime
 from train import TrainConfig, model_config
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    burn_in, steps = 10, 20
+def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
+    """Time train.py's step for the config named by argv: ms_per_iter, tokens_per_sec, mfu (None without a known
+    peak), peak_memory_gib (None off CUDA), params (non-embedding), tokens_per_iter."""
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype)
     seed_everything(cfg.seed)
@@ -50,7 +50,7 @@ def main(argv=None):
         for micro in range(cfg.gradient_accumulation_steps):
             xy = data[i, micro]
             with rt.autocast():
-                _, loss = fwd(xy[:, :-1], xy[:, 1:])
+                loss = fwd(xy[:, :-1], xy[:, 1:])[1]
             (loss / cfg.gradient_accumulation_steps).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         for opt in optimizers:
@@ -74,14 +74,27 @@ def main(argv=None):
     sync()
     dt = (time.perf_counter() - t0) / steps
     peak = peak_flops(rt, cfg.peak_flops)
+    return {
+        "params": model.num_params(),
+        "tokens_per_iter": tokens,
+        "ms_per_iter": dt * 1000,
+        "tokens_per_sec": tokens / dt,
+        "mfu": model.flops_per_token(cfg.block_size) * tokens / dt / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.device_type == "cuda" else None,
+    }
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    r = measure(argv)
     line = (
-        f"{model.num_params() / 1e6:.1f}M params, {tokens:,} tokens/iter: {dt * 1000:.1f} ms/iter, "
-        f"{tokens / dt:,.0f} tokens/s"
+        f"{r['params'] / 1e6:.1f}M params, {r['tokens_per_iter']:,} tokens/iter: {r['ms_per_iter']:.1f} ms/iter, "
+        f"{r['tokens_per_sec']:,.0f} tokens/s"
     )
-    if peak:
-        line += f", MFU {model.flops_per_token(cfg.block_size) * tokens / dt / peak * 100:.1f}%"
-    if rt.device_type == "cuda":
-        line += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    if r["mfu"] is not None:
+        line += f", MFU {r['mfu'] * 100:.1f}%"
+    if r["peak_memory_gib"] is not None:
+        line += f", peak memory {r['peak_memory_gib']:.2f} GiB"
     print(line)
 
 

@@ -103,19 +103,24 @@ def _text_only(ds, column: str):
     return ds if column == "text" else ds.rename_column(column, "text")
 
 
-def make_tokenizer(args, train):
+def make_tokenizer(args, train, val=None):
     """(encode_batch(list[str]) -> list[np.ndarray], tokenizer manifest entry)."""
     if args.tokenizer == "char":
-        # The vocabulary is every character in the training (and validation) text.
-        found = train.map(
-            lambda b: {"chars": ["".join(set("".join(b["text"])))]},
-            batched=True,
-            batch_size=1000,
-            remove_columns=["text"],
-            num_proc=_procs(args, train),
-            desc="finding characters",
-        )
-        chars = "".join(sorted(set("".join(found["chars"]))))
+        # The vocabulary is every character of the whole text, train and validation splits alike (as
+        # prepare/shakespeare_char.py): a character only the val split holds must encode, and the vocabulary must
+        # not depend on how --seed split the documents.
+        chars = set()
+        for ds in (train, val) if val is not None else (train,):
+            found = ds.map(
+                lambda b: {"chars": ["".join(set("".join(b["text"])))]},
+                batched=True,
+                batch_size=1000,
+                remove_columns=["text"],
+                num_proc=_procs(args, ds),
+                desc="finding characters",
+            )
+            chars |= set("".join(found["chars"]))
+        chars = "".join(sorted(chars))
         table = char_lookup(chars)
         info = {
             "tokenizer": "char",
@@ -171,7 +176,7 @@ def main(argv=None):
         n_val = max(1, round(len(train) * args.val_fraction))
         parts = train.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
         train, val = parts["train"], parts["test"]
-    encode_batch, tokenizer = make_tokenizer(args, train)
+    encode_batch, tokenizer = make_tokenizer(args, train, val)
     begin_dataset(args.out)
     splits, total_bytes = {}, 0
     if val is None and args.val_fraction > 0:  # a single document: split its tokens

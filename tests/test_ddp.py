@@ -65,10 +65,15 @@ def records(out_dir) -> list[dict]:
 @pytest.mark.slow
 def test_two_ranks_match_one_process(char_data, tmp_path):
     data = [f"--data_root={char_data}", "--dataset=tiny_char", "--gradient_accumulation_steps=2", *CONFIG]
+    data.append("--peak_flops=1e12")  # a stand-in peak, so MFU is reported on CPU
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     train.main([*data, f"--out_dir={single}"])
     result = torchrun(tmp_path, *data, f"--out_dir={ddp}")
     assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
+    # MFU is per GPU: each of 2 ranks does half the FLOPs of the global batch; the first 5 iterations are left out
+    flops = [{r["iter"]: r["mfu"] * r["dt"] for r in records(out) if "mfu" in r} for out in (single, ddp)]
+    assert list(flops[0]) == list(flops[1]) == [5]
+    assert flops[1][5] == pytest.approx(flops[0][5] / 2, rel=1e-9)
     rank0, rank1 = rank_logs(tmp_path, "stdout")
     assert "# 2 process(es) on cpu" in rank0 and rank1 == ""  # only the master prints
 

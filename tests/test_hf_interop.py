@@ -14,6 +14,7 @@ import hf_interop
 import train
 from checkpoint import find_checkpoint, load_weights, read_meta, save_checkpoint
 from errors import UserError
+from hf_interop import UnsupportedModel
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the Hugging Face parity tests")
@@ -369,3 +370,25 @@ def test_export_hf_cli_refuses_moe_with_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot export.*Mixture of Experts"):
         export_hf.main([f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'hf'}"])
     assert not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    "flags, accepted",
+    [
+        ({"scale_attn_weights": False}, False),
+        ({"scale_attn_by_inverse_layer_idx": True}, False),
+        ({"reorder_and_upcast_attn": True}, True),  # the same function, computed in float32
+    ],
+)
+def test_gpt2_attention_variants_load_exactly_or_are_refused(flags, accepted, tmp_path):
+    hf = hf_gpt2()
+    for key, value in flags.items():
+        setattr(hf.config, key, value)
+    hf = transformers.GPT2LMHeadModel(hf.config).eval()
+    randomize_(hf)
+    hf.save_pretrained(tmp_path)
+    if not accepted:  # they load without complaint but compute another function: refused in one line
+        with pytest.raises(UnsupportedModel, match=next(iter(flags))):
+            GPT.from_pretrained(str(tmp_path))
+        return
+    assert_same_logits(GPT.from_pretrained(str(tmp_path)).eval(), hf)

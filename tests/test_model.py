@@ -330,3 +330,13 @@ def test_hf_gelu_new_is_torch_tanh_gelu():
     activations = pytest.importorskip("transformers.activations", reason="transformers is needed for this check")
     x = torch.linspace(-6, 6, 1001)
     torch.testing.assert_close(activations.ACT2FN["gelu_new"](x), F.gelu(x, approximate="tanh"))
+
+
+def test_untied_token_embeddings_are_not_counted_as_compute(tiny_config):
+    tied = GPT(tiny_config)
+    untied = GPT(GPTConfig(**(tiny_config.__dict__ | {"tie_embeddings": False})))
+    wte = tied.transformer.wte.weight.numel()
+    # the untied model has one more V x C matrix (lm_head), but its wte is a lookup: no FLOPs, not "non-embedding"
+    assert untied.num_params(non_embedding=False) == tied.num_params(non_embedding=False) + wte
+    assert untied.num_params() == tied.num_params()
+    assert untied.flops_per_token(16) == tied.flops_per_token(16)

@@ -88,3 +88,11 @@ def test_optimizer_skips_frozen_parameters(tiny_config):
     model.transformer.wpe.weight.requires_grad_(False)
     opt = build_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     assert all(p is not model.transformer.wpe.weight for g in opt.param_groups for p in g["params"])
+
+
+def test_wsd_decay_that_would_start_inside_warmup_starts_after_it():
+    # decay_fraction 0.8 of 100 iterations would start the decay at 20, inside the 50 warmup iterations: the rate
+    # fell from 0.98 to 0.66 at once when warmup ended
+    lr = [lr_at(i, 1.0, 50, 100, 0.1, schedule="wsd", decay_fraction=0.8) for i in range(101)]
+    assert lr[50] == 1.0 and lr[100] == 0.1
+    assert max(abs(a - b) for a, b in zip(lr, lr[1:], strict=False)) < 0.03

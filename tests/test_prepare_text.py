@@ -212,3 +212,17 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path):
     assert not (out / "train.bin").exists() or not (out / "val.bin").exists()
     with pytest.raises(UserError, match="prepare"):
         load_data(str(out), block_size=8)
+
+
+def test_char_vocabulary_covers_the_val_split_and_ignores_the_seed(tmp_path):
+    """Documents split by --val_fraction: a character only a val document holds used to crash the encoder, and the
+    vocabulary changed with --seed."""
+    path = tmp_path / "docs.jsonl"
+    rows = [{"text": f"words and one character of its own: {chr(0x100 + i)}"} for i in range(40)]  # each one unique
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    metas = [
+        run(tmp_path, "--input", path, "--tokenizer", "char", "--val_fraction", "0.1", "--seed", seed)[1]
+        for seed in (0, 1)
+    ]
+    assert all({chr(0x100 + i) for i in range(40)} <= set(m["chars"]) for m in metas)
+    assert metas[0]["tokenizer_hash"] == metas[1]["tokenizer_hash"]

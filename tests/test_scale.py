@@ -93,6 +93,18 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_config):
     assert id(model.lm_head.weight) in in_adamw and id(model.transformer.wte.weight) in in_adamw
 
 
+def test_muon_leaves_moe_routers_to_adamw(tiny_config):
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(**(tiny_config.__dict__ | {"n_expert": 4})))
+    muon, adamw = build_optimizers(model, "muon", 0.1, 1e-3, (0.9, 0.95), "cpu")
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    for block in model.transformer.h:
+        assert id(block.mlp.router.weight) in in_adamw
+        assert id(block.mlp.experts[0].c_fc.weight) in in_muon
+
+
 def test_wsd_schedule_endpoints():
     lr = [lr_at(i, 1.0, 10, 100, 0.1, schedule="wsd", decay_fraction=0.2) for i in range(120)]
     assert lr[9] < 1.0 and lr[10] == lr[79] == lr[80] == 1.0

@@ -236,3 +236,63 @@ def test_resume_follows_the_new_learning_rate_not_the_saved_one(char_data, tmp_p
     after = final_weights(out)
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-9
     assert [r["lr"] for r in records(out) if "lr" in r and r["iter"] >= 8] == [pytest.approx(1e-12)] * 4
+
+
+class NaNLossGPT(train.GPT):
+    """A model whose training loss is NaN: every gradient is non-finite."""
+
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = super().forward(idx, targets, **kwargs)
+        return logits, (loss * float("nan") if loss is not None and self.training else loss)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_steps_stop_the_run_also_under_loss_scaling(char_data, tmp_path, monkeypatch, capsys, dtype):
+    """float16's GradScaler skips a non-finite step by itself; those skips used to go uncounted, so a run of NaN
+    weights trained on forever. (float16 on CPU is only allowed here, to reach the GradScaler path.)"""
+    import runtime
+
+    if dtype == "float16":
+        monkeypatch.setattr(runtime, "pick_dtype", lambda requested, device_type: torch.float16)
+    monkeypatch.setattr(train, "GPT", NaNLossGPT)
+    code = train.main(args(char_data, str(tmp_path / "out"), "--max_iters=20", "--max_nonfinite_steps=3"))
+    assert code == 3
+    out = capsys.readouterr().out
+    assert "stopping: 3 non-finite steps in a row at iteration 3" in out
+
+
+def test_auto_dtype_uses_float16_where_bf16_is_only_emulated(monkeypatch):
+    import runtime
+
+    # a V100 or T4: bf16 "supported" through emulation only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.pick_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert runtime.pick_dtype("auto", "cuda") == torch.bfloat16
+
+
+def test_lr_decay_iters_none_decays_by_max_iters(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=8", "--eval_interval=8", "--lr_decay_iters=none"))
+    lrs = {r["iter"]: r["lr"] for r in records(out) if "lr" in r}
+    assert lrs == {i: pytest.approx(lr_at(i, 3e-3, 4, 8, 3e-4)) for i in range(8)}
+
+
+def test_missing_wandb_is_one_line(char_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(UserError, match="pip install wandb"):
+        train.main(args(char_data, str(tmp_path / "out"), "--max_iters=2", "--wandb_log=True"))
+
+
+def test_muon_on_a_torch_without_it_is_refused(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    with pytest.raises(ValueError, match="torch >= 2.9"):
+        train.TrainConfig(optimizer="muon")
+
+
+def test_fp8_leaves_out_routers_odd_shapes_and_the_head():
+    linear = torch.nn.Linear
+    assert train.fp8_eligible(linear(64, 256), "transformer.h.0.mlp.c_fc")
+    assert not train.fp8_eligible(linear(64, 8), "transformer.h.0.mlp.router")
+    assert not train.fp8_eligible(linear(64, 65), "transformer.h.0.attn.c_attn")  # 65 is not a multiple of 16
+    assert not train.fp8_eligible(linear(64, 64), "lm_head")
