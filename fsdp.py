@@ -7,16 +7,9 @@ is the root unit. Under FSDP every rank must take part in each forward pass and 
 """
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed's checkpoint and FSDP modules are imported where they are used, only by sharded runs: importing
+# them costs about a second of every start-up.
 
 
 def shard_model(
@@ -27,6 +20,9 @@ def shard_model(
     In bf16/fp16 the units all-gather their parameters in that dtype and reduce gradients in float32 (torchtitan's
     policy); the float32 shards stay the master weights. compile=True compiles each block before sharding it, so
     FSDP's hooks sit between graphs rather than breaking one graph of the whole forward (torchtitan does the same)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(device_type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
@@ -38,14 +34,21 @@ def shard_model(
 
 def model_state(model: torch.nn.Module, sharded: bool) -> dict:
     """The full state dict (a collective under FSDP: call it on every rank)."""
-    return get_model_state_dict(model, options=FULL) if sharded else model.state_dict()
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
     """The optimizer's full state dict keyed by parameter name (FQN), the one format every mode reads: one process,
     DDP and FSDP (a collective under FSDP)."""
-    options = FULL if sharded else StateDictOptions(full_state_dict=True)  # unsharded: no gather, no rank-0 only
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    if not sharded:
+        return _by_name(model, optimizer, optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
@@ -54,24 +57,44 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded
     betas) stay those the optimizer was built with, so a resumed run follows its own command line."""
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     state = _by_name(model, optimizer, state)
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(_by_index(model, optimizer, state))
     for group, own in zip(optimizer.param_groups, hyper, strict=True):
         group.update(own)
+
+
+def _names(model: torch.nn.Module, optimizer) -> list[str]:
+    """The name of each of the optimizer's parameters, in its order (what optimizer.state_dict()'s integers count)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekey(state: dict, key_of: dict) -> dict:
+    return {
+        "state": {key_of[k]: v for k, v in state["state"].items()},
+        "param_groups": [g | {"params": [key_of[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def _by_name(model: torch.nn.Module, optimizer, state: dict) -> dict:
     """An optimizer state dict keyed by integers (optimizer.state_dict(), as older checkpoints hold) rekeyed by
     parameter name: integer i is the i-th parameter of the optimizer's groups, which build_optimizers orders the same
-    way every time."""
+    way every time. A state already keyed by name is returned as it is."""
     keys = [k for group in state["param_groups"] for k in group["params"]]
     if not keys or not isinstance(keys[0], int):
         return state
-    names = {id(p): n for n, p in model.named_parameters()}
-    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    if len(ordered) != len(keys):
-        raise ValueError(f"the saved optimizer state has {len(keys)} parameters, this optimizer {len(ordered)}")
-    name_of = dict(zip(keys, ordered, strict=True))
-    return {
-        "state": {name_of[k]: v for k, v in state["state"].items()},
-        "param_groups": [g | {"params": [name_of[k] for k in g["params"]]} for g in state["param_groups"]],
-    }
+    names = _names(model, optimizer)
+    if len(names) != len(keys):
+        raise ValueError(f"the saved optimizer state has {len(keys)} parameters, this optimizer {len(names)}")
+    return _rekey(state, dict(zip(keys, names, strict=True)))
+
+
+def _by_index(model: torch.nn.Module, optimizer, state: dict) -> dict:
+    """The inverse of _by_name, for optimizer.load_state_dict (which pairs saved and current parameters by position,
+    hence the sort)."""
+    state = _rekey(state, {name: i for i, name in enumerate(_names(model, optimizer))})
+    return state | {"param_groups": [g | {"params": sorted(g["params"])} for g in state["param_groups"]]}

@@ -29,7 +29,8 @@ def build_optimizers(
     """The optimizers for `model`: [AdamW] or [Muon, AdamW]. Every parameter is in exactly one group; each group
     records its base learning rate as "base_lr" for the schedule to scale."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    # The fused kernel (one pass over all parameters) exists for CUDA and, since torch 2.4, for CPU tensors too.
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     if name == "adamw":
         muon_params = []
     elif name == "muon":

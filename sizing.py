@@ -108,14 +108,14 @@ def dataset_vocab_size(cfg: "TrainConfig") -> int:
         raise UserError(f"vocab_size is none and the dataset is unreadable ({e}); pass --vocab_size") from None
 
 
-def short_report(cfg: "TrainConfig", config: GPTConfig | None = None) -> str:
+def short_report(cfg: "TrainConfig", model: GPT | None = None) -> str:
     """Two lines for train.py's start-up: parameters, tokens and FLOPs per iteration, Chinchilla's data budget.
-    config is the model's own GPTConfig (it differs from cfg's fields when starting from GPT-2 weights)."""
-    if config is None:
+    model is the run's own model (its config differs from cfg's fields when starting from GPT-2 weights); without
+    it a meta-device model is built from cfg."""
+    if model is None:
         from train import model_config
 
-        config = model_config(cfg, dataset_vocab_size(cfg))
-    model = build_meta_model(config)
+        model = build_meta_model(model_config(cfg, dataset_vocab_size(cfg)))
     n = model.num_params(non_embedding=False)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter

@@ -201,7 +201,7 @@ def main(argv=None):
     model.to(rt.device)
     raw_model = model
     rt.print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters")
-    rt.print0(short_report(cfg, raw_model.config))
+    rt.print0(short_report(cfg, raw_model))
 
     raw_model.checkpoint_every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
     if cfg.fp8:

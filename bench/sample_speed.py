@@ -3,6 +3,8 @@
     python -m bench.sample_speed                                   # batch 1 and 16, 500 new tokens, both paths
     python -m bench.sample_speed --batch_sizes=1 --new_tokens=500 --device=cuda --dtype=bfloat16
     python -m bench.sample_speed --uncached_tokens=100             # the slow path on fewer tokens
+    python -m bench.sample_speed --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65 \
+        --batch_sizes=1 --new_tokens=400                           # the shakespeare_char model
 
 Both paths run in the same process on the same weights, greedy, from a one-token prompt, after a warm-up run of each;
 the uncached path recomputes the whole context every step (nanoGPT's sample.py). It prints tokens/s (new tokens
@@ -40,13 +42,19 @@ def main():
     p.add_argument("--uncached_tokens", type=int, default=None, help="tokens for the uncached run (default: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--vocab_size", type=int, default=50257)
     args = p.parse_args()
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768))
+    shape = {k: getattr(args, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+    model = GPT(GPTConfig(**shape))
     model = model.to(args.device, DTYPES[args.dtype]).eval()
     print(
-        f"GPT-2 124M shapes, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, greedy, "
-        f"{args.new_tokens} new tokens"
+        f"{', '.join(f'{k}={v}' for k, v in shape.items())}, {args.device}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, greedy, {args.new_tokens} new tokens"
     )
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         for kv_cache in (True, False):  # warm-up: allocator, kernels, CPU caches

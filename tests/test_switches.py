@@ -531,3 +531,42 @@ def test_gpt_config_rejects_bad_switches(kwargs, message):
 
 def test_odd_head_size_is_fine_without_rope():
     GPT(make_config(n_embd=12, n_head=4))  # head size 3
+
+
+@pytest.mark.slow
+def test_every_position_scheme_trains_about_as_well_as_learned(char_data, tmp_path):
+    """150 steps of a tiny model on characters: the unscaled sinusoidal table (RMS 0.71 against token embeddings of
+    std 0.02) ended at val 3.35 where learned positions reach 2.40; every scheme must land within 0.1 of learned."""
+    import json
+
+    import train
+
+    val = {}
+    for pos in ("learned", "sinusoidal", "rope", "alibi", "none"):
+        out = tmp_path / pos
+        train.main(
+            [
+                f"--data_root={char_data}",
+                "--dataset=tiny_char",
+                f"--out_dir={out}",
+                "--device=cpu",
+                "--compile=False",
+                "--n_layer=2",
+                "--n_head=2",
+                "--n_embd=64",
+                "--block_size=32",
+                "--batch_size=16",
+                "--gradient_accumulation_steps=1",
+                "--max_iters=150",
+                "--eval_interval=150",
+                "--eval_iters=10",
+                "--learning_rate=3e-3",
+                "--min_lr=3e-4",
+                "--warmup_iters=10",
+                "--dropout=0",
+                f"--pos_embedding={pos}",
+            ]
+        )
+        with open(out / "metrics.jsonl") as f:
+            val[pos] = [json.loads(line) for line in f][-1]["val_loss"]
+    assert all(loss < val["learned"] + 0.1 for loss in val.values()), val
