@@ -340,8 +340,10 @@ def main(argv=None):
                 break
 
             # One optimizer step over accum_steps micro-batches. Dropout is reseeded from (seed, rank, iteration),
-            # so a resumed run draws the same masks as an uninterrupted one.
-            seed_everything(hash_seed(cfg.seed, rt.rank, iter_num))
+            # so a resumed run draws the same masks as an uninterrupted one (without dropout nothing here is random,
+            # and reseeding every step would cost ~1 ms).
+            if raw_model.config.dropout > 0:
+                seed_everything(hash_seed(cfg.seed, rt.rank, iter_num))
             loss_sum = torch.zeros((), device=rt.device)
             aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
             for micro_step in range(accum_steps):

@@ -544,29 +544,11 @@ def test_every_position_scheme_trains_about_as_well_as_learned(char_data, tmp_pa
     val = {}
     for pos in ("learned", "sinusoidal", "rope", "alibi", "none"):
         out = tmp_path / pos
-        train.main(
-            [
-                f"--data_root={char_data}",
-                "--dataset=tiny_char",
-                f"--out_dir={out}",
-                "--device=cpu",
-                "--compile=False",
-                "--n_layer=2",
-                "--n_head=2",
-                "--n_embd=64",
-                "--block_size=32",
-                "--batch_size=16",
-                "--gradient_accumulation_steps=1",
-                "--max_iters=150",
-                "--eval_interval=150",
-                "--eval_iters=10",
-                "--learning_rate=3e-3",
-                "--min_lr=3e-4",
-                "--warmup_iters=10",
-                "--dropout=0",
-                f"--pos_embedding={pos}",
-            ]
-        )
+        shape = "--n_layer=2 --n_head=2 --n_embd=64 --block_size=32 --batch_size=16 --gradient_accumulation_steps=1"
+        schedule = "--max_iters=150 --eval_interval=150 --eval_iters=10 --learning_rate=3e-3 --min_lr=3e-4"
+        data = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}"]
+        train.main([*data, "--device=cpu", "--compile=False", *shape.split(), *schedule.split(), "--warmup_iters=10",
+                    "--dropout=0", f"--pos_embedding={pos}"])  # fmt: skip
         with open(out / "metrics.jsonl") as f:
             val[pos] = [json.loads(line) for line in f][-1]["val_loss"]
     assert all(loss < val["learned"] + 0.1 for loss in val.values()), val
