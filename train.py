@@ -223,7 +223,13 @@ def main(argv=None):
     if resume_from is not None:
         state = load_state(resume_from, rt.device)
         for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-            load_optimizer_state(raw_model, opt, opt_state, cfg.fsdp)
+            try:
+                load_optimizer_state(raw_model, opt, opt_state, cfg.fsdp)
+            except (KeyError, ValueError) as e:  # e.g. a Muon run saved when MoE routers were still in Muon
+                raise UserError(
+                    f"cannot resume {resume_from}: its {type(opt).__name__} state does not fit this optimizer "
+                    f"({type(e).__name__}: {str(e)[:200]}); start a new run from its weights instead"
+                ) from None
         if state["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]

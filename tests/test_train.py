@@ -296,3 +296,19 @@ def test_fp8_leaves_out_routers_odd_shapes_and_the_head():
     assert not train.fp8_eligible(linear(64, 8), "transformer.h.0.mlp.router")
     assert not train.fp8_eligible(linear(64, 65), "transformer.h.0.attn.c_attn")  # 65 is not a multiple of 16
     assert not train.fp8_eligible(linear(64, 64), "lm_head")
+
+
+def test_an_optimizer_state_that_does_not_fit_is_a_one_line_error(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=4"))
+    path = find_checkpoint(out)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    state["optimizers"][0]["state"]["transformer.no.such.weight"] = state["optimizers"][0]["state"].popitem()[1]
+    # rewrite it as a valid checkpoint (hashes and all) holding the mismatched state
+    from checkpoint import load_file, save_checkpoint
+
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    meta = read_meta(path)
+    save_checkpoint(str(tmp_path / "other"), 4, weights, state, meta)
+    with pytest.raises(UserError, match="does not fit this optimizer"):
+        train.main(args(char_data, str(tmp_path / "other"), "--max_iters=6", "--init_from=resume"))
