@@ -376,8 +376,8 @@ def main(argv=None):
             if logging and rt.ddp:  # the logged loss is the mean over the whole global batch
                 dist.all_reduce(loss_sum)
                 loss_sum /= rt.world_size
-            # The step's one host sync: the norm decides the step, the loss goes to the log.
-            grad_normf, lossf = torch.stack([grad_norm.float(), loss_sum.float()]).tolist()
+            # The step's one host sync: the norm decides the step, the losses go to the log.
+            grad_normf, lossf, auxf = torch.stack([grad_norm.float(), loss_sum.float(), aux_sum.float()]).tolist()
             finite = math.isfinite(grad_normf)
             if finite or scaler.is_enabled():  # in float16 the scaler skips the step itself and lowers its scale
                 for opt in optimizers:
@@ -415,7 +415,7 @@ def main(argv=None):
                     record["mfu"] = flops_per_iter / dt / peak  # per GPU
                     line += f", mfu {record['mfu'] * 100:.2f}%"
                 if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
-                    record["aux_loss"] = aux_sum.item()
+                    record["aux_loss"] = auxf
                     line += f", aux loss {record['aux_loss']:.4f}"
                 rt.print0(line)
                 if rt.master:
