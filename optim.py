@@ -2,7 +2,8 @@
 
 Optimizers: AdamW with weight-decay groups (matrices decayed; biases and norm gains not), or Muon (Jordan et al.
 2024, torch.optim.Muon) for the 2-D matrices inside the transformer blocks with AdamW for everything else
-(embeddings, lm_head, 1-D parameters), as Muon's authors recommend.
+(embeddings, lm_head, 1-D parameters, MoE routers), as Muon's authors recommend. The fused q|k|v matrix is three
+linear maps stacked in one tensor, so Muon orthogonalises its three row blocks one by one (as modded-nanogpt does).
 
 Schedules (a multiplier of each group's own base learning rate): linear warmup, then cosine decay to min_lr
 (Loshchilov & Hutter 2017), warmup-stable-decay (Hu et al. 2024, MiniCPM: constant, then a linear decay over the last
@@ -14,7 +15,30 @@ import math
 
 import torch
 
+from model import CausalSelfAttention
+
 SCHEDULES = ("cosine", "wsd", "constant")
+
+
+# torch.optim.Muon arrived in torch 2.9; train.py refuses optimizer=muon on older versions before building this
+class BlockwiseMuon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):
+    """torch.optim.Muon, with the matrices named in `row_blocks` (id(parameter) -> row counts) orthogonalised block
+    by block: each block gets its own Newton-Schulz iteration and its own shape's learning-rate adjustment. The
+    momentum and the state dict are those of the whole parameter, so checkpoints are the same as plain Muon's."""
+
+    def __init__(self, params, row_blocks: dict[int, list[int]], **kwargs):
+        super().__init__(params, **kwargs)
+        self.row_blocks = row_blocks
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs):
+        has_complex = super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+        blocks = [self.row_blocks.get(id(p)) for p in params_with_grad]
+        for tensors in (params_with_grad, grads, muon_momentum_bufs):
+            # views: Muon's in-place updates of a block land in the parameter (and its momentum buffer)
+            tensors[:] = [
+                piece for t, rows in zip(tensors, blocks, strict=True) for piece in (t.split(rows) if rows else [t])
+            ]
+        return has_complex
 
 
 def build_optimizers(
@@ -52,8 +76,14 @@ def build_optimizers(
     if muon_params:
         # "match_rms_adamw" scales Muon's orthogonalised update to AdamW's typical size (Liu et al. 2025, Moonshot),
         # so Muon can share AdamW's learning rate.
-        muon = torch.optim.Muon(
+        qkv_rows = {
+            id(m.c_attn.weight): [m.n_head * m.hs, m.n_kv_head * m.hs, m.n_kv_head * m.hs]
+            for m in model.modules()
+            if isinstance(m, CausalSelfAttention)
+        }
+        muon = BlockwiseMuon(
             muon_params,
+            row_blocks=qkv_rows,
             lr=muon_learning_rate or learning_rate,
             weight_decay=weight_decay,
             adjust_lr_fn="match_rms_adamw",

@@ -105,6 +105,29 @@ def test_muon_leaves_moe_routers_to_adamw(tiny_config):
         assert id(block.mlp.experts[0].c_fc.weight) in in_muon
 
 
+def test_muon_orthogonalises_q_k_and_v_each_on_its_own(tiny_config):
+    """The fused c_attn weight is q, k and v stacked: two Muon steps on it must equal plain torch.optim.Muon stepping
+    each block as its own matrix (own Newton-Schulz, own shape's learning-rate scale), grouped-query blocks too."""
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(**(tiny_config.__dict__ | {"n_head": 4, "n_kv_head": 1})))
+    muon, _ = build_optimizers(model, "muon", 0.1, 1e-2, (0.9, 0.95), "cpu")
+    weight = model.transformer.h[0].attn.c_attn.weight
+    C, kv = 32, 8
+    assert weight.shape == (C + 2 * kv, C)
+    blocks = [torch.nn.Parameter(b.detach().clone()) for b in weight.split([C, kv, kv])]
+    reference = torch.optim.Muon(blocks, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(2):
+        grad = torch.randn_like(weight)
+        for p in muon.param_groups[0]["params"]:
+            p.grad = grad if p is weight else torch.zeros_like(p)
+        for b, g in zip(blocks, grad.split([C, kv, kv]), strict=True):
+            b.grad = g.clone()
+        muon.step()
+        reference.step()
+    torch.testing.assert_close(weight.detach(), torch.cat([b.detach() for b in blocks]), rtol=0, atol=1e-6)
+
+
 def test_wsd_schedule_endpoints():
     lr = [lr_at(i, 1.0, 10, 100, 0.1, schedule="wsd", decay_fraction=0.2) for i in range(120)]
     assert lr[9] < 1.0 and lr[10] == lr[79] == lr[80] == 1.0
