@@ -8,13 +8,19 @@ A checkpoint is a directory out_dir/ckpt-<iter>/ holding
 It is written under a temporary name and renamed into place, so a crash at any moment leaves earlier checkpoints
 intact; older ones are deleted only after the new one is complete. Loading verifies the hashes and skips a
 corrupt checkpoint for the one before it, saying so. Nothing in a checkpoint is ever executed.
+
+One training run at a time writes to an out_dir: OutDirLock refuses a second writer, naming the first, and clears
+what a writer that died (kill -9, power loss) left behind.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 
@@ -25,7 +31,97 @@ from safetensors.torch import load_file, save_file
 from errors import UserError
 
 _NAME = re.compile(r"^ckpt-(\d+)$")
+_DEBRIS = re.compile(r"^(\.tmp-ckpt-|\.old-ckpt-|loss_curve\.png\.tmp-|metrics\.jsonl\.tmp-)")
 _FILES = ("model.safetensors", "state.pt", "meta.json")
+LOCK_NAME = ".lock"
+
+
+class OutDirLock:
+    """Holds out_dir for one training run: an exclusive flock on out_dir/.lock, which records the holder's pid and
+    host for the message a second writer gets. The kernel drops the flock when its process dies, however it dies, so
+    a stale lock is simply taken over. Holding the lock, the run removes the debris of dead writers: half-written
+    checkpoint and plot files, and a torn last line of metrics.jsonl. release() lets go (and removes an out_dir that
+    this lock created and nothing filled)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.created = not os.path.isdir(out_dir)
+        self.path = os.path.join(out_dir, LOCK_NAME)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise UserError(
+                        f"{out_dir} is in use by another training run ({_holder(self.path)}); wait for it to finish, "
+                        "or choose another --out_dir"
+                    ) from None
+                if _same_file(fd, self.path):
+                    break
+                os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another --out_dir") from None
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        remove_debris(out_dir)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        os.remove(self.path)  # unlinked while still locked: a writer waiting on this file retries on a new one
+        os.close(self.fd)
+        self.fd = None
+        if self.created and not os.listdir(self.out_dir):
+            os.rmdir(self.out_dir)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip() or "pid unknown"
+    except OSError:
+        return "pid unknown"
+
+
+def remove_debris(out_dir: str) -> None:
+    """What a writer that died left in out_dir (call holding its OutDirLock, so no live writer owns any of it):
+    temporary checkpoint directories and plot files, and a torn last line of metrics.jsonl."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if not _DEBRIS.match(name) or os.path.islink(path):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and not os.path.islink(metrics):
+        with open(metrics, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):  # a write cut short: drop the partial line
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def _no_space(e: BaseException, directory: str) -> bool:
+    """Whether a failed write was the disk filling up (torch.save reports it as a RuntimeError)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _sha256(path: str) -> str:
@@ -49,28 +145,36 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict)
     or its full state dict, `state` a dict of optimizer/scaler state dicts and numbers, `meta` JSON-serialisable."""
     os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, f"ckpt-{iter_num:07d}")
+    if os.path.exists(final) and verify_checkpoint(final) is None:
+        # The same iteration again holds the same run state: keep the verified copy rather than swap directories,
+        # which cannot be done atomically (a crash between two renames would lose both names).
+        return final
     tmp = os.path.join(out_dir, f".tmp-ckpt-{iter_num:07d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    save_file(_unique(weights), os.path.join(tmp, "model.safetensors"))
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta | {"iter_num": iter_num, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
-    hashes = {}
-    for name in _FILES:
-        _fsync(os.path.join(tmp, name))
-        hashes[name] = _sha256(os.path.join(tmp, name))
-    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-        json.dump(hashes, f, indent=2)
-    _fsync(os.path.join(tmp, "COMPLETE"))
+    try:
+        os.makedirs(tmp)
+        weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        save_file(_unique(weights), os.path.join(tmp, "model.safetensors"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta | {"iter_num": iter_num, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
+        hashes = {}
+        for name in _FILES:
+            _fsync(os.path.join(tmp, name))
+            hashes[name] = _sha256(os.path.join(tmp, name))
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            json.dump(hashes, f, indent=2)
+        _fsync(os.path.join(tmp, "COMPLETE"))
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _no_space(e, out_dir):
+            raise
+        raise UserError(
+            f"disk full at {out_dir}: checkpoint {iter_num} not written, the previous checkpoint is kept; free space "
+            "and continue with --init_from=resume"
+        ) from None
     old = None
     if os.path.exists(final):
-        if verify_checkpoint(final) is None:
-            # The same iteration again holds the same run state: keep the verified copy rather than swap directories,
-            # which cannot be done atomically (a crash between two renames would lose both names).
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
         old = os.path.join(out_dir, f".old-ckpt-{iter_num:07d}-{os.getpid()}")  # a corrupt one: replace it
         os.replace(final, old)
     os.replace(tmp, final)
@@ -194,15 +298,16 @@ def code_version() -> str | None:
 
 
 def prune_checkpoints(out_dir: str, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints and the best one by val loss."""
+    """Delete all but the newest keep_last checkpoints (the newest always) and the best one by val loss. A
+    checkpoint that is a symlink is never deleted: what it points to is not this run's to delete."""
     paths = list_checkpoints(out_dir)
     if not paths:
         return
-    keep = set(paths[-keep_last:]) if keep_last > 0 else set()
+    keep = set(paths[-max(keep_last, 1) :])
     best = min(paths, key=_val_loss)
     if _val_loss(best) < float("inf"):
         keep.add(best)
     for path in paths:
-        if path not in keep:
+        if path not in keep and not os.path.islink(path):
             os.remove(os.path.join(path, "COMPLETE"))  # unlisted first, so a crash mid-delete leaves no half checkpoint
             shutil.rmtree(path, ignore_errors=True)

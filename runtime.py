@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,18 +145,22 @@ def peak_flops(rt: Runtime, override: float | None) -> float | None:
 
 
 class StopSignals:
-    """Turns SIGTERM and SIGUSR1 (SLURM's usual warning before preemption) into a flag the training loop polls,
-    so it can finish the step, checkpoint and exit. restore() puts the previous handlers back."""
+    """Turns SIGTERM and SIGUSR1 (SLURM's usual warning before preemption), SIGINT (Ctrl-C) and SIGHUP (a closed
+    terminal) into a flag the training loop polls, so it can finish the step, checkpoint and exit. A second Ctrl-C
+    raises KeyboardInterrupt at once (the last checkpoint stays). restore() puts the previous handlers back."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
+    CODES |= {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGHUP: EXIT_INTERRUPTED}
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
-        for sig in self.SIGNALS:
+        for sig in self.CODES:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
 
     def restore(self):
@@ -164,11 +168,12 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def agreed(self, rt: Runtime) -> bool:
-        """True on every rank when any rank got a signal, so all ranks stop after the same step."""
-        flag = self.received is not None
+    def exit_code(self, rt: Runtime) -> int:
+        """0, or the exit code for the signal received (EXIT_PREEMPTED or EXIT_INTERRUPTED); the same on every rank
+        when any rank got a signal, so all ranks stop after the same step."""
+        code = self.CODES.get(self.received, 0)
         if rt.ddp:
-            t = torch.tensor([int(flag)], device=rt.device)
+            t = torch.tensor([code], device=rt.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+            code = int(t.item())
+        return code

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (
+    OutDirLock,
     code_version,
     find_checkpoint,
     list_checkpoints,
@@ -36,7 +37,7 @@ from checkpoint import (
 )
 from configurator import format_config, parse_config
 from data import eval_key, get_batch, load_data, train_key
-from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError, run_cli
+from errors import EXIT_NONFINITE, UserError, run_cli
 from fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from model import GPT, GPTConfig
 from optim import SCHEDULES, build_optimizers, lr_at
@@ -56,7 +57,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split for each evaluation
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val loss improves
-    keep_last: int = 2  # checkpoints kept besides the best one (older ones are deleted)
+    keep_last: int = 2  # checkpoints kept besides the best one (older ones are deleted; never the newest)
     init_from: str = "scratch"  # scratch, resume (newest checkpoint in out_dir), gpt2* or a Hugging Face directory
     # wandb logging
     wandb_log: bool = False  # log to Weights & Biases (master rank only; WANDB_MODE=offline works)
@@ -161,7 +162,6 @@ def main(argv=None):
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
             f"{rt.world_size} processes; make it a multiple"
         )
-    accum_steps = cfg.gradient_accumulation_steps // rt.world_size  # the preset's count is global
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     rt.print0(format_config(cfg))
     rt.print0(
@@ -170,6 +170,18 @@ def main(argv=None):
     )
 
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
+    lock = OutDirLock(cfg.out_dir) if rt.master else None  # one training run per out_dir at a time
+    try:
+        return train(cfg, rt, data)
+    finally:
+        if lock:
+            lock.release()
+
+
+def train(cfg: TrainConfig, rt, data) -> int:
+    """The run itself, once the config, the runtime, the data and out_dir are in hand; returns the exit code."""
+    accum_steps = cfg.gradient_accumulation_steps // rt.world_size  # the preset's count is global
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     seed_everything(cfg.seed)
 
     # The model: from scratch, resumed from out_dir, or GPT-2 weights. raw_model stays unwrapped for checkpoints.
@@ -233,6 +245,8 @@ def main(argv=None):
         if state["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+        if rt.master:
+            trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num)
 
     if cfg.compile and not cfg.fsdp:
         rt.print0("compiling the model... (takes a minute)")
@@ -302,7 +316,7 @@ def main(argv=None):
         prune_checkpoints(cfg.out_dir, cfg.keep_last)
         rt.print0(f"saved checkpoint {path}")
 
-    stop = StopSignals()  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit with EXIT_PREEMPTED
+    stop = StopSignals()  # SIGTERM, SIGUSR1, Ctrl-C, SIGHUP: finish the step, checkpoint, exit (75 or 130)
     skipped_steps, bad_in_a_row, exit_code = 0, 0, 0
     x, y = batch(iter_num, 0)
     t0 = time.time()
@@ -439,10 +453,11 @@ def main(argv=None):
                 )
                 exit_code = EXIT_NONFINITE
                 break
-            if stop.agreed(rt):
+            signalled = stop.exit_code(rt)
+            if signalled:
                 rt.print0(f"signal received: saving iteration {iter_num} and exiting; continue with --init_from=resume")
                 save(None)
-                exit_code = EXIT_PREEMPTED
+                exit_code = signalled
                 break
     except torch.OutOfMemoryError:
         raise UserError(
@@ -552,11 +567,41 @@ def hash_seed(*key: int) -> int:
 
 
 def log_metrics(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(
-            json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
-            + "\n"
-        )
+    """Append one JSON line, whole or not at all: one write() of the line, cut back off again if it failed part-way
+    (a full disk), so the file never holds a torn line that the next append would glue onto."""
+    line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            os.write(fd, (line + "\n").encode())
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _iter_of(line: str) -> float:
+    try:
+        return json.loads(line).get("iter", -1)
+    except (ValueError, AttributeError):
+        return float("inf")  # not a row of ours: dropped
+
+
+def trim_metrics(path: str, iter_num: int) -> None:
+    """Drop the rows at or past iteration iter_num (logged by the run after the checkpoint it resumes from, which
+    the resumed run logs again), so every iteration appears once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _iter_of(line) < iter_num]
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

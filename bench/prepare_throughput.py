@@ -6,7 +6,7 @@ Builds a corpus of about --mb megabytes by repeating the input text, one documen
 runs both pipelines from the same in-memory `datasets.Dataset` to finished train.bin files, with the same number of
 processes, in the same run, and prints MB/s for each and their ratio.
   - ours: batched map, tiktoken's multi-threaded encode_ordinary_batch, one Arrow row per 1000 documents, then a
-    streamed write (prepare/text.py's tokenize + token_writer.write_split).
+    streamed write (prepare/text.py's tokenize + token_writer.DatasetWriter.write_split).
   - nanoGPT-style: one `encode_ordinary` call and one Arrow row per document, then a concatenating write into a
     np.memmap in shards (written here from the description of nanoGPT's data/openwebtext/prepare.py).
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "prepare"))  # the prepare modules
 import text  # noqa: E402
-from token_writer import write_split  # noqa: E402
+from token_writer import DatasetWriter  # noqa: E402
 
 
 def nanogpt_style(ds, enc, out_dir, num_proc):
@@ -48,7 +48,8 @@ def ours(ds, out_dir, num_proc):
     args = text.parse_args(["--input", "x", "--out", out_dir, "--num_proc", str(num_proc)])
     encode_batch, info = text.make_tokenizer(args, ds)
     tokens = text.tokenize(ds, encode_batch, args, "ours tokenizing")
-    return write_split(out_dir, "train", text.chunks(tokens), info["vocab_size"])["tokens"]
+    with DatasetWriter(out_dir) as writer:  # staged, then discarded: the write is what is timed
+        return writer.write_split("train", text.chunks(tokens), info["vocab_size"])["tokens"]
 
 
 def main():

@@ -12,11 +12,12 @@ single document is split by tokens instead. Writes <out>/train.bin, val.bin and 
 
 import argparse
 import glob
+import json
 import os
 import time
 
 import numpy as np
-from token_writer import begin_dataset, fail, write_meta, write_split
+from token_writer import DatasetWriter, fail
 from tokenization import (
     ENDOFTEXT,
     TokenizerUnavailable,
@@ -63,7 +64,7 @@ def load_source(args):
     """(train, val or None, description) as datasets.Dataset objects with one `text` column."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become our one-line messages
     files = sorted({f for pattern in args.input for f in glob.glob(os.path.expanduser(pattern))})
     try:
         if files:
@@ -72,8 +73,17 @@ def load_source(args):
             if None in builders or len(builders) != 1:
                 fail(f"input files must all be one of {', '.join(BUILDERS)}; got {', '.join(sorted(exts))}")
             builder = builders.pop()
+            if all(os.path.getsize(f) == 0 for f in files):
+                fail(f"{' '.join(files)[:300]} {'is' if len(files) == 1 else 'are'} empty; give a file with text")
             kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
-            train = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=args.cache_dir, **kwargs)
+            try:
+                train = datasets.load_dataset(
+                    builder, data_files=files, split="train", cache_dir=args.cache_dir, **kwargs
+                )
+            except datasets.exceptions.DatasetGenerationError:
+                if builder == "json":
+                    _fail_at_bad_json(files)
+                raise
             val, source = None, f"{len(files)} local {builder} file(s): {', '.join(files[:3])}"[:500]
         elif len(args.input) == 1 and not os.path.exists(args.input[0]) and "*" not in args.input[0]:
             name = args.input[0]
@@ -93,9 +103,52 @@ def load_source(args):
         )
     train = _text_only(train, args.text_column)
     val = _text_only(val, args.text_column) if val is not None else None
+    for split, ds in (("train", train), ("val", val)):
+        if ds is not None:
+            _check_text(
+                ds, f"{'input' if split == 'train' else 'val split of'} {' '.join(args.input)[:200]}", args.text_column
+            )
     if args.max_documents is not None:
         train = train.select(range(min(args.max_documents, len(train))))
     return train, val, source
+
+
+def _fail_at_bad_json(files: list[str]):
+    """Name the first line that is not a JSON object (datasets only says that generating the dataset failed)."""
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    fail(f"{path}:{n}: not valid JSON ({e}); fix or remove that line")
+                if not isinstance(row, dict):
+                    fail(f'{path}:{n}: a JSON line must be an object like {{"text": ...}}, got {type(row).__name__}')
+
+
+def _check_text(ds, what: str, column: str):
+    """Every row holds a string, and there is some text at all; else one line naming the first bad row."""
+    import pyarrow as pa  # datasets' own columnar format
+    import pyarrow.compute as pc
+
+    col = ds.data.column("text")
+    if len(ds) == 0:
+        fail(f"the {what} has no rows; give a file with text")
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        values = ds["text"]
+        if all(v is None for v in values):  # what a CSV reader makes of a column of empty strings
+            fail(f"the {what} holds no text (every row is empty)")
+        bad = next(i for i, t in enumerate(values) if not isinstance(t, str))
+        if values[bad] is None:
+            fail(f"row {bad + 1} of the {what} has no text (empty or null in column {column!r}); drop it or fill it in")
+        fail(f"row {bad + 1} of the {what} holds {values[bad]!r} in column {column!r}, not text")
+    if col.null_count:
+        bad = pc.index(pc.is_null(col), True).as_py()
+        fail(f"row {bad + 1} of the {what} has no text (null in column {column!r}); drop it or fill it in")
+    if pc.sum(pc.utf8_length(col)).as_py() in (0, None):
+        fail(f"the {what} holds no text (every row is empty)")
 
 
 def _text_only(ds, column: str):
@@ -177,29 +230,26 @@ def main(argv=None):
         parts = train.train_test_split(test_size=n_val, seed=args.seed, shuffle=True)
         train, val = parts["train"], parts["test"]
     encode_batch, tokenizer = make_tokenizer(args, train, val)
-    begin_dataset(args.out)
-    splits, total_bytes = {}, 0
-    if val is None and args.val_fraction > 0:  # a single document: split its tokens
-        tokens = tokenize(train, encode_batch, args, "tokenizing")
-        ids = np.concatenate(list(chunks(tokens)))
-        cut = int(len(ids) * (1 - args.val_fraction))
-        total_bytes = sum(tokens["bytes"])
-        for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
-            splits[split] = write_split(args.out, split, [part], tokenizer["vocab_size"], total=len(part))
-            splits[split]["documents"] = 1
-    else:
-        for split, ds in (("train", train), ("val", val)):
-            if ds is None:
-                continue
-            tokens = tokenize(ds, encode_batch, args, f"tokenizing {split}")
-            total = int(sum(tokens["tokens"]))
-            splits[split] = write_split(args.out, split, chunks(tokens), tokenizer["vocab_size"], total=total)
-            splits[split]["documents"] = int(sum(tokens["documents"]))
-            total_bytes += int(sum(tokens["bytes"]))
-    for split, info in splits.items():
-        if info["tokens"] == 0:
-            fail(f"the {split} split is empty; give more text or change --val_fraction")
-    meta = write_meta(args.out, tokenizer, source, splits)
+    with DatasetWriter(args.out) as writer:  # the previous dataset stays until the new one is complete
+        splits, total_bytes = {}, 0
+        if val is None and args.val_fraction > 0:  # a single document: split its tokens
+            tokens = tokenize(train, encode_batch, args, "tokenizing")
+            ids = np.concatenate(list(chunks(tokens)))
+            cut = int(len(ids) * (1 - args.val_fraction))
+            total_bytes = sum(tokens["bytes"])
+            for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
+                splits[split] = writer.write_split(split, [part], tokenizer["vocab_size"], total=len(part))
+                splits[split]["documents"] = 1
+        else:
+            for split, ds in (("train", train), ("val", val)):
+                if ds is None:
+                    continue
+                tokens = tokenize(ds, encode_batch, args, f"tokenizing {split}")
+                total = int(sum(tokens["tokens"]))
+                splits[split] = writer.write_split(split, chunks(tokens), tokenizer["vocab_size"], total=total)
+                splits[split]["documents"] = int(sum(tokens["documents"]))
+                total_bytes += int(sum(tokens["bytes"]))
+        meta = writer.commit(tokenizer, source, splits)
     dt = time.time() - t0
     docs = len(train) + (len(val) if val is not None else 0)
     toks = sum(s["tokens"] for s in splits.values())

@@ -4,8 +4,11 @@ Each case runs an entry script's main() through errors.run_cli, exactly as `pyth
 
 import json
 import os
+import re
 
 import pytest
+import shakespeare_char
+import text
 import torch
 
 import export_hf
@@ -33,7 +36,6 @@ TINY = [
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A prepared dataset, a trained run, broken copies of both, a char checkpoint and an MoE checkpoint."""
-    import shakespeare_char
     from conftest import shakespeare_text
 
     root = tmp_path_factory.mktemp("world")
@@ -71,6 +73,13 @@ def world(tmp_path_factory):
         {},
         {"model_config": moe.config.__dict__, "train_config": {}, "data": {"tokenizer": "char", "chars": "abcdefghij"}},
     )
+    (root / "empty.txt").write_text("")
+    (root / "empty.jsonl").write_text("")
+    (root / "nocol.jsonl").write_text('{"body": "hello"}\n')
+    (root / "null.jsonl").write_text('{"text": "hello"}\n{"text": null}\n')
+    (root / "number.jsonl").write_text('{"text": "hello"}\n{"text": 5}\n')
+    (root / "invalid.jsonl").write_text('{"text": "hello"}\n{"text": hello}\n')
+    (root / "blank.csv").write_text('text\n""\n""\n')
     (root / "syntax.py").write_text("batch_size = = 3\n")
     (root / "unknown.py").write_text("batch_sise = 3\n")
     return root
@@ -85,6 +94,10 @@ def _set_split(d, split, tokens):
 
 def T(*extra, dataset="good"):  # a train.py command line in `world`
     return ("train", ["--data_root={root}/data", f"--dataset={dataset}", "--out_dir={root}/fresh", *TINY, *extra])
+
+
+def P(source):  # a prepare/text.py command line that would re-prepare the good dataset
+    return ("prepare_text", [f"--input={source}", "--out={root}/data/good", "--tokenizer=char"])
 
 
 def S(*extra, out="run"):  # a sample.py command line
@@ -147,7 +160,22 @@ CASES = {
     "character outside the vocabulary": (S("--start=☃"), "not in this dataset's vocabulary"),
     "stream several samples": (S("--stream=True", "--num_samples=2"), "num_samples=1"),
     "export MoE": (("export_hf", ["--out_dir={root}/moe", "--hf_dir={root}/hf"]), "Mixture of Experts"),
+    # re-preparing a dataset from a bad input leaves the old one (and a char dataset's vocabulary) as it was
+    "re-prepare chars from an empty input": (
+        ("prepare_char", ["--out={root}/data/good", "--input={root}/empty.txt"]),
+        "empty.txt is empty",
+    ),
+    "re-prepare text from an empty input": (P("{root}/empty.txt"), "empty.txt is empty"),
+    "prepare an empty JSONL": (P("{root}/empty.jsonl"), "empty.jsonl is empty"),
+    "prepare JSONL without the column": (P("{root}/nocol.jsonl"), "no column 'text'"),
+    "prepare JSONL with a null text": (P("{root}/null.jsonl"), "row 2 of the input"),
+    "prepare JSONL with a numeric text": (P("{root}/number.jsonl"), "row 2 of the input"),
+    "prepare invalid JSONL": (P("{root}/invalid.jsonl"), "invalid.jsonl:2: not valid JSON"),
+    "prepare text with only empty rows": (P("{root}/blank.csv"), "holds no text"),
 }
+
+
+PROGRESS = re.compile(r"\d+ examples \[|[\d.?]+ ?(?:examples|tok|it)/s\]")
 
 
 def snapshot(root) -> dict:
@@ -160,14 +188,21 @@ def test_user_error_is_one_line_exit_2_and_changes_nothing(world, name, capsys):
     if name == "fp8 without the hardware" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     argv = [a.replace("{root}", str(world)) for a in argv]
-    main = {"train": train.main, "sample": sample.main, "export_hf": export_hf.main}[script]
+    main = {
+        "train": train.main,
+        "sample": sample.main,
+        "export_hf": export_hf.main,
+        "prepare_char": shakespeare_char.main,
+        "prepare_text": text.main,
+    }[script]
     before = snapshot(world)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
+    # progress bars (prepare shows them on stderr) are not messages
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err and fragment in lines[0], lines[0]
     assert snapshot(world) == before  # no file written, changed or removed

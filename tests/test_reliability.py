@@ -210,3 +210,171 @@ def test_a_pickle_payload_in_a_checkpoint_executes_nothing(char_data, tmp_path, 
         with pytest.raises(UserError):
             sample.main([f"--out_dir={out}", "--device=cpu", "--max_new_tokens=2"])
     assert not marker.exists()
+
+
+def test_a_second_writer_is_refused_naming_the_first(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    holder = checkpoint.OutDirLock(out)  # what a running train.py holds
+    try:
+        with pytest.raises(UserError, match=rf"in use by another training run \(pid {os.getpid()} on "):
+            train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
+    finally:
+        holder.release()
+    assert not os.path.exists(out) or os.listdir(out) == []  # the refused run wrote nothing
+    assert train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2")) == 0
+    assert not os.path.exists(os.path.join(out, checkpoint.LOCK_NAME))  # let go at the end
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    code = f"import checkpoint, sys; checkpoint.OutDirLock({out!r}); print('locked', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"locked\n"  # the event: the lock is held
+    with pytest.raises(UserError, match=f"pid {proc.pid} on"):
+        train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
+    proc.kill()  # kill -9: no chance to clean up; the kernel drops the flock
+    proc.wait()
+    assert os.path.exists(os.path.join(out, checkpoint.LOCK_NAME))  # the stale file is still there
+    assert train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2")) == 0
+
+
+def test_the_next_run_clears_what_a_dead_writer_left(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
+    debris = [".tmp-ckpt-0000004-99999999", ".old-ckpt-0000002-99999999"]
+    for name in debris:
+        os.makedirs(os.path.join(out, name))
+        open(os.path.join(out, name, "model.safetensors"), "wb").write(b"\0" * 1000)
+    open(os.path.join(out, "loss_curve.png.tmp-99999999.png"), "wb").write(b"\x89PNG")
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"iter": 2, "loss": 1.')  # a write cut short by kill -9
+    assert train.main(args(char_data, out, "--init_from=resume", "--max_iters=4", "--eval_interval=2")) == 0
+    assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".old-", "loss_curve.png.tmp"))]
+    rows = metrics(out)  # every line parses
+    train_iters = [r["iter"] for r in rows if "loss" in r]
+    assert train_iters == sorted(set(train_iters)) == [0, 1, 2, 3]
+
+
+def test_resume_drops_the_metrics_logged_after_its_checkpoint(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=6", "--eval_interval=4", "--log_interval=1"))
+    import shutil
+
+    shutil.rmtree(os.path.join(out, "ckpt-0000006"))  # as if the run had died before saving iteration 6
+    assert train.main(args(char_data, out, "--init_from=resume", "--max_iters=6", "--eval_interval=4")) == 0
+    rows = metrics(out)
+    assert [r["iter"] for r in rows if "loss" in r] == list(range(6))
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 4, 6]
+
+
+def test_pruning_never_deletes_through_a_symlink(char_data, tmp_path):
+    other = str(tmp_path / "other")
+    train.main(args(char_data, other, "--max_iters=2", "--eval_interval=2"))
+    theirs = checkpoint.find_checkpoint(other)
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=2"))
+    link = os.path.join(out, "ckpt-0000001")
+    os.symlink(theirs, link)  # a link to another run's checkpoint, the oldest here
+    resume = args(char_data, out, "--init_from=resume", "--max_iters=12", "--eval_interval=4", "--keep_last=1")
+    train.main([*resume, "--always_save_checkpoint=True"])
+    assert checkpoint.find_checkpoint(out, "best") != link  # so pruning had reason to delete it
+    assert checkpoint.verify_checkpoint(theirs) is None  # the other run's checkpoint is whole
+    assert os.path.islink(link)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(char_data, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
+    before = checkpoint.find_checkpoint(out)
+
+    def full(*a, **k):  # what torch.save raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 45")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil_usage(free=0))
+    with pytest.raises(UserError, match=f"disk full at {out}: checkpoint 4 not written, the previous checkpoint"):
+        train.main(args(char_data, out, "--init_from=resume", "--max_iters=4", "--eval_interval=2"))
+    monkeypatch.undo()
+    assert checkpoint.find_checkpoint(out) == before
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]  # nothing half-written left
+    metrics(out)  # whole lines
+
+
+def shutil_usage(free):
+    import shutil
+
+    return shutil._ntuple_diskusage(1 << 30, (1 << 30) - free, free)
+
+
+def test_a_metrics_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = str(tmp_path / "metrics.jsonl")
+    train.log_metrics(path, {"iter": 0, "loss": 1.0})
+    real_write = os.write
+
+    def half(fd, data):  # the disk fills up half-way through the line
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.os, "write", half)
+    with pytest.raises(OSError):
+        train.log_metrics(path, {"iter": 1, "loss": 2.0})
+    monkeypatch.undo()
+    train.log_metrics(path, {"iter": 2, "loss": 3.0})
+    assert [r["iter"] for r in metrics(str(tmp_path))] == [0, 2]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_130_without_a_traceback(char_data, tmp_path):
+    out = str(tmp_path / "out")
+    proc = start(args(char_data, out, "--max_iters=100000", "--eval_interval=100000", "--log_interval=1"))
+    wait_for_iterations(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, log
+    assert "Traceback" not in log
+    stopped_at = checkpoint.read_meta(checkpoint.find_checkpoint(out))["iter_num"]
+    assert stopped_at >= 3 and f"saving iteration {stopped_at}" in log
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(capsys):
+    from errors import run_cli
+    from runtime import StopSignals
+
+    stop = StopSignals()
+    try:
+        signal.raise_signal(signal.SIGINT)  # the first: a flag, the loop saves after its step
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # the second: now
+    finally:
+        stop.restore()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(interrupted)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: interrupted")
+
+
+def test_a_prepare_that_fails_half_way_leaves_the_old_dataset(char_data):
+    import numpy as np
+    import shakespeare_char
+    from token_writer import DatasetWriter
+
+    d = os.path.join(char_data, "tiny_char")
+    before = {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)}
+
+    def crashing():  # a tokenizer that dies after its first chunk
+        yield np.arange(10)
+        raise RuntimeError("tokenizer crashed")
+
+    with pytest.raises(RuntimeError), DatasetWriter(d) as writer:
+        writer.write_split("train", crashing(), 65)
+    assert {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)} == before
+    with open(os.path.join(d, "train.bin.tmp-99999999"), "wb") as f:  # what a prepare killed with -9 left
+        f.write(b"\0" * 100)
+    shakespeare_char.main(["--out", d])
+    assert sorted(os.listdir(d)) == sorted(before)
