@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import train
 from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 
 TINY = [*TINY_TRAIN, "--warmup_iters=2", "--lr_decay_iters=1000"]
+DEBRIS = re.compile(r"^(?:\.tmp-ckpt-\d+|\.old-ckpt-\d+|loss_curve\.png\.tmp)-(\d+)")  # the writer's pid
 
 
 def args(char_data, out, *extra):
@@ -35,6 +37,14 @@ def start(argv, launcher=(sys.executable,)):
     return subprocess.Popen(
         [*launcher, "train.py", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def wait_until(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not get there"
+        time.sleep(0.05)
 
 
 def wait_for_iterations(out, n, proc, timeout=120):
@@ -155,8 +165,8 @@ def test_crash_inside_a_save_keeps_the_previous_checkpoint(char_data, tmp_path, 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_always_leaves_a_usable_checkpoint(char_data, tmp_path, capsys):
-    """20 kill -9s at random moments of a run that checkpoints every iteration: after each, the newest verified
-    checkpoint loads in sample.py and training resumes from it."""
+    """20 kill -9s and Ctrl-Cs at random moments of a run that checkpoints every iteration: after each, the newest
+    verified checkpoint loads in sample.py, training resumes from it, and the next start clears the debris."""
     out = str(tmp_path / "out")
     rng = random.Random(0)
     run = args(
@@ -167,9 +177,17 @@ def test_kill_9_at_random_moments_always_leaves_a_usable_checkpoint(char_data, t
         proc = start(run + (["--init_from=resume"] if checkpoint.list_checkpoints(out) else []))
         done = sum("loss" in r for r in metrics(out)) if i else 0
         wait_for_iterations(out, done + 1, proc)  # kill while training and saving, not while importing torch
+        # and only once a checkpoint exists: a kill before the first one leaves none, rightly so
+        wait_until(lambda: checkpoint.list_checkpoints(out), proc)
+        leftovers = [m for m in map(DEBRIS.match, os.listdir(out)) if m and int(m.group(1)) != proc.pid]
+        assert not leftovers, [m.group(0) for m in leftovers]  # what the killed run left is gone
         time.sleep(rng.uniform(0.0, 0.5))
-        proc.kill()
-        proc.wait()
+        if i % 2:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait() == 130
+        else:
+            proc.kill()
+            proc.wait()
         path = checkpoint.find_checkpoint(out)
         sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3"])
         usable += 1
