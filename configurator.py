@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import runpy
 import sys
@@ -101,13 +102,18 @@ def coerce(value, tp, key: str):
             except (ValueError, SyntaxError):
                 pass
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan and inf pass every < and >= check downstream: refuse them here
+                raise UserError(f"{key}={value!r} is not a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

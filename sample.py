@@ -10,7 +10,6 @@ Options are SampleConfig's fields below, set by preset files and then --key=valu
 generated as one batch; each is printed followed by a line of dashes, as nanoGPT does.
 """
 
-import codecs
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +60,20 @@ class SampleConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.stream and self.num_samples != 1:
             raise ValueError("stream=True prints one sample as it is produced: set num_samples=1")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        parse_stops(self.stop)  # a bad escape is an error now, not after the model has loaded
+
+
+def parse_stops(stop: str | None) -> list[str]:
+    """The stop strings of --stop: split at |, with backslash escapes (\\n, \\t, \\u2014) decoded and any other
+    character, non-ASCII ones included, kept as it is."""
+    if not stop:
+        return []
+    try:
+        return [s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in stop.split("|")]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stop={stop!r} has a bad escape ({e.reason}); write \\\\ for a backslash") from None
 
 
 def main(argv=None):
@@ -81,7 +94,7 @@ def main(argv=None):
         ids = [tokenizer.eot_id]  # an empty prompt starts a new document
     x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None].repeat(cfg.num_samples, 1)  # (num_samples, T)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
-    stops = [codecs.decode(s, "unicode_escape") for s in cfg.stop.split("|")] if cfg.stop else []
+    stops = parse_stops(cfg.stop)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
     decoder = Decoder(model, cfg.kv_cache, cfg.compile)
     steps = decoder.generate(x, cfg.max_new_tokens, sampling, generator, vocab_size=tokenizer.vocab_size)

@@ -131,8 +131,23 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_iters < 0 or self.keep_last < 0:
-            raise ValueError("max_iters and keep_last must be >= 0")
+        for name in ("max_iters", "keep_last", "warmup_iters", "max_nonfinite_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        # every number in range: a negative grad_clip would turn training into gradient ascent
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("muon_learning_rate", "peak_flops"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number > 0 or none, got {getattr(self, name)}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise ValueError(f"lr_decay_iters must be >= 1 or none, got {self.lr_decay_iters}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.lr_schedule not in SCHEDULES:
