@@ -9,9 +9,10 @@ GPT-2 layout, Llama-style ones (RoPE, RMSNorm, SwiGLU, any n_kv_head) in the Lla
 GPT-2-BPE model uses the `gpt2` tokenizer; a character model's vocabulary is in the checkpoint's meta.json.
 """
 
+import os
 from dataclasses import dataclass
 
-from checkpoint import find_checkpoint, load_weights, read_meta
+from checkpoint import LOCK_NAME, find_checkpoint, list_checkpoints, load_weights, read_meta
 from configurator import parse_config
 from errors import UserError, run_cli
 from hf_interop import UnsupportedModel, save_hf
@@ -22,12 +23,40 @@ from model import GPT, GPTConfig
 class ExportConfig:
     out_dir: str = "out"  # training output directory holding the checkpoint
     checkpoint: str = "latest"  # latest or best (lowest val loss), or a checkpoint directory given as out_dir
-    hf_dir: str = "hf_model"  # directory to write config.json and model.safetensors into
+    hf_dir: str = "hf_model"  # directory to write config.json and model.safetensors into (new or empty)
+    overwrite: bool = False  # write into a non-empty hf_dir (its config.json and model.safetensors are replaced)
+
+
+def check_hf_dir(hf_dir: str, checkpoint_path: str, overwrite: bool) -> None:
+    """Refuse, before any work, an hf_dir that cannot be written or whose files would be lost: a file, a
+    checkpoint or a training run's out_dir (never, whatever overwrite says), or a non-empty directory (unless
+    overwrite)."""
+    here, ckpt = os.path.realpath(hf_dir), os.path.realpath(checkpoint_path)
+    if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
+        raise UserError(f"--hf_dir={hf_dir} is a file; give a directory")
+    inside = here == ckpt or here.startswith(ckpt + os.sep) or ckpt.startswith(here + os.sep)
+    if os.path.isdir(hf_dir):
+        names = set(os.listdir(hf_dir))
+        if inside or "COMPLETE" in names or LOCK_NAME in names or "metrics.jsonl" in names or list_checkpoints(hf_dir):
+            raise UserError(
+                f"--hf_dir={hf_dir} holds a checkpoint or a training run, which the export would overwrite; "
+                "give a new directory"
+            )
+        if names and not overwrite:
+            raise UserError(f"--hf_dir={hf_dir} is not empty; give a new directory, or add --overwrite=True")
+    elif inside:
+        raise UserError(f"--hf_dir={hf_dir} is inside the checkpoint {checkpoint_path}; give a directory outside it")
+    parent = os.path.dirname(here)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent if not os.path.isdir(hf_dir) else hf_dir, os.W_OK):
+        raise UserError(f"cannot write --hf_dir={hf_dir} (no permission or not a directory); choose another")
 
 
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
     path = find_checkpoint(cfg.out_dir, cfg.checkpoint)
+    check_hf_dir(cfg.hf_dir, path, cfg.overwrite)
     meta = read_meta(path)
     model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": 0.0})))
     load_weights(path, model)

@@ -156,34 +156,35 @@ def _llama_state_dict(weights: dict, config: GPTConfig) -> dict:
 
 
 def hf_format(config: GPTConfig) -> str:
-    """Which Hugging Face layout can hold this config: "gpt2" or "llama"; UnsupportedModel if neither."""
+    """Which Hugging Face layout can hold this config: "gpt2" or "llama"; UnsupportedModel, naming what each layout
+    lacks, if neither."""
     c = config
-    gpt2 = (
-        c.pos_embedding == "learned"
-        and c.norm == "layernorm"
-        and c.norm_position == "pre"
-        and c.bias
-        and c.mlp in ("gelu_tanh", "gelu", "relu")
-        and c.n_kv_head == c.n_head
-        and not c.qk_norm
-    )
-    llama = (
-        c.pos_embedding == "rope"
-        and c.norm == "rmsnorm"
-        and c.norm_position == "pre"
-        and c.mlp == "swiglu"
-        and not c.qk_norm
-    )
     if c.n_expert:
         raise UnsupportedModel("Mixture of Experts models have no GPT-2 or Llama Hugging Face layout")
-    if gpt2:
-        return "gpt2"
-    if llama:
-        return "llama"
+    gpt2 = [
+        ("pos_embedding", c.pos_embedding == "learned", "learned"),
+        ("norm", c.norm == "layernorm", "layernorm"),
+        ("norm_position", c.norm_position == "pre", "pre"),
+        ("bias", c.bias, "True"),
+        ("mlp", c.mlp in ("gelu_tanh", "gelu", "relu"), "gelu_tanh, gelu or relu"),
+        ("n_kv_head", c.n_kv_head == c.n_head, f"n_head ({c.n_head})"),
+        ("qk_norm", not c.qk_norm, "False"),
+    ]
+    llama = [
+        ("pos_embedding", c.pos_embedding == "rope", "rope"),
+        ("norm", c.norm == "rmsnorm", "rmsnorm"),
+        ("norm_position", c.norm_position == "pre", "pre"),
+        ("mlp", c.mlp == "swiglu", "swiglu"),
+        ("qk_norm", not c.qk_norm, "False"),
+    ]
+    unmet = {}
+    for layout, rules in (("gpt2", gpt2), ("llama", llama)):
+        unmet[layout] = [f"{name}={want} (this model: {getattr(c, name)})" for name, ok, want in rules if not ok]
+        if not unmet[layout]:
+            return layout
     raise UnsupportedModel(
-        "this architecture fits neither Hugging Face layout: GPT-2 needs learned positions, pre-norm LayerNorm with "
-        "bias, a GELU/ReLU MLP and n_kv_head == n_head; Llama needs rope, pre-norm rmsnorm and swiglu (neither has "
-        "qk_norm, alibi, sinusoidal or no positions, or post-norm)"
+        f"this architecture fits neither Hugging Face layout: GPT-2 would need {', '.join(unmet['gpt2'])}; "
+        f"Llama would need {', '.join(unmet['llama'])}"
     )
 
 

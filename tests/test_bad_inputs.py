@@ -100,6 +100,10 @@ def P(source):  # a prepare/text.py command line that would re-prepare the good 
     return ("prepare_text", [f"--input={source}", "--out={root}/data/good", "--tokenizer=char"])
 
 
+def E(hf_dir, *extra):  # an export_hf.py command line
+    return ("export_hf", ["--out_dir={root}/run", f"--hf_dir={hf_dir}", *extra])
+
+
 def S(*extra, out="run"):  # a sample.py command line
     return ("sample", [f"--out_dir={{root}}/{out}", "--device=cpu", "--max_new_tokens=2", *extra])
 
@@ -175,6 +179,12 @@ CASES = {
     "character outside the vocabulary": (S("--start=☃"), "not in this dataset's vocabulary"),
     "stream several samples": (S("--stream=True", "--num_samples=2"), "num_samples=1"),
     "export MoE": (("export_hf", ["--out_dir={root}/moe", "--hf_dir={root}/hf"]), "Mixture of Experts"),
+    "export into the checkpoint itself": (E("{root}/run/ckpt-0000002"), "holds a checkpoint or a training run"),
+    "export into a training run": (E("{root}/run"), "holds a checkpoint or a training run"),
+    "export into a checkpoint, overwrite or not": (E("{root}/run", "--overwrite=True"), "holds a checkpoint"),
+    "export into a non-empty directory": (E("{root}/data"), "not empty"),
+    "export onto a file": (E("{root}/empty.txt"), "is a file"),
+    "export under a file": (E("{root}/empty.txt/hf"), "cannot write"),
     # re-preparing a dataset from a bad input leaves the old one (and a char dataset's vocabulary) as it was
     "re-prepare chars from an empty input": (
         ("prepare_char", ["--out={root}/data/good", "--input={root}/empty.txt"]),

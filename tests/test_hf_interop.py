@@ -308,6 +308,9 @@ def test_export_hf_cli_writes_a_llama_transformers_loads(tmp_path, capsys):
     write_checkpoint(str(tmp_path / "out"), ours)
     export_hf.main([f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'hf'}"])
     assert "llama layout" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not empty"):  # a second export never silently overwrites the first
+        export_hf.main([f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'hf'}"])
+    export_hf.main([f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'hf'}", "--overwrite=True"])
     hf = load_auto(str(tmp_path / "hf"))
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 1
     assert_same_logits(ours, hf)
@@ -392,3 +395,14 @@ def test_gpt2_attention_variants_load_exactly_or_are_refused(flags, accepted, tm
             GPT.from_pretrained(str(tmp_path))
         return
     assert_same_logits(GPT.from_pretrained(str(tmp_path)).eval(), hf)
+
+
+def test_a_refused_export_names_only_the_rules_it_breaks():
+    from hf_interop import UnsupportedModel, hf_format
+
+    with pytest.raises(UnsupportedModel) as e:
+        hf_format(GPTConfig(n_layer=1, n_head=2, n_embd=16, pos_embedding="alibi"))
+    message = str(e.value)
+    assert "GPT-2 would need pos_embedding=learned (this model: alibi);" in message
+    assert "Llama would need pos_embedding=rope (this model: alibi), norm=rmsnorm" in message
+    assert "qk_norm" not in message and "norm_position" not in message
