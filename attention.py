@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from configurator import parse_config
 from errors import UserError, run_cli
-from inference import load_for_inference, read_prompt
+from inference import check_output, load_for_inference, read_prompt
 from model import GPT, CausalSelfAttention, alibi_bias, apply_rope
 
 
@@ -130,6 +130,9 @@ def token_label(tokenizer, token: int) -> str:
 
 def main(argv=None):
     cfg = parse_config(AttentionConfig, argv, usage=__doc__)
+    npy = os.path.splitext(cfg.png)[0] + ".npy"
+    for path in (cfg.png, npy):
+        check_output(path, "--png")
     model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir)
     text = read_prompt(cfg.start)
     ids = tokenizer.encode(text)
@@ -142,7 +145,6 @@ def main(argv=None):
 
     weights = attention_weights(model, torch.tensor([ids]))  # n_layer x (1, nh, T, T)
     chosen = torch.stack([weights[i][0, heads] for i in layers]).numpy()  # (layers, heads, T, T)
-    npy = os.path.splitext(cfg.png)[0] + ".npy"
     np.save(npy, chosen)
     try:
         draw(chosen, [token_label(tokenizer, t) for t in ids], layers, heads, cfg.png)

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from configurator import parse_config
 from data import Tokenizer, load_data
 from errors import UserError, run_cli
-from inference import load_for_inference
+from inference import check_output, load_for_inference, read_text
 from model import GPT
 from runtime import setup_runtime
 
@@ -130,14 +130,13 @@ def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None) -> l
 
 def main(argv=None):
     cfg = parse_config(EvaluateConfig, argv, usage=__doc__)
+    if cfg.surprisal:
+        check_output(cfg.surprisal, "--surprisal", inputs=(cfg.text, cfg.tokens))
     rt = setup_runtime(cfg.device, cfg.dtype)
     model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir)
     model.to(rt.device)
     if cfg.text is not None:
-        if not os.path.isfile(cfg.text):
-            raise UserError(f"text file {cfg.text!r} not found")
-        with open(cfg.text, encoding="utf-8") as f:
-            ids = tokenizer.encode(f.read())
+        ids = tokenizer.encode(read_text(cfg.text, "text file"))
         if tokenizer.eot_id is not None:
             ids = [tokenizer.eot_id, *ids]  # a document starts after an end-of-text token, as in training data
     else:

@@ -35,8 +35,32 @@ def read_prompt(start: str) -> str:
     """The prompt text: `start` itself, or the contents of the file named by FILE:path."""
     if not start.startswith("FILE:"):
         return start
-    file = start.removeprefix("FILE:")
-    if not os.path.isfile(file):
-        raise UserError(f"prompt file {file!r} not found")
-    with open(file, encoding="utf-8") as f:
-        return f.read()
+    return read_text(start.removeprefix("FILE:"), "prompt file")
+
+
+def read_text(path: str, what: str) -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or non-UTF-8 file is one line saying so."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path!r} ({e.strerror})") from None
+
+
+def check_output(path: str, flag: str, inputs: tuple = ()) -> None:
+    """Refuse, before any work is done, an output file that cannot be written: a directory, a missing or
+    unwritable directory, or one of the run's own inputs (which writing would destroy)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag}={path} is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag}={path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag}={path} cannot be written (no permission)")
+    for other in inputs:
+        if other and os.path.exists(other) and os.path.exists(path) and os.path.samefile(path, other):
+            raise UserError(f"{flag}={path} is also an input of this run; writing it would destroy it")

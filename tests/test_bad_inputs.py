@@ -11,6 +11,8 @@ import shakespeare_char
 import text
 import torch
 
+import attention
+import evaluate
 import export_hf
 import sample
 import train
@@ -74,6 +76,8 @@ def world(tmp_path_factory):
         {"model_config": moe.config.__dict__, "train_config": {}, "data": {"tokenizer": "char", "chars": "abcdefghij"}},
     )
     (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (root / "ok.txt").write_text("the king and queen")
     (root / "empty.jsonl").write_text("")
     (root / "nocol.jsonl").write_text('{"body": "hello"}\n')
     (root / "null.jsonl").write_text('{"text": "hello"}\n{"text": null}\n')
@@ -98,6 +102,10 @@ def T(*extra, dataset="good"):  # a train.py command line in `world`
 
 def P(source):  # a prepare/text.py command line that would re-prepare the good dataset
     return ("prepare_text", [f"--input={source}", "--out={root}/data/good", "--tokenizer=char"])
+
+
+def V(*extra):  # an evaluate.py command line
+    return ("evaluate", ["--out_dir={root}/run", "--device=cpu", *extra])
 
 
 def E(hf_dir, *extra):  # an export_hf.py command line
@@ -144,6 +152,9 @@ CASES = {
     "negative seed": (T("--seed=-1"), "seed must be in [0, 2**63)"),
     "huge seed": (T("--seed=1e30"), "seed must be in [0, 2**63)"),
     "negative muon learning rate": (T("--optimizer=muon", "--muon_learning_rate=-1"), "muon_learning_rate"),
+    "out_dir is a file": (T("--out_dir={root}/empty.txt"), "cannot write to out_dir"),
+    "out_dir under a file": (T("--out_dir={root}/empty.txt/out"), "cannot write to out_dir"),
+    "empty out_dir": (T("--out_dir="), "out_dir"),
     "resume without checkpoint": (T("--init_from=resume"), "no checkpoint"),
     "resume a different model": (
         (
@@ -178,6 +189,15 @@ CASES = {
     "missing prompt file": (S("--start=FILE:/nonexistent/prompt.txt"), "not found"),
     "character outside the vocabulary": (S("--start=☃"), "not in this dataset's vocabulary"),
     "stream several samples": (S("--stream=True", "--num_samples=2"), "num_samples=1"),
+    "prompt file not UTF-8": (S("--start=FILE:{root}/latin1.txt"), "is not UTF-8 text"),
+    "evaluate text not UTF-8": (V("--text={root}/latin1.txt"), "is not UTF-8 text"),
+    "surprisal into a missing directory": (V("--text={root}/ok.txt", "--surprisal={root}/nope/s.jsonl"), "not exist"),
+    "surprisal over its own input": (V("--text={root}/ok.txt", "--surprisal={root}/ok.txt"), "also an input"),
+    "surprisal onto a directory": (V("--text={root}/ok.txt", "--surprisal={root}/data"), "is a directory"),
+    "attention png into a missing directory": (
+        ("attention", ["--out_dir={root}/run", "--start=the", "--png={root}/nope/a.png"]),
+        "does not exist",
+    ),
     "export MoE": (("export_hf", ["--out_dir={root}/moe", "--hf_dir={root}/hf"]), "Mixture of Experts"),
     "export into the checkpoint itself": (E("{root}/run/ckpt-0000002"), "holds a checkpoint or a training run"),
     "export into a training run": (E("{root}/run"), "holds a checkpoint or a training run"),
@@ -217,6 +237,8 @@ def test_user_error_is_one_line_exit_2_and_changes_nothing(world, name, capsys):
         "train": train.main,
         "sample": sample.main,
         "export_hf": export_hf.main,
+        "evaluate": evaluate.main,
+        "attention": attention.main,
         "prepare_char": shakespeare_char.main,
         "prepare_text": text.main,
     }[script]
