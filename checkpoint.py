@@ -13,6 +13,7 @@ One training run at a time writes to an out_dir: OutDirLock refuses a second wri
 what a writer that died (kill -9, power loss) left behind.
 """
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -23,12 +24,16 @@ import shutil
 import socket
 import subprocess
 import time
+import typing
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from configurator import coerce
 from errors import UserError
+from model import GPT, GPTConfig
+from sizing import check_fits
 
 _NAME = re.compile(r"^ckpt-(\d+)$")
 _DEBRIS = re.compile(r"^(\.tmp-ckpt-|\.old-ckpt-|loss_curve\.png\.tmp-|metrics\.jsonl\.tmp-)")
@@ -258,10 +263,53 @@ def _val_loss(path: str) -> float:
     return float("inf") if loss is None else loss
 
 
-def load_weights(path: str, model) -> None:
-    """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config)."""
+def model_config_from_meta(meta: dict, path: str, **overrides) -> GPTConfig:
+    """The GPTConfig a checkpoint's meta.json describes, checked key by key: a key this code does not know (what a
+    newer version's checkpoint holds) or a value of the wrong type is one line, not a crash in the model."""
+    saved = meta.get("model_config") if isinstance(meta, dict) else None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}/meta.json has no model_config; it is not a checkpoint of this code")
+    hints = typing.get_type_hints(GPTConfig)
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise UserError(
+            f"{path} was written by a newer version of this code (model_config has {', '.join(unknown)}); update the "
+            "code to load it"
+        )
     try:
-        weights = load_file(os.path.join(path, "model.safetensors"))
+        values = {key: coerce(value, hints[key], key) for key, value in saved.items()}
+        return GPTConfig(**(values | overrides))
+    except (UserError, ValueError, TypeError) as e:
+        raise UserError(f"{path}/meta.json has an invalid model_config: {e}") from None
+
+
+def load_model(path: str, dropout: float = 0.0) -> tuple[GPT, dict]:
+    """The one way to build a GPT from a verified checkpoint directory: (the model on the CPU with the checkpoint's
+    weights, in train mode, with the given dropout; the checkpoint's meta.json)."""
+    meta = read_meta(path)
+    config = model_config_from_meta(meta, path, dropout=dropout)
+    check_fits(config, "cpu")  # a meta.json with absurd sizes is refused before anything is allocated
+    model = GPT(config)
+    load_weights(path, model)
+    return model, meta
+
+
+def load_weights(path: str, model) -> None:
+    """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config). Names
+    and shapes are compared first, from the file's header, so a file with other tensors is refused without reading
+    any of them."""
+    file = os.path.join(path, "model.safetensors")
+    try:
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        with safe_open(file, framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(n for n in found.keys() & expected.keys() if found[n] != expected[n])
+        problems = [f"unexpected tensors {', '.join(extra[:3])}"] if extra else []
+        problems += [f"{n} is {list(found[n])}, the model needs {list(expected[n])}" for n in wrong[:1]]
+        if problems:
+            raise UserError(f"cannot load the weights in {path}: {'; '.join(problems)}")
+        weights = load_file(file)
         # A tied weight saved once (under any of its names) also fills the names it is tied to.
         groups: dict[tuple, list[str]] = {}
         for name, t in model.state_dict().items():
@@ -280,9 +328,15 @@ def load_weights(path: str, model) -> None:
 def load_state(path: str, device: str = "cpu") -> dict:
     """Optimizer/scaler/loop state; weights_only=True so the file can only hold data, never code."""
     try:
-        return torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
+        state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
     except Exception as e:  # a refused pickle (UnpicklingError) or a damaged file: either way, not loadable
         raise UserError(f"cannot load {path}/state.pt safely ({type(e).__name__}); it is damaged or not ours") from None
+    keys = ("optimizers", "scaler", "iter_num", "best_val_loss")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing or not isinstance(state["optimizers"], list):
+        lacks = ", ".join(missing) or "a list of optimizer states"
+        raise UserError(f"{path}/state.pt is not a training state of this code (it lacks {lacks})")
+    return state
 
 
 def code_version() -> str | None:

@@ -12,11 +12,10 @@ GPT-2-BPE model uses the `gpt2` tokenizer; a character model's vocabulary is in 
 import os
 from dataclasses import dataclass
 
-from checkpoint import LOCK_NAME, find_checkpoint, list_checkpoints, load_weights, read_meta
+from checkpoint import LOCK_NAME, find_checkpoint, list_checkpoints, load_model
 from configurator import parse_config
 from errors import UserError, run_cli
 from hf_interop import UnsupportedModel, save_hf
-from model import GPT, GPTConfig
 
 
 @dataclass
@@ -57,9 +56,7 @@ def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
     path = find_checkpoint(cfg.out_dir, cfg.checkpoint)
     check_hf_dir(cfg.hf_dir, path, cfg.overwrite)
-    meta = read_meta(path)
-    model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": 0.0})))
-    load_weights(path, model)
+    model, meta = load_model(path)
     try:
         layout = save_hf(model, cfg.hf_dir, eos_token_id=meta["data"].get("eot_id"))
     except UnsupportedModel as e:

@@ -5,14 +5,17 @@ layers as Conv1D with (in, out) weights, transposed here; Llama (model_type "lla
 pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head, tie_embeddings. transformers is not needed.
 """
 
+import difflib
 import json
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from errors import UserError
 from model import GPTConfig
+from sizing import check_fits
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -24,27 +27,61 @@ class UnsupportedModel(UserError, ValueError):
 
 
 def resolve(name_or_dir: str) -> str:
-    """A local directory as is; a hub name downloaded (config.json and model.safetensors only) to the HF cache."""
+    """A local directory as is; a hub name downloaded (config.json and model.safetensors only) to the HF cache.
+    Anything else (a typo of resume, a directory that does not exist, the hub out of reach) is one line."""
+    choices = f"scratch, resume, a GPT-2 name ({', '.join(GPT2_HUB_NAMES)}) or a Hugging Face directory"
     if os.path.isdir(name_or_dir):
+        if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+            raise UserError(f"--init_from={name_or_dir} has no config.json; it should be {choices}")
         return name_or_dir
-    from huggingface_hub import snapshot_download
+    if not name_or_dir.strip():
+        raise UserError(f"--init_from is empty; give {choices}")
+    if name_or_dir not in GPT2_HUB_NAMES and "/" not in name_or_dir:  # not a hub name: a typo of a word we know
+        near = difflib.get_close_matches(name_or_dir, ["scratch", "resume", *GPT2_HUB_NAMES], n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise UserError(f"--init_from={name_or_dir} is not a directory or a known model; {hint}give {choices}")
+    try:
+        from huggingface_hub import snapshot_download
 
-    return snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors"])
+        return snapshot_download(name_or_dir, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # offline, no such repo, no permission: huggingface_hub has a dozen error types
+        raise UserError(
+            f"--init_from={name_or_dir} is no local directory, and the Hugging Face hub did not provide it "
+            f"({type(e).__name__}); offline, download it elsewhere and pass its directory"
+        ) from None
 
 
 def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
     """(GPTConfig, state dict with our names) from a Hugging Face GPT-2 or Llama directory or hub name."""
     directory = resolve(name_or_dir)
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-    weights = load_file(os.path.join(directory, "model.safetensors"))
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        return _gpt2_config(hf), _gpt2_state_dict(weights, hf["n_layer"])
-    if kind == "llama":
-        config = _llama_config(hf)
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            hf = json.load(f)
+        kind = hf.get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"cannot read {directory}/config.json ({type(e).__name__}: {str(e)[:200]})") from None
+    if kind not in ("gpt2", "llama"):
+        raise UnsupportedModel(f"{name_or_dir}: model_type {kind!r} is not supported (gpt2 and llama are)")
+    try:
+        config = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{directory}/config.json is not a valid {kind} config ({type(e).__name__}: {e})") from None
+    check_fits(config, "cpu")  # absurd sizes in config.json are refused before the weights are read
+    path = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(f"{directory} has no model.safetensors (only safetensors weights are read)")
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        if kind == "gpt2":
+            return config, _gpt2_state_dict(weights, config.n_layer)
         return config, _llama_state_dict(weights, config)
-    raise UnsupportedModel(f"{name_or_dir}: model_type {kind!r} is not supported (gpt2 and llama are)")
+    except KeyError as e:
+        raise UserError(f"{path} lacks the tensor {e.args[0]} that its config.json implies") from None
 
 
 def _gpt2_config(hf: dict) -> GPTConfig:

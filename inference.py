@@ -7,10 +7,10 @@ data was prepared with), a GPT-2 hub name (gpt2, gpt2-medium, gpt2-large, gpt2-x
 
 import os
 
-from checkpoint import find_checkpoint, load_weights, read_meta
+from checkpoint import find_checkpoint, load_model
 from data import Tokenizer
 from errors import UserError
-from model import GPT, GPTConfig
+from model import GPT
 
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}
 
@@ -21,9 +21,7 @@ def load_for_inference(
     """The model in eval mode on the CPU (dropout off), and its tokenizer."""
     if init_from == "resume":
         path = find_checkpoint(out_dir, checkpoint, log=log)
-        meta = read_meta(path)
-        model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": 0.0})))
-        load_weights(path, model)
+        model, meta = load_model(path)
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
         model = GPT.from_pretrained(init_from)

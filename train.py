@@ -29,8 +29,8 @@ from checkpoint import (
     code_version,
     find_checkpoint,
     list_checkpoints,
+    load_model,
     load_state,
-    load_weights,
     prune_checkpoints,
     read_meta,
     save_checkpoint,
@@ -43,7 +43,7 @@ from model import GPT, GPTConfig
 from optim import SCHEDULES, build_optimizers, lr_at
 from plot import BackgroundPlot
 from runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
-from sizing import short_report
+from sizing import check_fits, short_report
 
 MFU_WARMUP_ITERS = 5  # iterations left out of MFU: compilation and allocator warm-up, as nanoGPT
 
@@ -203,24 +203,27 @@ def train(cfg: TrainConfig, rt, data) -> int:
 
     # The model: from scratch, resumed from out_dir, or GPT-2 weights. raw_model stays unwrapped for checkpoints.
     iter_num, best_val_loss, resume_from = 0, float("inf"), None
+    shards = rt.world_size if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the ranks
     if cfg.init_from == "scratch":
         if list_checkpoints(cfg.out_dir) and not cfg.eval_only:
             raise UserError(
                 f"{cfg.out_dir} already holds checkpoints; continue them with --init_from=resume or "
                 "choose another --out_dir"
             )
-        model = GPT(model_config(cfg, data.meta["vocab_size"]))
+        config = model_config(cfg, data.meta["vocab_size"])
+        check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
+        model = GPT(config)
     elif cfg.init_from == "resume":
         resume_from = find_checkpoint(cfg.out_dir, log=rt.print0)
         meta = read_meta(resume_from)
         check_resumable(meta, cfg, data, log=rt.print0)
-        model = GPT(GPTConfig(**(meta["model_config"] | {"dropout": cfg.dropout})))
-        load_weights(resume_from, model)
+        model, _ = load_model(resume_from, cfg.dropout)
         rt.print0(f"resuming from {resume_from}")
     else:
         model = GPT.from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
+    check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)
     if model.config.vocab_size < data.meta["vocab_size"]:
         raise UserError(
             f"the model's vocab_size {model.config.vocab_size} is smaller than the dataset's {data.meta['vocab_size']}"
@@ -476,7 +479,10 @@ def train(cfg: TrainConfig, rt, data) -> int:
                 save(None)
                 exit_code = signalled
                 break
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        # the CPU allocator reports running out as a plain RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
         raise UserError(
             f"out of memory on {rt.device} with batch_size={cfg.batch_size}, block_size="
             f"{cfg.block_size}; lower --batch_size (raise --gradient_accumulation_steps to keep the "

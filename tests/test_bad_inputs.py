@@ -75,6 +75,29 @@ def world(tmp_path_factory):
         {},
         {"model_config": moe.config.__dict__, "train_config": {}, "data": {"tokenizer": "char", "chars": "abcdefghij"}},
     )
+    for name, edit in {
+        "bigmeta": lambda d: _edit_meta(d, n_layer=10**12, n_embd=2**20, n_head=2),
+        "newer": lambda d: _edit_meta(d, attention_sinks=4),
+        "badtypes": lambda d: _edit_meta(d, n_layer="many"),
+        "nostate": lambda d: torch.save({"weights": 1}, d / "state.pt"),
+        "extratensor": lambda d: _add_tensor(d, "extra.weight", torch.zeros(3)),
+    }.items():
+        target = root / name / ckpt.name
+        target.mkdir(parents=True)
+        for f in ckpt.iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+        edit(target)
+        _rehash(target)
+    hf = root / "hfbig"
+    hf.mkdir()
+    big = {"model_type": "gpt2", "n_layer": 10**12, "n_embd": 4096, "n_head": 32, "n_positions": 1024}
+    big["vocab_size"] = 50257
+    (hf / "config.json").write_text(json.dumps(big))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(hf / "model.safetensors"))
+    (root / "bert").mkdir()
+    (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (root / "empty.txt").write_text("")
     (root / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     (root / "ok.txt").write_text("the king and queen")
@@ -87,6 +110,25 @@ def world(tmp_path_factory):
     (root / "syntax.py").write_text("batch_size = = 3\n")
     (root / "unknown.py").write_text("batch_sise = 3\n")
     return root
+
+
+def _edit_meta(d, **model_config):
+    meta = json.loads((d / "meta.json").read_text())
+    meta["model_config"] |= model_config
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _add_tensor(d, name, tensor):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(d / "model.safetensors")) | {name: tensor}
+    save_file(weights, str(d / "model.safetensors"))
+
+
+def _rehash(d):  # the checksums match: the damage is in the content, not in transit
+    from checkpoint import _FILES, _sha256
+
+    (d / "COMPLETE").write_text(json.dumps({name: _sha256(str(d / name)) for name in _FILES}))
 
 
 def _set_split(d, split, tokens):
@@ -155,6 +197,24 @@ CASES = {
     "out_dir is a file": (T("--out_dir={root}/empty.txt"), "cannot write to out_dir"),
     "out_dir under a file": (T("--out_dir={root}/empty.txt/out"), "cannot write to out_dir"),
     "empty out_dir": (T("--out_dir="), "out_dir"),
+    "absurd n_layer": (T("--n_layer=1e12"), "needs at least"),
+    "absurd vocab_size": (T("--vocab_size=1e10"), "needs at least"),
+    "absurd n_embd": (T("--n_embd=1048576"), "needs at least"),
+    "absurd batch_size": (T("--batch_size=1e9"), "or batch_size"),
+    "init_from typo": (T("--init_from=resum"), "did you mean resume?"),
+    "init_from empty": (T("--init_from="), "--init_from is empty"),
+    "init_from a directory without config.json": (T("--init_from={root}/data"), "has no config.json"),
+    "init_from a missing directory, offline": (T("--init_from={root}/nothing/here"), "no local directory"),
+    "init_from an unsupported model type": (T("--init_from={root}/bert"), "model_type 'bert' is not supported"),
+    "init_from a config.json with absurd sizes": (T("--init_from={root}/hfbig"), "needs at least"),
+    "sample a checkpoint with absurd sizes": (S(out="bigmeta"), "needs at least"),
+    "sample a newer version's checkpoint": (S(out="newer"), "newer version of this code (model_config has attention"),
+    "sample a checkpoint with wrong types": (S(out="badtypes"), "invalid model_config"),
+    "sample weights with an extra tensor": (S(out="extratensor"), "unexpected tensors extra.weight"),
+    "resume a state.pt that is not ours": (
+        T("--out_dir={root}/nostate", "--init_from=resume"),
+        "not a training state of this code",
+    ),
     "resume without checkpoint": (T("--init_from=resume"), "no checkpoint"),
     "resume a different model": (
         (

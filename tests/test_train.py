@@ -315,3 +315,14 @@ def test_an_optimizer_state_that_does_not_fit_is_a_one_line_error(char_data, tmp
     save_checkpoint(str(tmp_path / "other"), 4, weights, state, meta)
     with pytest.raises(UserError, match="does not fit this optimizer"):
         train.main(args(char_data, str(tmp_path / "other"), "--max_iters=6", "--init_from=resume"))
+
+
+def test_running_out_of_cpu_memory_is_one_line(char_data, tmp_path, monkeypatch):
+    import model as model_module
+
+    def starved(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: 1 bytes")
+
+    monkeypatch.setattr(model_module.F, "cross_entropy", starved)
+    with pytest.raises(UserError, match="out of memory on cpu with batch_size=4"):
+        train.main(args(char_data, tmp_path / "out", "--max_iters=2", "--eval_interval=100"))
