@@ -286,12 +286,29 @@ def model_config_from_meta(meta: dict, path: str, **overrides) -> GPTConfig:
 def load_model(path: str, dropout: float = 0.0) -> tuple[GPT, dict]:
     """The one way to build a GPT from a verified checkpoint directory: (the model on the CPU with the checkpoint's
     weights, in train mode, with the given dropout; the checkpoint's meta.json)."""
-    meta = read_meta(path)
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}/meta.json ({type(e).__name__})") from None
     config = model_config_from_meta(meta, path, dropout=dropout)
     check_fits(config, "cpu")  # a meta.json with absurd sizes is refused before anything is allocated
     model = GPT(config)
     load_weights(path, model)
     return model, meta
+
+
+def load_newest_model(out_dir: str, which: str = "latest", log=print) -> tuple[str, GPT, dict]:
+    """(path, model, meta) of the checkpoint find_checkpoint picks, for readers (sampling, evaluation, export)
+    that may run while a training run prunes out_dir: a checkpoint deleted between being picked and being read
+    (pruning removes COMPLETE first) sends the reader back to pick again, rather than failing."""
+    for _ in range(10):
+        path = find_checkpoint(out_dir, which, log=log)
+        try:
+            return path, *load_model(path)
+        except UserError:
+            if os.path.exists(os.path.join(path, "COMPLETE")):
+                raise  # still there: the problem is the checkpoint itself
+    raise UserError(f"the checkpoints in {out_dir} keep being deleted while loading; try again")
 
 
 def load_weights(path: str, model) -> None:

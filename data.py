@@ -10,6 +10,7 @@ Batches are a pure function of a key (seed, iteration, global micro-step): a res
 an uninterrupted one, and DDP ranks, which take different micro-steps, never read the same window.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from errors import UserError
 from prepare.tokenization import ENDOFTEXT, TokenizerUnavailable, chars_hash, encoding_hash, load_encoding
 
 FORMAT = "nanogpt-tokens/1"
+FULL_CHECK_BYTES = 512 << 20  # token files up to this size have every id checked at load (about 0.1 s)
+HASH_CHECK_BYTES = 64 << 20  # and up to this size their sha256 too
 
 
 @dataclass
@@ -51,7 +54,13 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
             if os.path.exists(os.path.join(data_dir, "meta.pkl"))
             else ""
         )
-        raise UserError(f"no prepared dataset in {data_dir}{old}: run `python prepare/{name}.py` first")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare", f"{name}.py")
+        how = (
+            f"python prepare/{name}.py"
+            if os.path.isfile(script)
+            else f"python prepare/text.py --input=<your files> --out={data_dir}"
+        )
+        raise UserError(f"no prepared dataset in {data_dir}{old}: run `{how}` first")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -82,7 +91,35 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
                 f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "lower --block_size or prepare more data"
             )
+        check_tokens(path, data.dtype, meta["vocab_size"], meta["splits"][split].get("sha256"))
     return data
+
+
+def check_tokens(path: str, dtype, vocab_size: int, sha256: str | None) -> None:
+    """A token file that is damaged (a bad disk, a copy cut short and padded) is refused at load, not halfway through
+    a run (or as a device-side assert on CUDA): every id is checked against the vocabulary with a vectorised max,
+    over the whole file up to FULL_CHECK_BYTES and over evenly spread blocks beyond; the sha256 recorded by prepare
+    is checked when the file is small enough to hash in well under a second."""
+    size = os.path.getsize(path)
+    if sha256 and size <= HASH_CHECK_BYTES:
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256:
+                raise UserError(f"{path} does not match the sha256 in meta.json; re-run the prepare script")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    block = FULL_CHECK_BYTES // dtype.itemsize // 64
+    if tokens.size * dtype.itemsize <= FULL_CHECK_BYTES:
+        starts = [0]
+        block = tokens.size
+    else:
+        starts = np.linspace(0, tokens.size - block, 64, dtype=np.int64).tolist()
+    for start in starts:
+        part = tokens[start : start + block]
+        if part.size and int(part.max()) >= vocab_size:
+            at = start + int(np.argmax(part >= vocab_size))
+            raise UserError(
+                f"{path} holds token id {int(tokens[at])} at position {at}, outside the vocabulary of {vocab_size}; "
+                "the file is damaged: re-run the prepare script"
+            )
 
 
 def train_key(seed: int, iteration: int, global_micro_step: int) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ GPT-2-BPE model uses the `gpt2` tokenizer; a character model's vocabulary is in 
 import os
 from dataclasses import dataclass
 
-from checkpoint import LOCK_NAME, find_checkpoint, list_checkpoints, load_model
+from checkpoint import LOCK_NAME, find_checkpoint, list_checkpoints, load_newest_model
 from configurator import parse_config
 from errors import UserError, run_cli
 from hf_interop import UnsupportedModel, save_hf
@@ -54,9 +54,8 @@ def check_hf_dir(hf_dir: str, checkpoint_path: str, overwrite: bool) -> None:
 
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
-    path = find_checkpoint(cfg.out_dir, cfg.checkpoint)
-    check_hf_dir(cfg.hf_dir, path, cfg.overwrite)
-    model, meta = load_model(path)
+    check_hf_dir(cfg.hf_dir, find_checkpoint(cfg.out_dir, cfg.checkpoint, log=lambda _: None), cfg.overwrite)
+    path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint)
     try:
         layout = save_hf(model, cfg.hf_dir, eos_token_id=meta["data"].get("eot_id"))
     except UnsupportedModel as e:

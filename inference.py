@@ -7,7 +7,7 @@ data was prepared with), a GPT-2 hub name (gpt2, gpt2-medium, gpt2-large, gpt2-x
 
 import os
 
-from checkpoint import find_checkpoint, load_model
+from checkpoint import load_newest_model
 from data import Tokenizer
 from errors import UserError
 from model import GPT
@@ -20,8 +20,7 @@ def load_for_inference(
 ) -> tuple[GPT, Tokenizer]:
     """The model in eval mode on the CPU (dropout off), and its tokenizer."""
     if init_from == "resume":
-        path = find_checkpoint(out_dir, checkpoint, log=log)
-        model, meta = load_model(path)
+        _, model, meta = load_newest_model(out_dir, checkpoint, log=log)
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
         model = GPT.from_pretrained(init_from)

@@ -131,6 +131,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.dataset.strip():
+            raise ValueError("dataset is empty; name a prepared dataset in data_root, e.g. --dataset=shakespeare_char")
         if not self.out_dir.strip():
             raise ValueError("out_dir is empty; name the run's directory, e.g. --out_dir=out")
         for name in ("max_iters", "keep_last", "warmup_iters", "max_nonfinite_steps"):

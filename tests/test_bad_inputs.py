@@ -51,6 +51,8 @@ def world(tmp_path_factory):
         "odd": lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes() + b"\0"),
         "badjson": lambda d: (d / "meta.json").write_text("{not json"),
         "emptyval": lambda d: _set_split(d, "val", 0),
+        "badids": lambda d: _poke(d, b"\xff\xff", rehash=True),
+        "changed": lambda d: _poke(d, b"\x01\x00", rehash=False),
     }.items():
         broken = data / name
         broken.mkdir()
@@ -131,6 +133,18 @@ def _rehash(d):  # the checksums match: the damage is in the content, not in tra
     (d / "COMPLETE").write_text(json.dumps({name: _sha256(str(d / name)) for name in _FILES}))
 
 
+def _poke(d, two_bytes, rehash):  # overwrite the 11th token of train.bin
+    import hashlib
+
+    data = bytearray((d / "train.bin").read_bytes())
+    data[20:22] = two_bytes
+    (d / "train.bin").write_bytes(bytes(data))
+    if rehash:  # damage that happened before prepare hashed the file: only the id check can see it
+        meta = json.loads((d / "meta.json").read_text())
+        meta["splits"]["train"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+        (d / "meta.json").write_text(json.dumps(meta))
+
+
 def _set_split(d, split, tokens):
     meta = json.loads((d / "meta.json").read_text())
     meta["splits"][split]["tokens"] = tokens
@@ -169,7 +183,10 @@ CASES = {
     "unknown dtype": (T("--dtype=float64"), "dtype"),
     "float16 on cpu": (T("--dtype=float16"), "float16"),
     "unknown device": (T("--device=tpu"), "device"),
-    "missing dataset": (T(dataset="nope"), "prepare/nope.py"),
+    "missing dataset": (T(dataset="nope"), "prepare/text.py --input=<your files> --out="),
+    "empty dataset name": (T(dataset=""), "dataset is empty"),
+    "token id outside the vocabulary": (T(dataset="badids"), "holds token id 65535 at position 10, outside"),
+    "token file changed since prepare": (T(dataset="changed"), "does not match the sha256"),
     "truncated tokens": (T(dataset="truncated"), "re-run the prepare script"),
     "odd-sized tokens": (T(dataset="odd"), "re-run the prepare script"),
     "corrupt meta.json": (T(dataset="badjson"), "invalid"),

@@ -396,3 +396,23 @@ def test_a_prepare_that_fails_half_way_leaves_the_old_dataset(char_data):
         f.write(b"\0" * 100)
     shakespeare_char.main(["--out", d])
     assert sorted(os.listdir(d)) == sorted(before)
+
+
+def test_a_reader_picks_again_when_its_checkpoint_is_pruned_under_it(char_data, tmp_path, monkeypatch):
+    import shutil
+
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=True"))
+    older, newest = checkpoint.list_checkpoints(out)
+    real, picked = checkpoint.load_model, []
+
+    def pruned_first(path, *a, **k):  # a training run prunes the checkpoint between the pick and the read
+        if not picked:
+            picked.append(path)
+            os.remove(os.path.join(path, "COMPLETE"))  # as prune_checkpoints does: unlisted first
+            shutil.rmtree(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "load_model", pruned_first)
+    path, model, meta = checkpoint.load_newest_model(out)
+    assert picked == [newest] and path == older and meta["iter_num"] == 2
