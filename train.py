@@ -339,7 +339,7 @@ def train(cfg: TrainConfig, rt, data) -> int:
         rt.print0(f"saved checkpoint {path}")
 
     stop = StopSignals()  # SIGTERM, SIGUSR1, Ctrl-C, SIGHUP: finish the step, checkpoint, exit (75 or 130)
-    skipped_steps, bad_in_a_row, exit_code = 0, 0, 0
+    skipped_steps, bad_in_a_row, good_steps, exit_code = 0, 0, 0, 0
     x, y = batch(iter_num, 0)
     t0 = time.time()
     local_iter = 0  # iterations this process has run: the first few (compilation, warm-up) are left out of MFU
@@ -420,7 +420,7 @@ def train(cfg: TrainConfig, rt, data) -> int:
                     scaler.step(opt)
                 scaler.update()
             if finite:
-                bad_in_a_row = 0
+                bad_in_a_row, good_steps = 0, good_steps + 1
             else:  # a skipped step, by us or by the scaler: counted either way, so a run of NaN weights stops
                 skipped_steps += 1
                 bad_in_a_row += 1
@@ -470,8 +470,8 @@ def train(cfg: TrainConfig, rt, data) -> int:
 
             if bad_in_a_row >= cfg.max_nonfinite_steps > 0:
                 rt.print0(
-                    f"stopping: {bad_in_a_row} non-finite steps in a row at iteration {iter_num}; lower "
-                    "--learning_rate or check the data. The last good checkpoint is kept."
+                    f"stopping: {bad_in_a_row} non-finite steps in a row at iteration {iter_num}; "
+                    f"{nonfinite_advice(cfg, rt, good_steps, math.isfinite(lossf))} The last good checkpoint is kept."
                 )
                 exit_code = EXIT_NONFINITE
                 break
@@ -501,6 +501,26 @@ def train(cfg: TrainConfig, rt, data) -> int:
     del model, eval_model
     teardown_runtime(rt)
     return exit_code
+
+
+def nonfinite_advice(cfg: TrainConfig, rt, good_steps: int, loss_finite: bool) -> str:
+    """What most likely made every step non-finite, from what the run saw (not always the learning rate)."""
+    if rt.dtype == torch.float16:
+        return "float16 overflowed even with loss scaling: train in --dtype=bfloat16 (or float32)."
+    if good_steps == 0:
+        return (
+            "not one step of this run was finite, so the data or the model (or the checkpoint it resumed) is the "
+            "likely cause, not the schedule: check them with evaluate.py."
+        )
+    if loss_finite:
+        return (
+            f"the loss is finite but its gradients overflow: set --grad_clip (now {cfg.grad_clip}) or lower "
+            "--learning_rate."
+        )
+    return (
+        f"the weights diverged (the loss is not finite either): lower --learning_rate (now {cfg.learning_rate:g}) or "
+        "warm up longer."
+    )
 
 
 @torch.no_grad()

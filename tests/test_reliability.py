@@ -129,6 +129,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(char_data, tmp_path, ca
     assert code == EXIT_NONFINITE
     text = capsys.readouterr().out
     assert "non-finite gradient norm, step skipped" in text and "stopping: 4 non-finite steps in a row" in text
+    assert "the weights diverged (the loss is not finite either): lower --learning_rate (now 1e+30)" in text
     assert max(r.get("skipped_steps", 0) for r in metrics(out)) >= 4
     for path in checkpoint.list_checkpoints(out):  # whatever was saved holds finite weights
         model = _load(path)
@@ -416,3 +417,14 @@ def test_a_reader_picks_again_when_its_checkpoint_is_pruned_under_it(char_data, 
     monkeypatch.setattr(checkpoint, "load_model", pruned_first)
     path, model, meta = checkpoint.load_newest_model(out)
     assert picked == [newest] and path == older and meta["iter_num"] == 2
+
+
+def test_a_run_that_never_had_a_finite_step_is_not_blamed_on_the_learning_rate(
+    char_data, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(train.torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    code = train.main(args(char_data, str(tmp_path / "out"), "--max_iters=20", "--max_nonfinite_steps=3"))
+    assert code == EXIT_NONFINITE
+    stop = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopping:")]
+    assert len(stop) == 1 and "not one step of this run was finite, so the data" in stop[0]
+    assert "learning_rate" not in stop[0]
