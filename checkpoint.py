@@ -380,5 +380,10 @@ def prune_checkpoints(out_dir: str, keep_last: int) -> None:
         keep.add(best)
     for path in paths:
         if path not in keep and not os.path.islink(path):
-            os.remove(os.path.join(path, "COMPLETE"))  # unlisted first, so a crash mid-delete leaves no half checkpoint
+            try:
+                os.remove(
+                    os.path.join(path, "COMPLETE")
+                )  # unlisted first: a crash mid-delete leaves no half checkpoint
+            except FileNotFoundError:
+                continue  # someone else removed it first
             shutil.rmtree(path, ignore_errors=True)

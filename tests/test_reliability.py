@@ -428,3 +428,16 @@ def test_a_run_that_never_had_a_finite_step_is_not_blamed_on_the_learning_rate(
     stop = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopping:")]
     assert len(stop) == 1 and "not one step of this run was finite, so the data" in stop[0]
     assert "learning_rate" not in stop[0]
+
+
+def test_resume_does_not_rewrite_the_checkpoint_it_loaded(char_data, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    keep = ["--eval_interval=2", "--always_save_checkpoint=True"]
+    train.main(args(char_data, out, "--max_iters=4", *keep))
+    written = []
+    real = checkpoint.save_file
+    monkeypatch.setattr(
+        checkpoint, "save_file", lambda weights, path, **k: (written.append(path), real(weights, path))[1]
+    )
+    assert train.main(args(char_data, out, "--init_from=resume", "--max_iters=6", *keep)) == 0
+    assert [os.path.basename(os.path.dirname(p)).split("-")[-2] for p in written] == ["0000006"]  # only the new one
