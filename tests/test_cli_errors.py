@@ -66,7 +66,9 @@ def test_train_config_errors(case):
 
 def test_train_missing_dataset_says_to_prepare(tmp_path):
     result = run("train.py", "--device=cpu", f"--data_root={tmp_path}", "--dataset=nope")
-    assert_user_error(result, "prepare/nope.py")
+    assert_user_error(result, "prepare/text.py --input=<your files>")  # there is no prepare/nope.py to name
+    result = run("train.py", "--device=cpu", f"--data_root={tmp_path}", "--dataset=shakespeare_char")
+    assert_user_error(result, "python prepare/shakespeare_char.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

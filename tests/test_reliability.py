@@ -441,3 +441,30 @@ def test_resume_does_not_rewrite_the_checkpoint_it_loaded(char_data, tmp_path, m
     )
     assert train.main(args(char_data, out, "--init_from=resume", "--max_iters=6", *keep)) == 0
     assert [os.path.basename(os.path.dirname(p)).split("-")[-2] for p in written] == ["0000006"]  # only the new one
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.2 MB tmpfs: room for a couple of tiny checkpoints, then full. Needs mount rights (root in a container)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:100]}); the full-disk path is "
+            "still tested with a simulated failure"
+        )
+    yield str(where)
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(char_data, small_disk):
+    out = os.path.join(small_disk, "out")
+    run = args(char_data, out, "--max_iters=40", "--eval_interval=1", "--always_save_checkpoint=True", "--keep_last=5")
+    with pytest.raises(UserError, match=f"disk full at {out}: checkpoint \\d+ not written, the previous checkpoint"):
+        train.main(run)
+    kept = checkpoint.find_checkpoint(out)
+    assert checkpoint.verify_checkpoint(kept) is None
+    assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".old-"))]
+    metrics(out)  # every line whole
+    sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3"])
