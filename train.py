@@ -189,12 +189,30 @@ def main(argv=None):
     )
 
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
-    lock = OutDirLock(cfg.out_dir) if rt.master else None  # one training run per out_dir at a time
+    lock = hold_out_dir(cfg.out_dir, rt)  # one training run per out_dir at a time
     try:
         return train(cfg, rt, data)
     finally:
         if lock:
             lock.release()
+
+
+def hold_out_dir(out_dir: str, rt) -> OutDirLock | None:
+    """The master takes out_dir's lock; under torchrun every rank learns whether it could, so a refused run stops on
+    every rank with the same one line instead of leaving the others waiting in a collective."""
+    lock, problem = None, None
+    if rt.master:
+        try:
+            lock = OutDirLock(out_dir)
+        except UserError as e:
+            problem = str(e)
+    if rt.ddp:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise UserError(problem)
+    return lock
 
 
 def train(cfg: TrainConfig, rt, data) -> int:

@@ -102,3 +102,19 @@ def test_accumulation_not_divisible_by_ranks_is_a_one_line_error(char_data, tmp_
         assert len(lines) == 1 and lines[0].startswith("error: gradient_accumulation_steps=3"), stderr
     assert "Traceback" not in "".join(rank_logs(tmp_path, "stderr"))
     assert not os.path.exists(out)
+
+
+def test_a_locked_out_dir_stops_every_rank_with_one_line(char_data, tmp_path):
+    from checkpoint import OutDirLock
+
+    out = str(tmp_path / "out")
+    holder = OutDirLock(out)  # another run writes there
+    try:
+        data = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}"]
+        result = torchrun(tmp_path, *data, *CONFIG, "--gradient_accumulation_steps=2")
+    finally:
+        holder.release()
+    assert result.returncode != 0
+    for stderr in rank_logs(tmp_path, "stderr"):  # both ranks stopped, neither waits for the other
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "is in use by another training run" in lines[0], stderr
