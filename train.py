@@ -177,6 +177,7 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
     if cfg.gradient_accumulation_steps % rt.world_size != 0:
+        teardown_runtime(rt)  # every rank stops here, together
         raise UserError(
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
             f"{rt.world_size} processes; make it a multiple"
@@ -211,6 +212,7 @@ def hold_out_dir(out_dir: str, rt) -> OutDirLock | None:
         dist.broadcast_object_list(shared, src=0)
         problem = shared[0]
     if problem:
+        teardown_runtime(rt)  # every rank is here: leave the process group together, not from gloo's threads at exit
         raise UserError(problem)
     return lock
 

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny model config and a tiny prepared character dataset, all on CPU."""
 
 import os
+import random
+import urllib.request
 
 import pytest
 import torch
@@ -58,36 +60,46 @@ def _seed():
 
 
 def shakespeare_text(n_chars: int = 200_000) -> str:
-    """The start of tiny-shakespeare when ../shared has it, else a synthetic text with a similar alphabet."""
+    """The start of tiny-shakespeare when ../shared has it, else a synthetic play generated here: speeches of a few
+    lines, each under a speaker's name, separated by blank lines (so it splits into documents the way the real text
+    does), over every letter in both cases, digits and the usual punctuation (so prompts like "ROMEO:" encode)."""
     if os.path.exists(SHAKESPEARE):
         with open(SHAKESPEARE, encoding="utf-8") as f:
             return f.read(n_chars)
-    # every letter in both cases and the usual punctuation, so prompts like "ROMEO:" stay inside the vocabulary
-    words = [
-        "the",
-        "king",
-        "and",
-        "queen",
-        "of",
-        "rome",
-        "speak",
-        "now",
-        "First Citizen:",
-        "\n",
-        "ROMEO:",
-        "JULIET:",
-        "THE QUICK BROWN FOX JUMPS OVER A LAZY DOG.",
-        "the quick brown fox jumps over a lazy dog,",
-        "Bcy;",
-        "what?",
-        "yes!",
-        "'tis",
-        "-",
-        "&",
-        "$3",
-    ]
-    g = torch.Generator().manual_seed(0)
-    return " ".join(words[i] for i in torch.randint(len(words), (n_chars // 4,), generator=g).tolist())[:n_chars]
+    speakers = ["First Citizen", "ROMEO", "JULIET", "KING HENRY VI", "QUEEN MARGARET", "Second Servingman", "ALL"]
+    words = (
+        "the king and queen of rome speak now what yes 'tis thou art my lord good night sweet prince how fares "
+        "your grace I pray you hear me Bcy; jumps over a lazy dog quick brown fox zeal vex wax judge 3 pounds -- & $ "
+        "THE QUICK BROWN FOX JUMPS OVER A LAZY DOG"
+    ).split()
+    ends = [",", ".", "!", "?", ";", ":", ""]
+    rng = random.Random(0)
+    speeches, size = [], 0
+    while size < n_chars:
+        lines = []
+        for _ in range(rng.randint(1, 4)):
+            line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 9)))
+            lines.append(line[0].upper() + line[1:] + rng.choice(ends))
+        speeches.append(f"{rng.choice(speakers)}:\n" + "\n".join(lines) + "\n")
+        size += len(speeches[-1]) + 1
+    return "\n".join(speeches)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def tiny_shakespeare(tmp_path_factory) -> str:
+    """The path of the real tiny-shakespeare, for the tests that compare with nanoGPT's published figures: ../shared's
+    copy, else downloaded once from where prepare/shakespeare_char.py downloads it, else the test is skipped."""
+    if os.path.exists(SHAKESPEARE):
+        return SHAKESPEARE
+    from token_writer import TINY_SHAKESPEARE_URL
+
+    path = tmp_path_factory.mktemp("corpus") / "input.txt"
+    try:
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as response:
+            path.write_bytes(response.read())
+    except OSError as e:  # URLError is an OSError
+        pytest.skip(f"needs the real tiny-shakespeare (../shared/data/tinyshakespeare.txt, or the network: {e})")
+    return str(path)
 
 
 @pytest.fixture

@@ -13,12 +13,10 @@ import shakespeare
 import shakespeare_char
 import token_writer
 import torch
-from conftest import SHAKESPEARE, needs_gpt2_tokenizer
+from conftest import needs_gpt2_tokenizer
 
 from data import TokenData, Tokenizer, get_batch, load_data
 from errors import UserError
-
-needs_shakespeare = pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason=f"{SHAKESPEARE} is not available")
 
 
 @pytest.fixture
@@ -173,10 +171,9 @@ def test_nanogpt_meta_pkl_is_never_unpickled(tmp_path):
 # --- prepare scripts -------------------------------------------------------------------------------------------------
 
 
-@needs_shakespeare
-def test_prepare_shakespeare_char_matches_nanogpt(tmp_path):
+def test_prepare_shakespeare_char_matches_nanogpt(tmp_path, tiny_shakespeare):
     out = tmp_path / "shakespeare_char"
-    shakespeare_char.main(["--input", SHAKESPEARE, "--out", str(out)])
+    shakespeare_char.main(["--input", tiny_shakespeare, "--out", str(out)])
     meta = read_meta(out)
     # nanoGPT's data/shakespeare_char/prepare.py prints: 1,115,394 characters, vocab size 65,
     # train has 1,003,854 tokens, val has 111,540 tokens.
@@ -184,7 +181,7 @@ def test_prepare_shakespeare_char_matches_nanogpt(tmp_path):
     assert meta["dtype"] == "uint16"
     assert meta["splits"]["train"]["tokens"] == 1_003_854
     assert meta["splits"]["val"]["tokens"] == 111_540
-    with open(SHAKESPEARE, encoding="utf-8") as f:
+    with open(tiny_shakespeare, encoding="utf-8") as f:
         text = f.read()
     ids = []
     for split in ("train", "val"):
@@ -196,14 +193,13 @@ def test_prepare_shakespeare_char_matches_nanogpt(tmp_path):
     load_data(str(out), block_size=256)
 
 
-@needs_shakespeare
-def test_prepare_shakespeare_gpt2_matches_tiktoken_and_nanogpt(tmp_path):
+def test_prepare_shakespeare_gpt2_matches_tiktoken_and_nanogpt(tmp_path, tiny_shakespeare):
     tiktoken = pytest.importorskip("tiktoken")
     enc = tiktoken.get_encoding("gpt2")  # from TIKTOKEN_CACHE_DIR, set by conftest
     out = tmp_path / "shakespeare"
-    shakespeare.main(["--input", SHAKESPEARE, "--out", str(out)])
+    shakespeare.main(["--input", tiny_shakespeare, "--out", str(out)])
     meta = read_meta(out)
-    with open(SHAKESPEARE, encoding="utf-8") as f:
+    with open(tiny_shakespeare, encoding="utf-8") as f:
         text = f.read()
     split_at = int(len(text) * 0.9)
     expected = {"train": enc.encode_ordinary(text[:split_at]), "val": enc.encode_ordinary(text[split_at:])}
