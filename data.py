@@ -49,18 +49,18 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         name = os.path.basename(os.path.normpath(data_dir))
-        old = (
-            " (its meta.pkl is nanoGPT's format, never unpickled here)"
-            if os.path.exists(os.path.join(data_dir, "meta.pkl"))
-            else ""
-        )
+        if os.path.exists(os.path.join(data_dir, "meta.pkl")) or os.path.exists(os.path.join(data_dir, "train.bin")):
+            raise UserError(
+                f"{data_dir} is a nanoGPT dataset (its meta.pkl is never unpickled here): run "
+                f"`python prepare/from_nanogpt.py {data_dir}` once to describe it, then train"
+            )
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare", f"{name}.py")
         how = (
             f"python prepare/{name}.py"
             if os.path.isfile(script)
             else f"python prepare/text.py --input=<your files> --out={data_dir}"
         )
-        raise UserError(f"no prepared dataset in {data_dir}{old}: run `{how}` first")
+        raise UserError(f"no prepared dataset in {data_dir}: run `{how}` first")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
