@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from errors import UserError
-from prepare.tokenization import ENDOFTEXT, TokenizerUnavailable, chars_hash, encoding_hash, load_encoding
+from prepare.tokenization import (
+    ENDOFTEXT,
+    TokenizerUnavailable,
+    byte_to_unicode,
+    chars_hash,
+    encoding_hash,
+    load_encoding,
+)
 
 FORMAT = "nanogpt-tokens/1"
 FULL_CHECK_BYTES = 512 << 20  # token files up to this size have every id checked at load (about 0.1 s)
@@ -157,6 +164,16 @@ class Tokenizer:
     def __init__(self, meta: dict, tokenizer_dir: str | None = None):
         self.name = meta["tokenizer"]
         self.eot_id = meta.get("eot_id")
+        if self.name == "tokenizer.json":  # a Hugging Face directory's own tokenizer (ours when exported by us)
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.hf = HFTokenizer.from_file(meta["path"])
+            self.eot_id = self.hf.token_to_id(ENDOFTEXT)
+            decoder = json.loads(self.hf.to_str()).get("decoder") or {}
+            self.byte_level = decoder.get("type") == "ByteLevel"
+            if self.byte_level:
+                self.unspell = {c: b for b, c in byte_to_unicode().items()}
+            return
         if self.name == "char":
             self.itos = list(meta["chars"])
             self.stoi = {ch: i for i, ch in enumerate(self.itos)}
@@ -176,9 +193,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Ids 0..vocab_size-1 decode; a model's vocabulary may be larger (rounded up for speed), never smaller."""
+        if self.name == "tokenizer.json":
+            return self.hf.get_vocab_size()
         return len(self.itos) if self.name == "char" else self.enc.n_vocab
 
     def encode(self, text: str) -> list[int]:
+        if self.name == "tokenizer.json":
+            return self.hf.encode(text, add_special_tokens=False).ids
         if self.name == "char":
             missing = sorted(set(text) - self.stoi.keys())
             if missing:
@@ -187,12 +208,19 @@ class Tokenizer:
         return self.enc.encode(text, allowed_special={ENDOFTEXT})
 
     def decode(self, ids: list[int]) -> str:
+        if self.name == "tokenizer.json":
+            return self.hf.decode(ids, skip_special_tokens=False)
         if self.name == "char":
             return "".join(self.itos[i] for i in ids)
         return self.enc.decode(ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes of one token: a BPE token may hold part of a character."""
+        if self.name == "tokenizer.json":
+            token = self.hf.id_to_token(token_id)
+            if self.byte_level and token_id not in self.hf.get_added_tokens_decoder():
+                return bytes(self.unspell[c] for c in token)
+            return self.hf.decode([token_id], skip_special_tokens=False).encode("utf-8")
         if self.name == "char":
             return self.itos[token_id].encode("utf-8")
         return self.enc.decode_single_token_bytes(token_id)

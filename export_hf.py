@@ -3,10 +3,12 @@
     python export_hf.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
     python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('hf-shakespeare-char')"
 
-GPT-2-style models (learned positions, LayerNorm with bias, GELU/ReLU MLP, multi-head attention) are written in the
-GPT-2 layout, Llama-style ones (RoPE, RMSNorm, SwiGLU, any n_kv_head) in the Llama layout; other combinations
-(ALiBi, sinusoidal or no positions, post-norm, QK-norm, MoE) are refused. The tokenizer is not exported: a
-GPT-2-BPE model uses the `gpt2` tokenizer; a character model's vocabulary is in the checkpoint's meta.json.
+GPT-2-style models (learned positions, LayerNorm, GELU/ReLU MLP, multi-head attention; without biases they get zero
+ones) are written in the GPT-2 layout, Llama-style ones (RoPE, RMSNorm, SwiGLU, any n_kv_head) in the Llama layout;
+other combinations (ALiBi, sinusoidal or no positions, post-norm, QK-norm, MoE) are refused, naming what breaks each
+layout. The tokenizer the model was trained with goes along as tokenizer.json (the `tokenizers` library's format:
+byte-level BPE for a tiktoken encoding, one token per character for a character vocabulary), so
+`transformers.pipeline("text-generation", model=hf_dir)` and AutoTokenizer work, and sample.py reads it back.
 """
 
 import os
@@ -16,6 +18,7 @@ from checkpoint import LOCK_NAME, find_checkpoint, list_checkpoints, load_newest
 from configurator import parse_config
 from errors import UserError, run_cli
 from hf_interop import UnsupportedModel, save_hf
+from prepare.tokenization import TokenizerUnavailable, bpe_tokenizer_json, char_tokenizer_json, load_encoding
 
 
 @dataclass
@@ -24,6 +27,7 @@ class ExportConfig:
     checkpoint: str = "latest"  # latest or best (lowest val loss), or a checkpoint directory given as out_dir
     hf_dir: str = "hf_model"  # directory to write config.json and model.safetensors into (new or empty)
     overwrite: bool = False  # write into a non-empty hf_dir (its config.json and model.safetensors are replaced)
+    tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
 
 
 def check_hf_dir(hf_dir: str, checkpoint_path: str, overwrite: bool) -> None:
@@ -52,12 +56,24 @@ def check_hf_dir(hf_dir: str, checkpoint_path: str, overwrite: bool) -> None:
         raise UserError(f"cannot write --hf_dir={hf_dir} (no permission or not a directory); choose another")
 
 
+def hf_tokenizer(data: dict, tokenizer_dir: str | None):
+    """(tokenizers.Tokenizer, ids it decodes) for the tokenizer a checkpoint's data was prepared with."""
+    if data.get("tokenizer") == "char":
+        return char_tokenizer_json(data["chars"]), len(data["chars"])
+    try:
+        enc = load_encoding(data["tokenizer"], tokenizer_dir)
+    except TokenizerUnavailable as e:
+        raise UserError(f"the export needs the model's tokenizer: {e}") from None
+    return bpe_tokenizer_json(enc), enc.n_vocab
+
+
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
     check_hf_dir(cfg.hf_dir, find_checkpoint(cfg.out_dir, cfg.checkpoint, log=lambda _: None), cfg.overwrite)
     path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint)
+    tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir)
     try:
-        layout = save_hf(model, cfg.hf_dir, eos_token_id=meta["data"].get("eot_id"))
+        layout = save_hf(model, cfg.hf_dir, meta["data"].get("eot_id"), tokenizer, vocab)
     except UnsupportedModel as e:
         raise UserError(f"cannot export {path}: {e}") from None
     print(f"wrote {path} to {cfg.hf_dir} in the Hugging Face {layout} layout")

@@ -202,7 +202,6 @@ def hf_format(config: GPTConfig) -> str:
         ("pos_embedding", c.pos_embedding == "learned", "learned"),
         ("norm", c.norm == "layernorm", "layernorm"),
         ("norm_position", c.norm_position == "pre", "pre"),
-        ("bias", c.bias, "True"),
         ("mlp", c.mlp in ("gelu_tanh", "gelu", "relu"), "gelu_tanh, gelu or relu"),
         ("n_kv_head", c.n_kv_head == c.n_head, f"n_head ({c.n_head})"),
         ("qk_norm", not c.qk_norm, "False"),
@@ -225,13 +224,21 @@ def hf_format(config: GPTConfig) -> str:
     )
 
 
-def save_hf(model, directory: str, eos_token_id: int | None = None) -> str:
+def save_hf(
+    model, directory: str, eos_token_id: int | None = None, tokenizer=None, tokenizer_vocab: int | None = None
+) -> str:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors) in the GPT-2 or Llama layout
     that transformers.AutoModelForCausalLM loads. eos_token_id is the end-of-text token, if the vocabulary has one
-    (written explicitly: transformers' defaults would make generate stop at an ordinary token). Returns the layout."""
+    (written explicitly: transformers' defaults would make generate stop at an ordinary token). tokenizer, a
+    `tokenizers.Tokenizer` of tokenizer_vocab ids, is written beside it (tokenizer.json), so AutoTokenizer and
+    pipeline() work; generation_config.json suppresses the ids past it (a vocabulary rounded up for speed), as
+    sample.py never samples them. A model without biases is written in the GPT-2 layout with zero biases, which
+    computes the same function. Returns the layout."""
     config = model.config
     kind = hf_format(config)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if kind == "gpt2" and not config.bias:
+        sd |= _zero_biases(sd, config)
     if kind == "gpt2":
         hf_config = {
             "model_type": "gpt2",
@@ -302,4 +309,39 @@ def save_hf(model, directory: str, eos_token_id: int | None = None) -> str:
     )
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config | {"torch_dtype": "float32"}, f, indent=2)
+    generation = {"bos_token_id": bos, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+    if tokenizer_vocab is not None and tokenizer_vocab < config.vocab_size:
+        generation["suppress_tokens"] = list(range(tokenizer_vocab, config.vocab_size))
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        eos = tokenizer.id_to_token(eos_token_id) if eos_token_id is not None else None
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": config.block_size,
+            "clean_up_tokenization_spaces": False,  # decode gives the text back exactly
+            "eos_token": eos,
+            "bos_token": eos if bos is not None else None,
+        }
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(tokenizer_config, f, indent=2)
     return kind
+
+
+def _zero_biases(sd: dict, config: GPTConfig) -> dict:
+    """The biases GPT-2's layout always has, as zeros, for a model trained without them."""
+    zeros = {}
+    for i in range(config.n_layer):
+        h = f"transformer.h.{i}."
+        for name, size in (
+            ("ln_1.bias", config.n_embd),
+            ("attn.c_attn.bias", 3 * config.n_embd),
+            ("attn.c_proj.bias", config.n_embd),
+            ("ln_2.bias", config.n_embd),
+            ("mlp.c_fc.bias", config.mlp_hidden),
+            ("mlp.c_proj.bias", config.n_embd),
+        ):
+            zeros[h + name] = torch.zeros(size)
+    zeros["transformer.ln_f.bias"] = torch.zeros(config.n_embd)
+    return {k: v for k, v in zeros.items() if k not in sd}

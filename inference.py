@@ -1,8 +1,8 @@
 """A trained model and its tokenizer, ready for inference: what sample.py, attention.py and evaluate.py load.
 
 init_from is "resume" (a checkpoint in out_dir, newest or best by val loss, decoded with the tokenizer its training
-data was prepared with), a GPT-2 hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face directory
-(both decoded with the GPT-2 BPE).
+data was prepared with), a GPT-2 hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; decoded with the GPT-2 BPE) or
+a local Hugging Face directory (decoded with its own tokenizer.json when it has one, as our exports do, else GPT-2's).
 """
 
 import os
@@ -24,7 +24,11 @@ def load_for_inference(
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
         model = GPT.from_pretrained(init_from)
-        tokenizer = Tokenizer(GPT2_TOKENIZER, tokenizer_dir)
+        own = os.path.join(init_from, "tokenizer.json")
+        if os.path.isfile(own):  # the directory's own tokenizer (an export of ours has one)
+            tokenizer = Tokenizer({"tokenizer": "tokenizer.json", "path": own})
+        else:
+            tokenizer = Tokenizer(GPT2_TOKENIZER, tokenizer_dir)
     return model.eval(), tokenizer
 
 

@@ -87,3 +87,57 @@ def char_encode(text: str, table: np.ndarray) -> np.ndarray:
         bad = sorted({text[i] for i in np.flatnonzero(ids < 0)[:20]})
         raise ValueError(f"characters {''.join(bad)!r} are not in the vocabulary")
     return ids
+
+
+# --- Hugging Face tokenizer.json, for exports (transformers.AutoTokenizer reads it) -----------------------------------
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, as Hugging Face byte-level BPE files spell tokens: printable
+    Latin-1 bytes stand for themselves, the other 68 bytes for code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def bpe_tokenizer_json(enc):
+    """A `tokenizers.Tokenizer` equal to tiktoken encoding `enc` (GPT-2 style: byte-level BPE, its split regex, its
+    special tokens). tiktoken keeps only ranks; BPE files need merges: each multi-byte token is the merge of every
+    split of it into two tokens, ordered by the token's rank (lower merges first), as tiktoken applies them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    spell = byte_to_unicode()
+    ranks = enc._mergeable_ranks  # bytes -> rank, tiktoken's own table
+    vocab = {"".join(spell[b] for b in token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        for left, right in sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]])):
+            if ranks[left] < rank and ranks[right] < rank:
+                merges.append(("".join(spell[b] for b in left), "".join(spell[b] for b in right)))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(sorted(enc.special_tokens_set))
+    for special in enc.special_tokens_set:
+        assert tok.token_to_id(special) == enc.encode_single_token(special), special
+    return tok
+
+
+def char_tokenizer_json(chars: str):
+    """A `tokenizers.Tokenizer` for a character vocabulary: every character one token, id i is chars[i]."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars)}, unk_token=chars[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character, \n included
+    tok.decoder = decoders.Fuse()  # joined without spaces
+    return tok
