@@ -163,5 +163,12 @@ def describe_fields(cls) -> str:
 
 
 def format_config(config) -> str:
-    """The resolved config, one `key = value` per line: printed at start-up and valid as a preset file."""
+    """The resolved config, one `key = value` per line: valid as a preset file (train.py writes it to out_dir)."""
     return "\n".join(f"{k} = {v!r}" for k, v in dataclasses.asdict(config).items())
+
+
+def format_overrides(config) -> str:
+    """What differs from the defaults, one `key = value` per line (what nanoGPT prints at start-up)."""
+    default = dataclasses.asdict(type(config)())
+    changed = {k: v for k, v in dataclasses.asdict(config).items() if v != default[k]}
+    return "\n".join(f"{k} = {v!r}" for k, v in changed.items()) or "(all defaults)"

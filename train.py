@@ -35,7 +35,7 @@ from checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from configurator import format_config, parse_config
+from configurator import format_config, format_overrides, parse_config
 from data import eval_key, get_batch, load_data, train_key
 from errors import EXIT_NONFINITE, UserError, run_cli
 from fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
@@ -183,7 +183,8 @@ def main(argv=None):
             f"{rt.world_size} processes; make it a multiple"
         )
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    rt.print0(format_config(cfg))
+    rt.print0(f"# config: the defaults, with these changes (all of it goes to {cfg.out_dir}/train_config.py)")
+    rt.print0(format_overrides(cfg))
     rt.print0(
         f"# {rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}; "
         f"tokens per iteration: {tokens_per_iter:,}"
@@ -360,6 +361,7 @@ def train(cfg: TrainConfig, rt, data) -> int:
 
     stop = StopSignals()  # SIGTERM, SIGUSR1, Ctrl-C, SIGHUP: finish the step, checkpoint, exit (75 or 130)
     skipped_steps, bad_in_a_row, good_steps, exit_code = 0, 0, 0, 0
+    step_time, timed_steps = 0.0, 0  # this process's training time after warm-up, for the ETA
     x, y = batch(iter_num, 0)
     t0 = time.time()
     local_iter = 0  # iterations this process has run: the first few (compilation, warm-up) are left out of MFU
@@ -455,6 +457,8 @@ def train(cfg: TrainConfig, rt, data) -> int:
             dt, t0 = t1 - t0, t1
             iter_num += 1
             local_iter += 1
+            if local_iter > min(MFU_WARMUP_ITERS, cfg.max_iters // 10):  # the step time the ETA extrapolates
+                step_time, timed_steps = step_time + dt, timed_steps + 1
             if logging:
                 record = {
                     "iter": iter_num - 1,
@@ -465,8 +469,11 @@ def train(cfg: TrainConfig, rt, data) -> int:
                     "grad_norm": grad_normf,
                 }
                 line = (
-                    f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+                    f"iter {iter_num - 1}/{cfg.max_iters} ({100 * (iter_num - 1) / max(1, cfg.max_iters):.0f}%): "
+                    f"loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
                 )
+                if timed_steps:
+                    line += f", eta {format_duration((cfg.max_iters - iter_num) * step_time / timed_steps)}"
                 if peak and local_iter > MFU_WARMUP_ITERS:
                     record["mfu"] = flops_per_iter / dt / peak  # per GPU
                     line += f", mfu {record['mfu'] * 100:.2f}%"
@@ -521,6 +528,14 @@ def train(cfg: TrainConfig, rt, data) -> int:
     del model, eval_model
     teardown_runtime(rt)
     return exit_code
+
+
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m05s or 42s."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def nonfinite_advice(cfg: TrainConfig, rt, good_steps: int, loss_finite: bool) -> str:

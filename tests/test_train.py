@@ -27,7 +27,8 @@ TINY = [
     "--min_lr=3e-4",
 ]
 
-ITER_LINE = re.compile(r"^iter (\d+): loss (\d+\.\d{4}), time (\d+\.\d{2})ms")  # nanoGPT's training line
+# nanoGPT's training line, with progress and (after the first iterations) an ETA
+ITER_LINE = re.compile(r"^iter (\d+)/10 \(\d+%\): loss (\d+\.\d{4}), time (\d+\.\d{2})ms, [\d,]+ tok/s(, eta \d+s)?$")
 STEP_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$")  # nanoGPT's eval line
 
 
@@ -79,6 +80,8 @@ def test_log_lines_and_metrics_records(char_data, tmp_path, capsys):
     iter_lines = [m for m in map(ITER_LINE.match, lines) if m]
     step_lines = [m for m in map(STEP_LINE.match, lines) if m]
     assert [int(m[1]) for m in iter_lines] == [0, 3, 6, 9]  # every log_interval, from 0, as nanoGPT
+    assert "iter 9/10 (90%)" in lines[lines.index(iter_lines[-1][0])] and iter_lines[-1][4] == ", eta 0s"
+    assert "max_iters = 10" in lines and "n_layer = 2" in lines and "bias = False" not in lines  # the overrides
     assert [int(m[1]) for m in step_lines] == [0, 5, 10]  # every eval_interval and the last step
 
     recs = records(out)
