@@ -1,7 +1,7 @@
 """The GPU acceptance check: one command that measures the whole GPU story on one CUDA GPU and prints one table.
 
-    python -m bench.gpu_acceptance                  # on a CUDA machine; about 6 minutes with the compiles
-    python -m bench.gpu_acceptance --smoke          # tiny shapes on any device: checks the script itself runs
+    python bench/gpu_acceptance.py                  # on a CUDA machine; about 6 minutes with the compiles
+    python bench/gpu_acceptance.py --smoke          # tiny shapes on any device: checks the script itself runs
 
 What it measures (targets in brackets; nanoGPT's own figure on an H100 is 470k tok/s at batch 32):
   1. training GPT-2 124M, T=1024, bf16, torch.compile: batch 12 and 32, ms/iter, tok/s, per-GPU MFU, peak memory;
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from bench.train_speed import measure
 from generate import Decoder, Sampling
 from model import GPT, GPTConfig

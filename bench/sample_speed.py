@@ -1,9 +1,9 @@
 """Decoding speed: tokens/s of generate.py with and without the KV cache, GPT-2 124M shapes, random weights.
 
-    python -m bench.sample_speed                                   # batch 1 and 16, 500 new tokens, both paths
-    python -m bench.sample_speed --batch_sizes=1 --new_tokens=500 --device=cuda --dtype=bfloat16
-    python -m bench.sample_speed --uncached_tokens=100             # the slow path on fewer tokens
-    python -m bench.sample_speed --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65 \
+    python bench/sample_speed.py                                   # batch 1 and 16, 500 new tokens, both paths
+    python bench/sample_speed.py --batch_sizes=1 --new_tokens=500 --device=cuda --dtype=bfloat16
+    python bench/sample_speed.py --uncached_tokens=100             # the slow path on fewer tokens
+    python bench/sample_speed.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --vocab_size=65 \
         --batch_sizes=1 --new_tokens=400                           # the shakespeare_char model
 
 Both paths run in the same process on the same weights, greedy, from a one-token prompt, after a warm-up run of each;
@@ -14,10 +14,13 @@ the context), so the full-length comparison is the honest one.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from generate import Sampling, generate
 from model import GPT, GPTConfig
 from runtime import DTYPES

@@ -1,8 +1,8 @@
 """What train.py costs beyond the step itself: its per-iteration time next to a bare loop over the same model, in the
 same run, and optionally next to nanoGPT's own train.py on the same flags.
 
-    python -m bench.train_overhead --data_root=/tmp/data                     # nanoGPT's README CPU recipe, 600 iters
-    python -m bench.train_overhead --data_root=/tmp/data --nanogpt=/path/to/nanoGPT
+    python bench/train_overhead.py --data_root=/tmp/data                     # nanoGPT's README CPU recipe, 600 iters
+    python bench/train_overhead.py --data_root=/tmp/data --nanogpt=/path/to/nanoGPT
 
 The flags are nanoGPT's README CPU recipe on config/train_shakespeare_char.py (4 layers, 128 wide, T=64, batch 12,
 600 iterations, no compile); data_root must hold shakespeare_char prepared by prepare/shakespeare_char.py, and a
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from bench.train_speed import measure
 
 RECIPE = [

@@ -1,23 +1,27 @@
 """Training throughput, like nanoGPT's bench.py: ms/iter, tokens/s, MFU against the device's real peak, peak memory.
 
-    python -m bench.train_speed config/train_gpt2.py --batch_size=12 --gradient_accumulation_steps=1  # GPT-2 124M
-    python -m bench.train_speed config/train_gpt2.py --batch_size=32 --gradient_checkpointing=True
-    python -m bench.train_speed config/train_shakespeare_char_cpu.py --device=cpu --compile=False
+    python bench/train_speed.py config/train_gpt2.py --batch_size=12 --gradient_accumulation_steps=1  # GPT-2 124M
+    python bench/train_speed.py config/train_gpt2.py --batch_size=32 --gradient_checkpointing=True
+    python bench/train_speed.py config/train_shakespeare_char_cpu.py --device=cpu --compile=False
 
 Takes every train.py option (presets and --key=value). Synthetic data (uniform random tokens, so no data files are
 needed), burn-in steps, then timed steps with the device synchronised at both ends. One process; the step is
 train.py's: forward and backward under autocast, gradient clipping, the optimizer(s).
 """
 
+import os
 import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from configurator import parse_config
+from errors import UserError
 from model import GPT
 from optim import build_optimizers
 from runtime import peak_flops, seed_everything, setup_runtime
+from sizing import dataset_vocab_size
 from train import TrainConfig, model_config
 
 
@@ -27,7 +31,13 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype)
     seed_everything(cfg.seed)
-    model = GPT(model_config(cfg, cfg.vocab_size or 50304)).to(rt.device)
+    # the model train.py would build: the dataset's vocabulary (rounded up to 64) unless the config sets one
+    try:
+        vocab_size = dataset_vocab_size(cfg)
+    except UserError:
+        vocab_size = 50304
+        print(f"note: {cfg.data_root}/{cfg.dataset} is not prepared here; measuring GPT-2's vocabulary ({vocab_size})")
+    model = GPT(model_config(cfg, vocab_size)).to(rt.device)
     model.checkpoint_every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
     optimizers = build_optimizers(
         model,

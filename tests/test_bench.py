@@ -20,3 +20,29 @@ def test_smoke_run_prints_the_whole_table(capsys):
     for label in ("checkpointing vs plain", "XL", "decode 124M, batch 1", "decode 124M, batch 8"):
         assert label in out, out
     assert out.count("greedy") == 2 and "tok/s" in out
+
+
+@pytest.mark.parametrize("script", ["train_speed", "sample_speed", "train_overhead", "gpu_acceptance"])
+def test_every_bench_script_runs_as_a_plain_script(script):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, f"bench/{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_train_speed_measures_the_model_train_py_builds(char_data, capsys):
+    from bench.train_speed import measure
+
+    argv = [f"--data_root={char_data}", "--dataset=tiny_char", "--device=cpu", "--compile=False", "--n_layer=1"]
+    argv += ["--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--gradient_accumulation_steps=1"]
+    r = measure(argv, burn_in=1, steps=1)
+    # the tiny_char vocabulary rounded up to 64 (as train.py does), not GPT-2's 50304
+    from data import load_data
+    from model import GPT, GPTConfig
+
+    vocab = -(-load_data(f"{char_data}/tiny_char", 8).meta["vocab_size"] // 64) * 64
+    expected = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=vocab, bias=False))
+    assert r["params"] == expected.num_params() and vocab < 50304
