@@ -145,6 +145,15 @@ def _fsync(path: str):
         os.close(fd)
 
 
+def save_safetensors(weights: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file readable like every other file written here: save_file creates it
+    0600, so another user (or a container) serving the export could not read it."""
+    save_file(weights, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict) -> str:
     """Write ckpt-<iter_num> atomically and return its path. `model` is the raw nn.Module (not compiled, not DDP)
     or its full state dict, `state` a dict of optimizer/scaler state dicts and numbers, `meta` JSON-serialisable."""
@@ -159,7 +168,7 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict)
     try:
         os.makedirs(tmp)
         weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
-        save_file(_unique(weights), os.path.join(tmp, "model.safetensors"))
+        save_safetensors(_unique(weights), os.path.join(tmp, "model.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta | {"iter_num": iter_num, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
@@ -246,13 +255,26 @@ def find_checkpoint(out_dir: str, which: str = "latest", log=print) -> str:
         elif which != "latest":
             raise UserError(f"unknown checkpoint choice {which!r}; use latest or best")
     if not candidates:
-        raise UserError(f"no checkpoint in {out_dir}: train one first, or set --out_dir to where one is")
+        near = _runs_beside(out_dir)
+        hint = f" (runs with checkpoints beside it: {', '.join(near)})" if near else ""
+        raise UserError(f"no checkpoint in {out_dir or repr(out_dir)}: train one first, or set --out_dir{hint}")
     for path in candidates:
         problem = verify_checkpoint(path)
         if problem is None:
             return path
         log(f"warning: skipping corrupt checkpoint {path}: {problem}")
     raise UserError(f"every checkpoint in {out_dir} is corrupt; nothing to load")
+
+
+def _runs_beside(out_dir: str, limit: int = 5) -> list[str]:
+    """Directories next to out_dir (in the same parent) that hold checkpoints: where the user may have meant."""
+    parent = os.path.dirname(os.path.abspath(out_dir or "."))
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    found = [n for n in names if os.path.isdir(os.path.join(parent, n)) and list_checkpoints(os.path.join(parent, n))]
+    return [os.path.relpath(os.path.join(parent, n)) for n in found[:limit]]
 
 
 def _val_loss(path: str) -> float:

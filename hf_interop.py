@@ -11,8 +11,9 @@ import os
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from checkpoint import save_safetensors
 from errors import UserError
 from model import GPTConfig
 from sizing import check_fits
@@ -302,7 +303,7 @@ def save_hf(
     bos = eos_token_id if kind == "gpt2" else None  # GPT-2 begins documents with its end-of-text token
     hf_config |= {"bos_token_id": bos, "eos_token_id": eos_token_id}
     os.makedirs(directory, exist_ok=True)
-    save_file(
+    save_safetensors(
         {k: v.contiguous() for k, v in weights.items()},
         os.path.join(directory, "model.safetensors"),
         metadata={"format": "pt"},

@@ -18,12 +18,14 @@ GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}
 def load_for_inference(
     init_from: str, out_dir: str, checkpoint: str = "latest", tokenizer_dir: str | None = None, log=print
 ) -> tuple[GPT, Tokenizer]:
-    """The model in eval mode on the CPU (dropout off), and its tokenizer."""
+    """The model in eval mode on the CPU (dropout off), and its tokenizer. model.source says where it came from."""
     if init_from == "resume":
-        _, model, meta = load_newest_model(out_dir, checkpoint, log=log)
+        path, model, meta = load_newest_model(out_dir, checkpoint, log=log)
+        model.source = f"{path} (iteration {meta.get('iter_num')}, val loss {meta.get('val_loss')})"
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
         model = GPT.from_pretrained(init_from)
+        model.source = init_from
         own = os.path.join(init_from, "tokenizer.json")
         if os.path.isfile(own):  # the directory's own tokenizer (an export of ours has one)
             tokenizer = Tokenizer({"tokenizer": "tokenizer.json", "path": own})

@@ -1,4 +1,4 @@
-"""Sample text from a trained model, GPT-2, or a Hugging Face directory, with a KV cache.
+r"""Sample text from a trained model, GPT-2, or a Hugging Face directory, with a KV cache.
 
     python sample.py --out_dir=out-shakespeare-char                       # newest checkpoint in out_dir
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
@@ -10,6 +10,7 @@ Options are SampleConfig's fields below, set by preset files and then --key=valu
 generated as one batch; each is printed followed by a line of dashes, as nanoGPT does.
 """
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,11 @@ def main(argv=None):
         if tokenizer.eot_id is None:
             raise UserError("the prompt is empty; give some text with --start")
         ids = [tokenizer.eot_id]  # an empty prompt starts a new document
+    # what was loaded, and a prompt that does not fit, on stderr: stdout holds only the samples
+    print(f"sampling {model.source}", file=sys.stderr)
+    if len(ids) > model.config.block_size:
+        block = model.config.block_size
+        print(f"note: the prompt is {len(ids)} tokens; the model sees its last {block}", file=sys.stderr)
     x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None].repeat(cfg.num_samples, 1)  # (num_samples, T)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
     stops = parse_stops(cfg.stop)

@@ -3,7 +3,8 @@
     python prepare/shakespeare.py                  # writes data/shakespeare/
     TIKTOKEN_CACHE_DIR=/path/to/cache python prepare/shakespeare.py   # offline, with tiktoken's cache files
 
-Uses data/shakespeare/input.txt (or <out>/input.txt) when it exists; otherwise downloads tiny-shakespeare.
+Uses <out>/input.txt (data/shakespeare/input.txt) when it exists, else the copy prepare/shakespeare_char.py already
+fetched (data/shakespeare_char/input.txt), else downloads tiny-shakespeare.
 """
 
 import argparse
@@ -22,7 +23,9 @@ def main(argv=None):
     parser.add_argument("--tokenizer_dir", default=None, help="directory with GPT-2's vocab.bpe and encoder.json")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the text kept for validation")
     args = parser.parse_args(argv)
-    text = read_or_download(args.input or os.path.join(args.out, "input.txt"), TINY_SHAKESPEARE_URL)
+    own, chars = os.path.join(args.out, "input.txt"), os.path.join("data", "shakespeare_char", "input.txt")
+    default = chars if not os.path.exists(own) and os.path.exists(chars) else own  # the same text: no second copy
+    text = read_or_download(args.input or default, TINY_SHAKESPEARE_URL)
     try:
         enc = load_encoding(args.tokenizer, args.tokenizer_dir)
     except TokenizerUnavailable as e:
