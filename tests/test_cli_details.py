@@ -4,11 +4,11 @@ import os
 import stat
 
 import pytest
+from conftest import TINY_TRAIN
 
 import sample
 import train
 from checkpoint import find_checkpoint
-from conftest import TINY_TRAIN
 from errors import UserError
 
 
