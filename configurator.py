@@ -46,9 +46,11 @@ def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
         _check_known(key, fields, where=arg)
         values[key] = coerce(raw, hints[key], key)
     try:
-        return cls(**values)
+        config = cls(**values)
     except (ValueError, TypeError) as e:
         raise UserError(f"bad config: {e}") from None
+    config.given = frozenset(values)  # the keys a preset or the command line set (the rest are defaults)
+    return config
 
 
 def load_preset(path: str) -> dict:

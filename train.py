@@ -185,6 +185,13 @@ def main(argv=None):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     rt.print0(f"# config: the defaults, with these changes (all of it goes to {cfg.out_dir}/train_config.py)")
     rt.print0(format_overrides(cfg))
+    inherited = [k for k in ("dataset", "gradient_accumulation_steps") if k not in getattr(cfg, "given", ())]
+    if inherited:  # the defaults are GPT-2's OpenWebText recipe: rarely what a preset of one's own means
+        rt.print0(
+            f"note: {' and '.join(f'{k}={getattr(cfg, k)!r}' for k in inherited)} "
+            f"{'are defaults' if len(inherited) > 1 else 'is the default'} (GPT-2 on OpenWebText); set "
+            f"{'them' if len(inherited) > 1 else 'it'} in the preset or on the command line if you meant otherwise"
+        )
     rt.print0(
         f"# {rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}; "
         f"tokens per iteration: {tokens_per_iter:,}"

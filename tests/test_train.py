@@ -329,3 +329,14 @@ def test_running_out_of_cpu_memory_is_one_line(char_data, tmp_path, monkeypatch)
     monkeypatch.setattr(model_module.F, "cross_entropy", starved)
     with pytest.raises(UserError, match="out of memory on cpu with batch_size=4"):
         train.main(args(char_data, tmp_path / "out", "--max_iters=2", "--eval_interval=100"))
+
+
+def test_a_run_that_leaves_the_gpt2_recipe_defaults_in_place_gets_a_note(char_data, tmp_path, capsys):
+    base = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    small = ["--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--eval_iters=1"]
+    train.main([*base, *small, "--max_iters=0"])  # gradient_accumulation_steps left at GPT-2's 40
+    out = capsys.readouterr().out
+    assert "note: gradient_accumulation_steps=40 is the default (GPT-2 on OpenWebText)" in out
+    assert "dataset=" not in out.split("note:")[1].split("\n")[0]  # the dataset was given
+    train.main([*base, *small, "--max_iters=0", "--gradient_accumulation_steps=1", "--out_dir=" + str(tmp_path / "b")])
+    assert "note: " not in "".join(line for line in capsys.readouterr().out.splitlines() if "default" in line)
