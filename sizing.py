@@ -25,6 +25,7 @@ Memory figures are per GPU: DDP keeps a full copy of weights, gradients and opti
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,8 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 @dataclass
 class SizingOptions:
-    gpu: str = "A100"  # GPU name, looked up in runtime.GPU_PEAK_FLOPS (H100, A100, RTX 4090, ...)
+    gpu: str = "A100"  # GPU name in runtime.GPU_PEAK_FLOPS (H100, A100, RTX 4090, ...), or cpu (measured); a run
+    # that would train on the CPU (device cpu, or auto without CUDA) is sized for the CPU unless --gpu says otherwise
     num_gpus: int = 1  # GPUs sharing each iteration (DDP)
     mfu: float = 0.45  # assumed model FLOPs utilisation; 40-50% is what well-tuned GPT training reaches
 
@@ -88,14 +90,33 @@ def activation_bytes(config: GPTConfig, batch_size: int, checkpointing: bool, fl
 
 
 def gpu_peak_flops(gpu: str) -> float:
-    """Peak dense 16-bit FLOP/s of a GPU named exactly as in the table, or whose full name contains a table key."""
+    """Peak dense 16-bit FLOP/s of a GPU named as in the table (case, spaces, dashes and underscores aside: RTX 4090,
+    rtx4090, RTX_4090), or whose full name contains a table key; "cpu" measures this machine's float32 matmul rate."""
+    if gpu.lower() == "cpu":
+        return measured_cpu_flops()
+
+    def plain(name: str) -> str:
+        return "".join(c for c in name.lower() if c.isalnum())
+
     for key, flops in GPU_PEAK_FLOPS:
-        if key.lower() == gpu.lower():
+        if plain(key) == plain(gpu):
             return flops
     for key, flops in GPU_PEAK_FLOPS:
-        if key.lower() in gpu.lower():
+        if plain(key) in plain(gpu):
             return flops
-    raise UserError(f"unknown --gpu={gpu!r}; known: {', '.join(k for k, _ in GPU_PEAK_FLOPS)}")
+    raise UserError(f"unknown --gpu={gpu!r}; known: cpu, {', '.join(k for k, _ in GPU_PEAK_FLOPS)}")
+
+
+def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's float32 matmul FLOP/s, the best of a few n x n products: the peak a CPU run can approach."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def estimate_params(c: GPTConfig) -> int:
@@ -179,11 +200,14 @@ def report(cfg: "TrainConfig", opts: SizingOptions, config: GPTConfig) -> str:
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * s
     flops_per_iter = flops_per_token * tokens_per_iter
     peak = gpu_peak_flops(opts.gpu)
+    tflops = f"{peak / 1e12:.0f}" if peak >= 1e13 else f"{peak / 1e12:.2f}"
     step_s = flops_per_iter / (opts.num_gpus * peak * opts.mfu)
     gib = 2**30
+    shards = opts.num_gpus if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the GPUs
+    sharded = f", FSDP 1/{shards}" if shards > 1 else ""
 
     def row(label: str, value: str) -> str:
-        return f"  {label:<36} {value:>22}"
+        return f"  {label:<44} {value:>22}"
 
     lines = ["parameters"]
     lines += [row(part, f"{count:,}") + f"  {count / n:6.1%}" for part, count in parts.items()]
@@ -200,9 +224,9 @@ def report(cfg: "TrainConfig", opts: SizingOptions, config: GPTConfig) -> str:
         row("tokens per iteration", f"{tokens_per_iter:,}"),
         row("FLOPs per iteration", f"{flops_per_iter:.4g}"),
         f"memory per GPU (micro-batch {cfg.batch_size} x {s} tokens)",
-        row("weights (fp32)", f"{4 * n / gib:.2f} GiB"),
-        row("gradients (fp32)", f"{4 * n / gib:.2f} GiB"),
-        row("AdamW state (fp32, 2 per weight)", f"{8 * n / gib:.2f} GiB"),
+        row(f"weights (fp32){sharded}", f"{4 * n / shards / gib:.2f} GiB"),
+        row(f"gradients (fp32){sharded}", f"{4 * n / shards / gib:.2f} GiB"),
+        row(f"AdamW state (fp32, 2 per weight){sharded}", f"{8 * n / shards / gib:.2f} GiB"),
     ]
     for label, ckpt, flash in (
         ("activations, attention stored", False, False),
@@ -212,7 +236,7 @@ def report(cfg: "TrainConfig", opts: SizingOptions, config: GPTConfig) -> str:
         lines.append(row(label, f"{activation_bytes(config, cfg.batch_size, ckpt, flash) / gib:.2f} GiB"))
     planned = cfg.max_iters * tokens_per_iter
     lines += [
-        f"time on {opts.num_gpus} x {opts.gpu} ({peak / 1e12:.0f} TFLOP/s peak each, assumed MFU {opts.mfu:.0%})",
+        f"time on {opts.num_gpus} x {opts.gpu} ({tflops} TFLOP/s peak each, assumed MFU {opts.mfu:.0%})",
         row("step", f"{step_s * 1000:.1f} ms"),
         row("tokens per second", f"{tokens_per_iter / step_s:,.0f}"),
         row(f"{cfg.max_iters:,} iterations", f"{cfg.max_iters * step_s / 3600:.1f} hours"),
@@ -237,6 +261,9 @@ def main(argv=None):
     mine = [a for a in argv if a.partition("=")[0] in own]
     opts = parse_config(SizingOptions, mine)
     cfg = parse_config(TrainConfig, [a for a in argv if a not in mine])
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if "gpu" not in opts.given and on_cpu:  # a run that would train on this CPU: size it for the CPU, not an A100
+        opts.gpu = "cpu"
     if opts.num_gpus < 1 or not 0 < opts.mfu <= 1:
         raise UserError("--num_gpus must be >= 1 and --mfu in (0, 1]")
     print(report(cfg, opts, model_config(cfg, dataset_vocab_size(cfg))))

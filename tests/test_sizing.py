@@ -87,3 +87,32 @@ def test_short_report_and_errors():
     assert text.count("\n") == 1 and f"{n:,} parameters" in text and f"{40 * 4 * 16:,} tokens/iter" in text
     with pytest.raises(sizing.UserError, match="unknown --gpu"):
         sizing.gpu_peak_flops("abacus")
+
+
+def test_gpu_names_are_normalised_and_cpu_is_measured():
+    assert sizing.gpu_peak_flops("RTX 4090") == sizing.gpu_peak_flops("rtx4090") == sizing.gpu_peak_flops("RTX_4090")
+    assert sizing.gpu_peak_flops("NVIDIA H100 80GB HBM3") == sizing.gpu_peak_flops("H100")
+    assert 1e8 < sizing.gpu_peak_flops("cpu") < 1e14  # this machine's float32 matmul rate
+    with pytest.raises(sizing.UserError, match="known: cpu, H200"):
+        sizing.gpu_peak_flops("TPU v5")
+
+
+def test_fsdp_divides_weights_gradients_and_optimizer_state_over_the_gpus(capsys):
+    argv = [os.path.join(ROOT, "config", "train_gpt2.py"), "--gpu=A100", "--num_gpus=8"]
+    sizing.main(argv)
+    ddp = capsys.readouterr().out
+    sizing.main([*argv, "--fsdp=True"])
+    fsdp = capsys.readouterr().out
+
+    def gib(text, label):
+        line = next(line for line in text.splitlines() if line.strip().startswith(label))
+        return float(line.split()[-2])
+
+    assert gib(fsdp, "AdamW state") == pytest.approx(gib(ddp, "AdamW state") / 8, abs=0.01)
+    assert "FSDP 1/8" in fsdp and "FSDP" not in ddp
+
+
+def test_a_cpu_run_is_sized_for_the_cpu_not_an_a100(capsys):
+    sizing.main([os.path.join(ROOT, "config", "train_shakespeare_char_cpu.py"), "--device=cpu"])
+    out = capsys.readouterr().out
+    assert "time on 1 x cpu (" in out and "A100" not in out
