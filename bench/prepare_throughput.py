@@ -45,7 +45,7 @@ def nanogpt_style(ds, enc, out_dir, num_proc):
 
 
 def ours(ds, out_dir, num_proc):
-    args = text.parse_args(["--input", "x", "--out", out_dir, "--num_proc", str(num_proc)])
+    args = text.parse_args(["--input=x", f"--out={out_dir}", f"--num_proc={num_proc}"])
     encode_batch, info = text.make_tokenizer(args, ds)
     tokens = text.tokenize(ds, encode_batch, args, "ours tokenizing")
     with DatasetWriter(out_dir) as writer:  # staged, then discarded: the write is what is timed

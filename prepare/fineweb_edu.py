@@ -10,14 +10,19 @@ import sys
 
 import text
 
+from errors import run_cli  # text put the repository root on sys.path
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    defaults = (
-        "--input HuggingFaceFW/fineweb-edu --config sample-10BT --out data/fineweb_edu --val_fraction 0.001".split()
-    )
+    defaults = [
+        "--input=HuggingFaceFW/fineweb-edu",
+        "--config=sample-10BT",
+        "--out=data/fineweb_edu",
+        "--val_fraction=0.001",
+    ]
     return text.main(defaults + list(argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

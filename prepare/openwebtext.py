@@ -12,12 +12,14 @@ import sys
 
 import text
 
+from errors import run_cli  # text put the repository root on sys.path
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    defaults = "--input Skylion007/openwebtext --out data/openwebtext --val_fraction 0.0005 --seed 2357".split()
+    defaults = ["--input=Skylion007/openwebtext", "--out=data/openwebtext", "--val_fraction=0.0005", "--seed=2357"]
     return text.main(defaults + list(argv))  # later options override the defaults
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

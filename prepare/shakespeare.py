@@ -7,22 +7,34 @@ Uses <out>/input.txt (data/shakespeare/input.txt) when it exists, else the copy 
 fetched (data/shakespeare_char/input.txt), else downloads tiny-shakespeare.
 """
 
-import argparse
 import os
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 from token_writer import TINY_SHAKESPEARE_URL, fail, read_or_download, write_dataset
 from tokenization import TokenizerUnavailable, encoding_hash, load_encoding
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator, errors
+from configurator import parse_config
+from errors import run_cli
+
+
+@dataclass
+class BPEConfig:
+    out: str = os.path.join("data", "shakespeare")  # dataset directory
+    input: str | None = None  # text file to use (default: <out>/input.txt, else shakespeare_char's copy)
+    tokenizer: str = "gpt2"  # tiktoken encoding name
+    tokenizer_dir: str | None = None  # directory with GPT-2's vocab.bpe and encoder.json (offline)
+    val_fraction: float = 0.1  # share of the text kept for validation
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join("data", "shakespeare"), help="dataset directory")
-    parser.add_argument("--input", default=None, help="text file to use (default: <out>/input.txt)")
-    parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name")
-    parser.add_argument("--tokenizer_dir", default=None, help="directory with GPT-2's vocab.bpe and encoder.json")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the text kept for validation")
-    args = parser.parse_args(argv)
+    args = parse_config(BPEConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     own, chars = os.path.join(args.out, "input.txt"), os.path.join("data", "shakespeare_char", "input.txt")
     default = chars if not os.path.exists(own) and os.path.exists(chars) else own  # the same text: no second copy
     text = read_or_download(args.input or default, TINY_SHAKESPEARE_URL)
@@ -46,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,20 +6,32 @@
 Uses data/shakespeare_char/input.txt (or <out>/input.txt) when it exists; otherwise downloads tiny-shakespeare.
 """
 
-import argparse
 import os
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 from token_writer import TINY_SHAKESPEARE_URL, read_or_download, write_dataset
 from tokenization import chars_hash
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator, errors
+from configurator import parse_config
+from errors import run_cli
+
+
+@dataclass
+class CharConfig:
+    out: str = os.path.join("data", "shakespeare_char")  # dataset directory
+    input: str | None = None  # text file to use (default: <out>/input.txt)
+    val_fraction: float = 0.1  # share of the text kept for validation
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join("data", "shakespeare_char"), help="dataset directory")
-    parser.add_argument("--input", default=None, help="text file to use (default: <out>/input.txt)")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the text kept for validation")
-    args = parser.parse_args(argv)
+    args = parse_config(CharConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     text = read_or_download(args.input or os.path.join(args.out, "input.txt"), TINY_SHAKESPEARE_URL)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
@@ -39,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,20 +1,21 @@
 """Any text source -> token files: local files or a Hugging Face hub dataset, through `datasets` and tiktoken.
 
-    python prepare/text.py --input "books/*.txt" --out data/books                       # one document per file
-    python prepare/text.py --input corpus.jsonl --text_column=body --out data/corpus     # also .json .parquet .csv
-    python prepare/text.py --input notes.txt --tokenizer=char --out data/notes_char      # a character vocabulary
-    python prepare/text.py --input Skylion007/openwebtext --val_fraction=0.0005 --out data/openwebtext   # the hub
+    python prepare/text.py --input="books/*.txt" --out=data/books                       # one document per file
+    python prepare/text.py --input=corpus.jsonl --text_column=body --out=data/corpus     # also .json .parquet .csv
+    python prepare/text.py --input=notes.txt --tokenizer=char --out=data/notes_char      # a character vocabulary
+    python prepare/text.py --input=Skylion007/openwebtext --val_fraction=0.0005 --out=data/openwebtext   # the hub
 
 Each document is tokenized and followed by one end-of-text token (BPE tokenizers; a character vocabulary has none).
 Validation data is a `--val_split` of a hub dataset or a random `--val_fraction` of the documents; a source with a
 single document is split by tokens instead. Writes <out>/train.bin, val.bin and meta.json (see data.py).
 """
 
-import argparse
 import glob
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from token_writer import DatasetWriter, fail
@@ -28,36 +29,49 @@ from tokenization import (
     load_encoding,
 )
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator, errors
+from configurator import parse_config
+from errors import run_cli
+
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="local files or globs, or a hub dataset name")
-    p.add_argument("--out", required=True, help="dataset directory, e.g. data/<name>")
-    p.add_argument("--text_column", default="text", help="column holding the text (.jsonl/.json/.parquet/.csv/hub)")
-    p.add_argument(
-        "--sample_by",
-        default="document",
-        choices=["document", "paragraph", "line"],
-        help=".txt files: one document per file, per blank-line paragraph or per line",
-    )
-    p.add_argument("--config", default=None, help="hub dataset configuration name")
-    p.add_argument("--split", default="train", help="split to read (hub datasets)")
-    p.add_argument("--val_split", default=None, help="hub split to use for validation instead of --val_fraction")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of documents held out for validation")
-    p.add_argument("--max_documents", type=int, default=None, help="use only the first N documents")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (default), any tiktoken encoding name, or char")
-    p.add_argument("--tokenizer_dir", default=None, help="directory with GPT-2's vocab.bpe and encoder.json (offline)")
-    p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
-    p.add_argument("--seed", type=int, default=2357, help="seed of the random validation split")
-    p.add_argument("--cache_dir", default=None, help="datasets cache directory (default: datasets' own)")
-    args = p.parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        fail(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.num_proc < 1:
-        fail(f"--num_proc must be >= 1, got {args.num_proc}")
-    return args
+@dataclass
+class TextConfig:
+    input: str = ""  # local files or globs (several: separated by commas), or a hub dataset name
+    out: str = ""  # dataset directory, e.g. data/<name>
+    text_column: str = "text"  # column holding the text (.jsonl/.json/.parquet/.csv/hub)
+    sample_by: str = "document"  # .txt files: one document per file (document), per blank-line paragraph or per line
+    config: str | None = None  # hub dataset configuration name
+    split: str = "train"  # split to read (hub datasets)
+    val_split: str | None = None  # hub split to use for validation instead of val_fraction
+    val_fraction: float = 0.1  # share of documents held out for validation
+    max_documents: int | None = None  # use only the first N documents
+    tokenizer: str = "gpt2"  # gpt2, any tiktoken encoding name, or char
+    tokenizer_dir: str | None = None  # directory with GPT-2's vocab.bpe and encoder.json (offline)
+    num_proc: int = min(8, os.cpu_count() or 1)  # tokenizing processes
+    seed: int = 2357  # seed of the random validation split
+    cache_dir: str | None = None  # datasets cache directory (default: datasets' own)
+
+    def __post_init__(self):
+        if not self.inputs:
+            raise ValueError("--input is needed: files, globs or a hub dataset name, e.g. --input='books/*.txt'")
+        if not self.out:
+            raise ValueError("--out is needed: the dataset directory, e.g. --out=data/books")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_proc < 1:
+            raise ValueError(f"--num_proc must be >= 1, got {self.num_proc}")
+        if self.sample_by not in ("document", "paragraph", "line"):
+            raise ValueError(f"--sample_by must be document, paragraph or line, got {self.sample_by!r}")
+
+    @property
+    def inputs(self) -> list[str]:
+        return [p.strip() for p in self.input.split(",") if p.strip()]
+
+
+def parse_args(argv=None) -> TextConfig:
+    return parse_config(TextConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
 
 
 def load_source(args):
@@ -65,7 +79,7 @@ def load_source(args):
     import datasets
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become our one-line messages
-    files = sorted({f for pattern in args.input for f in glob.glob(os.path.expanduser(pattern))})
+    files = sorted({f for pattern in args.inputs for f in glob.glob(os.path.expanduser(pattern))})
     try:
         if files:
             exts = {os.path.splitext(f)[1].lower() for f in files}
@@ -85,20 +99,20 @@ def load_source(args):
                     _fail_at_bad_json(files)
                 raise
             val, source = None, f"{len(files)} local {builder} file(s): {', '.join(files[:3])}"[:500]
-        elif len(args.input) == 1 and not os.path.exists(args.input[0]) and "*" not in args.input[0]:
-            name = args.input[0]
+        elif len(args.inputs) == 1 and not os.path.exists(args.inputs[0]) and "*" not in args.inputs[0]:
+            name = args.inputs[0]
             train = datasets.load_dataset(name, args.config, split=args.split, cache_dir=args.cache_dir)
             val = None
             if args.val_split:
                 val = datasets.load_dataset(name, args.config, split=args.val_split, cache_dir=args.cache_dir)
             source = f"hub dataset {name}" + (f" ({args.config})" if args.config else "") + f", split {args.split}"
         else:
-            fail(f"no input files match {' '.join(args.input)}")
+            fail(f"no input files match {' '.join(args.inputs)}")
     except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
-        fail(f"could not read {' '.join(args.input)}: {str(e).splitlines()[0][:300]}")
+        fail(f"could not read {' '.join(args.inputs)}: {str(e).splitlines()[0][:300]}")
     if args.text_column not in train.column_names:
         fail(
-            f"no column {args.text_column!r} in {' '.join(args.input)} (columns: {', '.join(train.column_names)}); "
+            f"no column {args.text_column!r} in {' '.join(args.inputs)} (columns: {', '.join(train.column_names)}); "
             "set --text_column"
         )
     train = _text_only(train, args.text_column)
@@ -106,7 +120,7 @@ def load_source(args):
     for split, ds in (("train", train), ("val", val)):
         if ds is not None:
             _check_text(
-                ds, f"{'input' if split == 'train' else 'val split of'} {' '.join(args.input)[:200]}", args.text_column
+                ds, f"{'input' if split == 'train' else 'val split of'} {' '.join(args.inputs)[:200]}", args.text_column
             )
     if args.max_documents is not None:
         train = train.select(range(min(args.max_documents, len(train))))
@@ -263,4 +277,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

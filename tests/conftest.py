@@ -111,5 +111,5 @@ def char_data(tmp_path):
     out = tmp_path / "data" / "tiny_char"
     out.mkdir(parents=True)
     (out / "input.txt").write_text(shakespeare_text(), encoding="utf-8")
-    shakespeare_char.main(["--out", str(out)])
+    shakespeare_char.main([f"--out={out}"])
     return str(tmp_path / "data")

@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     good = data / "good"
     good.mkdir(parents=True)
     (good / "input.txt").write_text(shakespeare_text(20_000), encoding="utf-8")
-    shakespeare_char.main(["--out", str(good)])
+    shakespeare_char.main([f"--out={good}"])
     for name, damage in {
         "truncated": lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-10]),
         "odd": lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes() + b"\0"),

@@ -173,7 +173,7 @@ def test_nanogpt_meta_pkl_is_never_unpickled(tmp_path):
 
 def test_prepare_shakespeare_char_matches_nanogpt(tmp_path, tiny_shakespeare):
     out = tmp_path / "shakespeare_char"
-    shakespeare_char.main(["--input", tiny_shakespeare, "--out", str(out)])
+    shakespeare_char.main([f"--input={tiny_shakespeare}", f"--out={out}"])
     meta = read_meta(out)
     # nanoGPT's data/shakespeare_char/prepare.py prints: 1,115,394 characters, vocab size 65,
     # train has 1,003,854 tokens, val has 111,540 tokens.
@@ -197,7 +197,7 @@ def test_prepare_shakespeare_gpt2_matches_tiktoken_and_nanogpt(tmp_path, tiny_sh
     tiktoken = pytest.importorskip("tiktoken")
     enc = tiktoken.get_encoding("gpt2")  # from TIKTOKEN_CACHE_DIR, set by conftest
     out = tmp_path / "shakespeare"
-    shakespeare.main(["--input", tiny_shakespeare, "--out", str(out)])
+    shakespeare.main([f"--input={tiny_shakespeare}", f"--out={out}"])
     meta = read_meta(out)
     with open(tiny_shakespeare, encoding="utf-8") as f:
         text = f.read()

@@ -450,7 +450,7 @@ def bpe_data(tmp_path):
     out = tmp_path / "data" / "tiny_bpe"
     out.mkdir(parents=True)
     (out / "input.txt").write_text(shakespeare_text(30_000), encoding="utf-8")
-    shakespeare.main(["--out", str(out)])
+    shakespeare.main([f"--out={out}"])
     return str(tmp_path / "data")
 
 

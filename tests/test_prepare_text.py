@@ -15,7 +15,7 @@ import tiktoken
 from conftest import ROOT, needs_gpt2_tokenizer, shakespeare_text
 
 from data import Tokenizer, load_data
-from errors import UserError
+from errors import UserError, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +29,14 @@ def documents(n=300):
     return paragraphs[:n]
 
 
+def kv(*args) -> list[str]:
+    """--key value pairs as the --key=value every script takes."""
+    return [f"{k}={v}" for k, v in zip(args[::2], args[1::2], strict=True)]
+
+
 def run(tmp_path, *args):
     out = tmp_path / "out"
-    meta = text.main([*map(str, args), "--out", str(out), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1"])
+    meta = text.main(kv(*args, "--out", out, "--cache_dir", tmp_path / "cache", "--num_proc", 1))
     return out, meta
 
 
@@ -94,7 +99,7 @@ def test_char_tokenizer_matches_shakespeare_char_script(tmp_path):
     path = tmp_path / "input.txt"
     path.write_text(shakespeare_text(50_000), encoding="utf-8")
     _, meta = run(tmp_path, "--input", path, "--tokenizer", "char")
-    shakespeare_char.main(["--input", str(path), "--out", str(tmp_path / "ref")])
+    shakespeare_char.main(kv("--input", path, "--out", tmp_path / "ref"))
     ref = json.loads((tmp_path / "ref" / "meta.json").read_text())
     for key in ("chars", "vocab_size", "tokenizer_hash", "dtype"):
         assert meta[key] == ref[key]
@@ -131,16 +136,7 @@ def test_tokenizer_dir_equals_tiktoken_cache(tmp_path):
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     _, meta_dir = run(tmp_path, "--input", path, "--tokenizer_dir", vocab_dir, "--val_fraction", "0")
     ref = text.main(
-        [
-            "--input",
-            str(path),
-            "--out",
-            str(tmp_path / "o2"),
-            "--val_fraction",
-            "0",
-            "--cache_dir",
-            str(tmp_path / "cache"),
-        ]
+        kv("--input", path, "--out", tmp_path / "o2", "--val_fraction", 0, "--cache_dir", tmp_path / "cache")
     )
     assert meta_dir["tokenizer_hash"] == ref["tokenizer_hash"]
     assert meta_dir["splits"]["train"]["sha256"] == ref["splits"]["train"]["sha256"]
@@ -173,45 +169,39 @@ def test_bad_inputs_fail_in_one_line(tmp_path, args, message, capsys):
     (tmp_path / "docs.xml").write_text("<a/>")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     with pytest.raises(SystemExit) as e:
-        text.main([*args, "--out", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
+        run_cli(lambda: text.main(kv(*args, "--out", tmp_path / "out", "--cache_dir", tmp_path / "cache")))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path):
-    """kill -9 while the token files are being written: no meta.json, no train.bin/val.bin under final names
-    (only .tmp files), so training refuses the directory."""
-    path = tmp_path / "big.txt"
-    path.write_text(shakespeare_text() * 60, encoding="utf-8")  # ~12 MB, one document
+def test_a_prepare_killed_half_way_leaves_the_previous_dataset_and_the_next_one_clears_up(tmp_path):
+    """kill -9 while the new token files are being written: the dataset already in --out is untouched (it still
+    loads, byte for byte the same), and the next prepare removes what the killed one staged."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "meta.json").write_text("{}")  # a previous prepare's manifest must not survive a new, interrupted one
+    small = tmp_path / "small.txt"
+    small.write_text(shakespeare_text(20_000), encoding="utf-8")
+    run(tmp_path, "--input", small, "--tokenizer", "char")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    big = tmp_path / "big.txt"
+    big.write_text(shakespeare_text() * 60, encoding="utf-8")  # ~12 MB, one document
     env = dict(os.environ, HF_DATASETS_OFFLINE="1")
-    cmd = [
-        sys.executable,
-        "prepare/text.py",
-        "--input",
-        str(path),
-        "--tokenizer",
-        "char",
-        "--out",
-        str(out),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-    ]
+    cmd = [sys.executable, "prepare/text.py", *kv("--input", big, "--tokenizer", "char", "--out", out)]
+    cmd += kv("--cache_dir", tmp_path / "cache")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = out / f"train.bin.tmp-{proc.pid}"
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "train.bin.tmp").exists() and proc.poll() is None:
-        time.sleep(0.005)
+    while time.time() < deadline and not staged.exists() and proc.poll() is None:
+        time.sleep(0.005)  # polls for the event (the staged file appearing), with no fixed wait
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if (out / "meta.json").exists():  # the process finished before the kill landed: then everything is complete
+    if not staged.exists():
         pytest.skip("prepare finished before it could be interrupted")
-    assert not (out / "train.bin").exists() or not (out / "val.bin").exists()
-    with pytest.raises(UserError, match="prepare"):
-        load_data(str(out), block_size=8)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f != staged} == before
+    load_data(str(out), block_size=8)
+    run(tmp_path, "--input", small, "--tokenizer", "char")  # the next writer clears what the dead one staged
+    assert sorted(f.name for f in out.iterdir()) == sorted(before)
 
 
 def test_char_vocabulary_covers_the_val_split_and_ignores_the_seed(tmp_path):

@@ -395,7 +395,7 @@ def test_a_prepare_that_fails_half_way_leaves_the_old_dataset(char_data):
     assert {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)} == before
     with open(os.path.join(d, "train.bin.tmp-99999999"), "wb") as f:  # what a prepare killed with -9 left
         f.write(b"\0" * 100)
-    shakespeare_char.main(["--out", d])
+    shakespeare_char.main([f"--out={d}"])
     assert sorted(os.listdir(d)) == sorted(before)
 
 
