@@ -1,7 +1,7 @@
 """The GPU acceptance check: one command that measures the whole GPU story on one CUDA GPU and prints one table.
 
     python bench/gpu_acceptance.py                  # on a CUDA machine; about 6 minutes with the compiles
-    python bench/gpu_acceptance.py --smoke          # tiny shapes on any device: checks the script itself runs
+    python bench/gpu_acceptance.py --smoke=True     # tiny shapes on any device: checks the script itself runs
 
 What it measures (targets in brackets; nanoGPT's own figure on an H100 is 470k tok/s at batch 32):
   1. training GPT-2 124M, T=1024, bf16, torch.compile: batch 12 and 32, ms/iter, tok/s, per-GPU MFU, peak memory;
@@ -12,10 +12,9 @@ What it measures (targets in brackets; nanoGPT's own figure on an H100 is 470k t
   3. config/train_shakespeare_char.py: seconds from process start to the first val loss <= 1.47, with
      data/shakespeare_char/ prepared first (its input.txt is downloaded, or copied there beforehand offline).
                                                                              [<= 15 s]
-Without CUDA (and without --smoke) it says so in one line and exits 0.
+Without CUDA (and without --smoke=True) it says so in one line and exits 0.
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -23,11 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from bench.train_speed import measure
+from configurator import parse_config
+from errors import run_cli
 from generate import Decoder, Sampling
 from model import GPT, GPTConfig
 
@@ -123,14 +125,17 @@ def char_run(smoke: bool, limit_s: float) -> str:
     return f"val <= 1.47 after {reached:.1f} s from process start ({last}; prepare took {prepared:.1f} s before)"
 
 
+@dataclass
+class AcceptanceConfig:
+    smoke: bool = False  # tiny shapes on any device, to check the script runs
+    char_limit_s: float = 120.0  # give up on the char run after this long
+    skip_char: bool = False  # leave out the shakespeare_char run
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on any device, to check the script runs")
-    p.add_argument("--char_limit_s", type=float, default=120.0, help="give up on the char run after this long")
-    p.add_argument("--skip_char", action="store_true", help="leave out the shakespeare_char run")
-    args = p.parse_args(argv)
+    args = parse_config(AcceptanceConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     if not torch.cuda.is_available() and not args.smoke:
-        print("gpu_acceptance: no CUDA GPU on this machine; nothing measured (run it on one, or use --smoke)")
+        print("gpu_acceptance: no CUDA GPU on this machine; nothing measured (run it on one, or use --smoke=True)")
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
@@ -158,4 +163,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

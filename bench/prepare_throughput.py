@@ -11,18 +11,22 @@ processes, in the same run, and prints MB/s for each and their ratio.
     np.memmap in shards (written here from the description of nanoGPT's data/openwebtext/prepare.py).
 """
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "prepare"))  # the prepare modules
 import text  # noqa: E402
 from token_writer import DatasetWriter  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root
+from configurator import parse_config
+from errors import run_cli
 
 
 def nanogpt_style(ds, enc, out_dir, num_proc):
@@ -52,12 +56,15 @@ def ours(ds, out_dir, num_proc):
         return writer.write_split("train", text.chunks(tokens), info["vocab_size"])["tokens"]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default="data/shakespeare_char/input.txt")
-    p.add_argument("--mb", type=float, default=100.0, help="corpus size in MB")
-    p.add_argument("--num_proc", type=int, default=os.cpu_count())
-    args = p.parse_args()
+@dataclass
+class ThroughputConfig:
+    input: str = "data/shakespeare_char/input.txt"  # the text to repeat into a corpus
+    mb: float = 100.0  # corpus size in MB
+    num_proc: int = os.cpu_count() or 1  # tokenizing processes
+
+
+def main(argv=None):
+    args = parse_config(ThroughputConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     import datasets
     import tiktoken
 
@@ -87,4 +94,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

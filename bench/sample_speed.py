@@ -13,14 +13,16 @@ ratio compares the measured per-token rates of the two runs, which flatters the 
 the context), so the full-length comparison is the honest one.
 """
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
+from configurator import parse_config
+from errors import run_cli
 from generate import Sampling, generate
 from model import GPT, GPTConfig
 from runtime import DTYPES
@@ -38,19 +40,26 @@ def timed(model, batch_size, n, kv_cache, device) -> float:
     return time.perf_counter() - t0
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_sizes", default="1,16")
-    p.add_argument("--new_tokens", type=int, default=500)
-    p.add_argument("--uncached_tokens", type=int, default=None, help="tokens for the uncached run (default: all)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--block_size", type=int, default=1024)
-    p.add_argument("--vocab_size", type=int, default=50257)
-    args = p.parse_args()
+@dataclass
+class SampleSpeedConfig:
+    batch_sizes: str = "1,16"  # comma-separated
+    new_tokens: int = 500
+    uncached_tokens: int | None = None  # tokens for the uncached run (default: all)
+    device: str = "cpu"
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def main(argv=None):
+    args = parse_config(SampleSpeedConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     torch.manual_seed(0)
     shape = {k: getattr(args, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
     model = GPT(GPTConfig(**shape))
@@ -74,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,7 +11,6 @@ metrics.jsonl, nanoGPT's from its log lines), the whole process's wall time for 
 The machine should be otherwise idle; run it twice and believe what repeats.
 """
 
-import argparse
 import json
 import os
 import re
@@ -20,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from bench.train_speed import measure
+from configurator import parse_config
+from errors import run_cli
 
 RECIPE = [
     "config/train_shakespeare_char.py",
@@ -65,11 +67,14 @@ def nanogpt(path: str) -> tuple[float, float]:
     return statistics.median(times[5:]), wall
 
 
+@dataclass
+class OverheadConfig:
+    data_root: str = "data"  # holds shakespeare_char/ (prepare/shakespeare_char.py)
+    nanogpt: str | None = None  # a nanoGPT checkout with data/shakespeare_char prepared
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", default="data", help="holds shakespeare_char/ (prepare/shakespeare_char.py)")
-    p.add_argument("--nanogpt", default=None, help="a nanoGPT checkout with data/shakespeare_char prepared")
-    args = p.parse_args(argv)
+    args = parse_config(OverheadConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     bare = measure([*RECIPE, "--vocab_size=128"], burn_in=20, steps=100)["ms_per_iter"]  # 65 chars, rounded up
     ms, wall = ours(args.data_root)
     print(f"bare loop (same model, random tokens): {bare:.2f} ms/iter")
@@ -81,4 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from configurator import parse_config
-from errors import UserError
+from errors import UserError, run_cli
 from model import GPT
 from optim import build_optimizers
 from runtime import peak_flops, seed_everything, setup_runtime
@@ -109,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

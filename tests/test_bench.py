@@ -15,7 +15,7 @@ def test_without_cuda_it_says_so_and_exits_0(capsys):
 
 @pytest.mark.slow
 def test_smoke_run_prints_the_whole_table(capsys):
-    assert gpu_acceptance.main(["--smoke", "--skip_char"]) == 0
+    assert gpu_acceptance.main(["--smoke=True", "--skip_char=True"]) == 0
     out = capsys.readouterr().out
     for label in ("checkpointing vs plain", "XL", "decode 124M, batch 1", "decode 124M, batch 8"):
         assert label in out, out
