@@ -195,14 +195,12 @@ def import_checkpoint(ckpt_path: str, out_dir: str, data_dir: str | None, tokeni
         "out_dir": out_dir,
         "optimizer": "adamw",
     }
-    optimizer = build_optimizer(
-        model,
-        train_config["weight_decay"],
-        train_config["learning_rate"],
-        (train_config["beta1"], train_config["beta2"]),
-        "cpu",
-    )
-    note = "with its AdamW state"
+
+    def fresh_optimizer():  # nanoGPT's groups are ours: decayed matrices, then the rest, in parameter order
+        betas = (train_config["beta1"], train_config["beta2"])
+        return build_optimizer(model, train_config["weight_decay"], train_config["learning_rate"], betas, "cpu")
+
+    optimizer, note = fresh_optimizer(), "with its AdamW state"
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:
@@ -210,13 +208,7 @@ def import_checkpoint(ckpt_path: str, out_dir: str, data_dir: str | None, tokeni
                 if optimizer.state[p] and optimizer.state[p]["exp_avg"].shape != p.shape:
                     raise ValueError("a moment's shape differs from its parameter's")
     except (KeyError, ValueError, TypeError) as e:
-        optimizer = build_optimizer(
-            model,
-            train_config["weight_decay"],
-            train_config["learning_rate"],
-            (train_config["beta1"], train_config["beta2"]),
-            "cpu",
-        )
+        optimizer = fresh_optimizer()
         note = f"without its optimizer state, which does not map onto ours ({e}); AdamW's moments start afresh"
     state = {
         "optimizers": [optimizer_state(model, optimizer, False)],
