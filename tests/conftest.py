@@ -60,12 +60,17 @@ def _seed():
 
 
 def shakespeare_text(n_chars: int = 200_000) -> str:
-    """The start of tiny-shakespeare when ../shared has it, else a synthetic play generated here: speeches of a few
-    lines, each under a speaker's name, separated by blank lines (so it splits into documents the way the real text
-    does), over every letter in both cases, digits and the usual punctuation (so prompts like "ROMEO:" encode)."""
+    """The start of tiny-shakespeare when ../shared has it, else synthetic_play(n_chars)."""
     if os.path.exists(SHAKESPEARE):
         with open(SHAKESPEARE, encoding="utf-8") as f:
             return f.read(n_chars)
+    return synthetic_play(n_chars)
+
+
+def synthetic_play(n_chars: int) -> str:
+    """A play generated here, the same on every machine: speeches of a few lines, each under a speaker's name,
+    separated by blank lines (so it splits into documents the way the real text does), over every letter in both
+    cases, digits and the usual punctuation (so prompts like "ROMEO:" encode)."""
     speakers = ["First Citizen", "ROMEO", "JULIET", "KING HENRY VI", "QUEEN MARGARET", "Second Servingman", "ALL"]
     words = (
         "the king and queen of rome speak now what yes 'tis thou art my lord good night sweet prince how fares "
