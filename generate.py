@@ -142,6 +142,21 @@ def generate(
     return Decoder(model, kv_cache, compile).generate(idx, max_new_tokens, sampling, generator, vocab_size)
 
 
+@torch.no_grad()
+def extend(
+    model,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    kv_cache: bool = True,
+    generator=None,
+) -> torch.Tensor:
+    """idx (B, T) followed by max_new_tokens generated tokens, (B, T + max_new_tokens): what nanoGPT's
+    model.generate(idx, max_new_tokens, temperature, top_k) returns. Call under model.eval()."""
+    steps = generate(model, idx, max_new_tokens, sampling or Sampling(), kv_cache, generator)
+    return torch.cat([idx, *steps], dim=1)
+
+
 class StreamDecoder:
     """Turns token ids into text pieces as they arrive, never splitting a UTF-8 character that a BPE token cut
     in two: bytes are decoded incrementally and held back until the character is complete."""

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from checkpoint import save_safetensors
 from errors import UserError
-from model import GPTConfig
+from model import GPT, GPTConfig
 from sizing import check_fits
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -50,6 +50,23 @@ def resolve(name_or_dir: str) -> str:
             f"--init_from={name_or_dir} is no local directory, and the Hugging Face hub did not provide it "
             f"({type(e).__name__}); offline, download it elsewhere and pass its directory"
         ) from None
+
+
+def from_pretrained(name_or_dir: str, override_args: dict | None = None) -> GPT:
+    """A GPT with GPT-2 or Llama weights from a Hugging Face-format directory (config.json + model.safetensors) or a
+    hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded with huggingface_hub): nanoGPT's
+    GPT.from_pretrained, kept here with the rest of the Hugging Face code. override_args may set dropout and a
+    smaller block_size. transformers is not needed."""
+    override_args = dict(override_args or {})
+    if not set(override_args) <= {"dropout", "block_size"}:
+        raise ValueError(f"only dropout and block_size can be overridden, got {sorted(override_args)}")
+    config, state_dict = load_hf(name_or_dir)
+    config.dropout = override_args.get("dropout", 0.0)
+    model = GPT(config)
+    model.load_state_dict(state_dict, strict=True)
+    if "block_size" in override_args:
+        model.crop_block_size(override_args["block_size"])
+    return model
 
 
 def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:

@@ -10,6 +10,7 @@ import os
 from checkpoint import load_newest_model
 from data import Tokenizer
 from errors import UserError
+from hf_interop import from_pretrained
 from model import GPT
 
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}
@@ -24,7 +25,7 @@ def load_for_inference(
         model.source = f"{path} (iteration {meta.get('iter_num')}, val loss {meta.get('val_loss')})"
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
-        model = GPT.from_pretrained(init_from)
+        model = from_pretrained(init_from)
         model.source = init_from
         own = os.path.join(init_from, "tokenizer.json")
         if os.path.isfile(own):  # the directory's own tokenizer (an export of ours has one)

@@ -39,6 +39,7 @@ from configurator import format_config, format_overrides, parse_config
 from data import eval_key, get_batch, load_data, train_key
 from errors import EXIT_NONFINITE, UserError, run_cli
 from fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
+from hf_interop import from_pretrained
 from model import GPT, GPTConfig
 from optim import SCHEDULES, build_optimizers, lr_at
 from plot import BackgroundPlot
@@ -250,7 +251,7 @@ def train(cfg: TrainConfig, rt, data) -> int:
         model, _ = load_model(resume_from, cfg.dropout)
         rt.print0(f"resuming from {resume_from}")
     else:
-        model = GPT.from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+        model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
     check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)

@@ -14,7 +14,8 @@ import hf_interop
 import train
 from checkpoint import find_checkpoint, load_weights, read_meta, save_checkpoint
 from errors import UserError
-from hf_interop import UnsupportedModel
+from generate import Sampling, extend
+from hf_interop import UnsupportedModel, from_pretrained
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the Hugging Face parity tests")
@@ -61,7 +62,7 @@ def assert_same_greedy(ours: GPT, hf):
     expected = hf.generate(
         idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0
     )
-    out = ours.generate(idx, NEW_TOKENS, temperature=0)
+    out = extend(ours, idx, NEW_TOKENS, Sampling(temperature=0))
     assert out.shape == expected.shape == (2, PROMPT_LEN + NEW_TOKENS)
     assert torch.equal(out, expected)
     assert len(set(out[:, PROMPT_LEN:].flatten().tolist())) > 1  # the continuation is not one repeated token
@@ -146,7 +147,7 @@ def saved_llama(request, tmp_path_factory):
 
 def test_llama_import_config(saved_llama):
     _, directory, (n_kv_head, tied, bias) = saved_llama
-    config = GPT.from_pretrained(directory).config
+    config = from_pretrained(directory).config
     assert (config.pos_embedding, config.norm, config.mlp, config.norm_position) == ("rope", "rmsnorm", "swiglu", "pre")
     assert (config.n_head, config.n_kv_head, config.n_embd, config.mlp_hidden) == (4, n_kv_head, 64, 96)
     assert (config.tie_embeddings, config.bias, config.rope_theta, config.norm_eps) == (tied, bias, 500.0, 1e-6)
@@ -155,14 +156,14 @@ def test_llama_import_config(saved_llama):
 
 def test_llama_import_logits_match_transformers(saved_llama):
     hf, directory, _ = saved_llama
-    ours = GPT.from_pretrained(directory).eval()
+    ours = from_pretrained(directory).eval()
     assert (ours.lm_head.weight is ours.transformer.wte.weight) == hf.config.tie_word_embeddings
     assert_same_logits(ours, hf)
 
 
 def test_llama_import_greedy_matches_transformers_generate(saved_llama):
     hf, directory, _ = saved_llama
-    assert_same_greedy(GPT.from_pretrained(directory).eval(), hf)
+    assert_same_greedy(from_pretrained(directory).eval(), hf)
 
 
 # --- Llama export ----------------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_gpt2_export_loads_in_transformers_with_same_logits_and_greedy(switches,
 def test_round_trip_keeps_every_weight_and_the_logits(make_hf, tmp_path):
     hf = make_hf()
     hf.save_pretrained(tmp_path / "original")
-    ours = GPT.from_pretrained(str(tmp_path / "original")).eval()
+    ours = from_pretrained(str(tmp_path / "original")).eval()
     hf_interop.save_hf(ours, str(tmp_path / "again"))
     again = load_auto(str(tmp_path / "again"))
     assert type(again) is type(hf)
@@ -396,9 +397,9 @@ def test_gpt2_attention_variants_load_exactly_or_are_refused(flags, accepted, tm
     hf.save_pretrained(tmp_path)
     if not accepted:  # they load without complaint but compute another function: refused in one line
         with pytest.raises(UnsupportedModel, match=next(iter(flags))):
-            GPT.from_pretrained(str(tmp_path))
+            from_pretrained(str(tmp_path))
         return
-    assert_same_logits(GPT.from_pretrained(str(tmp_path)).eval(), hf)
+    assert_same_logits(from_pretrained(str(tmp_path)).eval(), hf)
 
 
 def test_a_refused_export_names_only_the_rules_it_breaks():

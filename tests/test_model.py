@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, sample_next_token
+from generate import Sampling, extend, next_token
+from hf_interop import from_pretrained
+from model import GPT, GPTConfig
 
 
 @pytest.fixture(autouse=True)
@@ -170,7 +172,7 @@ def test_gpt_config_validation(kwargs, message):
 
 def test_greedy_generate_equals_argmax_chain(tiny_model, tiny_config):
     idx = random_tokens(tiny_config, 2, 5)
-    out = tiny_model.generate(idx, 8, temperature=0)
+    out = extend(tiny_model, idx, 8, Sampling(temperature=0))
     expected = idx
     with torch.no_grad():
         for _ in range(8):
@@ -181,18 +183,18 @@ def test_greedy_generate_equals_argmax_chain(tiny_model, tiny_config):
 
 def test_top_k_1_sampling_equals_greedy(tiny_model, tiny_config):
     idx = random_tokens(tiny_config, 2, 5)
-    greedy = tiny_model.generate(idx, 8, temperature=0)
-    assert torch.equal(tiny_model.generate(idx, 8, temperature=1.0, top_k=1), greedy)
+    greedy = extend(tiny_model, idx, 8, Sampling(temperature=0))
+    assert torch.equal(extend(tiny_model, idx, 8, Sampling(temperature=1.0, top_k=1)), greedy)
 
 
 def test_sampling_is_a_function_of_the_torch_seed(tiny_model, tiny_config):
     idx = random_tokens(tiny_config, 2, 3)
     torch.manual_seed(123)
-    a = tiny_model.generate(idx, 12, temperature=1.0)
+    a = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
     torch.manual_seed(123)
-    b = tiny_model.generate(idx, 12, temperature=1.0)
+    b = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
     torch.manual_seed(456)
-    c = tiny_model.generate(idx, 12, temperature=1.0)
+    c = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -200,7 +202,7 @@ def test_sampling_is_a_function_of_the_torch_seed(tiny_model, tiny_config):
 def test_generate_past_block_size_crops_the_context(tiny_model, tiny_config):
     T = tiny_config.block_size
     idx = random_tokens(tiny_config, 1, T - 2)
-    out = tiny_model.generate(idx, 10, temperature=0)
+    out = extend(tiny_model, idx, 10, Sampling(temperature=0))
     assert out.shape == (1, T + 8)
     expected = idx
     with torch.no_grad():
@@ -211,7 +213,7 @@ def test_generate_past_block_size_crops_the_context(tiny_model, tiny_config):
 
 
 def kept_distribution(monkeypatch, logits, **kwargs) -> torch.Tensor:
-    """The probabilities sample_next_token hands to torch.multinomial."""
+    """The probabilities next_token hands to torch.multinomial."""
     seen = []
     real = torch.multinomial
 
@@ -220,7 +222,7 @@ def kept_distribution(monkeypatch, logits, **kwargs) -> torch.Tensor:
         return real(probs, num_samples, **kwargs)
 
     monkeypatch.setattr(torch, "multinomial", spy)
-    sample_next_token(logits, **kwargs)
+    next_token(logits, Sampling(**kwargs), torch.zeros(logits.size(0), 0, dtype=torch.long))
     assert len(seen) == 1
     return seen[0][0]
 
@@ -284,7 +286,7 @@ def hf_gpt2(tmp_path_factory):
 
 def test_logits_match_transformers_gpt2(hf_gpt2):
     hf, directory = hf_gpt2
-    ours = GPT.from_pretrained(directory).eval()
+    ours = from_pretrained(directory).eval()
     assert ours.config.n_layer == 2 and ours.config.vocab_size == 100 and ours.config.block_size == 32
     idx = torch.randint(100, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -296,10 +298,10 @@ def test_logits_match_transformers_gpt2(hf_gpt2):
 
 def test_greedy_generate_matches_transformers_gpt2(hf_gpt2):
     hf, directory = hf_gpt2
-    ours = GPT.from_pretrained(directory).eval()
+    ours = from_pretrained(directory).eval()
     idx = torch.randint(100, (2, 6), generator=torch.Generator().manual_seed(2))
     expected = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=20, pad_token_id=0)
-    out = ours.generate(idx, 20, temperature=0)
+    out = extend(ours, idx, 20, Sampling(temperature=0))
     assert out.shape == expected.shape == (2, 26)
     assert torch.equal(out, expected)
     assert len(set(out[:, 6:].flatten().tolist())) > 1  # the continuation is not one repeated token
@@ -307,7 +309,7 @@ def test_greedy_generate_matches_transformers_gpt2(hf_gpt2):
 
 def test_from_pretrained_crops_block_size(hf_gpt2):
     hf, directory = hf_gpt2
-    ours = GPT.from_pretrained(directory, override_args={"block_size": 16, "dropout": 0.0}).eval()
+    ours = from_pretrained(directory, override_args={"block_size": 16, "dropout": 0.0}).eval()
     assert ours.config.block_size == 16
     assert ours.transformer.wpe.weight.shape == (16, 64)
     idx = torch.randint(100, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -322,7 +324,7 @@ def test_from_pretrained_crops_block_size(hf_gpt2):
 def test_from_pretrained_rejects_other_overrides(hf_gpt2):
     _, directory = hf_gpt2
     with pytest.raises(ValueError, match="overridden"):
-        GPT.from_pretrained(directory, override_args={"n_layer": 1})
+        from_pretrained(directory, override_args={"n_layer": 1})
 
 
 def test_hf_gelu_new_is_torch_tanh_gelu():
