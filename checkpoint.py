@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from configurator import coerce
 from errors import UserError
+from memory import check_fits
 from model import GPT, GPTConfig
-from sizing import check_fits
 
 _NAME = re.compile(r"^ckpt-(\d+)$")
 _DEBRIS = re.compile(r"^(\.tmp-ckpt-|\.old-ckpt-|loss_curve\.png\.tmp-|metrics\.jsonl\.tmp-)")

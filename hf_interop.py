@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from checkpoint import save_safetensors
 from errors import UserError
+from memory import check_fits
 from model import GPT, GPTConfig
-from sizing import check_fits
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -27,18 +27,16 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from configurator import describe_fields, parse_config
 from data import load_data
 from errors import UserError, run_cli
+from memory import activation_bytes
 from model import GPT, GPTConfig
 from runtime import GPU_PEAK_FLOPS
-
-if TYPE_CHECKING:  # train.py imports this module (short_report): train is imported inside the functions
-    from train import TrainConfig
+from train import TrainConfig, model_config
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
@@ -79,16 +77,6 @@ def param_counts(model: GPT) -> dict[str, int]:
     return parts
 
 
-def activation_bytes(config: GPTConfig, batch_size: int, checkpointing: bool, flash: bool) -> int:
-    """Activation memory of one micro-batch's forward, kept for the backward (formulas in the module docstring)."""
-    s, b, h, a, L = config.block_size, batch_size, config.n_embd, config.n_head, config.n_layer
-    per_layer = 34 * s * b * h + (0 if flash else 5 * a * s * s * b)
-    logits = 6 * s * b * config.vocab_size
-    if checkpointing:
-        return L * 2 * s * b * h + per_layer + logits
-    return L * per_layer + logits
-
-
 def gpu_peak_flops(gpu: str) -> float:
     """Peak dense 16-bit FLOP/s of a GPU named as in the table (case, spaces, dashes and underscores aside: RTX 4090,
     rtx4090, RTX_4090), or whose full name contains a table key; "cpu" measures this machine's float32 matmul rate."""
@@ -119,47 +107,7 @@ def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def estimate_params(c: GPTConfig) -> int:
-    """The parameter count from the config alone, without building anything (biases and norm gains left out: a
-    fraction of a percent). What check_fits needs for a config too big to build even on the meta device."""
-    attention = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_size + c.n_embd * c.n_embd
-    expert = c.n_embd * c.mlp_hidden * (3 if c.mlp == "swiglu" else 2)
-    mlp = expert * (c.n_expert + int(c.moe_shared_expert)) + c.n_embd * c.n_expert if c.n_expert else expert
-    embeddings = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
-    positions = c.block_size * c.n_embd if c.pos_embedding == "learned" else 0
-    return c.n_layer * (attention + mlp) + embeddings + positions
-
-
-def device_memory(device: str) -> int | None:
-    """Bytes of memory on `device` (the machine's RAM for the CPU), or None when unknown."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    if device == "cpu" and hasattr(os, "sysconf"):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            return None
-    return None
-
-
-def check_fits(config: GPTConfig, device: str, batch_size: int = 0, shards: int = 1, checkpointing: bool = False):
-    """Refuse, before anything is allocated, a model that cannot fit in `device`'s memory: its float32 weights, and
-    when training (batch_size > 0) gradients, AdamW state (divided over FSDP's `shards`) and one micro-batch's
-    activations. A lower bound, so nothing that could fit is refused; what it refuses would end in an allocator
-    error minutes later (or take the machine down)."""
-    have = device_memory(device)
-    n = estimate_params(config)
-    need = n * 4 if not batch_size else n * 16 // shards + activation_bytes(config, batch_size, checkpointing, True)
-    if have is not None and need > have:
-        what = "training this model" if batch_size else "this model"
-        knobs = "n_layer, n_embd, vocab_size" + (" or batch_size" if batch_size else "")
-        raise UserError(
-            f"{what} needs at least {need / 2**30:,.1f} GiB ({n / 1e9:,.2f}B parameters), more than the "
-            f"{have / 2**30:,.0f} GiB of {device}; lower {knobs}"
-        )
-
-
-def dataset_vocab_size(cfg: "TrainConfig") -> int:
+def dataset_vocab_size(cfg: TrainConfig) -> int:
     """vocab_size when the config leaves it to the dataset."""
     if cfg.vocab_size:
         return cfg.vocab_size
@@ -169,26 +117,7 @@ def dataset_vocab_size(cfg: "TrainConfig") -> int:
         raise UserError(f"vocab_size is none and the dataset is unreadable ({e}); pass --vocab_size") from None
 
 
-def short_report(cfg: "TrainConfig", model: GPT | None = None) -> str:
-    """Two lines for train.py's start-up: parameters, tokens and FLOPs per iteration, Chinchilla's data budget.
-    model is the run's own model (its config differs from cfg's fields when starting from GPT-2 weights); without
-    it a meta-device model is built from cfg."""
-    if model is None:
-        from train import model_config
-
-        model = build_meta_model(model_config(cfg, dataset_vocab_size(cfg)))
-    n = model.num_params(non_embedding=False)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
-    planned = cfg.max_iters * tokens_per_iter
-    return (
-        f"sizing: {n:,} parameters, {tokens_per_iter:,} tokens/iter, {flops_per_iter:.3g} FLOPs/iter (6N + 12LCT)\n"
-        f"sizing: {planned:,} tokens planned = {planned / n:.1f} per parameter "
-        f"(Chinchilla-optimal: {CHINCHILLA_TOKENS_PER_PARAM})"
-    )
-
-
-def report(cfg: "TrainConfig", opts: SizingOptions, config: GPTConfig) -> str:
+def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig) -> str:
     """The full sizing report as text."""
     model = build_meta_model(config)
     parts = param_counts(model)
@@ -249,8 +178,6 @@ def report(cfg: "TrainConfig", opts: SizingOptions, config: GPTConfig) -> str:
 
 
 def main(argv=None):
-    from train import TrainConfig, model_config  # here, not at the top: train.py imports this module
-
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(

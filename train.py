@@ -40,11 +40,11 @@ from data import eval_key, get_batch, load_data, train_key
 from errors import EXIT_NONFINITE, UserError, run_cli
 from fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from hf_interop import from_pretrained
+from memory import check_fits
 from model import GPT, GPTConfig
 from optim import SCHEDULES, build_optimizers, lr_at
 from plot import BackgroundPlot
 from runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
-from sizing import check_fits, short_report
 
 MFU_WARMUP_ITERS = 5  # iterations left out of MFU: compilation and allocator warm-up, as nanoGPT
 
@@ -174,6 +174,19 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(**(fields | {"vocab_size": cfg.vocab_size or -(-vocab_size // 64) * 64}))
 
 
+def size_report(cfg: TrainConfig, model: GPT) -> str:
+    """Two lines for the start-up: parameters, tokens and FLOPs per iteration, and the data budget against
+    Chinchilla's 20 tokens per parameter (Hoffmann et al. 2022). sizing.py has the whole picture before a run."""
+    n = model.num_params(non_embedding=False)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
+    planned = cfg.max_iters * tokens_per_iter
+    return (
+        f"sizing: {n:,} parameters, {tokens_per_iter:,} tokens/iter, {flops_per_iter:.3g} FLOPs/iter (6N + 12LCT)\n"
+        f"sizing: {planned:,} tokens planned = {planned / n:.1f} per parameter (Chinchilla-optimal: 20)"
+    )
+
+
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
@@ -264,7 +277,7 @@ def train(cfg: TrainConfig, rt, data) -> int:
     model.to(rt.device)
     raw_model = model
     rt.print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters")
-    rt.print0(short_report(cfg, raw_model))
+    rt.print0(size_report(cfg, raw_model))
 
     raw_model.checkpoint_every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
     if cfg.fp8:

@@ -7,6 +7,7 @@ import os
 import pytest
 
 import sizing
+import train
 from configurator import parse_config
 from model import GPT, GPTConfig
 from train import TrainConfig, model_config
@@ -82,8 +83,9 @@ def test_flops_and_memory_formulas():
 
 def test_short_report_and_errors():
     cfg = TrainConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=100)
-    text = sizing.short_report(cfg)
-    n = GPT(model_config(cfg, 65)).num_params(non_embedding=False)
+    model = GPT(model_config(cfg, 65))
+    text = train.size_report(cfg, model)
+    n = model.num_params(non_embedding=False)
     assert text.count("\n") == 1 and f"{n:,} parameters" in text and f"{40 * 4 * 16:,} tokens/iter" in text
     with pytest.raises(sizing.UserError, match="unknown --gpu"):
         sizing.gpu_peak_flops("abacus")

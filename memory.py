@@ -1,0 +1,61 @@
+"""What fits where: the bytes a GPT config needs (parameters from the config alone, activations by Korthikanti et
+al. 2022's estimate, the formulas in sizing.py's docstring), and the check that refuses, before anything is allocated,
+a model or a training run that cannot fit in the device's memory. Used by train.py, checkpoint.py, hf_interop.py and
+sizing.py; imports only torch and the model's config."""
+
+import os
+
+import torch
+
+from errors import UserError
+from model import GPTConfig
+
+
+def activation_bytes(config: GPTConfig, batch_size: int, checkpointing: bool, flash: bool) -> int:
+    """Activation memory of one micro-batch's forward, kept for the backward (formulas in the module docstring)."""
+    s, b, h, a, L = config.block_size, batch_size, config.n_embd, config.n_head, config.n_layer
+    per_layer = 34 * s * b * h + (0 if flash else 5 * a * s * s * b)
+    logits = 6 * s * b * config.vocab_size
+    if checkpointing:
+        return L * 2 * s * b * h + per_layer + logits
+    return L * per_layer + logits
+
+
+def estimate_params(c: GPTConfig) -> int:
+    """The parameter count from the config alone, without building anything (biases and norm gains left out: a
+    fraction of a percent). What check_fits needs for a config too big to build even on the meta device."""
+    attention = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_size + c.n_embd * c.n_embd
+    expert = c.n_embd * c.mlp_hidden * (3 if c.mlp == "swiglu" else 2)
+    mlp = expert * (c.n_expert + int(c.moe_shared_expert)) + c.n_embd * c.n_expert if c.n_expert else expert
+    embeddings = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
+    positions = c.block_size * c.n_embd if c.pos_embedding == "learned" else 0
+    return c.n_layer * (attention + mlp) + embeddings + positions
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes of memory on `device` (the machine's RAM for the CPU), or None when unknown."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if device == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_fits(config: GPTConfig, device: str, batch_size: int = 0, shards: int = 1, checkpointing: bool = False):
+    """Refuse, before anything is allocated, a model that cannot fit in `device`'s memory: its float32 weights, and
+    when training (batch_size > 0) gradients, AdamW state (divided over FSDP's `shards`) and one micro-batch's
+    activations. A lower bound, so nothing that could fit is refused; what it refuses would end in an allocator
+    error minutes later (or take the machine down)."""
+    have = device_memory(device)
+    n = estimate_params(config)
+    need = n * 4 if not batch_size else n * 16 // shards + activation_bytes(config, batch_size, checkpointing, True)
+    if have is not None and need > have:
+        what = "training this model" if batch_size else "this model"
+        knobs = "n_layer, n_embd, vocab_size" + (" or batch_size" if batch_size else "")
+        raise UserError(
+            f"{what} needs at least {need / 2**30:,.1f} GiB ({n / 1e9:,.2f}B parameters), more than the "
+            f"{have / 2**30:,.0f} GiB of {device}; lower {knobs}"
+        )
