@@ -112,10 +112,12 @@ def remove_debris(out_dir: str) -> None:
         else:
             os.remove(path)
     metrics = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.isfile(metrics) and not os.path.islink(metrics):
+    if os.path.isfile(metrics) and not os.path.islink(metrics) and os.path.getsize(metrics):
         with open(metrics, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):  # a write cut short: drop the partial line
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a write cut short: drop the partial line (the whole file is read only then)
+                f.seek(0)
+                data = f.read()
                 f.truncate(data.rfind(b"\n") + 1)
 
 

@@ -14,7 +14,7 @@ byte-level BPE for a tiktoken encoding, one token per character for a character 
 import os
 from dataclasses import dataclass
 
-from checkpoint import LOCK_NAME, find_checkpoint, list_checkpoints, load_newest_model
+from checkpoint import LOCK_NAME, list_checkpoints, load_newest_model
 from configurator import parse_config
 from errors import UserError, run_cli
 from hf_interop import UnsupportedModel, save_hf
@@ -30,14 +30,16 @@ class ExportConfig:
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
 
 
-def check_hf_dir(hf_dir: str, checkpoint_path: str, overwrite: bool) -> None:
-    """Refuse, before any work, an hf_dir that cannot be written or whose files would be lost: a file, a
-    checkpoint or a training run's out_dir (never, whatever overwrite says), or a non-empty directory (unless
-    overwrite)."""
-    here, ckpt = os.path.realpath(hf_dir), os.path.realpath(checkpoint_path)
+def check_hf_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
+    """Refuse, before any work, an hf_dir that cannot be written or whose files would be lost: a file, one of
+    out_dir's checkpoints (or a directory holding one), a training run's out_dir (never, whatever overwrite says), or
+    a non-empty directory (unless overwrite). Only names are compared: no checkpoint is read or hashed here."""
+    here = os.path.realpath(hf_dir)
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise UserError(f"--hf_dir={hf_dir} is a file; give a directory")
-    inside = here == ckpt or here.startswith(ckpt + os.sep) or ckpt.startswith(here + os.sep)
+    ckpts = [out_dir] if os.path.exists(os.path.join(out_dir, "COMPLETE")) else list_checkpoints(out_dir)
+    held = [os.path.realpath(c) for c in ckpts]
+    inside = any(here == c or here.startswith(c + os.sep) or c.startswith(here + os.sep) for c in held)
     if os.path.isdir(hf_dir):
         names = set(os.listdir(hf_dir))
         if inside or "COMPLETE" in names or LOCK_NAME in names or "metrics.jsonl" in names or list_checkpoints(hf_dir):
@@ -48,7 +50,7 @@ def check_hf_dir(hf_dir: str, checkpoint_path: str, overwrite: bool) -> None:
         if names and not overwrite:
             raise UserError(f"--hf_dir={hf_dir} is not empty; give a new directory, or add --overwrite=True")
     elif inside:
-        raise UserError(f"--hf_dir={hf_dir} is inside the checkpoint {checkpoint_path}; give a directory outside it")
+        raise UserError(f"--hf_dir={hf_dir} is inside a checkpoint of {out_dir}; give a directory outside it")
     parent = os.path.dirname(here)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -69,7 +71,7 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None):
 
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
-    check_hf_dir(cfg.hf_dir, find_checkpoint(cfg.out_dir, cfg.checkpoint, log=lambda _: None), cfg.overwrite)
+    check_hf_dir(cfg.hf_dir, cfg.out_dir, cfg.overwrite)
     path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint)
     tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir)
     try:
