@@ -350,7 +350,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         elif config.pos_embedding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
-        self.checkpoint_every = 0  # > 0: recompute every k-th block in the backward pass (set by train.py)
+        self.recompute_every = 0  # > 0: recompute every k-th block in the backward pass (set by train.py)
         self.apply(self._init_weights)
         # GPT-2 [1] scales the init of residual projections by 1/sqrt(N), N = 2 * n_layer residual additions,
         # so the residual stream's variance does not grow with depth.
@@ -392,28 +392,28 @@ class GPT(nn.Module):
         static = torch.is_tensor(start_pos)
         if not static and start_pos + T > self.config.block_size:
             raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
+        pos = start_pos + torch.arange(T, device=idx.device)  # (T,) the positions of idx's tokens
+
+        # embed the tokens, then the positions: added to the embeddings, or given to attention (rope, alibi)
         x = self.transformer.wte(idx)  # (B, T, C)
-        pos = start_pos + torch.arange(T, device=idx.device)  # (T,)
-        rope = mask = None
         if self.config.pos_embedding == "learned":
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
         elif self.config.pos_embedding == "sinusoidal":
             x = x + self.pos_table[pos]
-        elif self.config.pos_embedding == "rope":
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (T, hs)
-        k_len = kv_cache[0].k.size(2) if static else start_pos + T  # keys attended to
-        if self.config.pos_embedding == "alibi":
-            mask = alibi_bias(self.alibi_slopes, pos, k_len).to(x.dtype)  # (nh, T, k_len)
-        elif static or (start_pos > 0 and T > 1):  # queries after cached keys: causal with an offset
-            mask = causal_distance(pos, k_len) >= 0  # (T, k_len), True = may attend
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.pos_embedding == "rope" else None  # (T, hs)
+        mask = self.attention_mask(pos, kv_cache[0].k.size(2) if static else start_pos + T, start_pos, x.dtype)
         x = self.transformer.drop(x)
+
+        # the blocks
         for i, block in enumerate(self.transformer.h):
-            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+            if self.recompute_every and self.training and i % self.recompute_every == 0:
                 # Gradient checkpointing: keep only the block's input and recompute its activations in the backward
                 # pass (Chen et al. 2016); the RNG state is replayed, so dropout masks are the same.
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, kv_cache[i] if kv_cache else None, start_pos)
+
+        # the head, and the loss
         x = self.transformer.ln_f(x)
         if targets is None and not all_logits:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): inference needs only the next token's logits
@@ -424,6 +424,20 @@ class GPT(nn.Module):
             if self.config.n_expert and self.training:  # evaluation reports the cross-entropy alone
                 loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss()
         return logits, loss
+
+    def attention_mask(self, pos: torch.Tensor, k_len: int, start_pos, dtype: torch.dtype) -> torch.Tensor | None:
+        """The attn_mask every block's attention gets, for queries at positions pos (from start_pos) over k_len keys:
+        - ALiBi: a (nh, T, k_len) float bias, -slope * distance, with -inf on later keys (the causal mask in it);
+        - a static-shape KV cache (start_pos a tensor): a (T, k_len) boolean causal mask, True = may attend, which
+          also hides the buffer's unfilled slots;
+        - queries after cached keys (start_pos > 0 and T > 1, a chunked prefill): the same mask, offset by start_pos;
+        - otherwise None: SDPA's is_causal for a whole sequence (training, a prefill from 0), no mask for one decoding
+          query, which may see every cached key."""
+        if self.config.pos_embedding == "alibi":
+            return alibi_bias(self.alibi_slopes, pos, k_len).to(dtype)
+        if torch.is_tensor(start_pos) or (start_pos > 0 and len(pos) > 1):
+            return causal_distance(pos, k_len) >= 0  # (T, k_len)
+        return None
 
     def new_kv_cache(self, batch_size: int, length: int | None = None, dtype=None) -> list[KVCache]:
         """Empty per-layer caches for batch_size sequences of up to `length` (default block_size) positions."""

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import parse_config
-from errors import UserError, run_cli
-from generate import Decoder, Sampling, StreamDecoder, cut_at_stop
-from inference import load_for_inference, read_prompt
-from runtime import seed_everything, setup_runtime
+from engine.configurator import parse_config
+from engine.errors import UserError, run_cli
+from engine.generate import Decoder, Sampling, StreamDecoder, cut_at_stop
+from engine.inference import load_for_inference, read_prompt
+from engine.runtime import seed_everything, setup_runtime
 
 
 @dataclass

@@ -18,13 +18,14 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (
+from engine.checkpoint import (
     OutDirLock,
     code_version,
     find_checkpoint,
@@ -35,22 +36,25 @@ from checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from configurator import format_config, format_overrides, parse_config
-from data import eval_key, get_batch, load_data, train_key
-from errors import EXIT_NONFINITE, UserError, run_cli
-from fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
-from hf_interop import from_pretrained
-from memory import check_fits
+from engine.configurator import format_config, format_overrides, parse_config
+from engine.data import eval_key, get_batch, load_data, train_key
+from engine.errors import EXIT_NONFINITE, UserError, run_cli
+from engine.fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
+from engine.hf_interop import from_pretrained
+from engine.loss_curve import BackgroundPlot
+from engine.memory import check_fits
+from engine.optim import SCHEDULES, build_optimizers, lr_at
+from engine.runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
 from model import GPT, GPTConfig
-from optim import SCHEDULES, build_optimizers, lr_at
-from plot import BackgroundPlot
-from runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
 
 MFU_WARMUP_ITERS = 5  # iterations left out of MFU: compilation and allocator warm-up, as nanoGPT
 
 
 @dataclass
 class TrainConfig:
+    # keys renamed since, still accepted under their old names (in presets and saved train_config.py files)
+    RENAMED: ClassVar[dict[str, str]] = {"checkpoint_every": "recompute_every"}
+
     # I/O
     out_dir: str = "out"  # where checkpoints, metrics.jsonl and the resolved config go
     eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations, and at the end
@@ -113,12 +117,12 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = True  # torch.compile the model (PyTorch 2)
     gradient_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more compute
-    checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th block (1 = all)
+    recompute_every: int = 1  # with gradient_checkpointing: recompute every k-th block (1 = all)
     fsdp: bool = False  # under torchrun: shard model, gradients and optimizer state (FSDP2) instead of DDP
     fp8: bool = False  # FP8 matmuls in the Linear layers (torchao; NVIDIA GPUs with compute capability 8.9+)
     seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
     max_nonfinite_steps: int = 10  # stop (exit code 3) after this many non-finite steps in a row; 0 never stops
-    peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in runtime.py's table
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in engine/runtime.py's table
 
     def __post_init__(self):
         positive = (
@@ -159,8 +163,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.fsdp and self.optimizer == "muon":
             raise ValueError("optimizer=muon needs whole matrices; use it without fsdp")
-        if not 0 < self.decay_fraction <= 1 or self.checkpoint_every < 1:
-            raise ValueError("decay_fraction must be in (0, 1] and checkpoint_every >= 1")
+        if not 0 < self.decay_fraction <= 1 or self.recompute_every < 1:
+            raise ValueError("decay_fraction must be in (0, 1] and recompute_every >= 1")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
         model_config(self, self.vocab_size or 1)  # checks the architecture switches now, not after loading data
@@ -176,7 +180,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 
 def size_report(cfg: TrainConfig, model: GPT) -> str:
     """Two lines for the start-up: parameters, tokens and FLOPs per iteration, and the data budget against
-    Chinchilla's 20 tokens per parameter (Hoffmann et al. 2022). sizing.py has the whole picture before a run."""
+    Chinchilla's 20 tokens per parameter (Hoffmann et al. 2022). tools/sizing.py has the whole picture before a run."""
     n = model.num_params(non_embedding=False)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
@@ -188,15 +192,162 @@ def size_report(cfg: TrainConfig, model: GPT) -> str:
 
 
 def main(argv=None):
+    # config and runtime: presets and --key=value, then device, dtype and the torchrun process group
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
+    check_process_count(cfg, rt)
+    accum_steps = cfg.gradient_accumulation_steps // rt.world_size  # the preset's count is global
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print_settings(cfg, rt, tokens_per_iter)
+
+    # data; out_dir belongs to this run alone until it ends; signals are polled once per step from here on
+    data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
+    with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, out_of_memory_hint(cfg, rt):
+        # the model: from scratch, resumed from out_dir or GPT-2 weights; raw_model is never wrapped, so checkpoints
+        # hold plain parameter names
+        seed_everything(cfg.seed)
+        raw_model, resume_from = init_model(cfg, rt, data)
+        raw_model.recompute_every = cfg.recompute_every if cfg.gradient_checkpointing else 0
+        if cfg.fp8:
+            enable_fp8(raw_model, rt)
+        if cfg.fsdp:
+            # in place: raw_model's parameters become shards. With compile, each block is compiled before it is
+            # sharded (FSDP's hooks between blocks would otherwise break the graph and leave the forward eager).
+            shard_model(raw_model, rt.device_type, rt.world_size, rt.dtype, cfg.compile)
+        betas = (cfg.beta1, cfg.beta2)
+        optimizers = build_optimizers(
+            raw_model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate, betas, rt.device_type, cfg.muon_learning_rate
+        )
+        scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
+        state = LoopState() if resume_from is None else resume(resume_from, raw_model, optimizers, scaler, cfg, rt)
+
+        # wrap: compile, then DDP; evaluation uses the compiled model without DDP (it needs no gradient sync)
+        model = raw_model
+        if cfg.compile and not cfg.fsdp:
+            rt.print0("compiling the model... (takes a minute)")
+            model = torch.compile(model)
+        eval_model = model
+        if rt.ddp and not cfg.fsdp:
+            model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        log = RunLog(cfg, rt)
+        peak = peak_flops(rt, cfg.peak_flops)
+        flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter / rt.world_size  # per GPU
+        timer = StepTimer(warmup=min(MFU_WARMUP_ITERS, cfg.max_iters // 10))
+        bad_in_a_row, good_steps, exit_code = 0, 0, 0
+        x, y = train_batch(cfg, rt, data, state.iter_num, 0)
+
+        while True:
+            # set the learning rate: every parameter group follows the schedule from its own base rate
+            lr = scheduled_lr(cfg, state.iter_num)
+            set_lr(optimizers, lr / cfg.learning_rate if cfg.learning_rate else 0.0)
+
+            # evaluate and checkpoint: every eval_interval and at the end; save when val improves (or always)
+            last = state.iter_num >= cfg.max_iters
+            if state.iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
+                losses = estimate_loss(eval_model, data, cfg, rt)
+                log({"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+                improved = losses["val"] < state.best_val_loss
+                state.best_val_loss = min(state.best_val_loss, losses["val"])
+                if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
+                    save(cfg, rt, raw_model, optimizers, scaler, state, data, losses)
+                timer.restart()  # the step's time leaves out evaluation and checkpointing
+            if cfg.eval_only or last:
+                break
+
+            # micro-steps: accum_steps forward/backward passes, the next batch fetched while the GPU works. Dropout is
+            # reseeded from (seed, rank, iteration), so a resumed run draws the masks an uninterrupted one draws
+            if raw_model.config.dropout > 0:
+                seed_everything(hash_seed(cfg.seed, rt.rank, state.iter_num))
+            loss_sum = torch.zeros((), device=rt.device)
+            aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
+            for micro_step in range(accum_steps):
+                sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
+                if cfg.fsdp:
+                    raw_model.set_requires_gradient_sync(sync)
+                with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
+                    with rt.autocast():
+                        # the sum over micro-steps is the mean over the batch; the logits are not kept alive
+                        loss = model(x, y)[1] / accum_steps
+                    last_micro = micro_step + 1 == accum_steps
+                    x, y = train_batch(cfg, rt, data, state.iter_num + last_micro, 0 if last_micro else micro_step + 1)
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+                if raw_model.config.n_expert:
+                    aux_sum += raw_model.moe_aux_loss().detach() / accum_steps
+
+            # clip and step: the norm of the all-reduced gradient is the same on every rank, so all agree on a skip
+            grad_norm = unscale_and_clip(model, optimizers, scaler, cfg.grad_clip)
+            logging = state.iter_num % cfg.log_interval == 0
+            if logging and rt.ddp:  # the logged loss is the mean over the whole global batch
+                dist.all_reduce(loss_sum)
+                loss_sum /= rt.world_size
+            # the step's one host sync: the norm decides the step, the losses go to the log
+            grad_normf, lossf, auxf = torch.stack([grad_norm.float(), loss_sum.float(), aux_sum.float()]).tolist()
+            finite = math.isfinite(grad_normf)
+            if finite or scaler.is_enabled():  # in float16 the scaler skips the step itself and lowers its scale
+                for opt in optimizers:
+                    scaler.step(opt)
+                scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            good_steps, bad_in_a_row = (good_steps + 1, 0) if finite else (good_steps, bad_in_a_row + 1)
+            if not finite:  # a skipped step, by us or by the scaler: counted either way, so a run of NaN weights stops
+                state.skipped_steps += 1
+                rt.print0(f"iter {state.iter_num}: non-finite gradient norm, step skipped ({bad_in_a_row} in a row)")
+
+            # log: one record makes the console line, the metrics.jsonl row and the wandb point
+            dt = timer.lap()
+            state.iter_num += 1
+            if logging:
+                record = {"iter": state.iter_num - 1, "loss": lossf, "lr": lr, "dt": dt}
+                record |= {"tokens_per_sec": tokens_per_iter / dt, "grad_norm": grad_normf}
+                record |= {"skipped_steps": state.skipped_steps, "eta_s": timer.eta(cfg.max_iters - state.iter_num)}
+                if peak and timer.steps > MFU_WARMUP_ITERS:
+                    record["mfu"] = flops_per_iter / dt / peak  # per GPU
+                if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
+                    record["aux_loss"] = auxf
+                log(record)
+
+            # stop: after too many non-finite steps in a row, or on a signal (after a checkpoint)
+            if bad_in_a_row >= cfg.max_nonfinite_steps > 0:
+                rt.print0(nonfinite_stop(cfg, rt, state.iter_num, bad_in_a_row, good_steps, math.isfinite(lossf)))
+                exit_code = EXIT_NONFINITE
+                break
+            exit_code = stop.exit_code(rt)
+            if exit_code:
+                rt.print0(f"signal received: saving iteration {state.iter_num}; continue with --init_from=resume")
+                save(cfg, rt, raw_model, optimizers, scaler, state, data, None)
+                break
+
+        log.close()
+        # Free the DDP wrapper first: its reducer holds the process group, whose last release must happen inside
+        # destroy_process_group (the GIL released), not when main() returns (a deadlock with gloo's worker threads).
+        del model, eval_model
+    teardown_runtime(rt)
+    return exit_code
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: what state.pt stores beside the optimizer and scaler states."""
+
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    skipped_steps: int = 0  # steps skipped for a non-finite gradient norm, over the whole run
+
+
+def check_process_count(cfg: TrainConfig, rt) -> None:
+    """gradient_accumulation_steps is global: it must split evenly over the processes."""
     if cfg.gradient_accumulation_steps % rt.world_size != 0:
         teardown_runtime(rt)  # every rank stops here, together
         raise UserError(
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
             f"{rt.world_size} processes; make it a multiple"
         )
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+
+def print_settings(cfg: TrainConfig, rt, tokens_per_iter: int) -> None:
+    """What this run changes from the defaults (as nanoGPT prints its overrides), and where it runs."""
     rt.print0(f"# config: the defaults, with these changes (all of it goes to {cfg.out_dir}/train_config.py)")
     rt.print0(format_overrides(cfg))
     inherited = [k for k in ("dataset", "gradient_accumulation_steps") if k not in getattr(cfg, "given", ())]
@@ -210,19 +361,19 @@ def main(argv=None):
         f"# {rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}; "
         f"tokens per iteration: {tokens_per_iter:,}"
     )
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    if decay_iters > cfg.max_iters > 0 and cfg.decay_lr and cfg.lr_schedule != "constant" and not cfg.eval_only:
+        rt.print0(
+            f"note: lr_decay_iters={decay_iters} is past max_iters={cfg.max_iters}: this run ends before the "
+            f"{cfg.lr_schedule} schedule has decayed (continue with --init_from=resume --max_iters={decay_iters}, "
+            "or leave lr_decay_iters out to decay by max_iters)"
+        )
 
-    data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
-    lock = hold_out_dir(cfg.out_dir, rt)  # one training run per out_dir at a time
-    try:
-        return train(cfg, rt, data)
-    finally:
-        if lock:
-            lock.release()
 
-
-def hold_out_dir(out_dir: str, rt) -> OutDirLock | None:
-    """The master takes out_dir's lock; under torchrun every rank learns whether it could, so a refused run stops on
-    every rank with the same one line instead of leaving the others waiting in a collective."""
+@contextlib.contextmanager
+def hold_out_dir(out_dir: str, rt):
+    """Hold out_dir's lock for the run. The master takes it; under torchrun every rank learns whether it could, so a
+    refused run stops on every rank with the same one line instead of leaving the others waiting in a collective."""
     lock, problem = None, None
     if rt.master:
         try:
@@ -236,17 +387,33 @@ def hold_out_dir(out_dir: str, rt) -> OutDirLock | None:
     if problem:
         teardown_runtime(rt)  # every rank is here: leave the process group together, not from gloo's threads at exit
         raise UserError(problem)
-    return lock
+    try:
+        yield
+    finally:
+        if lock:
+            lock.release()
 
 
-def train(cfg: TrainConfig, rt, data) -> int:
-    """The run itself, once the config, the runtime, the data and out_dir are in hand; returns the exit code."""
-    accum_steps = cfg.gradient_accumulation_steps // rt.world_size  # the preset's count is global
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    seed_everything(cfg.seed)
+@contextlib.contextmanager
+def out_of_memory_hint(cfg: TrainConfig, rt):
+    """Running out of device memory is a one-line error saying which settings to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        # the CPU allocator reports running out as a plain RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise UserError(
+            f"out of memory on {rt.device} with batch_size={cfg.batch_size}, block_size="
+            f"{cfg.block_size}; lower --batch_size (raise --gradient_accumulation_steps to keep the "
+            "tokens per step) or --block_size"
+        ) from None
 
-    # The model: from scratch, resumed from out_dir, or GPT-2 weights. raw_model stays unwrapped for checkpoints.
-    iter_num, best_val_loss, resume_from = 0, float("inf"), None
+
+def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
+    """The model on rt.device: from scratch, from out_dir's checkpoint (init_from=resume; its path is returned too),
+    or GPT-2 / Hugging Face weights. Refuses, before allocating, a model that cannot fit."""
+    resume_from = None
     shards = rt.world_size if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the ranks
     if cfg.init_from == "scratch":
         if list_checkpoints(cfg.out_dir) and not cfg.eval_only:
@@ -259,8 +426,7 @@ def train(cfg: TrainConfig, rt, data) -> int:
         model = GPT(config)
     elif cfg.init_from == "resume":
         resume_from = find_checkpoint(cfg.out_dir, log=rt.print0)
-        meta = read_meta(resume_from)
-        check_resumable(meta, cfg, data, log=rt.print0)
+        check_resumable(read_meta(resume_from), cfg, data, log=rt.print0)
         model, _ = load_model(resume_from, cfg.dropout)
         rt.print0(f"resuming from {resume_from}")
     else:
@@ -275,280 +441,177 @@ def train(cfg: TrainConfig, rt, data) -> int:
     if cfg.block_size > model.config.block_size:
         raise UserError(f"block_size={cfg.block_size} exceeds the model's {model.config.block_size}")
     model.to(rt.device)
-    raw_model = model
-    rt.print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters")
-    rt.print0(size_report(cfg, raw_model))
+    rt.print0(f"model: {model.num_params() / 1e6:.2f}M parameters")
+    rt.print0(size_report(cfg, model))
+    return model, resume_from
 
-    raw_model.checkpoint_every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
-    if cfg.fp8:
-        enable_fp8(raw_model, rt)
-    if cfg.fsdp:
-        # in place: raw_model's parameters are now shards. With compile, each block is compiled before it is sharded
-        # (FSDP's hooks between blocks would otherwise break the graph and leave the whole forward eager).
-        shard_model(raw_model, rt.device_type, rt.world_size, rt.dtype, cfg.compile)
-    optimizers = build_optimizers(
-        raw_model,
-        cfg.optimizer,
-        cfg.weight_decay,
-        cfg.learning_rate,
-        (cfg.beta1, cfg.beta2),
-        rt.device_type,
-        cfg.muon_learning_rate,
-    )
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
-    if resume_from is not None:
-        state = load_state(resume_from, rt.device)
-        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-            try:
-                load_optimizer_state(raw_model, opt, opt_state, cfg.fsdp)
-            except (KeyError, ValueError) as e:  # e.g. a Muon run saved when MoE routers were still in Muon
-                raise UserError(
-                    f"cannot resume {resume_from}: its {type(opt).__name__} state does not fit this optimizer "
-                    f"({type(e).__name__}: {str(e)[:200]}); start a new run from its weights instead"
-                ) from None
-        if state["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
-            scaler.load_state_dict(state["scaler"])
-        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
-        if rt.master:
-            trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num)
 
-    if cfg.compile and not cfg.fsdp:
-        rt.print0("compiling the model... (takes a minute)")
-        model = torch.compile(model)
-    eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
-    if rt.ddp and not cfg.fsdp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-
-    if rt.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "train_config.py"), "w") as f:
-            f.write(f"# resolved config of the last run in this directory\n{format_config(cfg)}\n")
-    wandb = None
-    if cfg.wandb_log and rt.master:
+def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig, rt) -> LoopState:
+    """Load a checkpoint's optimizer moments and loss scale into this run's optimizers (their hyperparameters stay
+    this run's config) and return where its loop stood."""
+    saved = load_state(path, rt.device)
+    for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
         try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb_log=True needs wandb: pip install wandb (or drop --wandb_log)") from None
+            load_optimizer_state(raw_model, opt, opt_state, cfg.fsdp)
+        except (KeyError, ValueError) as e:  # e.g. a Muon run saved when MoE routers were still in Muon
+            raise UserError(
+                f"cannot resume {path}: its {type(opt).__name__} state does not fit this optimizer "
+                f"({type(e).__name__}: {str(e)[:200]}); start a new run from its weights instead"
+            ) from None
+    if saved["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
+        scaler.load_state_dict(saved["scaler"])
+    if rt.master:
+        trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), saved["iter_num"])
+    return LoopState(saved["iter_num"], saved["best_val_loss"], saved.get("skipped_steps", 0))
 
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    plotter = BackgroundPlot(cfg.out_dir)
-    peak = peak_flops(rt, cfg.peak_flops)
-    # per GPU: the FLOPs of one process's share of the global batch
-    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter / rt.world_size
+
+def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses) -> None:
+    """Checkpoint the run (losses: the evaluation's, or None). Called on every rank: under FSDP gathering the full
+    state is a collective. Only the master writes, and only finite weights: a diverged run keeps its last good one."""
+    if not (rt.master or cfg.fsdp):
+        return
+    weights = model_state(raw_model, cfg.fsdp)
+    optimizer_states = [optimizer_state(raw_model, opt, cfg.fsdp) for opt in optimizers]
+    if not rt.master:
+        return
+    if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
+        rt.print0(f"not saving iteration {state.iter_num}: the weights are not finite")
+        return
+    loop_state = {"optimizers": optimizer_states, "scaler": scaler.state_dict()} | dataclasses.asdict(state)
+    meta = {
+        "model_config": dataclasses.asdict(raw_model.config),
+        "train_config": dataclasses.asdict(cfg),
+        "data": data.fingerprint(),
+        "code_version": code_version(),
+        "val_loss": losses["val"] if losses else None,
+        "train_loss": losses["train"] if losses else None,
+    }
+    path = save_checkpoint(cfg.out_dir, state.iter_num, weights, loop_state, meta)
+    prune_checkpoints(cfg.out_dir, cfg.keep_last)
+    rt.print0(f"saved checkpoint {path}")
+
+
+def train_batch(cfg: TrainConfig, rt, data, it: int, micro_step: int):
+    """This rank's batch for (iteration, micro-step). The windows depend only on (seed, iteration, global micro-step):
+    exact on resume, disjoint across ranks."""
+    key = train_key(cfg.seed, it, rt.rank * (cfg.gradient_accumulation_steps // rt.world_size) + micro_step)
+    return get_batch(data, "train", cfg.batch_size, cfg.block_size, key, rt.device)
+
+
+def scheduled_lr(cfg: TrainConfig, it: int) -> float:
+    """The learning rate at iteration it, from the config's schedule (lr_decay_iters defaults to max_iters)."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    if decay_iters > cfg.max_iters > 0 and cfg.decay_lr and cfg.lr_schedule != "constant" and not cfg.eval_only:
-        rt.print0(
-            f"note: lr_decay_iters={decay_iters} is past max_iters={cfg.max_iters}: this run ends before the "
-            f"{cfg.lr_schedule} schedule has decayed (continue with --init_from=resume --max_iters={decay_iters}, "
-            "or leave lr_decay_iters out to decay by max_iters)"
-        )
+    return lr_at(
+        it,
+        learning_rate=cfg.learning_rate,
+        warmup_iters=cfg.warmup_iters,
+        lr_decay_iters=decay_iters,
+        min_lr=cfg.min_lr,
+        decay_lr=cfg.decay_lr,
+        schedule=cfg.lr_schedule,
+        decay_fraction=cfg.decay_fraction,
+    )
 
-    def batch(it: int, micro_step: int):
-        # Windows depend only on (seed, iteration, global micro-step): exact on resume, disjoint across ranks.
-        key = train_key(cfg.seed, it, rt.rank * accum_steps + micro_step)
-        return get_batch(data, "train", cfg.batch_size, cfg.block_size, key, rt.device)
 
-    def save(losses: dict | None) -> None:
-        # Called on every rank: under FSDP gathering the full state is a collective. Only the master writes.
-        if not (rt.master or cfg.fsdp):
+def set_lr(optimizers: list, scale: float) -> None:
+    """Every parameter group's learning rate: its own base rate times the schedule's scale."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+
+def unscale_and_clip(model, optimizers: list, scaler, grad_clip: float) -> torch.Tensor:
+    """Undo float16 loss scaling (a no-op otherwise), clip the global gradient norm to grad_clip (0: no clipping)
+    and return the norm before clipping."""
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a distributed tensor
+
+
+@dataclass
+class StepTimer:
+    """Wall time per step. Steps after the first `warmup` (compilation, allocator warm-up) give the mean step time
+    the ETA extrapolates."""
+
+    warmup: int
+    t0: float = dataclasses.field(default_factory=time.time)
+    steps: int = 0  # steps this process has run
+    timed: float = 0.0  # seconds of the steps after warm-up
+    timed_steps: int = 0
+
+    def restart(self) -> None:
+        self.t0 = time.time()
+
+    def lap(self) -> float:
+        """The seconds since the last lap (or restart), counted as one step."""
+        t1 = time.time()
+        dt, self.t0 = t1 - self.t0, t1
+        self.steps += 1
+        if self.steps > self.warmup:
+            self.timed, self.timed_steps = self.timed + dt, self.timed_steps + 1
+        return dt
+
+    def eta(self, steps_left: int) -> float | None:
+        return steps_left * self.timed / self.timed_steps if self.timed_steps else None
+
+
+class RunLog:
+    """Where a record goes: the console (nanoGPT's `iter` and `step` lines), and on the master metrics.jsonl, wandb
+    and the loss curve (redrawn after each evaluation, on another thread). One dict makes all of them."""
+
+    WANDB_NAMES = {"loss": "train/loss_step", "train_loss": "train/loss", "val_loss": "val/loss"}  # nanoGPT's names
+
+    def __init__(self, cfg: TrainConfig, rt):
+        self.rt, self.max_iters = rt, cfg.max_iters
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.plotter = BackgroundPlot(cfg.out_dir)
+        self.wandb = None
+        if rt.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "train_config.py"), "w") as f:
+                f.write(f"# resolved config of the last run in this directory\n{format_config(cfg)}\n")
+        if cfg.wandb_log and rt.master:  # imported only when asked for, on the master only
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb_log=True needs wandb: pip install wandb (or drop --wandb_log)") from None
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+            self.wandb = wandb
+
+    def __call__(self, record: dict) -> None:
+        self.rt.print0(console_line(record, self.max_iters))
+        if not self.rt.master:
             return
-        weights = model_state(raw_model, cfg.fsdp)
-        optimizer_states = [optimizer_state(raw_model, opt, cfg.fsdp) for opt in optimizers]
-        if not rt.master:
-            return
-        # Only finite weights are ever written: a diverged run keeps its last good checkpoint.
-        if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
-            rt.print0(f"not saving iteration {iter_num}: the weights are not finite")
-            return
-        state = {
-            "optimizers": optimizer_states,
-            "scaler": scaler.state_dict(),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "skipped_steps": skipped_steps,
-        }
-        meta = {
-            "model_config": dataclasses.asdict(raw_model.config),
-            "train_config": dataclasses.asdict(cfg),
-            "data": data.fingerprint(),
-            "code_version": code_version(),
-            "val_loss": losses["val"] if losses else None,
-            "train_loss": losses["train"] if losses else None,
-        }
-        path = save_checkpoint(cfg.out_dir, iter_num, weights, state, meta)
-        prune_checkpoints(cfg.out_dir, cfg.keep_last)
-        rt.print0(f"saved checkpoint {path}")
+        log_metrics(self.metrics_path, record)
+        if "val_loss" in record:
+            self.plotter.refresh()  # out_dir/loss_curve.png
+        if self.wandb:
+            self.wandb.log({self.WANDB_NAMES.get(k, k): v for k, v in record.items() if v is not None})
 
-    stop = StopSignals()  # SIGTERM, SIGUSR1, Ctrl-C, SIGHUP: finish the step, checkpoint, exit (75 or 130)
-    skipped_steps, bad_in_a_row, good_steps, exit_code = 0, 0, 0, 0
-    step_time, timed_steps = 0.0, 0  # this process's training time after warm-up, for the ETA
-    x, y = batch(iter_num, 0)
-    t0 = time.time()
-    local_iter = 0  # iterations this process has run: the first few (compilation, warm-up) are left out of MFU
-    try:
-        while True:
-            lr = lr_at(
-                iter_num,
-                cfg.learning_rate,
-                cfg.warmup_iters,
-                decay_iters,
-                cfg.min_lr,
-                cfg.decay_lr,
-                cfg.lr_schedule,
-                cfg.decay_fraction,
-            )
-            for opt in optimizers:  # every group follows the schedule from its own base learning rate
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * (lr / cfg.learning_rate if cfg.learning_rate else 0.0)
+    def close(self) -> None:
+        self.plotter.join()
+        if self.wandb:
+            self.wandb.finish()
 
-            # Evaluate at every eval_interval and at the end; checkpoint when val improves (or always, if asked).
-            last = iter_num >= cfg.max_iters
-            if iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
-                losses = estimate_loss(eval_model, data, cfg, rt)
-                rt.print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if rt.master:
-                    log_metrics(
-                        metrics_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-                    )
-                    plotter.refresh()  # out_dir/loss_curve.png, drawn on another thread
-                    if wandb:
-                        wandb.log(
-                            {"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr}
-                        )
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
-                    save(losses)
-                t0 = time.time()  # the step's time leaves out evaluation and checkpointing
-            if cfg.eval_only or last:
-                break
 
-            # One optimizer step over accum_steps micro-batches. Dropout is reseeded from (seed, rank, iteration),
-            # so a resumed run draws the same masks as an uninterrupted one (without dropout nothing here is random,
-            # and reseeding every step would cost ~1 ms).
-            if raw_model.config.dropout > 0:
-                seed_everything(hash_seed(cfg.seed, rt.rank, iter_num))
-            loss_sum = torch.zeros((), device=rt.device)
-            aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
-            for micro_step in range(accum_steps):
-                # DDP and FSDP reduce gradients across ranks only on the last micro-step
-                sync = micro_step == accum_steps - 1 or not rt.ddp
-                if cfg.fsdp:
-                    raw_model.set_requires_gradient_sync(sync)
-                with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
-                    with rt.autocast():
-                        loss = model(x, y)[1]  # the logits are not kept: they would stay alive into the next step
-                        loss = loss / accum_steps  # the sum over micro-steps is the mean over the batch
-                    x, y = batch(*((iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)))
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-                if raw_model.config.n_expert:
-                    aux_sum += raw_model.moe_aux_loss().detach() / accum_steps
-            for opt in optimizers:
-                scaler.unscale_(opt)  # a no-op unless float16 loss scaling is on
-            # The norm of the all-reduced gradient is the same on every rank, so all ranks agree on skipping.
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a distributed tensor
-                grad_norm = grad_norm.full_tensor()
-            logging = iter_num % cfg.log_interval == 0
-            if logging and rt.ddp:  # the logged loss is the mean over the whole global batch
-                dist.all_reduce(loss_sum)
-                loss_sum /= rt.world_size
-            # The step's one host sync: the norm decides the step, the losses go to the log.
-            grad_normf, lossf, auxf = torch.stack([grad_norm.float(), loss_sum.float(), aux_sum.float()]).tolist()
-            finite = math.isfinite(grad_normf)
-            if finite or scaler.is_enabled():  # in float16 the scaler skips the step itself and lowers its scale
-                for opt in optimizers:
-                    scaler.step(opt)
-                scaler.update()
-            if finite:
-                bad_in_a_row, good_steps = 0, good_steps + 1
-            else:  # a skipped step, by us or by the scaler: counted either way, so a run of NaN weights stops
-                skipped_steps += 1
-                bad_in_a_row += 1
-                rt.print0(
-                    f"iter {iter_num}: non-finite gradient norm, step skipped ({bad_in_a_row} in a row, "
-                    f"{skipped_steps} in all)"
-                )
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-
-            t1 = time.time()
-            dt, t0 = t1 - t0, t1
-            iter_num += 1
-            local_iter += 1
-            if local_iter > min(MFU_WARMUP_ITERS, cfg.max_iters // 10):  # the step time the ETA extrapolates
-                step_time, timed_steps = step_time + dt, timed_steps + 1
-            if logging:
-                record = {
-                    "iter": iter_num - 1,
-                    "loss": lossf,
-                    "lr": lr,
-                    "dt": dt,
-                    "tokens_per_sec": tokens_per_iter / dt,
-                    "grad_norm": grad_normf,
-                }
-                line = (
-                    f"iter {iter_num - 1}/{cfg.max_iters} ({100 * (iter_num - 1) / max(1, cfg.max_iters):.0f}%): "
-                    f"loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tokens_per_iter / dt:,.0f} tok/s"
-                )
-                if timed_steps:
-                    line += f", eta {format_duration((cfg.max_iters - iter_num) * step_time / timed_steps)}"
-                if peak and local_iter > MFU_WARMUP_ITERS:
-                    record["mfu"] = flops_per_iter / dt / peak  # per GPU
-                    line += f", mfu {record['mfu'] * 100:.2f}%"
-                if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
-                    record["aux_loss"] = auxf
-                    line += f", aux loss {record['aux_loss']:.4f}"
-                rt.print0(line)
-                if rt.master:
-                    log_metrics(metrics_path, record | {"skipped_steps": skipped_steps})
-                    if wandb:
-                        wandb.log(
-                            {
-                                "iter": iter_num - 1,
-                                "train/loss_step": lossf,
-                                "lr": lr,
-                                "tokens_per_sec": record["tokens_per_sec"],
-                                "skipped_steps": skipped_steps,
-                            }
-                            | ({"mfu": record["mfu"]} if "mfu" in record else {})
-                        )
-
-            if bad_in_a_row >= cfg.max_nonfinite_steps > 0:
-                rt.print0(
-                    f"stopping: {bad_in_a_row} non-finite steps in a row at iteration {iter_num}; "
-                    f"{nonfinite_advice(cfg, rt, good_steps, math.isfinite(lossf))} The last good checkpoint is kept."
-                )
-                exit_code = EXIT_NONFINITE
-                break
-            signalled = stop.exit_code(rt)
-            if signalled:
-                rt.print0(f"signal received: saving iteration {iter_num} and exiting; continue with --init_from=resume")
-                save(None)
-                exit_code = signalled
-                break
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        # the CPU allocator reports running out as a plain RuntimeError
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-            raise
-        raise UserError(
-            f"out of memory on {rt.device} with batch_size={cfg.batch_size}, block_size="
-            f"{cfg.block_size}; lower --batch_size (raise --gradient_accumulation_steps to keep the "
-            "tokens per step) or --block_size"
-        ) from None
-    finally:
-        stop.restore()
-
-    plotter.join()
-    if wandb:
-        wandb.finish()
-    # Free the DDP wrapper first: its reducer holds the process group, whose last release must happen inside
-    # destroy_process_group (Python's GIL released), not when main() returns (a deadlock with gloo's worker threads).
-    del model, eval_model
-    teardown_runtime(rt)
-    return exit_code
+def console_line(record: dict, max_iters: int) -> str:
+    """nanoGPT's lines: `step N: train loss X, val loss Y` for an evaluation, and for a step
+    `iter N/max (P%): loss X, time Y ms, T tok/s` with the ETA, MFU and MoE aux loss when known."""
+    if "val_loss" in record:
+        return f"step {record['iter']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+    it = record["iter"]
+    line = (
+        f"iter {it}/{max_iters} ({100 * it / max(1, max_iters):.0f}%): loss {record['loss']:.4f}, "
+        f"time {record['dt'] * 1000:.2f}ms, {record['tokens_per_sec']:,.0f} tok/s"
+    )
+    if record.get("eta_s") is not None:
+        line += f", eta {format_duration(record['eta_s'])}"
+    if "mfu" in record:
+        line += f", mfu {record['mfu'] * 100:.2f}%"
+    if "aux_loss" in record:
+        line += f", aux loss {record['aux_loss']:.4f}"
+    return line
 
 
 def format_duration(seconds: float) -> str:
@@ -559,6 +622,14 @@ def format_duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def nonfinite_stop(cfg: TrainConfig, rt, iter_num: int, in_a_row: int, good_steps: int, loss_finite: bool) -> str:
+    """The line training stops with after max_nonfinite_steps non-finite steps in a row."""
+    return (
+        f"stopping: {in_a_row} non-finite steps in a row at iteration {iter_num}; "
+        f"{nonfinite_advice(cfg, rt, good_steps, loss_finite)} The last good checkpoint is kept."
+    )
+
+
 def nonfinite_advice(cfg: TrainConfig, rt, good_steps: int, loss_finite: bool) -> str:
     """What most likely made every step non-finite, from what the run saw (not always the learning rate)."""
     if rt.dtype == torch.float16:
@@ -566,7 +637,7 @@ def nonfinite_advice(cfg: TrainConfig, rt, good_steps: int, loss_finite: bool) -
     if good_steps == 0:
         return (
             "not one step of this run was finite, so the data or the model (or the checkpoint it resumed) is the "
-            "likely cause, not the schedule: check them with evaluate.py."
+            "likely cause, not the schedule: check them with tools/evaluate.py."
         )
     if loss_finite:
         return (

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from bench.train_speed import measure
-from configurator import parse_config
-from errors import run_cli
-from generate import Decoder, Sampling
+from engine.configurator import parse_config
+from engine.errors import run_cli
+from engine.generate import Decoder, Sampling
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,8 +25,8 @@ import text  # noqa: E402
 from token_writer import DatasetWriter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root
-from configurator import parse_config
-from errors import run_cli
+from engine.configurator import parse_config
+from engine.errors import run_cli
 
 
 def nanogpt_style(ds, enc, out_dir, num_proc):

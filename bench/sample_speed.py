@@ -1,4 +1,4 @@
-"""Decoding speed: tokens/s of generate.py with and without the KV cache, GPT-2 124M shapes, random weights.
+"""Decoding speed: tokens/s of engine/generate.py with and without the KV cache, GPT-2 124M shapes, random weights.
 
     python bench/sample_speed.py                                   # batch 1 and 16, 500 new tokens, both paths
     python bench/sample_speed.py --batch_sizes=1 --new_tokens=500 --device=cuda --dtype=bfloat16
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
-from configurator import parse_config
-from errors import run_cli
-from generate import Sampling, generate
+from engine.configurator import parse_config
+from engine.errors import run_cli
+from engine.generate import Sampling, generate
+from engine.runtime import DTYPES
 from model import GPT, GPTConfig
-from runtime import DTYPES
 
 
 def timed(model, batch_size, n, kv_cache, device) -> float:

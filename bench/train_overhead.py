@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from bench.train_speed import measure
-from configurator import parse_config
-from errors import run_cli
+from engine.configurator import parse_config
+from engine.errors import run_cli
 
 RECIPE = [
     "config/train_shakespeare_char.py",

@@ -16,12 +16,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
-from configurator import parse_config
-from errors import UserError, run_cli
+from engine.configurator import parse_config
+from engine.errors import UserError, run_cli
+from engine.optim import build_optimizers
+from engine.runtime import peak_flops, seed_everything, setup_runtime
 from model import GPT
-from optim import build_optimizers
-from runtime import peak_flops, seed_everything, setup_runtime
-from sizing import dataset_vocab_size
+from tools.sizing import dataset_vocab_size
 from train import TrainConfig, model_config
 
 
@@ -38,7 +38,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
         vocab_size = 50304
         print(f"note: {cfg.data_root}/{cfg.dataset} is not prepared here; measuring GPT-2's vocabulary ({vocab_size})")
     model = GPT(model_config(cfg, vocab_size)).to(rt.device)
-    model.checkpoint_every = cfg.checkpoint_every if cfg.gradient_checkpointing else 0
+    model.recompute_every = cfg.recompute_every if cfg.gradient_checkpointing else 0
     optimizers = build_optimizers(
         model,
         cfg.optimizer,

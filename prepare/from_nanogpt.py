@@ -29,17 +29,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from token_writer import FORMAT
-from tokenization import TokenizerUnavailable, chars_hash, encoding_hash, load_encoding
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the training code at the root
-from checkpoint import OutDirLock, code_version, list_checkpoints, save_checkpoint  # noqa: E402
-from configurator import parse_config  # noqa: E402
-from data import TokenData  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-from fsdp import optimizer_state  # noqa: E402
+from engine.checkpoint import OutDirLock, code_version, list_checkpoints, save_checkpoint  # noqa: E402
+from engine.configurator import parse_config  # noqa: E402
+from engine.data import TokenData  # noqa: E402
+from engine.errors import UserError, run_cli  # noqa: E402
+from engine.fsdp import optimizer_state  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.tokenization import TokenizerUnavailable, chars_hash, encoding_hash, load_encoding
 from model import GPT, GPTConfig  # noqa: E402
-from optim import build_optimizer  # noqa: E402
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
 CHUNK = 1 << 24  # tokens read at a time when checking a split

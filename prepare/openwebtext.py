@@ -12,7 +12,7 @@ import sys
 
 import text
 
-from errors import run_cli  # text put the repository root on sys.path
+from engine.errors import run_cli  # text put the repository root on sys.path
 
 
 def main(argv=None):

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from token_writer import TINY_SHAKESPEARE_URL, fail, read_or_download, write_dataset
-from tokenization import TokenizerUnavailable, encoding_hash, load_encoding
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator, errors
-from configurator import parse_config
-from errors import run_cli
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
+from engine.configurator import parse_config
+from engine.errors import run_cli
+from engine.tokenization import TokenizerUnavailable, encoding_hash, load_encoding
 
 
 @dataclass

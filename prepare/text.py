@@ -7,7 +7,7 @@
 
 Each document is tokenized and followed by one end-of-text token (BPE tokenizers; a character vocabulary has none).
 Validation data is a `--val_split` of a hub dataset or a random `--val_fraction` of the documents; a source with a
-single document is split by tokens instead. Writes <out>/train.bin, val.bin and meta.json (see data.py).
+single document is split by tokens instead. Writes <out>/train.bin, val.bin and meta.json (see engine/data.py).
 """
 
 import glob
@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from token_writer import DatasetWriter, fail
-from tokenization import (
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
+from engine.configurator import parse_config
+from engine.errors import run_cli
+from engine.tokenization import (
     ENDOFTEXT,
     TokenizerUnavailable,
     char_encode,
@@ -28,10 +32,6 @@ from tokenization import (
     encoding_hash,
     load_encoding,
 )
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: configurator, errors
-from configurator import parse_config
-from errors import run_cli
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 

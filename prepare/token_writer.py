@@ -1,6 +1,6 @@
 """Shared by the prepare scripts: fetch a source text and write a dataset in the token-file contract.
 
-The contract (read by data.py): data/<name>/{train,val}.bin hold flat token ids (uint16 when the vocabulary fits,
+The contract (read by engine/data.py): data/<name>/{train,val}.bin hold flat token ids (uint16 when the vocabulary fits,
 uint32 otherwise) and meta.json describes them. A new dataset is built beside the old one and swapped in only when
 complete (DatasetWriter), so a failed or interrupted prepare leaves the previous dataset untouched.
 """

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 import torch
 
-from model import GPTConfig
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -118,3 +118,42 @@ def char_data(tmp_path):
     (out / "input.txt").write_text(shakespeare_text(), encoding="utf-8")
     shakespeare_char.main([f"--out={out}"])
     return str(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    """A small random GPT2LMHeadModel saved in Hugging Face format (config.json + model.safetensors)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is needed for the GPT-2 parity tests")
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        n_positions=32,
+        vocab_size=100,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,  # no early stop in HF's generate
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # every tensor random (biases and LayerNorm too), so a mis-mapped weight shows
+        for name, p in hf.named_parameters():
+            is_gain = ".ln_" in name and name.endswith(".weight")
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_gain else 0.1 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(directory)  # safetensors is transformers' default (and only) format
+    assert (directory / "config.json").exists() and (directory / "model.safetensors").exists()
+    return hf, str(directory)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    return GPT(tiny_config).eval()
+
+
+def random_tokens(config: GPTConfig, batch: int, length: int | None = None, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(config.vocab_size, (batch, length or config.block_size), generator=g)

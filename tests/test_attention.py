@@ -1,4 +1,4 @@
-"""attention.py's recomputed attention probabilities against the model's own SDPA path, for every switch that
+"""tools/attention.py's recomputed attention probabilities against the model's own SDPA path, for every switch that
 touches attention: A @ V through c_proj must give the attention module's output; rows are distributions; nothing
 attends to the future. Plus the command line end to end."""
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import attention
-from checkpoint import save_checkpoint
-from data import load_data
+from engine.checkpoint import save_checkpoint
+from engine.data import load_data
 from model import GPT
+from tools import attention
 
 SWITCHES = {
     "learned": {},

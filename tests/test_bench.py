@@ -40,7 +40,7 @@ def test_train_speed_measures_the_model_train_py_builds(char_data, capsys):
     argv += ["--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--gradient_accumulation_steps=1"]
     r = measure(argv, burn_in=1, steps=1)
     # the tiny_char vocabulary rounded up to 64 (as train.py does), not GPT-2's 50304
-    from data import load_data
+    from engine.data import load_data
     from model import GPT, GPTConfig
 
     vocab = -(-load_data(f"{char_data}/tiny_char", 8).meta["vocab_size"] // 64) * 64

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import train
-from checkpoint import (
+from engine.checkpoint import (
     find_checkpoint,
     list_checkpoints,
     load_state,
@@ -20,10 +20,10 @@ from checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from data import load_data
-from errors import UserError
+from engine.data import load_data
+from engine.errors import UserError
+from engine.runtime import setup_runtime
 from model import GPT, GPTConfig
-from runtime import setup_runtime
 
 TINY = [
     "--device=cpu",
@@ -278,7 +278,7 @@ def test_a_tied_weight_loads_under_any_of_its_names(tmp_path, tiny_config, store
     older saves kept lm_head.weight: all load, and the tie holds afterwards."""
     from safetensors.torch import save_file
 
-    from checkpoint import load_weights
+    from engine.checkpoint import load_weights
 
     model = GPT(tiny_config)
     path = save(tmp_path, 10, model)

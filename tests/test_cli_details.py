@@ -8,8 +8,8 @@ from conftest import TINY_TRAIN
 
 import sample
 import train
-from checkpoint import find_checkpoint
-from errors import UserError
+from engine.checkpoint import find_checkpoint
+from engine.errors import UserError
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_no_checkpoint_names_the_runs_beside_it(run, tmp_path):
 
 
 def test_checkpoint_and_export_weights_are_readable_like_every_other_file(run, tmp_path):
-    import export_hf
+    from tools import export_hf
 
     export_hf.main([f"--out_dir={run}", f"--hf_dir={tmp_path / 'hf'}"])
     for path in (os.path.join(find_checkpoint(run), "model.safetensors"), tmp_path / "hf" / "model.safetensors"):

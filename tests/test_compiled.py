@@ -10,8 +10,8 @@ from torch._dynamo.utils import counters
 
 import sample
 import train
-from checkpoint import save_checkpoint
-from generate import Decoder
+from engine.checkpoint import save_checkpoint
+from engine.generate import Decoder
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.slow

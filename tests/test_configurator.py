@@ -15,8 +15,8 @@ import pytest
 
 import sample
 import train
-from configurator import parse_config
-from errors import UserError
+from engine.configurator import parse_config
+from engine.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -266,3 +266,11 @@ def test_sample_config_accepts_the_edges():
     cfg = parse_config(sample.SampleConfig, ["--temperature=0", "--top_p=1", "--top_k=1", "--top_p=none"])
     assert (cfg.temperature, cfg.top_k, cfg.top_p) == (0.0, 1, None)
     assert parse_config(sample.SampleConfig, ["--top_k=none"]).top_k is None
+
+
+def test_a_renamed_key_still_works_in_a_preset_and_on_the_command_line(tmp_path):
+    # checkpoint_every became recompute_every; every saved train_config.py of an older run still holds the old name
+    preset = tmp_path / "old_run_config.py"
+    preset.write_text("checkpoint_every = 3\n")
+    assert parse_config(train.TrainConfig, [str(preset)]).recompute_every == 3
+    assert parse_config(train.TrainConfig, ["--checkpoint_every=2"]).recompute_every == 2

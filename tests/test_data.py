@@ -15,8 +15,8 @@ import token_writer
 import torch
 from conftest import needs_gpt2_tokenizer
 
-from data import TokenData, Tokenizer, get_batch, load_data
-from errors import UserError
+from engine.data import TokenData, Tokenizer, get_batch, load_data
+from engine.errors import UserError
 
 
 @pytest.fixture
@@ -263,7 +263,7 @@ def test_gpt2_tokenizer_round_trip():
 def test_two_ranks_read_what_one_process_reads_and_never_the_same_window(char_dir):
     """Rank r of 2 with 1 micro-step takes global micro-step r: together they read the two batches a single process
     with 2 micro-steps reads, each window once; and a resumed run asks for the very same keys."""
-    from data import train_key
+    from engine.data import train_key
 
     data = load_data(char_dir, block_size=16)
 

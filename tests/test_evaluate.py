@@ -1,4 +1,4 @@
-"""evaluate.py: the sliding window against hand-made references (non-overlapping chunks; one forward over
+"""tools/evaluate.py: the sliding window against hand-made references (non-overlapping chunks; one forward over
 everything), bits per byte by its definition on text with multi-byte characters, and the command line."""
 
 import dataclasses
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import evaluate
-from checkpoint import save_checkpoint
-from data import load_data
+from engine.checkpoint import save_checkpoint
+from engine.data import load_data
 from model import GPT
+from tools import evaluate
 
 
 @pytest.fixture

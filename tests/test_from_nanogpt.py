@@ -17,9 +17,9 @@ from from_nanogpt import main as import_main
 
 import sample
 import train
-from checkpoint import find_checkpoint, load_model, load_state
-from data import load_data
-from errors import UserError
+from engine.checkpoint import find_checkpoint, load_model, load_state
+from engine.data import load_data
+from engine.errors import UserError
 from model import GPT, GPTConfig
 
 ARGS = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": False, "dropout": 0.0}

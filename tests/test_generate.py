@@ -1,22 +1,25 @@
-"""generate.py and sample.py: the KV cache against full recomputation, sampling filters against their definitions,
-stop strings, batching, seeds and UTF-8-safe streaming."""
+"""engine/generate.py and sample.py: the KV cache against full recomputation, sampling filters against their
+definitions, stop strings, batching, seeds and UTF-8-safe streaming, and greedy decoding against transformers'
+generate on the same GPT-2 weights."""
 
 import pytest
 import torch
-from conftest import needs_gpt2_tokenizer
+from conftest import needs_gpt2_tokenizer, random_tokens
 
 import sample
-from checkpoint import save_checkpoint
-from data import Tokenizer
-from generate import (
+from engine.checkpoint import save_checkpoint
+from engine.data import Tokenizer
+from engine.generate import (
     Sampling,
     StreamDecoder,
     apply_repetition_penalty,
     cut_at_stop,
+    extend,
     filter_logits,
     generate,
     next_token,
 )
+from engine.hf_interop import from_pretrained
 from model import GPT, GPTConfig
 
 SWITCHES = [
@@ -213,3 +216,99 @@ def test_compiled_decoding_equals_eager():
     prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(4))
     compiled = torch.cat([prompt, *generate(model, prompt, 10, GREEDY, compile=True)], dim=1)
     assert torch.equal(compiled, run(model, prompt, 10))
+
+
+# --- extend on the model: greedy, seeds, cropping, the filters; greedy against transformers' generate -----------------
+
+
+def test_greedy_generate_equals_argmax_chain(tiny_model, tiny_config):
+    idx = random_tokens(tiny_config, 2, 5)
+    out = extend(tiny_model, idx, 8, Sampling(temperature=0))
+    expected = idx
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = tiny_model(expected)
+            expected = torch.cat([expected, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_top_k_1_sampling_equals_greedy(tiny_model, tiny_config):
+    idx = random_tokens(tiny_config, 2, 5)
+    greedy = extend(tiny_model, idx, 8, Sampling(temperature=0))
+    assert torch.equal(extend(tiny_model, idx, 8, Sampling(temperature=1.0, top_k=1)), greedy)
+
+
+def test_sampling_is_a_function_of_the_torch_seed(tiny_model, tiny_config):
+    idx = random_tokens(tiny_config, 2, 3)
+    torch.manual_seed(123)
+    a = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
+    torch.manual_seed(123)
+    b = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
+    torch.manual_seed(456)
+    c = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_generate_past_block_size_crops_the_context(tiny_model, tiny_config):
+    T = tiny_config.block_size
+    idx = random_tokens(tiny_config, 1, T - 2)
+    out = extend(tiny_model, idx, 10, Sampling(temperature=0))
+    assert out.shape == (1, T + 8)
+    expected = idx
+    with torch.no_grad():
+        for _ in range(10):
+            logits, _ = tiny_model(expected[:, -T:])  # the model only ever sees the last block_size tokens
+            expected = torch.cat([expected, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+def kept_distribution(monkeypatch, logits, **kwargs) -> torch.Tensor:
+    """The probabilities next_token hands to torch.multinomial."""
+    seen = []
+    real = torch.multinomial
+
+    def spy(probs, num_samples, **kwargs):
+        seen.append(probs.clone())
+        return real(probs, num_samples, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    next_token(logits, Sampling(**kwargs), torch.zeros(logits.size(0), 0, dtype=torch.long))
+    assert len(seen) == 1
+    return seen[0][0]
+
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [(0.5, 1), (0.75, 2), (0.8, 2), (0.85, 3), (0.96, 4), (1.0, 4)],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(monkeypatch, top_p, kept):
+    # Nucleus sampling (Holtzman et al. 2019): the most likely tokens whose total probability first reaches p.
+    order = torch.tensor([2, 0, 3, 1])  # shuffled, so the kept set is not simply a prefix of the vocabulary
+    logits = PROBS[order].log()[None]
+    probs = kept_distribution(monkeypatch, logits, temperature=1.0, top_p=top_p)
+    expected = torch.zeros(4)
+    expected[:kept] = PROBS[:kept] / PROBS[:kept].sum()
+    torch.testing.assert_close(probs, expected[order], rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_and_temperature_shape_the_distribution(monkeypatch):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
+    probs = kept_distribution(monkeypatch, logits, temperature=0.5, top_k=2)
+    expected = torch.zeros(5)
+    expected[[1, 2]] = torch.softmax(torch.tensor([3.0, 2.0]) / 0.5, dim=0)
+    torch.testing.assert_close(probs, expected)
+
+
+def test_greedy_generate_matches_transformers_gpt2(hf_gpt2):
+    hf, directory = hf_gpt2
+    ours = from_pretrained(directory).eval()
+    idx = torch.randint(100, (2, 6), generator=torch.Generator().manual_seed(2))
+    expected = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=20, pad_token_id=0)
+    out = extend(ours, idx, 20, Sampling(temperature=0))
+    assert out.shape == expected.shape == (2, 26)
+    assert torch.equal(out, expected)
+    assert len(set(out[:, 6:].flatten().tolist())) > 1  # the continuation is not one repeated token

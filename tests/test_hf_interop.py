@@ -1,5 +1,5 @@
 """Hugging Face interop against transformers itself: Llama checkpoints load into GPT with the same logits and greedy
-tokens; GPT exported by save_hf (and by export_hf.py from a checkpoint) loads in AutoModelForCausalLM as
+tokens; GPT exported by save_hf (and by tools/export_hf.py from a checkpoint) loads in AutoModelForCausalLM as
 LlamaForCausalLM or GPT2LMHeadModel with the same logits and greedy tokens; round trips keep every weight;
 architectures neither layout can hold are refused."""
 
@@ -9,14 +9,14 @@ import os
 import pytest
 import torch
 
-import export_hf
-import hf_interop
 import train
-from checkpoint import find_checkpoint, load_weights, read_meta, save_checkpoint
-from errors import UserError
-from generate import Sampling, extend
-from hf_interop import UnsupportedModel, from_pretrained
+from engine import hf_interop
+from engine.checkpoint import find_checkpoint, load_weights, read_meta, save_checkpoint
+from engine.errors import UserError
+from engine.generate import Sampling, extend
+from engine.hf_interop import UnsupportedModel, from_pretrained
 from model import GPT, GPTConfig
+from tools import export_hf
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the Hugging Face parity tests")
 
@@ -122,7 +122,7 @@ def tiny_config(**switches) -> GPTConfig:
 LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 
 
-# --- Llama import ----------------------------------------------------------------------------------------------------
+# --- Llama import -----------------------------------------------------------------------------------------------------
 
 LLAMA_CASES = {
     "gqa_untied": (2, False, False),
@@ -166,7 +166,7 @@ def test_llama_import_greedy_matches_transformers_generate(saved_llama):
     assert_same_greedy(from_pretrained(directory).eval(), hf)
 
 
-# --- Llama export ----------------------------------------------------------------------------------------------------
+# --- Llama export -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_llama_export_sets_no_bos_or_eos_token(tmp_path):
     assert hf.config.bos_token_id is None and hf.generation_config.bos_token_id is None
 
 
-# --- GPT-2 export ----------------------------------------------------------------------------------------------------
+# --- GPT-2 export -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -226,7 +226,7 @@ def test_gpt2_export_loads_in_transformers_with_same_logits_and_greedy(switches,
     assert_same_greedy(ours, hf)
 
 
-# --- round trips: Hugging Face -> ours -> Hugging Face ---------------------------------------------------------------
+# --- round trips: Hugging Face -> ours -> Hugging Face ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_round_trip_keeps_every_weight_and_the_logits(make_hf, tmp_path):
         torch.testing.assert_close(again(idx).logits, hf(idx).logits, rtol=0, atol=0)
 
 
-# --- refused architectures -------------------------------------------------------------------------------------------
+# --- refused architectures --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -297,7 +297,7 @@ def test_save_hf_refuses_what_neither_layout_holds(switches, tmp_path):
     assert not os.path.exists(tmp_path / "hf")  # refused before writing anything
 
 
-# --- export_hf.py ----------------------------------------------------------------------------------------------------
+# --- tools/export_hf.py -----------------------------------------------------------------------------------------------
 
 
 def write_checkpoint(out_dir: str, model: GPT) -> str:
@@ -323,7 +323,7 @@ def test_export_hf_cli_writes_a_llama_transformers_loads(tmp_path, capsys):
 
 
 def test_train_then_export_a_llama_style_model(char_data, tmp_path, capsys):
-    # End to end: train.py with the Llama switches, export_hf.py, then transformers on the exported directory.
+    # End to end: train.py with the Llama switches, tools/export_hf.py, then transformers on the exported directory.
     out, hf_dir = str(tmp_path / "out"), str(tmp_path / "hf")
     train.main(
         [
@@ -403,7 +403,7 @@ def test_gpt2_attention_variants_load_exactly_or_are_refused(flags, accepted, tm
 
 
 def test_a_refused_export_names_only_the_rules_it_breaks():
-    from hf_interop import UnsupportedModel, hf_format
+    from engine.hf_interop import UnsupportedModel, hf_format
 
     with pytest.raises(UnsupportedModel) as e:
         hf_format(GPTConfig(n_layer=1, n_head=2, n_embd=16, pos_embedding="alibi"))
@@ -413,7 +413,7 @@ def test_a_refused_export_names_only_the_rules_it_breaks():
     assert "qk_norm" not in message and "norm_position" not in message
 
 
-# --- exports carry their tokenizer: transformers.pipeline generates what sample.py generates -------------------------
+# --- exports carry their tokenizer: transformers.pipeline generates what sample.py generates --------------------------
 
 TRAIN_TINY = [
     "--device=cpu",
@@ -481,3 +481,26 @@ def test_pipeline_on_an_export_generates_what_sample_generates(tokens, layout, t
     assert sampled(capsys, [f"--init_from={hf_dir}", f"--start={prompt}", f"--max_new_tokens={n}"]) == ours
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert tokenizer.decode(tokenizer(prompt)["input_ids"]) == prompt
+
+
+# --- from_pretrained on a transformers GPT-2 directory ----------------------------------------------------------------
+
+
+def test_from_pretrained_crops_block_size(hf_gpt2):
+    hf, directory = hf_gpt2
+    ours = from_pretrained(directory, override_args={"block_size": 16, "dropout": 0.0}).eval()
+    assert ours.config.block_size == 16
+    assert ours.transformer.wpe.weight.shape == (16, 64)
+    idx = torch.randint(100, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx, all_logits=True)
+        assert (logits - expected).abs().max().item() < 1e-4
+        with pytest.raises(ValueError, match="block_size"):
+            ours(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_from_pretrained_rejects_other_overrides(hf_gpt2):
+    _, directory = hf_gpt2
+    with pytest.raises(ValueError, match="overridden"):
+        from_pretrained(directory, override_args={"n_layer": 1})

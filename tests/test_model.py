@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import random_tokens
 from torch.nn import functional as F
 
-from generate import Sampling, extend, next_token
-from hf_interop import from_pretrained
+from engine.hf_interop import from_pretrained
 from model import GPT, GPTConfig
 
 
@@ -21,17 +21,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def tiny_model(tiny_config):
-    return GPT(tiny_config).eval()
-
-
-def random_tokens(config: GPTConfig, batch: int, length: int | None = None, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(config.vocab_size, (batch, length or config.block_size), generator=g)
-
-
-# --- forward ---------------------------------------------------------------------------------------------------------
+# --- forward ----------------------------------------------------------------------------------------------------------
 
 
 def test_forward_without_targets_returns_the_last_position_or_all_and_no_loss(tiny_model, tiny_config):
@@ -128,7 +118,7 @@ def test_overfits_one_small_batch(tiny_config):
     assert torch.equal(logits.argmax(dim=-1), y)
 
 
-# --- structure and init ----------------------------------------------------------------------------------------------
+# --- structure and init -----------------------------------------------------------------------------------------------
 
 
 def test_token_embedding_is_tied_to_lm_head(tiny_model):
@@ -167,121 +157,7 @@ def test_gpt_config_validation(kwargs, message):
         GPTConfig(**kwargs)
 
 
-# --- generation ------------------------------------------------------------------------------------------------------
-
-
-def test_greedy_generate_equals_argmax_chain(tiny_model, tiny_config):
-    idx = random_tokens(tiny_config, 2, 5)
-    out = extend(tiny_model, idx, 8, Sampling(temperature=0))
-    expected = idx
-    with torch.no_grad():
-        for _ in range(8):
-            logits, _ = tiny_model(expected)
-            expected = torch.cat([expected, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    assert torch.equal(out, expected)
-
-
-def test_top_k_1_sampling_equals_greedy(tiny_model, tiny_config):
-    idx = random_tokens(tiny_config, 2, 5)
-    greedy = extend(tiny_model, idx, 8, Sampling(temperature=0))
-    assert torch.equal(extend(tiny_model, idx, 8, Sampling(temperature=1.0, top_k=1)), greedy)
-
-
-def test_sampling_is_a_function_of_the_torch_seed(tiny_model, tiny_config):
-    idx = random_tokens(tiny_config, 2, 3)
-    torch.manual_seed(123)
-    a = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
-    torch.manual_seed(123)
-    b = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
-    torch.manual_seed(456)
-    c = extend(tiny_model, idx, 12, Sampling(temperature=1.0))
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-
-
-def test_generate_past_block_size_crops_the_context(tiny_model, tiny_config):
-    T = tiny_config.block_size
-    idx = random_tokens(tiny_config, 1, T - 2)
-    out = extend(tiny_model, idx, 10, Sampling(temperature=0))
-    assert out.shape == (1, T + 8)
-    expected = idx
-    with torch.no_grad():
-        for _ in range(10):
-            logits, _ = tiny_model(expected[:, -T:])  # the model only ever sees the last block_size tokens
-            expected = torch.cat([expected, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    assert torch.equal(out, expected)
-
-
-def kept_distribution(monkeypatch, logits, **kwargs) -> torch.Tensor:
-    """The probabilities next_token hands to torch.multinomial."""
-    seen = []
-    real = torch.multinomial
-
-    def spy(probs, num_samples, **kwargs):
-        seen.append(probs.clone())
-        return real(probs, num_samples, **kwargs)
-
-    monkeypatch.setattr(torch, "multinomial", spy)
-    next_token(logits, Sampling(**kwargs), torch.zeros(logits.size(0), 0, dtype=torch.long))
-    assert len(seen) == 1
-    return seen[0][0]
-
-
-PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
-
-
-@pytest.mark.parametrize(
-    "top_p, kept",
-    [(0.5, 1), (0.75, 2), (0.8, 2), (0.85, 3), (0.96, 4), (1.0, 4)],
-)
-def test_top_p_keeps_the_smallest_set_reaching_p(monkeypatch, top_p, kept):
-    # Nucleus sampling (Holtzman et al. 2019): the most likely tokens whose total probability first reaches p.
-    order = torch.tensor([2, 0, 3, 1])  # shuffled, so the kept set is not simply a prefix of the vocabulary
-    logits = PROBS[order].log()[None]
-    probs = kept_distribution(monkeypatch, logits, temperature=1.0, top_p=top_p)
-    expected = torch.zeros(4)
-    expected[:kept] = PROBS[:kept] / PROBS[:kept].sum()
-    torch.testing.assert_close(probs, expected[order], rtol=1e-5, atol=1e-6)
-
-
-def test_top_k_and_temperature_shape_the_distribution(monkeypatch):
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
-    probs = kept_distribution(monkeypatch, logits, temperature=0.5, top_k=2)
-    expected = torch.zeros(5)
-    expected[[1, 2]] = torch.softmax(torch.tensor([3.0, 2.0]) / 0.5, dim=0)
-    torch.testing.assert_close(probs, expected)
-
-
-# --- parity with transformers' GPT-2 ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def hf_gpt2(tmp_path_factory):
-    """A small random GPT2LMHeadModel saved in Hugging Face format (config.json + model.safetensors)."""
-    transformers = pytest.importorskip("transformers", reason="transformers is needed for the GPT-2 parity tests")
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        n_positions=32,
-        vocab_size=100,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,
-        eos_token_id=None,  # no early stop in HF's generate
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # every tensor random (biases and LayerNorm too), so a mis-mapped weight shows
-        for name, p in hf.named_parameters():
-            is_gain = ".ln_" in name and name.endswith(".weight")
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_gain else 0.1 * torch.randn_like(p))
-    directory = tmp_path_factory.mktemp("hf_gpt2")
-    hf.save_pretrained(directory)  # safetensors is transformers' default (and only) format
-    assert (directory / "config.json").exists() and (directory / "model.safetensors").exists()
-    return hf, str(directory)
+# --- parity with transformers' GPT-2 ----------------------------------------------------------------------------------
 
 
 def test_logits_match_transformers_gpt2(hf_gpt2):
@@ -294,37 +170,6 @@ def test_logits_match_transformers_gpt2(hf_gpt2):
         logits, _ = ours(idx, all_logits=True)
     assert expected.abs().max() > 1.0  # the comparison is not between two near-zero tensors
     assert (logits - expected).abs().max().item() < 1e-4
-
-
-def test_greedy_generate_matches_transformers_gpt2(hf_gpt2):
-    hf, directory = hf_gpt2
-    ours = from_pretrained(directory).eval()
-    idx = torch.randint(100, (2, 6), generator=torch.Generator().manual_seed(2))
-    expected = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=20, pad_token_id=0)
-    out = extend(ours, idx, 20, Sampling(temperature=0))
-    assert out.shape == expected.shape == (2, 26)
-    assert torch.equal(out, expected)
-    assert len(set(out[:, 6:].flatten().tolist())) > 1  # the continuation is not one repeated token
-
-
-def test_from_pretrained_crops_block_size(hf_gpt2):
-    hf, directory = hf_gpt2
-    ours = from_pretrained(directory, override_args={"block_size": 16, "dropout": 0.0}).eval()
-    assert ours.config.block_size == 16
-    assert ours.transformer.wpe.weight.shape == (16, 64)
-    idx = torch.randint(100, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = hf(idx).logits
-        logits, _ = ours(idx, all_logits=True)
-        assert (logits - expected).abs().max().item() < 1e-4
-        with pytest.raises(ValueError, match="block_size"):
-            ours(torch.zeros(1, 17, dtype=torch.long))
-
-
-def test_from_pretrained_rejects_other_overrides(hf_gpt2):
-    _, directory = hf_gpt2
-    with pytest.raises(ValueError, match="overridden"):
-        from_pretrained(directory, override_args={"n_layer": 1})
 
 
 def test_hf_gelu_new_is_torch_tanh_gelu():

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from test_ddp import CONFIG, rank_logs, torchrun
+from test_distributed import CONFIG, rank_logs, torchrun
 from torch.nn import functional as F
 
 import train

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from engine.optim import build_optimizer, lr_at
 from model import GPT, GPTConfig
-from optim import build_optimizer, lr_at
 
 SCHEDULE = dict(learning_rate=6e-4, warmup_iters=100, lr_decay_iters=1000, min_lr=6e-5)
 

@@ -6,8 +6,9 @@ import struct
 
 from conftest import TINY_TRAIN
 
-import plot
 import train
+from engine import loss_curve
+from tools import plot
 
 TINY = TINY_TRAIN
 
@@ -26,11 +27,11 @@ def test_refresh_after_training(char_data, tmp_path):
         [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", *TINY]
         + ["--max_iters=10", "--eval_interval=5", "--log_interval=1"]
     )
-    path = plot.refresh_loss_curve(str(out))
+    path = loss_curve.refresh_loss_curve(str(out))
     assert path == str(out / "loss_curve.png")
-    assert png_size(path) == (plot.FIGSIZE[0] * plot.DPI, plot.FIGSIZE[1] * plot.DPI)
-    assert plot.tokens_per_iter(str(out)) == 2 * 4 * 16  # gradient_accumulation_steps * batch_size * block_size
-    m = plot.read_metrics(str(out / "metrics.jsonl"))
+    assert png_size(path) == (loss_curve.FIGSIZE[0] * loss_curve.DPI, loss_curve.FIGSIZE[1] * loss_curve.DPI)
+    assert loss_curve.tokens_per_iter(str(out)) == 2 * 4 * 16  # gradient_accumulation_steps * batch_size * block_size
+    m = loss_curve.read_metrics(str(out / "metrics.jsonl"))
     assert m.iters == list(range(10)) and m.eval_iters == [0, 5, 10]
 
 
@@ -49,16 +50,16 @@ def write_run(run, losses, tokens_per_iter_line=True):
 def test_overlay_and_cli(tmp_path, capsys):
     write_run(tmp_path / "a", [4.0, 3.5, 3.0, 2.8])
     write_run(tmp_path / "b", [4.1, 3.2, 2.9, 2.5])
-    m = plot.read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+    m = loss_curve.read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
     assert m.eval_iters == [0] and m.iters == [0, 1, 2, 3]  # the null val loss at iteration 2 is skipped
-    assert plot.tokens_per_iter(str(tmp_path / "a")) == 48
+    assert loss_curve.tokens_per_iter(str(tmp_path / "a")) == 48
     out = tmp_path / "compare.png"
     plot.main([str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl"), f"--out={out}", "--labels=a,b"])
     assert png_size(out) == (1000, 600) and "wrote" in capsys.readouterr().out
 
 
 def test_refresh_never_raises(tmp_path):
-    assert plot.refresh_loss_curve(str(tmp_path / "nowhere")) is None
+    assert loss_curve.refresh_loss_curve(str(tmp_path / "nowhere")) is None
     (tmp_path / "metrics.jsonl").write_text("not json\n")
     (tmp_path / "loss_curve.png").mkdir()  # the PNG cannot be written over a directory
-    assert plot.refresh_loss_curve(str(tmp_path)) is None
+    assert loss_curve.refresh_loss_curve(str(tmp_path)) is None

@@ -14,8 +14,8 @@ import text
 import tiktoken
 from conftest import ROOT, needs_gpt2_tokenizer, shakespeare_text
 
-from data import Tokenizer, load_data
-from errors import UserError, run_cli
+from engine.data import Tokenizer, load_data
+from engine.errors import UserError, run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN
 
-import checkpoint
 import sample
 import train
-from errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError
+from engine import checkpoint
+from engine.errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 
 TINY = [*TINY_TRAIN, "--warmup_iters=2", "--lr_decay_iters=1000"]
 DEBRIS = re.compile(r"^(?:\.tmp-ckpt-\d+|\.old-ckpt-\d+|loss_curve\.png\.tmp)-(\d+)")  # the writer's pid
@@ -246,7 +246,8 @@ def test_a_second_writer_is_refused_naming_the_first(char_data, tmp_path):
 
 def test_the_lock_of_a_killed_run_is_taken_over(char_data, tmp_path):
     out = str(tmp_path / "out")
-    code = f"import checkpoint, sys; checkpoint.OutDirLock({out!r}); print('locked', flush=True); sys.stdin.read()"
+    code = f"import sys; from engine import checkpoint; checkpoint.OutDirLock({out!r}); print('locked', flush=True)"
+    code += "; sys.stdin.read()"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdout.readline() == b"locked\n"  # the event: the lock is held
     with pytest.raises(UserError, match=f"pid {proc.pid} on"):
@@ -356,8 +357,8 @@ def test_ctrl_c_saves_and_exits_130_without_a_traceback(char_data, tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(capsys):
-    from errors import run_cli
-    from runtime import StopSignals
+    from engine.errors import run_cli
+    from engine.runtime import StopSignals
 
     stop = StopSignals()
     try:
@@ -455,7 +456,8 @@ def small_disk(tmp_path):
             "still tested with a simulated failure"
         )
     yield str(where)
-    subprocess.run(["umount", str(where)], capture_output=True)
+    if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:  # still busy: detach it anyway
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(char_data, small_disk):

@@ -6,13 +6,13 @@ import os
 
 import pytest
 import torch
-from test_ddp import CONFIG, rank_logs, torchrun
+from test_distributed import CONFIG, rank_logs, torchrun
 
 import sample
 import train
-from checkpoint import find_checkpoint, read_meta
-from errors import UserError
-from optim import build_optimizers, lr_at
+from engine.checkpoint import find_checkpoint, read_meta
+from engine.errors import UserError
+from engine.optim import build_optimizers, lr_at
 
 
 def losses(out) -> list[float]:
@@ -34,7 +34,7 @@ def test_gradient_checkpointing_gives_the_same_losses(char_data, tmp_path, every
         "--dropout=0.1",
         "--n_layer=3",
         "--gradient_checkpointing=True",
-        f"--checkpoint_every={every}",
+        f"--recompute_every={every}",
     )
     plain, ckpt = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
     assert len(plain) == 6
@@ -59,7 +59,7 @@ def test_gradient_checkpointing_recomputes_blocks(tiny_config):
     model(x, x)[1].backward()
     assert len(calls) == 2
     calls.clear()
-    model.checkpoint_every = 1
+    model.recompute_every = 1
     model(x, x)[1].backward()
     assert len(calls) == 4
 

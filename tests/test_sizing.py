@@ -1,4 +1,4 @@
-"""sizing.py against numbers known outside the code: GPT-2 124M has 124,439,808 parameters; the parts add up to
+"""tools/sizing.py against numbers known outside the code: GPT-2 124M has 124,439,808 parameters; the parts add up to
 the model's own count for every architecture; the FLOPs and memory formulas as written in the papers."""
 
 import dataclasses
@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-import sizing
 import train
-from configurator import parse_config
+from engine.configurator import parse_config
 from model import GPT, GPTConfig
+from tools import sizing
 from train import TrainConfig, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

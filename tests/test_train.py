@@ -13,9 +13,9 @@ from conftest import TINY_TRAIN
 from safetensors.torch import load_file
 
 import train
-from checkpoint import find_checkpoint, list_checkpoints, read_meta
-from errors import UserError
-from optim import lr_at
+from engine.checkpoint import find_checkpoint, list_checkpoints, read_meta
+from engine.errors import UserError
+from engine.optim import lr_at
 
 TINY = [
     *TINY_TRAIN,
@@ -256,7 +256,7 @@ class NaNLossGPT(train.GPT):
 def test_non_finite_steps_stop_the_run_also_under_loss_scaling(char_data, tmp_path, monkeypatch, capsys, dtype):
     """float16's GradScaler skips a non-finite step by itself; those skips used to go uncounted, so a run of NaN
     weights trained on forever. (float16 on CPU is only allowed here, to reach the GradScaler path.)"""
-    import runtime
+    from engine import runtime
 
     if dtype == "float16":
         monkeypatch.setattr(runtime, "pick_dtype", lambda requested, device_type: torch.float16)
@@ -268,7 +268,7 @@ def test_non_finite_steps_stop_the_run_also_under_loss_scaling(char_data, tmp_pa
 
 
 def test_auto_dtype_uses_float16_where_bf16_is_only_emulated(monkeypatch):
-    import runtime
+    from engine import runtime
 
     # a V100 or T4: bf16 "supported" through emulation only
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
@@ -311,7 +311,7 @@ def test_an_optimizer_state_that_does_not_fit_is_a_one_line_error(char_data, tmp
     state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
     state["optimizers"][0]["state"]["transformer.no.such.weight"] = state["optimizers"][0]["state"].popitem()[1]
     # rewrite it as a valid checkpoint (hashes and all) holding the mismatched state
-    from checkpoint import load_file, save_checkpoint
+    from engine.checkpoint import load_file, save_checkpoint
 
     weights = load_file(os.path.join(path, "model.safetensors"))
     meta = read_meta(path)

@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a Hugging Face directory that transformers.AutoModelForCausalLM loads.
 
-    python export_hf.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
+    python tools/export_hf.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
     python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('hf-shakespeare-char')"
 
 GPT-2-style models (learned positions, LayerNorm, GELU/ReLU MLP, multi-head attention; without biases they get zero
@@ -12,13 +12,15 @@ byte-level BPE for a tiktoken encoding, one token per character for a character 
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
-from checkpoint import LOCK_NAME, list_checkpoints, load_newest_model
-from configurator import parse_config
-from errors import UserError, run_cli
-from hf_interop import UnsupportedModel, save_hf
-from prepare.tokenization import TokenizerUnavailable, bpe_tokenizer_json, char_tokenizer_json, load_encoding
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+from engine.checkpoint import LOCK_NAME, list_checkpoints, load_newest_model
+from engine.configurator import parse_config
+from engine.errors import UserError, run_cli
+from engine.hf_interop import UnsupportedModel, save_hf
+from engine.tokenization import TokenizerUnavailable, bpe_tokenizer_json, char_tokenizer_json, load_encoding
 
 
 @dataclass

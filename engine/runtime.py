@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
+from engine.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,7 +147,8 @@ def peak_flops(rt: Runtime, override: float | None) -> float | None:
 class StopSignals:
     """Turns SIGTERM and SIGUSR1 (SLURM's usual warning before preemption), SIGINT (Ctrl-C) and SIGHUP (a closed
     terminal) into a flag the training loop polls, so it can finish the step, checkpoint and exit. A second Ctrl-C
-    raises KeyboardInterrupt at once (the last checkpoint stays). restore() puts the previous handlers back."""
+    raises KeyboardInterrupt at once (the last checkpoint stays). restore(), or leaving a `with` block, puts the
+    previous handlers back."""
 
     CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
     CODES |= {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGHUP: EXIT_INTERRUPTED}
@@ -167,6 +168,12 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def exit_code(self, rt: Runtime) -> int:
         """0, or the exit code for the signal received (EXIT_PREEMPTED or EXIT_INTERRUPTED); the same on every rank

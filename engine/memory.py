@@ -1,13 +1,13 @@
 """What fits where: the bytes a GPT config needs (parameters from the config alone, activations by Korthikanti et
-al. 2022's estimate, the formulas in sizing.py's docstring), and the check that refuses, before anything is allocated,
-a model or a training run that cannot fit in the device's memory. Used by train.py, checkpoint.py, hf_interop.py and
-sizing.py; imports only torch and the model's config."""
+al. 2022's estimate, the formulas in tools/sizing.py's docstring), and the check that refuses, before anything is
+allocated, a model or a training run that cannot fit in the device's memory. Used by train.py, checkpoint.py,
+hf_interop.py and tools/sizing.py; imports only torch and the model's config."""
 
 import os
 
 import torch
 
-from errors import UserError
+from engine.errors import UserError
 from model import GPTConfig
 
 

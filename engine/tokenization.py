@@ -1,4 +1,4 @@
-"""Tokenizers shared by the prepare scripts and by data.py: tiktoken encodings and a character vocabulary.
+"""Tokenizers shared by the prepare scripts and by engine/data.py: tiktoken encodings and a character vocabulary.
 
 A tiktoken encoding comes from tiktoken's cache (offline: TIKTOKEN_CACHE_DIR pointing at a directory holding its
 cache files) or, for GPT-2, from a local directory holding OpenAI's original `vocab.bpe` and `encoder.json`

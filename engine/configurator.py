@@ -20,7 +20,7 @@ import sys
 import types
 import typing
 
-from errors import UserError
+from engine.errors import UserError
 
 
 def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
@@ -31,16 +31,18 @@ def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
         raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    renamed = getattr(cls, "RENAMED", {})  # old key -> its field, so presets and saved configs keep working
     values: dict[str, object] = {}
     presets = [a for a in argv if not a.startswith("--")]
     overrides = [a for a in argv if a.startswith("--")]
     for path in presets:  # presets first, in command-line order, wherever they stand among the --key=value
         for key, value in load_preset(path).items():
+            key = renamed.get(key, key)
             _check_known(key, fields, where=path)
             values[key] = coerce(value, hints[key], key)
     for arg in overrides:
         key, sep, raw = arg[2:].partition("=")
-        key = key.replace("-", "_")
+        key = renamed.get(key.replace("-", "_"), key.replace("-", "_"))
         if not sep:
             raise UserError(f"argument {arg!r} has no value: write --{key}=VALUE")
         _check_known(key, fields, where=arg)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from errors import UserError
-from prepare.tokenization import (
+from engine.errors import UserError
+from engine.tokenization import (
     ENDOFTEXT,
     TokenizerUnavailable,
     byte_to_unicode,
@@ -61,7 +61,8 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
                 f"{data_dir} is a nanoGPT dataset (its meta.pkl is never unpickled here): run "
                 f"`python prepare/from_nanogpt.py {data_dir}` once to describe it, then train"
             )
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare", f"{name}.py")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # engine/ sits in the repository root
+        script = os.path.join(root, "prepare", f"{name}.py")
         how = (
             f"python prepare/{name}.py"
             if os.path.isfile(script)

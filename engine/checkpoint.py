@@ -30,9 +30,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from configurator import coerce
-from errors import UserError
-from memory import check_fits
+from engine.configurator import coerce
+from engine.errors import UserError
+from engine.memory import check_fits
 from model import GPT, GPTConfig
 
 _NAME = re.compile(r"^ckpt-(\d+)$")

@@ -1,4 +1,5 @@
-"""A trained model and its tokenizer, ready for inference: what sample.py, attention.py and evaluate.py load.
+"""A trained model and its tokenizer, ready for inference: what sample.py, tools/attention.py and tools/evaluate.py
+load.
 
 init_from is "resume" (a checkpoint in out_dir, newest or best by val loss, decoded with the tokenizer its training
 data was prepared with), a GPT-2 hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; decoded with the GPT-2 BPE) or
@@ -7,10 +8,10 @@ a local Hugging Face directory (decoded with its own tokenizer.json when it has 
 
 import os
 
-from checkpoint import load_newest_model
-from data import Tokenizer
-from errors import UserError
-from hf_interop import from_pretrained
+from engine.checkpoint import load_newest_model
+from engine.data import Tokenizer
+from engine.errors import UserError
+from engine.hf_interop import from_pretrained
 from model import GPT
 
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}

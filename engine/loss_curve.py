@@ -1,15 +1,12 @@
-"""Loss curves from metrics.jsonl: one run, or several overlaid to compare them.
-
-    python plot.py out-shakespeare-char                                    # writes loss_curve.png
-    python plot.py out-a out-b --out=compare.png --labels=baseline,rope    # run dirs or metrics.jsonl paths
+"""Loss curves drawn from metrics.jsonl: the drawing behind tools/plot.py, and the loss_curve.png that train.py
+refreshes in out_dir at every evaluation (BackgroundPlot, on a worker thread).
 
 Each run draws its training loss at every logged iteration (thin, light), its evaluated train and val losses
 (markers), and its learning rate on the right-hand axis. When every run's train_config.py gives the same tokens per
-iteration (gradient_accumulation_steps * batch_size * block_size), a top axis shows tokens seen. train.py refreshes
-out_dir/loss_curve.png at every evaluation through refresh_loss_curve().
+iteration (gradient_accumulation_steps * batch_size * block_size), a top axis shows tokens seen.
 
-matplotlib is imported only when a plot is drawn, with its Agg backend (no display needed), through Figure objects
-rather than pyplot, so plotting keeps no global state.
+matplotlib is imported only when a plot is drawn, through Figure objects rather than pyplot (no display needed, no
+global state).
 """
 
 import ast
@@ -20,18 +17,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from configurator import describe_fields, parse_config
-from errors import UserError, run_cli
-
 FIGSIZE = (10.0, 6.0)  # inches
 DPI = 100  # so a plot is 1000 x 600 pixels
-
-
-@dataclass
-class PlotConfig:
-    out: str = "loss_curve.png"  # the PNG to write
-    labels: str | None = None  # legend names, comma-separated, one per run; none = the run directories' names
-    title: str | None = None  # the plot's title; none = the run names
 
 
 @dataclass
@@ -176,29 +163,3 @@ class BackgroundPlot:
             thread = self._thread
         if thread is not None:
             thread.join()
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(__doc__ + "\n" + describe_fields(PlotConfig))
-        return
-    runs = [a for a in argv if not a.startswith("--")]  # positional: runs, not preset files
-    cfg = parse_config(PlotConfig, [a for a in argv if a.startswith("--")], usage=__doc__)
-    if not runs:
-        raise UserError("give at least one run directory or metrics.jsonl, e.g. python plot.py out-shakespeare-char")
-    for run in runs:
-        if not os.path.isfile(metrics_path(run)):
-            raise UserError(f"no metrics.jsonl at {metrics_path(run)}")
-    labels = cfg.labels.split(",") if cfg.labels else None
-    if labels and len(labels) != len(runs):
-        raise UserError(f"--labels has {len(labels)} names for {len(runs)} runs")
-    try:
-        plot_runs(runs, cfg.out, labels, cfg.title)
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
-    print(f"wrote {cfg.out}")
-
-
-if __name__ == "__main__":
-    run_cli(main)

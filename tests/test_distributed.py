@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoint import find_checkpoint
+from engine.checkpoint import find_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = [
@@ -105,7 +105,7 @@ def test_accumulation_not_divisible_by_ranks_is_a_one_line_error(char_data, tmp_
 
 
 def test_a_locked_out_dir_stops_every_rank_with_one_line(char_data, tmp_path):
-    from checkpoint import OutDirLock
+    from engine.checkpoint import OutDirLock
 
     out = str(tmp_path / "out")
     holder = OutDirLock(out)  # another run writes there

@@ -1,8 +1,8 @@
 """How big is a training run before you start it: parameters, FLOPs, memory, time and data, from a train config.
 
-    python sizing.py config/train_gpt2.py --gpu=A100 --num_gpus=8
-    python sizing.py config/train_shakespeare_char.py --gpu=H100
-    python sizing.py config/train_gpt2.py --n_layer=24 --n_head=16 --n_embd=1024 --gpu=H100 --num_gpus=8 --mfu=0.4
+    python tools/sizing.py config/train_gpt2.py --gpu=A100 --num_gpus=8
+    python tools/sizing.py config/train_shakespeare_char.py --gpu=H100
+    python tools/sizing.py config/train_gpt2.py --n_layer=24 --n_head=16 --n_embd=1024 --gpu=H100 --num_gpus=8 --mfu=0.4
 
 Takes train.py's command line (presets, then --key=value, into train.TrainConfig) plus --gpu, --num_gpus and --mfu.
 The model is built on PyTorch's meta device, so nothing is allocated and parameters are counted exactly.
@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import describe_fields, parse_config
-from data import load_data
-from errors import UserError, run_cli
-from memory import activation_bytes
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+from engine.configurator import describe_fields, parse_config
+from engine.data import load_data
+from engine.errors import UserError, run_cli
+from engine.memory import activation_bytes
+from engine.runtime import GPU_PEAK_FLOPS
 from model import GPT, GPTConfig
-from runtime import GPU_PEAK_FLOPS
 from train import TrainConfig, model_config
 
 CHINCHILLA_TOKENS_PER_PARAM = 20

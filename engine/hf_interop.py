@@ -13,9 +13,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from checkpoint import save_safetensors
-from errors import UserError
-from memory import check_fits
+from engine.checkpoint import save_safetensors
+from engine.errors import UserError
+from engine.memory import check_fits
 from model import GPT, GPTConfig
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

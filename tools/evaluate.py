@@ -1,9 +1,9 @@
 """Score any text with a model: loss, perplexity and bits per byte, with a sliding window over long text.
 
-    python evaluate.py --out_dir=out-shakespeare-char --text=data/shakespeare_char/input.txt
-    python evaluate.py --out_dir=out-shakespeare-char --tokens=data/shakespeare_char/val.bin --stride=64
-    python evaluate.py --init_from=gpt2 --text=essay.txt --surprisal=essay.jsonl   # per-token surprisal
-    python evaluate.py --init_from=path/to/hf_dir --tokens=data/openwebtext/val.bin --max_tokens=1000000
+    python tools/evaluate.py --out_dir=out-shakespeare-char --text=data/shakespeare_char/input.txt
+    python tools/evaluate.py --out_dir=out-shakespeare-char --tokens=data/shakespeare_char/val.bin --stride=64
+    python tools/evaluate.py --init_from=gpt2 --text=essay.txt --surprisal=essay.jsonl   # per-token surprisal
+    python tools/evaluate.py --init_from=path/to/hf_dir --tokens=data/openwebtext/val.bin --max_tokens=1000000
 
 Every token after the first is scored once, predicted from the tokens before it. Text longer than block_size is read
 in windows of block_size tokens that start every `stride` tokens (default block_size // 2); each window scores only
@@ -25,18 +25,20 @@ import contextlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import parse_config
-from data import Tokenizer, load_data
-from errors import UserError, run_cli
-from inference import check_output, load_for_inference, read_text
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+from engine.configurator import parse_config
+from engine.data import Tokenizer, load_data
+from engine.errors import UserError, run_cli
+from engine.inference import check_output, load_for_inference, read_text
+from engine.runtime import setup_runtime
 from model import GPT
-from runtime import setup_runtime
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Attention heatmaps: what each head of each layer looks at, for a prompt you choose.
 
-    python attention.py --out_dir=out-shakespeare-char --start="ROMEO:" --layers=all --heads=all --png=attn.png
-    python attention.py --init_from=gpt2 --start="The cat sat on the mat because it" --layers=0,5,11 --heads=0,1,2
-    python attention.py --init_from=path/to/hf_dir --start=FILE:prompt.txt --png=attn.png
+    python tools/attention.py --out_dir=out-shakespeare-char --start="ROMEO:" --layers=all --heads=all --png=attn.png
+    python tools/attention.py --init_from=gpt2 --start="The cat sat on the mat because it" --layers=0,5,11 --heads=0,1,2
+    python tools/attention.py --init_from=path/to/hf_dir --start=FILE:prompt.txt --png=attn.png
 
 Writes a PNG grid (one row per layer, one column per head) with the prompt's tokens on both axes (query down, key
 across), the masked future in grey, and the raw weights beside it as attn.npy: float32 (layers, heads, T, T).
@@ -16,15 +16,17 @@ weights times the values reproduce the model's attention output for every archit
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import parse_config
-from errors import UserError, run_cli
-from inference import check_output, load_for_inference, read_prompt
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+from engine.configurator import parse_config
+from engine.errors import UserError, run_cli
+from engine.inference import check_output, load_for_inference, read_prompt
 from model import GPT, CausalSelfAttention, alibi_bias, apply_rope
 
 

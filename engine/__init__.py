@@ -1,0 +1,17 @@
+"""What train.py, sample.py and the tools stand on, one concept per module. Each imports only model.py and the
+modules listed above it:
+
+errors         one-line user errors and the exit codes
+configurator   dataclass config from presets and --key=value
+runtime        device, dtype, torchrun, seeds, stop signals
+tokenization   tiktoken / character / tokenizer.json encodings
+data           token datasets on disk and the (seed, iteration, micro-step) batches
+memory         parameter and activation bytes, the fits-in-memory check
+optim          AdamW / Muon parameter groups and the LR schedules
+fsdp           FSDP2 sharding and full state dicts
+checkpoint     the only reader and writer of checkpoints and out_dir
+hf_interop     Hugging Face GPT-2 / Llama weights in and out
+inference      a trained model and its tokenizer, ready to use
+generate       the KV-cache decode loop, sampling, streaming text
+loss_curve     loss_curve.png from metrics.jsonl
+"""
