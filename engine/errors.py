@@ -19,7 +19,7 @@ class UserError(Exception):
 
 
 def run_cli(main) -> None:
-    """Run an entry script's main(): exit with the code it returns (0 for None), and turn a UserError into one
+    """Run an entry script's main(): exit with the code it returns (0 for None or a result), and turn a UserError into one
     line on stderr and exit code 2."""
     try:
         code = main()
@@ -31,4 +31,4 @@ def run_cli(main) -> None:
             "error: interrupted; nothing half-written was kept (files are written whole or not at all)", file=sys.stderr
         )
         raise SystemExit(EXIT_INTERRUPTED) from None
-    raise SystemExit(code or 0)
+    raise SystemExit(code if isinstance(code, int) else 0)  # main() may return a result for in-process callers

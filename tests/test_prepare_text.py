@@ -216,3 +216,18 @@ def test_char_vocabulary_covers_the_val_split_and_ignores_the_seed(tmp_path):
     ]
     assert all({chr(0x100 + i) for i in range(40)} <= set(m["chars"]) for m in metas)
     assert metas[0]["tokenizer_hash"] == metas[1]["tokenizer_hash"]
+
+
+def test_the_script_exits_0_and_prints_no_manifest(tmp_path):
+    # main() returns the manifest to in-process callers; run as a script that must not become the exit status
+    # (SystemExit(dict) printed the dict and exited 1)
+    (tmp_path / "notes.txt").write_text("hello there, general kenobi\n" * 50)
+    done = subprocess.run(
+        [sys.executable, "prepare/text.py", f"--input={tmp_path / 'notes.txt'}", "--tokenizer=char"]
+        + [f"--out={tmp_path / 'out'}", "--num_proc=1", f"--cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "'format'" not in done.stderr and "{" not in done.stdout
