@@ -377,7 +377,15 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache: list[KVCache] | None = None, start_pos=0, all_logits: bool = False):
+    def forward(
+        self,
+        idx,
+        targets=None,
+        kv_cache: list[KVCache] | None = None,
+        start_pos=0,
+        all_logits: bool = False,
+        reduction: str = "mean",
+    ):
         """idx (B, T) int64 token ids; targets (B, T) int64 or None, -1 marks positions to ignore.
         With kv_cache (from new_kv_cache), idx holds positions start_pos..start_pos+T-1 of the sequences, whose earlier
         keys and values are in the cache: a prefill is start_pos=0 with the prompt, a decoding step T=1. start_pos
@@ -385,8 +393,10 @@ class GPT(nn.Module):
 
         Returns (logits, loss) in every mode. With targets: logits (B, T, V) and loss, the mean cross-entropy over the
         non-ignored targets (a 0-dim tensor), plus moe_aux_loss_coef times the MoE load-balancing loss in training
-        mode. Without targets: logits (B, 1, V) for the last position only, as nanoGPT (all_logits=True: (B, T, V)),
-        and loss None.
+        mode. reduction="sum" sums instead of averaging (the MoE term scaled by the target count alike), for losses
+        normalised over a whole batch whose micro-batches hold different numbers of targets (chat: only the
+        assistant's tokens count); a batch without targets then gives 0, not NaN. Without targets: logits (B, 1, V)
+        for the last position only, as nanoGPT (all_logits=True: (B, T, V)), and loss None.
         """
         B, T = idx.size()
         static = torch.is_tensor(start_pos)
@@ -420,9 +430,11 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
+            flat = targets.reshape(-1)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=-1, reduction=reduction)
             if self.config.n_expert and self.training:  # evaluation reports the cross-entropy alone
-                loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss()
+                scale = (flat >= 0).sum() if reduction == "sum" else 1
+                loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss() * scale
         return logits, loss
 
     def attention_mask(self, pos: torch.Tensor, k_len: int, start_pos, dtype: torch.dtype) -> torch.Tensor | None:
@@ -463,6 +475,26 @@ class GPT(nn.Module):
         for name in ("pos_table", "rope_cos", "rope_sin"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name)[:block_size].clone())
+
+    def grow_vocab(self, vocab_size: int):
+        """Add token ids up to vocab_size (e.g. a chat template's special tokens past GPT-2's 50257). The new rows
+        of the embedding (and of an untied lm_head) start at the mean of the existing rows, so the new tokens begin
+        as an average token rather than as noise that would dominate the logits (Hewitt 2021)."""
+        if vocab_size < self.config.vocab_size:
+            raise ValueError(f"cannot shrink vocab_size from {self.config.vocab_size} to {vocab_size}")
+        old = self.config.vocab_size
+        self.config.vocab_size = vocab_size
+        grown = {}  # by the old parameter, so tied embeddings stay one parameter
+        for module in (self.transformer.wte, self.lm_head):
+            w = module.weight
+            if id(w) not in grown:
+                rows = w.data.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
+                grown[id(w)] = nn.Parameter(torch.cat([w.data, rows]).contiguous())
+            module.weight = grown[id(w)]
+            if isinstance(module, nn.Embedding):
+                module.num_embeddings = vocab_size
+            else:
+                module.out_features = vocab_size
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token: 6 per active weight plus attention's 12 * L * C * T,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import chat
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.generate import Decoder, Sampling, StreamDecoder, cut_at_stop
@@ -43,6 +44,8 @@ class SampleConfig:
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = False  # static-shape decoding through torch.compile (CUDA graphs on CUDA); slow to start
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
+    chat: bool = False  # chat with a model fine-tuned on a chat dataset: one user turn per line of stdin
+    system: str | None = None  # with chat: the system message that opens the conversation
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -87,6 +90,9 @@ def main(argv=None):
     # and a compiled step does not re-cast every weight on every token.
     model.eval().to(rt.device, rt.dtype)
 
+    if cfg.chat:
+        converse(cfg, model, tokenizer, rt)
+        return
     prompt = read_prompt(cfg.start)
     ids = tokenizer.encode(prompt)
     if not ids:
@@ -120,6 +126,55 @@ def main(argv=None):
     for row in new:
         print(prompt + cut_at_stop(tokenizer.decode(row), stops)[0])
         print("---------------")
+
+
+def converse(cfg: SampleConfig, model, tokenizer, rt) -> None:
+    """A conversation on stdin/stdout: each line is a user turn, answered (streamed) in the context of everything
+    said so far, rendered with the chat template the model was trained with. The reply ends at the template's end
+    token or after max_new_tokens; an empty line or end of input ends the conversation."""
+    if not tokenizer.chat:
+        raise UserError(
+            f"{model.source} was not trained on chat data (no chat template in it): fine-tune it on a dataset from "
+            "prepare/chat.py, or sample without --chat"
+        )
+    print(f"chatting with {model.source} (an empty line ends)", file=sys.stderr)
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    decoder = Decoder(model, cfg.kv_cache, cfg.compile)
+    end = tokenizer.special[chat.END]
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline().rstrip("\n")
+        if not line.strip():
+            return
+        try:
+            ids, dropped = chat.prompt_ids(
+                [*messages, {"role": "user", "content": line}],
+                tokenizer.encode,
+                tokenizer.special,
+                model.config.block_size,
+            )
+        except UserError as e:  # e.g. a character outside a character-level vocabulary: say so, keep talking
+            print(f"error: {e}; say it another way", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        if dropped:
+            print(
+                f"note: the conversation outgrew block_size; its {dropped} oldest message(s) are left out",
+                file=sys.stderr,
+            )
+        x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None]
+        pieces, reply = StreamDecoder(tokenizer.token_bytes), []
+        for token in decoder.generate(x, cfg.max_new_tokens, sampling, generator, vocab_size=tokenizer.vocab_size):
+            t = token[0, 0].item()
+            if t == end:
+                break
+            reply.append(t)
+            print(pieces.push(t), end="", flush=True)
+        print(pieces.flush(), flush=True)
+        messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
 
 
 def stream(steps, tokenizer, prompt: str, stops: list[str]) -> None:

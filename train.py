@@ -37,7 +37,7 @@ from engine.checkpoint import (
     save_checkpoint,
 )
 from engine.configurator import format_config, format_overrides, parse_config
-from engine.data import eval_key, get_batch, load_data, train_key
+from engine.data import eval_key, get_batch, load_data, target_count, train_key
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
 from engine.fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from engine.hf_interop import from_pretrained
@@ -63,7 +63,7 @@ class TrainConfig:
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val loss improves
     keep_last: int = 2  # checkpoints kept besides the best one (older ones are deleted; never the newest)
-    init_from: str = "scratch"  # scratch, resume (newest checkpoint in out_dir), gpt2* or a Hugging Face directory
+    init_from: str = "scratch"  # scratch, resume (from out_dir), gpt2*, a Hugging Face directory or another run's dir
     # wandb logging
     wandb_log: bool = False  # log to Weights & Biases (master rank only; WANDB_MODE=offline works)
     wandb_project: str = "owt"  # wandb project name
@@ -260,14 +260,18 @@ def main(argv=None):
                 seed_everything(hash_seed(cfg.seed, rt.rank, state.iter_num))
             loss_sum = torch.zeros((), device=rt.device)
             aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
+            # chat: the loss is the mean over the assistant tokens of the whole global batch, however they fall
+            chat_scale = rt.world_size / global_targets(cfg, data, state.iter_num) if data.chat else None
             for micro_step in range(accum_steps):
                 sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
                 if cfg.fsdp:
                     raw_model.set_requires_gradient_sync(sync)
                 with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
-                    with rt.autocast():
-                        # the sum over micro-steps is the mean over the batch; the logits are not kept alive
-                        loss = model(x, y)[1] / accum_steps
+                    with rt.autocast():  # the logits are not kept: they would stay alive into the next step
+                        if chat_scale is None:  # the sum over micro-steps is the mean over the batch
+                            loss = model(x, y)[1] / accum_steps
+                        else:
+                            loss = model(x, y, reduction="sum")[1] * chat_scale
                     last_micro = micro_step + 1 == accum_steps
                     x, y = train_batch(cfg, rt, data, state.iter_num + last_micro, 0 if last_micro else micro_step + 1)
                     scaler.scale(loss).backward()
@@ -430,9 +434,24 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         model, _ = load_model(resume_from, cfg.dropout)
         rt.print0(f"resuming from {resume_from}")
     else:
-        model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+        if os.path.isdir(cfg.init_from) and list_checkpoints(cfg.init_from):  # another run's weights, a fresh start
+            path = find_checkpoint(cfg.init_from, log=rt.print0)
+            model, meta = load_model(path, cfg.dropout)
+            base = {k: meta.get("data", {}).get(k) for k in ("tokenizer", "tokenizer_hash")}
+            if base != {k: data.meta.get(k) for k in base}:
+                raise UserError(
+                    f"{path} was trained with the {base['tokenizer']} tokenizer of another vocabulary than "
+                    f"{cfg.dataset}'s ({data.meta['tokenizer']}); prepare the data with the same tokenizer"
+                )
+            rt.print0(f"starting from the weights of {path}")
+        else:
+            model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
+    if data.chat and model.config.vocab_size < data.meta["vocab_size"]:  # room for the chat template's tokens
+        old = model.config.vocab_size
+        model.grow_vocab(-(-data.meta["vocab_size"] // 64) * 64)
+        rt.print0(f"vocabulary grown from {old} to {model.config.vocab_size} for the chat tokens")
     check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)
     if model.config.vocab_size < data.meta["vocab_size"]:
         raise UserError(
@@ -511,6 +530,12 @@ def scheduled_lr(cfg: TrainConfig, it: int) -> float:
         schedule=cfg.lr_schedule,
         decay_fraction=cfg.decay_fraction,
     )
+
+
+def global_targets(cfg: TrainConfig, data, it: int) -> int:
+    """The targets the loss counts in iteration it's global batch, over every rank and micro-step (at least 1)."""
+    keys = [train_key(cfg.seed, it, g) for g in range(cfg.gradient_accumulation_steps)]
+    return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
 
 
 def set_lr(optimizers: list, scale: float) -> None:
@@ -663,10 +688,15 @@ def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
             x, y = get_batch(
                 data, split, cfg.batch_size, cfg.block_size, eval_key(cfg.seed, k % cfg.eval_iters), rt.device
             )
-            with rt.autocast():
-                _, loss = model(x, y)
             weight = float(k < cfg.eval_iters)
-            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=rt.device)])
+            with rt.autocast():
+                if data.chat:  # weighted by tokens: batches hold different numbers of assistant tokens
+                    _, loss = model(x, y, reduction="sum")
+                    count = (y >= 0).sum().float() * weight
+                else:
+                    _, loss = model(x, y)
+                    count = torch.tensor(weight, device=rt.device)
+            total += torch.stack([loss.float() * weight, count])
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()

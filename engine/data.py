@@ -42,12 +42,19 @@ class TokenData:
     def dtype(self):
         return np.dtype(self.meta["dtype"])
 
-    def split_path(self, split: str) -> str:
-        return os.path.join(self.data_dir, self.meta["splits"][split]["file"])
+    @property
+    def chat(self) -> dict | None:
+        """A chat dataset's template and special tokens (prepare/chat.py), or None for plain text."""
+        return self.meta.get("chat")
+
+    def split_path(self, split: str, part: str = "file") -> str:
+        """The split's token file, or with part="mask_file" / "starts_file" a chat split's loss mask (uint8, one per
+        token: 1 = trained on) and conversation starts (int64, one per conversation plus the end)."""
+        return os.path.join(self.data_dir, self.meta["splits"][split][part])
 
     def fingerprint(self) -> dict:
         """What a checkpoint records about the data it was trained on, enough to rebuild its Tokenizer."""
-        keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "source")
+        keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "chat", "source")
         return {k: self.meta.get(k) for k in keys} | {"data_dir": self.data_dir}
 
 
@@ -94,13 +101,29 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
                 f"{path} {found}, expected {tokens * itemsize} ({tokens} {meta['dtype']} tokens); "
                 "re-run the prepare script"
             )
-        if tokens < block_size + 1:
+        if data.chat:
+            check_chat_split(data, split)
+        elif tokens < block_size + 1:
             raise UserError(
                 f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "lower --block_size or prepare more data"
             )
         check_tokens(path, data.dtype, meta["vocab_size"], meta["splits"][split].get("sha256"))
     return data
+
+
+def check_chat_split(data: TokenData, split: str) -> None:
+    """A chat split's mask has one byte per token and its starts run from 0 to the token count, rising."""
+    info = data.meta["splits"][split]
+    try:
+        mask_size = os.path.getsize(data.split_path(split, "mask_file"))
+        starts = np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64)
+    except (OSError, KeyError) as e:
+        raise UserError(f"the {split} split of {data.data_dir} is incomplete ({e}); re-run prepare/chat.py") from None
+    if mask_size != info["tokens"] or len(starts) < 2 or starts[0] != 0 or starts[-1] != info["tokens"]:
+        raise UserError(f"the {split} split of {data.data_dir} is inconsistent; re-run prepare/chat.py")
+    if np.any(np.diff(starts) <= 0):
+        raise UserError(f"the {split} split of {data.data_dir} has an empty conversation; re-run prepare/chat.py")
 
 
 def check_tokens(path: str, dtype, vocab_size: int, sha256: str | None) -> None:
@@ -143,18 +166,52 @@ def eval_key(seed: int, k: int) -> tuple[int, ...]:
 
 def get_batch(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...], device: str):
     """Sample batch_size windows of block_size + 1 tokens at offsets drawn from the seed sequence `key`.
-    Returns x (B, T) and y (B, T) int64, y being x shifted left by one token."""
+    Returns x (B, T) and y (B, T) int64, y being x shifted left by one token. For a chat dataset see chat_rows: y is
+    -1 (ignored by the loss) wherever the mask says not to train."""
+    if data.chat:
+        xy = torch.from_numpy(np.stack(chat_rows(data, split, batch_size, block_size, key)))  # (2, B, T)
+        xy = _to_device(xy, device)
+        return xy[0], xy[1]
     # Re-open the memmap for every batch: a long-lived np.memmap grows the process's memory (nanoGPT's lesson).
     tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
     rng = np.random.default_rng(list(key))
     offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)  # every full window, the last included
     windows = np.stack([tokens[i : i + block_size + 1] for i in offsets]).astype(np.int64)  # (B, T+1)
-    xy = torch.from_numpy(windows)
-    if device.startswith("cuda"):
-        xy = xy.pin_memory().to(device, non_blocking=True)  # copy overlaps with the GPU's work
-    else:
-        xy = xy.to(device)
+    xy = _to_device(torch.from_numpy(windows), device)
     return xy[:, :-1], xy[:, 1:]
+
+
+def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    if device.startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)  # the copy overlaps with the GPU's work
+    return t.to(device)
+
+
+def chat_rows(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...]):
+    """batch_size whole conversations drawn (with replacement) by the seed sequence `key`, one per row, each from its
+    first token, cut at block_size + 1 tokens and padded after its end. Returns x and y, (B, T) int64 arrays: y is
+    x shifted by one, with -1 at padding and at every token the mask leaves out (all but the assistant's turns)."""
+    tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
+    mask = np.memmap(data.split_path(split, "mask_file"), dtype=np.uint8, mode="r")
+    starts = np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64)
+    rng = np.random.default_rng(list(key))
+    picks = rng.integers(0, len(starts) - 1, size=batch_size)
+    rows = np.full((batch_size, block_size + 1), data.meta.get("eot_id") or 0, dtype=np.int64)
+    targets = np.full((batch_size, block_size + 1), -1, dtype=np.int64)
+    for r, c in enumerate(picks):
+        a = starts[c]
+        b = min(starts[c + 1], a + block_size + 1)
+        ids = tokens[a:b].astype(np.int64)
+        rows[r, : b - a] = ids
+        targets[r, : b - a] = np.where(mask[a:b] == 1, ids, -1)
+    return rows[:, :-1], targets[:, 1:]
+
+
+def target_count(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...]) -> int:
+    """How many targets of the batch `key` the loss counts (y != -1): the whole batch for plain text."""
+    if not data.chat:
+        return batch_size * block_size
+    return int((chat_rows(data, split, batch_size, block_size, key)[1] >= 0).sum())
 
 
 class Tokenizer:
@@ -165,6 +222,10 @@ class Tokenizer:
     def __init__(self, meta: dict, tokenizer_dir: str | None = None):
         self.name = meta["tokenizer"]
         self.eot_id = meta.get("eot_id")
+        # a chat dataset's special tokens (engine/chat.py): ids past the base vocabulary, which text never encodes to
+        self.chat = meta.get("chat")
+        self.special = dict(self.chat["special"]) if self.chat else {}
+        self.special_by_id = {i: token for token, i in self.special.items()}
         if self.name == "tokenizer.json":  # a Hugging Face directory's own tokenizer (ours when exported by us)
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -196,7 +257,7 @@ class Tokenizer:
         """Ids 0..vocab_size-1 decode; a model's vocabulary may be larger (rounded up for speed), never smaller."""
         if self.name == "tokenizer.json":
             return self.hf.get_vocab_size()
-        return len(self.itos) if self.name == "char" else self.enc.n_vocab
+        return (len(self.itos) if self.name == "char" else self.enc.n_vocab) + len(self.special)
 
     def encode(self, text: str) -> list[int]:
         if self.name == "tokenizer.json":
@@ -209,6 +270,18 @@ class Tokenizer:
         return self.enc.encode(text, allowed_special={ENDOFTEXT})
 
     def decode(self, ids: list[int]) -> str:
+        if self.special_by_id:  # the text between special tokens decodes as a whole (a character may span tokens)
+            parts, run = [], []
+            for i in ids:
+                if i in self.special_by_id:
+                    parts += [self._decode(run), self.special_by_id[i]]
+                    run = []
+                else:
+                    run.append(i)
+            return "".join([*parts, self._decode(run)])
+        return self._decode(ids)
+
+    def _decode(self, ids: list[int]) -> str:
         if self.name == "tokenizer.json":
             return self.hf.decode(ids, skip_special_tokens=False)
         if self.name == "char":
@@ -217,6 +290,8 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes of one token: a BPE token may hold part of a character."""
+        if token_id in self.special_by_id:
+            return self.special_by_id[token_id].encode("utf-8")
         if self.name == "tokenizer.json":
             token = self.hf.id_to_token(token_id)
             if self.byte_level and token_id not in self.hf.get_added_tokens_decoder():

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 FORMAT = "nanogpt-tokens/1"
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-_STAGED = re.compile(r"^(?:train|val|meta)\.(?:bin|json)\.tmp-(\d+)$")
+_STAGED = re.compile(r"^(?:train|val|meta)(?:\.mask|\.starts)?\.(?:bin|json)\.tmp-(\d+)$")
 
 
 def fail(message: str):
@@ -121,6 +121,20 @@ class DatasetWriter:
                 raise
             fail(f"disk full writing {tmp}; the previous dataset in {self.out_dir} is kept; free space and run again")
         return {"file": f"{split}.bin", "tokens": tokens, "sha256": sha.hexdigest()}
+
+    def write_array(self, name: str, array: np.ndarray) -> str:
+        """Stage one more file of the dataset (a chat split's mask or starts) as raw bytes; returns its sha256."""
+        data = np.ascontiguousarray(array).tobytes()
+        try:
+            with open(self._stage(name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            fail(f"disk full writing {name}; the previous dataset in {self.out_dir} is kept; free space and run again")
+        return hashlib.sha256(data).hexdigest()
 
     def commit(self, tokenizer: dict, source: str, splits: dict) -> dict:
         """Refuse an empty split (the old dataset stays), else write meta.json, swap everything in and return the

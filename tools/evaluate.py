@@ -116,8 +116,9 @@ def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
     return loss * tokens / n_bytes / math.log(2)
 
 
-def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None) -> list[int] | np.ndarray:
-    """The tokens of a prepared split, e.g. data/x/val.bin, checked against the model's tokenizer."""
+def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None):
+    """(tokens, chat): the tokens of a prepared split, e.g. data/x/val.bin, checked against the model's tokenizer,
+    and for a chat split (prepare/chat.py) its (mask, conversation starts), else None."""
     data_dir, file = os.path.split(path)
     data = load_data(data_dir or ".", 1, splits=())
     split = next((s for s, info in data.meta["splits"].items() if info["file"] == file), None)
@@ -127,7 +128,22 @@ def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None) -> l
     theirs = Tokenizer(data.meta, tokenizer_dir)
     if theirs.name != tokenizer.name or getattr(theirs, "itos", None) != getattr(tokenizer, "itos", None):
         raise UserError(f"{path} was tokenized with {theirs.name}, not the model's {tokenizer.name} vocabulary")
-    return np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
+    tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
+    if not data.chat:
+        return tokens, None
+    mask = np.fromfile(data.split_path(split, "mask_file"), dtype=np.uint8)
+    return tokens, (mask, np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64))
+
+
+def chat_nll(model: GPT, tokens, mask, starts, stride: int, batch_size: int, autocast) -> torch.Tensor:
+    """The negative log-likelihoods of a chat split's assistant tokens (the ones training learns), each conversation
+    scored on its own from its first token."""
+    out = []
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+        ids = torch.from_numpy(np.asarray(tokens[a:b], dtype=np.int64))
+        nll = token_nll(model, ids, stride, batch_size, autocast)
+        out.append(nll[torch.from_numpy(mask[a + 1 : b] == 1)])
+    return torch.cat(out)
 
 
 def main(argv=None):
@@ -142,7 +158,15 @@ def main(argv=None):
         if tokenizer.eot_id is not None:
             ids = [tokenizer.eot_id, *ids]  # a document starts after an end-of-text token, as in training data
     else:
-        ids = read_tokens(cfg.tokens, tokenizer, cfg.tokenizer_dir)
+        ids, chat = read_tokens(cfg.tokens, tokenizer, cfg.tokenizer_dir)
+        if chat is not None:  # the masked loss: what fine-tuning on the split minimises
+            block_size = model.config.block_size
+            nll = chat_nll(model, ids, *chat, cfg.stride or max(1, block_size // 2), cfg.batch_size, rt.autocast)
+            loss = nll.mean().item()
+            print(f"scored the {len(nll):,} assistant tokens of {len(chat[1]) - 1:,} conversations (the chat mask)")
+            print(f"loss {loss:.6f} nats/token")
+            print(f"perplexity {math.exp(loss):.6f}")
+            return
     ids = torch.from_numpy(np.asarray(ids[: cfg.max_tokens], dtype=np.int64))
     if len(ids) < 2:
         raise UserError("fewer than 2 tokens: nothing to score")
