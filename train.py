@@ -35,12 +35,14 @@ from engine.checkpoint import (
     prune_checkpoints,
     read_meta,
     save_checkpoint,
+    save_lora_base,
 )
 from engine.configurator import format_config, format_overrides, parse_config
 from engine.data import eval_key, get_batch, load_data, target_count, train_key
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
 from engine.fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from engine.hf_interop import from_pretrained
+from engine.lora import add_lora, lora_params, parse_targets
 from engine.loss_curve import BackgroundPlot
 from engine.memory import check_fits
 from engine.optim import SCHEDULES, build_optimizers, lr_at
@@ -104,6 +106,10 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    # LoRA fine-tuning (Hu et al. 2021): train low-rank adapters of a frozen model
+    lora_rank: int = 0  # the adapters' rank r; 0 = no LoRA, every weight trains
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"  # the blocks' Linear layers that get adapters: attn, mlp or both
     # learning rate schedule
     decay_lr: bool = True  # apply lr_schedule after warmup; False keeps learning_rate constant (nanoGPT)
     lr_schedule: str = "cosine"  # cosine, wsd (warmup-stable-decay) or constant
@@ -125,6 +131,11 @@ class TrainConfig:
     peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in engine/runtime.py's table
 
     def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        parse_targets(self.lora_targets)
+        if self.lora_rank and self.fsdp:
+            raise ValueError("lora_rank with fsdp=True is not supported: LoRA's optimizer state is small, use DDP")
         positive = (
             "eval_interval",
             "log_interval",
@@ -207,6 +218,7 @@ def main(argv=None):
         # hold plain parameter names
         seed_everything(cfg.seed)
         raw_model, resume_from = init_model(cfg, rt, data)
+        lora = setup_lora(cfg, rt, raw_model, data, resume_from)  # None without LoRA
         raw_model.recompute_every = cfg.recompute_every if cfg.gradient_checkpointing else 0
         if cfg.fp8:
             enable_fp8(raw_model, rt)
@@ -249,7 +261,7 @@ def main(argv=None):
                 improved = losses["val"] < state.best_val_loss
                 state.best_val_loss = min(state.best_val_loss, losses["val"])
                 if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
-                    save(cfg, rt, raw_model, optimizers, scaler, state, data, losses)
+                    save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora)
                 timer.restart()  # the step's time leaves out evaluation and checkpointing
             if cfg.eval_only or last:
                 break
@@ -320,7 +332,7 @@ def main(argv=None):
             exit_code = stop.exit_code(rt)
             if exit_code:
                 rt.print0(f"signal received: saving iteration {state.iter_num}; continue with --init_from=resume")
-                save(cfg, rt, raw_model, optimizers, scaler, state, data, None)
+                save(cfg, rt, raw_model, optimizers, scaler, state, data, None, lora)
                 break
 
         log.close()
@@ -452,7 +464,11 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         old = model.config.vocab_size
         model.grow_vocab(-(-data.meta["vocab_size"] // 64) * 64)
         rt.print0(f"vocabulary grown from {old} to {model.config.vocab_size} for the chat tokens")
-    check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)
+    trainable = None  # LoRA trains its adapters (and on chat data the embedding) alone: far less optimizer state
+    if cfg.lora_rank and cfg.init_from != "resume":
+        trainable = lora_params(model, cfg.lora_rank, parse_targets(cfg.lora_targets))
+        trainable += model.transformer.wte.weight.numel() if data.chat else 0
+    check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing, trainable)
     if model.config.vocab_size < data.meta["vocab_size"]:
         raise UserError(
             f"the model's vocab_size {model.config.vocab_size} is smaller than the dataset's {data.meta['vocab_size']}"
@@ -484,12 +500,16 @@ def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig
     return LoopState(saved["iter_num"], saved["best_val_loss"], saved.get("skipped_steps", 0))
 
 
-def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses) -> None:
-    """Checkpoint the run (losses: the evaluation's, or None). Called on every rank: under FSDP gathering the full
-    state is a collective. Only the master writes, and only finite weights: a diverged run keeps its last good one."""
+def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses, lora) -> None:
+    """Checkpoint the run (losses: the evaluation's, or None; lora: setup_lora's record, or None). Called on every
+    rank: under FSDP gathering the full state is a collective. Only the master writes, and only finite weights: a
+    diverged run keeps its last good one. A LoRA checkpoint holds only what trains (the base is saved once)."""
     if not (rt.master or cfg.fsdp):
         return
     weights = model_state(raw_model, cfg.fsdp)
+    if lora:
+        trained = {n for n, p in raw_model.named_parameters() if p.requires_grad}
+        weights = {n: w for n, w in weights.items() if n in trained}
     optimizer_states = [optimizer_state(raw_model, opt, cfg.fsdp) for opt in optimizers]
     if not rt.master:
         return
@@ -504,10 +524,32 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
         "code_version": code_version(),
         "val_loss": losses["val"] if losses else None,
         "train_loss": losses["train"] if losses else None,
-    }
+    } | ({"lora": lora} if lora else {})
     path = save_checkpoint(cfg.out_dir, state.iter_num, weights, loop_state, meta)
     prune_checkpoints(cfg.out_dir, cfg.keep_last)
     rt.print0(f"saved checkpoint {path}")
+
+
+def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) -> dict | None:
+    """With lora_rank: freeze the model and add adapters (a resumed LoRA checkpoint comes with them), and return what
+    every checkpoint of the run records about them. The frozen base is written once, by the master, to
+    out_dir/lora-base-<its sha256>/, which the checkpoints name. On chat data the token embedding (and an untied
+    lm_head) trains too: the chat tokens' rows are new."""
+    if resume_from is not None:
+        return read_meta(resume_from).get("lora")
+    if not cfg.lora_rank:
+        return None
+    trainable = ("transformer.wte.weight",) + (() if model.config.tie_embeddings else ("lm_head.weight",))
+    trainable = trainable if data.chat else ()
+    lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(parse_targets(cfg.lora_targets))}
+    lora |= {"trainable": list(trainable), "base_from": cfg.init_from}
+    if rt.master:
+        lora |= save_lora_base(cfg.out_dir, model)
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(lora["targets"]), trainable)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = " (the token embedding included, for the chat tokens)" if trainable else ""
+    rt.print0(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} trainable parameters{embedding}")
+    return lora
 
 
 def train_batch(cfg: TrainConfig, rt, data, it: int, micro_step: int):
@@ -711,8 +753,9 @@ def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
     # saved train config rather than the model, so a run initialised from GPT-2 weights resumes with its command.
     keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
     differ = [f"{k} ({saved_train.get(k)} -> {getattr(cfg, k)})" for k in keys if saved_train.get(k) != getattr(cfg, k)]
-    if saved_train.get("optimizer") != cfg.optimizer:  # its state would not fit
-        differ.append(f"optimizer ({saved_train.get('optimizer')} -> {cfg.optimizer})")
+    for key in ("optimizer", "lora_rank", "lora_targets"):  # the saved optimizer state would not fit
+        if saved_train.get(key, TrainConfig.__dataclass_fields__[key].default) != getattr(cfg, key):
+            differ.append(f"{key} ({saved_train.get(key)} -> {getattr(cfg, key)})")
     if saved_train.get("dataset") != cfg.dataset:
         differ.append(f"dataset ({saved_train.get('dataset')} -> {cfg.dataset})")
     for key in ("tokenizer", "tokenizer_hash", "vocab_size"):

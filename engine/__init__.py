@@ -5,8 +5,10 @@ errors         one-line user errors and the exit codes
 configurator   dataclass config from presets and --key=value
 runtime        device, dtype, torchrun, seeds, stop signals
 tokenization   tiktoken / character / tokenizer.json encodings
+chat           the chat template, its special tokens and the loss mask
 data           token datasets on disk and the (seed, iteration, micro-step) batches
 memory         parameter and activation bytes, the fits-in-memory check
+lora           low-rank adapters of a frozen model, and merging them in
 optim          AdamW / Muon parameter groups and the LR schedules
 fsdp           FSDP2 sharding and full state dicts
 checkpoint     the only reader and writer of checkpoints and out_dir

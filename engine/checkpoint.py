@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.configurator import coerce
 from engine.errors import UserError
+from engine.lora import add_lora
 from engine.memory import check_fits
 from model import GPT, GPTConfig
 
@@ -307,6 +308,32 @@ def model_config_from_meta(meta: dict, path: str, **overrides) -> GPTConfig:
         raise UserError(f"{path}/meta.json has an invalid model_config: {e}") from None
 
 
+def save_lora_base(out_dir: str, model) -> dict:
+    """Write `model`'s weights, the frozen base of a LoRA run, once: to out_dir/lora-base-<sha256[:16]>/ (kept when
+    it is already there). Returns what the run's checkpoints record to find and verify it."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".tmp-ckpt-lora-base-{os.getpid()}")  # debris if this process dies here
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        file = os.path.join(tmp, "model.safetensors")
+        save_safetensors(_unique(model.state_dict()), file)
+        _fsync(file)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _no_space(e, out_dir):
+            raise
+        raise UserError(f"disk full at {out_dir}: the LoRA base weights were not written; free space") from None
+    sha = _sha256(file)
+    name = f"lora-base-{sha[:16]}"
+    if os.path.isfile(os.path.join(out_dir, name, "model.safetensors")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, os.path.join(out_dir, name))
+        _fsync(out_dir)
+    return {"base": name, "base_sha256": sha}
+
+
 def load_model(path: str, dropout: float = 0.0) -> tuple[GPT, dict]:
     """The one way to build a GPT from a verified checkpoint directory: (the model on the CPU with the checkpoint's
     weights, in train mode, with the given dropout; the checkpoint's meta.json)."""
@@ -317,7 +344,19 @@ def load_model(path: str, dropout: float = 0.0) -> tuple[GPT, dict]:
     config = model_config_from_meta(meta, path, dropout=dropout)
     check_fits(config, "cpu")  # a meta.json with absurd sizes is refused before anything is allocated
     model = GPT(config)
-    load_weights(path, model)
+    lora = meta.get("lora")
+    if lora:  # a LoRA checkpoint holds what trained; the frozen base it sits on is saved once beside it
+        base = os.path.join(os.path.dirname(path), lora["base"])
+        base_file = os.path.join(base, "model.safetensors")
+        if not os.path.isfile(base_file) or _sha256(base_file) != lora["base_sha256"]:
+            raise UserError(
+                f"{path} is a LoRA checkpoint whose base {base} is missing or changed; restore that directory"
+            )
+        load_weights(base, model)
+        add_lora(model, lora["rank"], lora["alpha"], tuple(lora["targets"]), tuple(lora["trainable"]))
+        load_weights(path, model, only=[n for n, p in model.named_parameters() if p.requires_grad])
+    else:
+        load_weights(path, model)
     return model, meta
 
 
@@ -335,13 +374,15 @@ def load_newest_model(out_dir: str, which: str = "latest", log=print) -> tuple[s
     raise UserError(f"the checkpoints in {out_dir} keep being deleted while loading; try again")
 
 
-def load_weights(path: str, model) -> None:
-    """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config). Names
-    and shapes are compared first, from the file's header, so a file with other tensors is refused without reading
-    any of them."""
+def load_weights(path: str, model, only: list[str] | None = None) -> None:
+    """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config), or only
+    the tensors named in `only` (a LoRA checkpoint's trained ones), which must all be there. Names and shapes are
+    compared first, from the file's header, so a file with other tensors is refused without reading any of them."""
     file = os.path.join(path, "model.safetensors")
     try:
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        if only is not None:
+            expected = {name: shape for name, shape in expected.items() if name in only}
         with safe_open(file, framework="pt") as f:
             found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         extra = sorted(set(found) - set(expected))
@@ -358,9 +399,13 @@ def load_weights(path: str, model) -> None:
         for names in groups.values():
             present = [n for n in names if n in weights]
             for name in names:
-                if present and name not in weights:
+                if present and name not in weights and (only is None or name in only):
                     weights[name] = weights[present[0]]
-        model.load_state_dict(weights, strict=True)
+        if only is not None:
+            missing = sorted(set(only) - set(weights))
+            if missing:
+                raise UserError(f"cannot load the weights in {path}: {', '.join(missing[:3])} missing")
+        model.load_state_dict(weights, strict=only is None)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # RuntimeError: shapes or keys differ
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
         raise UserError(f"cannot load the weights in {path}: {detail}") from None

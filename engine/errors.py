@@ -19,8 +19,8 @@ class UserError(Exception):
 
 
 def run_cli(main) -> None:
-    """Run an entry script's main(): exit with the code it returns (0 for None or a result), and turn a UserError into one
-    line on stderr and exit code 2."""
+    """Run an entry script's main(): exit with the code it returns (0 for None or a result), and turn a UserError
+    into one line on stderr and exit code 2."""
     try:
         code = main()
     except UserError as e:

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from engine import chat
 from engine.checkpoint import save_safetensors
 from engine.errors import UserError
 from engine.memory import check_fits
@@ -243,7 +244,12 @@ def hf_format(config: GPTConfig) -> str:
 
 
 def save_hf(
-    model, directory: str, eos_token_id: int | None = None, tokenizer=None, tokenizer_vocab: int | None = None
+    model,
+    directory: str,
+    eos_token_id: int | None = None,
+    tokenizer=None,
+    tokenizer_vocab: int | None = None,
+    chat_template: str | None = None,
 ) -> str:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors) in the GPT-2 or Llama layout
     that transformers.AutoModelForCausalLM loads. eos_token_id is the end-of-text token, if the vocabulary has one
@@ -317,7 +323,8 @@ def save_hf(
                     q, k, v = sd[f"{ours}attn.c_attn.{part}"].split([nh * hs, nkv * hs, nkv * hs], dim=0)
                     for name, w in zip("qkv", (q, k, v), strict=True):
                         weights[f"{hf}self_attn.{name}_proj.{part}"] = w
-    bos = eos_token_id if kind == "gpt2" else None  # GPT-2 begins documents with its end-of-text token
+    # GPT-2 begins documents with its end-of-text token; a chat model's conversations begin with a role token
+    bos = eos_token_id if kind == "gpt2" and chat_template is None else None
     hf_config |= {"bos_token_id": bos, "eos_token_id": eos_token_id}
     os.makedirs(directory, exist_ok=True)
     save_safetensors(
@@ -342,6 +349,9 @@ def save_hf(
             "eos_token": eos,
             "bos_token": eos if bos is not None else None,
         }
+        if chat_template is not None:  # tokenizer.apply_chat_template renders conversations as training did
+            tokenizer_config["chat_template"] = chat_template
+            tokenizer_config["additional_special_tokens"] = list(chat.SPECIAL)
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(tokenizer_config, f, indent=2)
     return kind

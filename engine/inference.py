@@ -12,6 +12,7 @@ from engine.checkpoint import load_newest_model
 from engine.data import Tokenizer
 from engine.errors import UserError
 from engine.hf_interop import from_pretrained
+from engine.lora import merge_lora
 from model import GPT
 
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}
@@ -23,6 +24,7 @@ def load_for_inference(
     """The model in eval mode on the CPU (dropout off), and its tokenizer. model.source says where it came from."""
     if init_from == "resume":
         path, model, meta = load_newest_model(out_dir, checkpoint, log=log)
+        merge_lora(model)  # a LoRA run decodes with its adapters folded in: one matmul per layer
         model.source = f"{path} (iteration {meta.get('iter_num')}, val loss {meta.get('val_loss')})"
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:

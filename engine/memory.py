@@ -44,14 +44,23 @@ def device_memory(device: str) -> int | None:
     return None
 
 
-def check_fits(config: GPTConfig, device: str, batch_size: int = 0, shards: int = 1, checkpointing: bool = False):
+def check_fits(
+    config: GPTConfig,
+    device: str,
+    batch_size: int = 0,
+    shards: int = 1,
+    checkpointing: bool = False,
+    trainable: int | None = None,
+):
     """Refuse, before anything is allocated, a model that cannot fit in `device`'s memory: its float32 weights, and
-    when training (batch_size > 0) gradients, AdamW state (divided over FSDP's `shards`) and one micro-batch's
-    activations. A lower bound, so nothing that could fit is refused; what it refuses would end in an allocator
-    error minutes later (or take the machine down)."""
+    when training (batch_size > 0) gradients and AdamW state of the `trainable` parameters (all by default; LoRA's
+    adapters), divided over FSDP's `shards`, and one micro-batch's activations. A lower bound, so nothing that could
+    fit is refused; what it refuses would end in an allocator error minutes later (or take the machine down)."""
     have = device_memory(device)
     n = estimate_params(config)
-    need = n * 4 if not batch_size else n * 16 // shards + activation_bytes(config, batch_size, checkpointing, True)
+    t = n if trainable is None else trainable
+    need = n * 4 if not batch_size else (n * 4 + t * 12) // shards
+    need += activation_bytes(config, batch_size, checkpointing, True) if batch_size else 0
     if have is not None and need > have:
         what = "training this model" if batch_size else "this model"
         knobs = "n_layer, n_embd, vocab_size" + (" or batch_size" if batch_size else "")

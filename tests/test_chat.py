@@ -19,9 +19,11 @@ from torch.nn import functional as F
 import sample
 import train
 from engine import chat
+from engine.checkpoint import find_checkpoint, read_meta
 from engine.data import Tokenizer, chat_rows, get_batch, load_data, target_count, train_key
 from engine.errors import UserError
 from model import GPT, GPTConfig
+from tools import evaluate, export_hf
 
 THINGS = "sky grass sun snow coal rose sea lime plum sand milk ink fire leaf gold rust jade salt wine moss".split()
 COLORS = "blue green yellow white black red teal lime purple tan white dark orange green gold brown green white red"
@@ -281,6 +283,22 @@ def test_fine_tuned_on_twenty_questions_it_answers_each_as_trained(tmp_path, mon
         assert reply == [f"{thing} is {answers[thing]}."]
     replies = chat_with(out, [f"what color is {t}?" for t in trained[1:4]], monkeypatch, capsys)
     assert replies == [f"{t} is {answers[t]}." for t in trained[1:4]]
+    # the evaluation of the masked loss reproduces training's own val loss
+    evaluate.main([f"--out_dir={out}", f"--tokens={data.split_path('val')}", "--device=cpu"])
+    val_loss = float(capsys.readouterr().out.split("loss ")[1].split()[0])
+    assert val_loss == pytest.approx(read_meta(find_checkpoint(out))["val_loss"], rel=1e-4)
+    # exported, transformers renders the template to the same ids and its pipeline answers the same
+    transformers = pytest.importorskip("transformers")
+    hf_dir = str(tmp_path / "hf")
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={hf_dir}"])
+    messages = [{"role": "user", "content": f"what color is {trained[1]}?"}]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    hf_ids = hf_ids["input_ids"] if hasattr(hf_ids, "keys") else hf_ids
+    assert hf_ids == chat.render(messages, tok.encode, tok.special, reply=True)[0]
+    pipe = transformers.pipeline("text-generation", model=hf_dir)
+    answer = pipe(messages, do_sample=False, max_new_tokens=30)[0]["generated_text"][-1]
+    assert answer == {"role": "assistant", "content": f"{trained[1]} is {answers[trained[1]]}."}
 
 
 def test_chat_on_a_model_without_a_template_is_one_line(char_data, tmp_path, monkeypatch):

@@ -16,10 +16,12 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+from engine import chat
 from engine.checkpoint import LOCK_NAME, list_checkpoints, load_newest_model
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.hf_interop import UnsupportedModel, save_hf
+from engine.lora import merge_lora
 from engine.tokenization import TokenizerUnavailable, bpe_tokenizer_json, char_tokenizer_json, load_encoding
 
 
@@ -61,23 +63,36 @@ def check_hf_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
 
 
 def hf_tokenizer(data: dict, tokenizer_dir: str | None):
-    """(tokenizers.Tokenizer, ids it decodes) for the tokenizer a checkpoint's data was prepared with."""
+    """(tokenizers.Tokenizer, ids it decodes) for the tokenizer a checkpoint's data was prepared with, the chat
+    template's special tokens included (as special tokens, at the ids training gave them)."""
     if data.get("tokenizer") == "char":
-        return char_tokenizer_json(data["chars"]), len(data["chars"])
-    try:
-        enc = load_encoding(data["tokenizer"], tokenizer_dir)
-    except TokenizerUnavailable as e:
-        raise UserError(f"the export needs the model's tokenizer: {e}") from None
-    return bpe_tokenizer_json(enc), enc.n_vocab
+        tokenizer, vocab = char_tokenizer_json(data["chars"]), len(data["chars"])
+    else:
+        try:
+            enc = load_encoding(data["tokenizer"], tokenizer_dir)
+        except TokenizerUnavailable as e:
+            raise UserError(f"the export needs the model's tokenizer: {e}") from None
+        tokenizer, vocab = bpe_tokenizer_json(enc), enc.n_vocab
+    if data.get("chat"):
+        from tokenizers import AddedToken
+
+        special = data["chat"]["special"]
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        assert all(tokenizer.token_to_id(t) == i for t, i in special.items()), "chat token ids moved"
+        vocab += len(special)
+    return tokenizer, vocab
 
 
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
     check_hf_dir(cfg.hf_dir, cfg.out_dir, cfg.overwrite)
     path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint)
+    merge_lora(model)  # a LoRA run exports as a plain model: its adapters folded into the weights
     tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir)
+    chatting = meta["data"].get("chat")
+    eos = chatting["special"][chat.END] if chatting else meta["data"].get("eot_id")  # a reply ends at <|end|>
     try:
-        layout = save_hf(model, cfg.hf_dir, meta["data"].get("eot_id"), tokenizer, vocab)
+        layout = save_hf(model, cfg.hf_dir, eos, tokenizer, vocab, chat.jinja_template() if chatting else None)
     except UnsupportedModel as e:
         raise UserError(f"cannot export {path}: {e}") from None
     print(f"wrote {path} to {cfg.hf_dir} in the Hugging Face {layout} layout")

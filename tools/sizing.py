@@ -10,7 +10,8 @@ The model is built on PyTorch's meta device, so nothing is allocated and paramet
 Formulas (b micro-batch, s block_size, h n_embd, a n_head, L n_layer, V vocab, N parameters):
   FLOPs per token   6N + 12·L·h·s (PaLM, Chowdhery et al. 2022, appendix B; 6N counts active weights, so an MoE
                     counts its routed experts only); causal attention does half the attention work: 6N + 6·L·h·s.
-  weights + grads + AdamW   4N + 4N + 8N bytes (float32 master weights, gradients, exp_avg and exp_avg_sq).
+  weights + grads + AdamW   4N + 4N + 8N bytes (float32 master weights, gradients, exp_avg and exp_avg_sq); with
+                    LoRA 4N + 16A, A the adapters' parameters (Hu et al. 2021).
   activations per layer     34·s·b·h + 5·a·s²·b bytes for 16-bit activations (Korthikanti et al. 2022, "Reducing
                     Activation Recomputation in Large Transformer Models", section 4.1; a 4h GELU MLP, dropout masks
                     included). Flash attention (SDPA's kernels) never stores the s² terms: 34·s·b·h. Plus 6·s·b·V for
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from engine.configurator import describe_fields, parse_config
 from engine.data import load_data
 from engine.errors import UserError, run_cli
+from engine.lora import lora_params, parse_targets
 from engine.memory import activation_bytes
 from engine.runtime import GPU_PEAK_FLOPS
 from model import GPT, GPTConfig
@@ -158,6 +160,13 @@ def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig) -> str:
         row(f"gradients (fp32){sharded}", f"{4 * n / shards / gib:.2f} GiB"),
         row(f"AdamW state (fp32, 2 per weight){sharded}", f"{8 * n / shards / gib:.2f} GiB"),
     ]
+    if cfg.lora_rank:  # only the adapters have gradients and AdamW state; the frozen weights stay as they are
+        adapters = lora_params(model, cfg.lora_rank, parse_targets(cfg.lora_targets))
+        lines += [
+            row(f"with LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: adapters", f"{adapters:,}"),
+            row("  weights + adapters' grads and AdamW", f"{(4 * n + 16 * adapters) / gib:.2f} GiB"),
+            row("  full fine-tuning instead (16 B/weight)", f"{16 * n / gib:.2f} GiB"),
+        ]
     for label, ckpt, flash in (
         ("activations, attention stored", False, False),
         ("activations, flash attention", False, True),

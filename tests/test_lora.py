@@ -1,0 +1,123 @@
+"""LoRA: a fresh adapter changes nothing, only adapters train, merged equals unmerged, checkpoints hold the adapters
+and name their base by its hash, resume is bit-exact, the export is a plain model transformers loads with the same
+logits, and the memory check counts optimizer state for the adapters alone."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import args, step_losses
+
+import train
+from engine import memory
+from engine.checkpoint import find_checkpoint, load_model, read_meta
+from engine.errors import UserError
+from engine.lora import LoRALinear, add_lora, lora_params, merge_lora
+from model import GPT, GPTConfig
+from tools import export_hf
+
+LORA = ["--lora_rank=4", "--lora_alpha=8"]
+
+
+def base_model(**kw) -> GPT:
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, **kw)).eval()
+
+
+def test_a_fresh_adapter_changes_nothing_and_merged_equals_unmerged():
+    torch.manual_seed(0)
+    model = base_model(mlp="swiglu")
+    x = torch.randint(64, (2, 16))
+    before = model(x, all_logits=True)[0]
+    add_lora(model, rank=4, alpha=8, targets=("attn", "mlp"))
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 2 * 5  # per block: c_attn, c_proj; c_fc, c_gate, c_proj
+    assert torch.equal(model(x, all_logits=True)[0], before)  # B starts at zero
+    with torch.no_grad():
+        for m in wrapped:
+            m.lora_B.normal_(0, 0.1)
+    unmerged = model(x, all_logits=True)[0]
+    assert (unmerged - before).abs().max() > 1e-2
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(x, all_logits=True)[0], unmerged, atol=1e-5, rtol=1e-5)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [] and "transformer.h.0.attn.c_attn.weight" in model.state_dict()
+
+
+def test_only_the_adapters_train(char_data, tmp_path):
+    out = str(tmp_path / "lora")
+    base = str(tmp_path / "base")
+    train.main(args(char_data, base, "--max_iters=4", "--eval_interval=4"))
+    train.main(args(char_data, out, f"--init_from={base}", "--max_iters=6", "--eval_interval=6", *LORA))
+    before = load_file(os.path.join(find_checkpoint(base), "model.safetensors"))
+    ckpt = find_checkpoint(out)
+    saved = load_file(os.path.join(ckpt, "model.safetensors"))
+    assert saved and all(".lora_A" in k or ".lora_B" in k for k in saved)  # the checkpoint holds the adapters only
+    assert any(saved[k].abs().max() > 0 for k in saved if k.endswith("lora_B"))  # and they trained
+    meta = read_meta(ckpt)
+    assert meta["lora"]["rank"] == 4 and meta["lora"]["base_from"] == base
+    assert meta["lora"]["base"] == f"lora-base-{meta['lora']['base_sha256'][:16]}"
+    model, _ = load_model(ckpt)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items() if k in state)  # the frozen base is unchanged
+    opt = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)["optimizers"][0]
+    assert set(opt["state"]) == set(saved)  # optimizer state for the adapters alone
+    # a changed base is refused in one line rather than silently giving another model
+    base_file = os.path.join(out, meta["lora"]["base"], "model.safetensors")
+    with open(base_file, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x7f")
+    with pytest.raises(UserError, match="LoRA checkpoint whose base .* is missing or changed"):
+        load_model(ckpt)
+
+
+def test_resume_with_lora_is_bit_exact(char_data, tmp_path):
+    base, a, b = (str(tmp_path / n) for n in ("base", "a", "b"))
+    train.main(args(char_data, base, "--max_iters=2", "--eval_interval=2"))
+    lora = [f"--init_from={base}", "--eval_interval=6", *LORA]
+    train.main(args(char_data, a, "--max_iters=12", *lora))
+    train.main(args(char_data, b, "--max_iters=6", *lora))
+    resume = [a for a in lora if not a.startswith("--init_from")]
+    train.main(args(char_data, b, "--max_iters=12", "--init_from=resume", *resume))
+    la, lb = step_losses(a), step_losses(b)
+    assert [la[i] for i in range(6, 12)] == [lb[i] for i in range(6, 12)]
+    wa, wb = (load_file(os.path.join(find_checkpoint(d), "model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(UserError, match="lora_rank"):  # the adapters' optimizer state would not fit another rank
+        train.main(args(char_data, b, "--max_iters=14", "--init_from=resume", "--lora_rank=8", "--eval_interval=6"))
+
+
+def test_the_export_is_a_plain_model_with_the_same_logits(char_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    base, out, hf = str(tmp_path / "base"), str(tmp_path / "lora"), str(tmp_path / "hf")
+    train.main(args(char_data, base, "--max_iters=2", "--eval_interval=2"))
+    train.main(args(char_data, out, f"--init_from={base}", "--max_iters=4", "--eval_interval=4", *LORA))
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={hf}"])
+    ours, _ = load_model(find_checkpoint(out))
+    ours.eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    with open(os.path.join(hf, "config.json")) as f:
+        assert "lora" not in json.dumps(json.load(f))
+    x = torch.randint(60, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x, all_logits=True)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_lets_a_model_fit_where_full_adamw_would_not(monkeypatch):
+    xl = GPTConfig(block_size=1024, vocab_size=50304, n_layer=48, n_head=25, n_embd=1600)
+    monkeypatch.setattr(memory, "device_memory", lambda device: 16 * 2**30)  # a 16 GiB GPU
+    with pytest.raises(UserError, match="training this model needs at least"):
+        memory.check_fits(xl, "cuda:0", batch_size=1, checkpointing=True)
+    with torch.device("meta"):
+        adapters = lora_params(GPT(xl), 8, ("attn", "mlp"))
+    assert adapters == 48 * 8 * ((1600 + 4800) + (1600 + 1600) + (1600 + 6400) + (6400 + 1600))
+    memory.check_fits(xl, "cuda:0", batch_size=1, checkpointing=True, trainable=adapters)  # 6 GiB of weights: fits
+
+
+def test_lora_settings_are_checked():
+    with pytest.raises(ValueError, match="lora_targets"):
+        train.TrainConfig(lora_rank=4, lora_targets="attn,embeddings")
+    with pytest.raises(ValueError, match="fsdp"):
+        train.TrainConfig(lora_rank=4, fsdp=True)
