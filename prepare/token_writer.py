@@ -5,6 +5,7 @@ uint32 otherwise) and meta.json describes them. A new dataset is built beside th
 complete (DatasetWriter), so a failed or interrupted prepare leaves the previous dataset untouched.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -103,38 +104,38 @@ class DatasetWriter:
         tmp = self._stage(f"{split}.bin")
         sha, tokens = hashlib.sha256(), 0
         bar = tqdm(total=total, desc=f"writing {split}.bin", unit="tok", unit_scale=True)
+        with self._writing(tmp) as f, bar:
+            for chunk in chunks:
+                arr = np.asarray(chunk)
+                if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+                    raise ValueError(f"{split}: token ids outside [0, {vocab_size})")
+                block = arr.astype(dtype).tobytes()
+                sha.update(block)
+                f.write(block)
+                tokens += arr.size
+                bar.update(arr.size)
+        return {"file": f"{split}.bin", "tokens": tokens, "sha256": sha.hexdigest()}
+
+    def write_array(self, name: str, array: np.ndarray) -> str:
+        """Stage one more file of the dataset (a chat split's mask or starts) as raw bytes; returns its sha256."""
+        data = np.ascontiguousarray(array).tobytes()
+        with self._writing(self._stage(name)) as f:
+            f.write(data)
+        return hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _writing(self, tmp: str):
+        """The staged file open for writing, fsynced when the block ends; a full disk is one line (the previous
+        dataset is untouched: nothing has been swapped in yet)."""
         try:
-            with open(tmp, "wb") as f, bar:
-                for chunk in chunks:
-                    arr = np.asarray(chunk)
-                    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-                        raise ValueError(f"{split}: token ids outside [0, {vocab_size})")
-                    block = arr.astype(dtype).tobytes()
-                    sha.update(block)
-                    f.write(block)
-                    tokens += arr.size
-                    bar.update(arr.size)
+            with open(tmp, "wb") as f:
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
             fail(f"disk full writing {tmp}; the previous dataset in {self.out_dir} is kept; free space and run again")
-        return {"file": f"{split}.bin", "tokens": tokens, "sha256": sha.hexdigest()}
-
-    def write_array(self, name: str, array: np.ndarray) -> str:
-        """Stage one more file of the dataset (a chat split's mask or starts) as raw bytes; returns its sha256."""
-        data = np.ascontiguousarray(array).tobytes()
-        try:
-            with open(self._stage(name), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            fail(f"disk full writing {name}; the previous dataset in {self.out_dir} is kept; free space and run again")
-        return hashlib.sha256(data).hexdigest()
 
     def commit(self, tokenizer: dict, source: str, splits: dict) -> dict:
         """Refuse an empty split (the old dataset stays), else write meta.json, swap everything in and return the

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 import sample
 import train
 from engine import chat
-from engine.checkpoint import find_checkpoint, read_meta
+from engine.checkpoint import find_checkpoint, load_model, read_meta
 from engine.data import Tokenizer, chat_rows, get_batch, load_data, target_count, train_key
 from engine.errors import UserError
 from model import GPT, GPTConfig
@@ -307,3 +307,47 @@ def test_chat_on_a_model_without_a_template_is_one_line(char_data, tmp_path, mon
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     with pytest.raises(UserError, match="not trained on chat data"):
         sample.main([f"--out_dir={out}", "--chat=True", "--device=cpu"])
+
+
+def test_a_parquet_file_reads_through_datasets_like_a_hub_dataset(tmp_path):
+    # the hub path (datasets.load_dataset by name) needs the network; a local parquet file takes the same code
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "conversations.parquet"
+    pq.write_table(pa.Table.from_pylist(conversations()), path)
+    out = tmp_path / "data" / "chat"
+    importlib.import_module("chat").main([f"--input={path}", f"--out={out}", "--tokenizer=char"])
+    meta = load_data(str(out), block_size=64).meta
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 20
+
+
+@pytest.mark.network
+@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") == "1", reason="a hub dataset needs the network")
+def test_a_hub_chat_dataset(tmp_path):
+    out = tmp_path / "data" / "smoltalk"
+    args = ["--input=HuggingFaceTB/smoltalk", "--config=everyday-conversations", f"--out={out}", "--tokenizer=char"]
+    try:
+        importlib.import_module("chat").main([*args, f"--cache_dir={tmp_path / 'cache'}"])
+    except SystemExit as e:
+        pytest.skip(f"the hub is not reachable here ({e})")
+    assert load_data(str(out), block_size=1024).chat["template"] == chat.TEMPLATE
+
+
+@needs_gpt2_tokenizer
+def test_a_gpt2_from_hugging_face_grows_its_vocabulary_for_the_chat_tokens(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
+    hf_dir = tmp_path / "gpt2-tiny"
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+    source = write_jsonl(tmp_path / "c.jsonl", conversations())
+    importlib.import_module("chat").main([f"--input={source}", f"--out={tmp_path / 'data' / 'chat'}"])
+    out = tmp_path / "out"
+    train.main(
+        [f"--data_root={tmp_path / 'data'}", "--dataset=chat", f"--out_dir={out}", f"--init_from={hf_dir}", *CONFIG]
+        + ["--block_size=32", "--max_iters=2", "--eval_interval=2", "--lora_rank=2"]
+    )
+    assert "vocabulary grown from 50257 to 50304 for the chat tokens" in capsys.readouterr().out
+    model, meta = load_model(find_checkpoint(out))
+    assert model.config.vocab_size == 50304 and meta["data"]["chat"]["special"]["<|end|>"] == 50260
+    assert "transformer.wte.weight" in meta["lora"]["trainable"]

@@ -1,6 +1,7 @@
 """The token-file contract: prepare scripts against nanoGPT's published counts and tiktoken, batches against the
 files they are cut from, and load_data's errors."""
 
+import errno
 import hashlib
 import json
 import os
@@ -230,6 +231,21 @@ def test_write_dataset_refuses_ids_outside_the_vocabulary(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         token_writer.write_dataset(str(tmp_path), {"train": np.array([1, 10]), "val": np.array([1])}, tokenizer, "t")
     assert not (tmp_path / "meta.json").exists()  # nothing looks finished
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_keeps_the_previous_dataset(tmp_path, monkeypatch, capsys):
+    tokenizer = {"tokenizer": "test", "vocab_size": 10, "eot_id": None}
+    token_writer.write_dataset(str(tmp_path), {"train": np.array([1, 2]), "val": np.array([3])}, tokenizer, "old")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(token_writer.os, "fsync", full)
+    with pytest.raises(SystemExit) as e:
+        token_writer.write_dataset(str(tmp_path), {"train": np.array([4, 5]), "val": np.array([6])}, tokenizer, "new")
+    assert e.value.code == 2 and "disk full writing" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------------------
