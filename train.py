@@ -272,18 +272,14 @@ def main(argv=None):
                 seed_everything(hash_seed(cfg.seed, rt.rank, state.iter_num))
             loss_sum = torch.zeros((), device=rt.device)
             aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
-            # chat: the loss is the mean over the assistant tokens of the whole global batch, however they fall
             chat_scale = rt.world_size / global_targets(cfg, data, state.iter_num) if data.chat else None
             for micro_step in range(accum_steps):
                 sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
                 if cfg.fsdp:
                     raw_model.set_requires_gradient_sync(sync)
                 with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
-                    with rt.autocast():  # the logits are not kept: they would stay alive into the next step
-                        if chat_scale is None:  # the sum over micro-steps is the mean over the batch
-                            loss = model(x, y)[1] / accum_steps
-                        else:
-                            loss = model(x, y, reduction="sum")[1] * chat_scale
+                    with rt.autocast():
+                        loss = micro_step_loss(model, x, y, accum_steps, chat_scale)
                     last_micro = micro_step + 1 == accum_steps
                     x, y = train_batch(cfg, rt, data, state.iter_num + last_micro, 0 if last_micro else micro_step + 1)
                     scaler.scale(loss).backward()
@@ -572,6 +568,16 @@ def scheduled_lr(cfg: TrainConfig, it: int) -> float:
         schedule=cfg.lr_schedule,
         decay_fraction=cfg.decay_fraction,
     )
+
+
+def micro_step_loss(model, x, y, accum_steps: int, chat_scale: float | None) -> torch.Tensor:
+    """One micro-step's share of the batch loss: summed over the micro-steps (and averaged over ranks by DDP) it is
+    the mean over the global batch's targets. Plain text: each micro-batch's mean / accum_steps. Chat data, whose
+    micro-batches hold different numbers of assistant tokens: the summed cross-entropy times chat_scale (world size
+    over the global batch's target count). The logits are not kept: they would stay alive into the next step."""
+    if chat_scale is None:
+        return model(x, y)[1] / accum_steps
+    return model(x, y, reduction="sum")[1] * chat_scale
 
 
 def global_targets(cfg: TrainConfig, data, it: int) -> int:
