@@ -38,7 +38,7 @@ from engine.checkpoint import (
     save_lora_base,
 )
 from engine.configurator import format_config, format_overrides, parse_config
-from engine.data import eval_key, get_batch, load_data, target_count, train_key
+from engine.data import Tokenizer, eval_key, get_batch, load_data, target_count, train_key
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
 from engine.fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from engine.hf_interop import from_pretrained
@@ -47,6 +47,7 @@ from engine.loss_curve import BackgroundPlot
 from engine.memory import check_fits
 from engine.optim import SCHEDULES, build_optimizers, lr_at
 from engine.runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
+from engine.tasks import TASKS, read_items, score
 from model import GPT, GPTConfig
 
 MFU_WARMUP_ITERS = 5  # iterations left out of MFU: compilation and allocator warm-up, as nanoGPT
@@ -63,6 +64,10 @@ class TrainConfig:
     log_interval: int = 1  # print a training line every this many iterations
     eval_iters: int = 200  # batches per split for each evaluation
     eval_only: bool = False  # evaluate once and exit
+    eval_task: str | None = None  # also score a multiple-choice benchmark: hellaswag or choice (see engine/tasks.py)
+    eval_task_file: str | None = None  # its JSONL; none with hellaswag = the hub's validation split
+    eval_task_interval: int | None = None  # score it every this many iterations (and at the end); none = eval_interval
+    eval_task_items: int | None = None  # score only the first this many items (faster); none = all
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val loss improves
     keep_last: int = 2  # checkpoints kept besides the best one (older ones are deleted; never the newest)
     init_from: str = "scratch"  # scratch, resume (from out_dir), gpt2*, a Hugging Face directory or another run's dir
@@ -131,6 +136,10 @@ class TrainConfig:
     peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in engine/runtime.py's table
 
     def __post_init__(self):
+        if self.eval_task is not None and self.eval_task not in TASKS:
+            raise ValueError(f"eval_task must be one of {', '.join(TASKS)}, got {self.eval_task!r}")
+        if self.eval_task_interval is not None and self.eval_task_interval < 1:
+            raise ValueError(f"eval_task_interval must be >= 1, got {self.eval_task_interval}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
         parse_targets(self.lora_targets)
@@ -246,6 +255,7 @@ def main(argv=None):
         flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter / rt.world_size  # per GPU
         timer = StepTimer(warmup=min(MFU_WARMUP_ITERS, cfg.max_iters // 10))
         bad_in_a_row, good_steps, exit_code = 0, 0, 0
+        task = load_task(cfg, data) if cfg.eval_task else None
         x, y = train_batch(cfg, rt, data, state.iter_num, 0)
 
         while True:
@@ -263,6 +273,9 @@ def main(argv=None):
                 if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
                     save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora)
                 timer.restart()  # the step's time leaves out evaluation and checkpointing
+            if task and (state.iter_num % (cfg.eval_task_interval or cfg.eval_interval) == 0 or last or cfg.eval_only):
+                log(score_task(eval_model, task, cfg, rt, state.iter_num))  # a benchmark's accuracy
+                timer.restart()
             if cfg.eval_only or last:
                 break
 
@@ -586,6 +599,23 @@ def global_targets(cfg: TrainConfig, data, it: int) -> int:
     return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
 
 
+def load_task(cfg: TrainConfig, data) -> tuple:
+    """(items, encode, eot_id) of the eval_task, encoded with the dataset's tokenizer."""
+    tokenizer = Tokenizer(data.meta)
+    return read_items(cfg.eval_task, cfg.eval_task_file, cfg.eval_task_items), tokenizer.encode, tokenizer.eot_id
+
+
+def score_task(model, task: tuple, cfg: TrainConfig, rt, it: int) -> dict:
+    """The eval_task's accuracies as a log record. Every rank scores every item (the same forward passes on each,
+    which FSDP's all-gathers need), so all agree without a collective."""
+    items, encode, eot_id = task
+    model.eval()
+    result, _ = score(model, items, encode, eot_id, cfg.batch_size, rt.autocast)
+    model.train()
+    name = cfg.eval_task
+    return {"iter": it, f"{name}_acc": result["acc"], f"{name}_acc_norm": result["acc_norm"], "task_items": len(items)}
+
+
 def set_lr(optimizers: list, scale: float) -> None:
     """Every parameter group's learning rate: its own base rate times the schedule's scale."""
     for opt in optimizers:
@@ -657,7 +687,7 @@ class RunLog:
         if not self.rt.master:
             return
         log_metrics(self.metrics_path, record)
-        if "val_loss" in record:
+        if "val_loss" in record or "task_items" in record:
             self.plotter.refresh()  # out_dir/loss_curve.png
         if self.wandb:
             self.wandb.log({self.WANDB_NAMES.get(k, k): v for k, v in record.items() if v is not None})
@@ -673,6 +703,10 @@ def console_line(record: dict, max_iters: int) -> str:
     `iter N/max (P%): loss X, time Y ms, T tok/s` with the ETA, MFU and MoE aux loss when known."""
     if "val_loss" in record:
         return f"step {record['iter']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+    if "task_items" in record:
+        name = next(k for k in record if k.endswith("_acc")).removesuffix("_acc")
+        acc, norm = record[f"{name}_acc"], record[f"{name}_acc_norm"]
+        return f"step {record['iter']}: {name} acc {acc:.4f}, acc_norm {norm:.4f} ({record['task_items']:,} items)"
     it = record["iter"]
     line = (
         f"iter {it}/{max_iters} ({100 * it / max(1, max_iters):.0f}%): loss {record['loss']:.4f}, "

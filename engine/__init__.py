@@ -15,5 +15,6 @@ checkpoint     the only reader and writer of checkpoints and out_dir
 hf_interop     Hugging Face GPT-2 / Llama weights in and out
 inference      a trained model and its tokenizer, ready to use
 generate       the KV-cache decode loop, sampling, streaming text
+tasks          multiple-choice benchmarks scored by log-likelihood
 loss_curve     loss_curve.png from metrics.jsonl
 """

@@ -10,6 +10,7 @@ global state).
 """
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,9 @@ class Metrics:
     eval_iters: list[int]  # evaluations
     train_loss: list[float]
     val_loss: list[float]
+    task_iters: list[int] = dataclasses.field(default_factory=list)  # benchmark scores (train.py --eval_task)
+    task_acc: list[float] = dataclasses.field(default_factory=list)  # acc_norm
+    task: str | None = None
 
 
 def read_metrics(path: str) -> Metrics:
@@ -42,7 +46,12 @@ def read_metrics(path: str) -> Metrics:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line being written right now
                 continue
-            if "val_loss" in r and r.get("train_loss") is not None and r.get("val_loss") is not None:
+            if "task_items" in r:
+                m.task = next((k.removesuffix("_acc_norm") for k in r if k.endswith("_acc_norm")), m.task)
+                if m.task and r.get(f"{m.task}_acc_norm") is not None:
+                    m.task_iters.append(r["iter"])
+                    m.task_acc.append(r[f"{m.task}_acc_norm"])
+            elif "val_loss" in r and r.get("train_loss") is not None and r.get("val_loss") is not None:
                 m.eval_iters.append(r["iter"])
                 m.train_loss.append(r["train_loss"])
                 m.val_loss.append(r["val_loss"])
@@ -82,18 +91,26 @@ def plot_runs(metrics_paths: list[str], out_png: str, labels: list[str] | None =
     paths = [metrics_path(p) for p in metrics_paths]
     labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    ax = fig.subplots()
+    runs = [read_metrics(p) for p in paths]
+    scored = [m for m in runs if m.task_iters]
+    if scored:  # a second panel for the benchmark accuracy: loss above, accuracy below
+        ax, ax_task = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+        ax_task.set_ylabel(f"{scored[0].task} acc_norm")
+        ax_task.grid(alpha=0.3)
+    else:
+        ax = fig.subplots()
     ax_lr = ax.twinx()
     tokens = set()
-    for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        m = read_metrics(path)
+    for i, (path, label, m) in enumerate(zip(paths, labels, runs, strict=True)):
         color = f"C{i}"
+        if m.task_iters:
+            ax_task.plot(m.task_iters, m.task_acc, "D-", color=color, markersize=4, label=f"{label} {m.task}")
         ax.plot(m.iters, m.loss, color=color, alpha=0.3, linewidth=0.8, label=f"{label} train (per iteration)")
         ax.plot(m.eval_iters, m.train_loss, "o-", color=color, markersize=4, label=f"{label} train (eval)")
         ax.plot(m.eval_iters, m.val_loss, "s--", color=color, markersize=4, label=f"{label} val (eval)")
         ax_lr.plot(m.iters, m.lr, ":", color=color, alpha=0.7, linewidth=1)
         tokens.add(tokens_per_iter(os.path.dirname(path)))
-    ax.set_xlabel("iteration")
+    (ax_task if scored else ax).set_xlabel("iteration")
     ax.set_ylabel("loss (nats/token)")
     ax_lr.set_ylabel("learning rate (dotted)")
     ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}"))

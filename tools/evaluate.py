@@ -4,6 +4,11 @@
     python tools/evaluate.py --out_dir=out-shakespeare-char --tokens=data/shakespeare_char/val.bin --stride=64
     python tools/evaluate.py --init_from=gpt2 --text=essay.txt --surprisal=essay.jsonl   # per-token surprisal
     python tools/evaluate.py --init_from=path/to/hf_dir --tokens=data/openwebtext/val.bin --max_tokens=1000000
+    python tools/evaluate.py --init_from=gpt2 --task=hellaswag --task_file=hellaswag_val.jsonl  # benchmark accuracy
+    python tools/evaluate.py --out_dir=out --task=choice --task_file=my_questions.jsonl   # context, choices, label
+
+--task scores a multiple-choice benchmark by log-likelihood as lm-evaluation-harness does (see engine/tasks.py) and
+prints acc, acc_norm and the item count.
 
 Every token after the first is scored once, predicted from the tokens before it. Text longer than block_size is read
 in windows of block_size tokens that start every `stride` tokens (default block_size // 2); each window scores only
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
 from engine.configurator import parse_config
@@ -38,6 +44,7 @@ from engine.data import Tokenizer, load_data
 from engine.errors import UserError, run_cli
 from engine.inference import check_output, load_for_inference, read_text
 from engine.runtime import setup_runtime
+from engine.tasks import TASKS, read_items, score
 from model import GPT
 
 
@@ -48,6 +55,9 @@ class EvaluateConfig:
     checkpoint: str = "latest"  # which checkpoint in out_dir: latest or best (lowest val loss)
     text: str | None = None  # a UTF-8 text file to score
     tokens: str | None = None  # or a prepared token file, e.g. data/shakespeare_char/val.bin (its meta.json beside it)
+    task: str | None = None  # or a multiple-choice benchmark: hellaswag, or choice (context, choices, label)
+    task_file: str | None = None  # the task's JSONL (hellaswag: the dataset's rows; none = the hub's validation split)
+    max_items: int | None = None  # score only the first this many task items; none = all
     max_tokens: int | None = None  # score only the first this many tokens; none = all
     stride: int | None = None  # sliding-window step in tokens, 1..block_size; none = block_size // 2
     batch_size: int = 4  # windows per forward pass
@@ -57,8 +67,12 @@ class EvaluateConfig:
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
 
     def __post_init__(self):
-        if (self.text is None) == (self.tokens is None):
-            raise ValueError("give exactly one of --text=FILE and --tokens=FILE")
+        if sum(x is not None for x in (self.text, self.tokens, self.task)) != 1:
+            raise ValueError("give exactly one of --text=FILE, --tokens=FILE and --task=hellaswag|choice")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task_file is not None and self.task is None:
+            raise ValueError("--task_file needs --task=hellaswag or --task=choice")
         if self.batch_size < 1 or (self.stride is not None and self.stride < 1):
             raise ValueError("batch_size and stride must be >= 1")
         if self.max_tokens is not None and self.max_tokens < 2:
@@ -153,6 +167,15 @@ def main(argv=None):
     rt = setup_runtime(cfg.device, cfg.dtype)
     model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir)
     model.to(rt.device)
+    if cfg.task is not None:
+        items = read_items(cfg.task, cfg.task_file, cfg.max_items)
+        bar = lambda chunks: tqdm(chunks, desc=f"scoring {cfg.task}", unit="chunk")  # noqa: E731
+        result, _ = score(model.eval(), items, tokenizer.encode, tokenizer.eot_id, cfg.batch_size, rt.autocast, bar)
+        print(
+            f"{cfg.task}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} ({result['items']:,} items; "
+            f"acc_per_token {result['acc_per_token']:.4f}, llm.c's variant)"
+        )
+        return result
     if cfg.text is not None:
         ids = tokenizer.encode(read_text(cfg.text, "text file"))
         if tokenizer.eot_id is not None:
