@@ -26,6 +26,7 @@ from engine.tokenization import (
     chars_hash,
     encoding_hash,
     load_encoding,
+    tokenizer_json_hash,
 )
 
 FORMAT = "nanogpt-tokens/1"
@@ -55,6 +56,7 @@ class TokenData:
     def fingerprint(self) -> dict:
         """What a checkpoint records about the data it was trained on, enough to rebuild its Tokenizer."""
         keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "chat", "source")
+        keys += ("tokenizer_json",)  # a trained BPE's whole tokenizer.json: the checkpoint decodes without the data
         return {k: self.meta.get(k) for k in keys} | {"data_dir": self.data_dir}
 
 
@@ -89,6 +91,15 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path} is invalid ({e}); re-run the prepare script") from None
     data = TokenData(data_dir, meta)
+    if meta.get("tokenizer") == "tokenizer.json":  # a BPE trained for this dataset, saved beside it
+        path = os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta["tokenizer_json"] = f.read()
+        except OSError:
+            raise UserError(f"{path} is missing; re-run the prepare script") from None
+        if tokenizer_json_hash(meta["tokenizer_json"]) != meta.get("tokenizer_hash"):
+            raise UserError(f"{path} is not the tokenizer this dataset was tokenized with; re-run the prepare script")
     for split in splits:
         if split not in meta["splits"]:
             raise UserError(f"{meta_path} has no {split!r} split; re-run the prepare script")
@@ -221,15 +232,17 @@ class Tokenizer:
 
     def __init__(self, meta: dict, tokenizer_dir: str | None = None):
         self.name = meta["tokenizer"]
+        self.hash = meta.get("tokenizer_hash")
         self.eot_id = meta.get("eot_id")
         # a chat dataset's special tokens (engine/chat.py): ids past the base vocabulary, which text never encodes to
         self.chat = meta.get("chat")
         self.special = dict(self.chat["special"]) if self.chat else {}
         self.special_by_id = {i: token for token, i in self.special.items()}
-        if self.name == "tokenizer.json":  # a Hugging Face directory's own tokenizer (ours when exported by us)
+        if self.name == "tokenizer.json":  # a trained BPE (its JSON in meta), or a Hugging Face directory's own
             from tokenizers import Tokenizer as HFTokenizer
 
-            self.hf = HFTokenizer.from_file(meta["path"])
+            text = meta.get("tokenizer_json")
+            self.hf = HFTokenizer.from_str(text) if text else HFTokenizer.from_file(meta["path"])
             self.eot_id = self.hf.token_to_id(ENDOFTEXT)
             decoder = json.loads(self.hf.to_str()).get("decoder") or {}
             self.byte_level = decoder.get("type") == "ByteLevel"

@@ -141,3 +141,31 @@ def char_tokenizer_json(chars: str):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character, \n included
     tok.decoder = decoders.Fuse()  # joined without spaces
     return tok
+
+
+# --- a byte-level BPE trained on your own corpus (prepare/text.py --tokenizer=bpe) -----------------------------------
+
+
+def train_bpe(texts, vocab_size: int, length: int | None = None):
+    """A byte-level BPE (GPT-2's scheme: bytes mapped to printable characters, GPT-2's split regex, merges learned
+    most-frequent-pair first) of vocab_size ids trained with the `tokenizers` library on the iterable `texts`, with
+    <|endoftext|> as its one special token. Every string encodes (the 256 byte symbols are all in it) and decodes
+    back exactly. `length` (the number of texts) only sizes the progress bar."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    return tokenizer
+
+
+def tokenizer_json_hash(text: str) -> str:
+    """The vocabulary hash of a tokenizer.json: the sha256 of its text, as saved beside the dataset."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -31,6 +31,8 @@ from engine.tokenization import (
     chars_hash,
     encoding_hash,
     load_encoding,
+    tokenizer_json_hash,
+    train_bpe,
 )
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -47,7 +49,8 @@ class TextConfig:
     val_split: str | None = None  # hub split to use for validation instead of val_fraction
     val_fraction: float = 0.1  # share of documents held out for validation
     max_documents: int | None = None  # use only the first N documents
-    tokenizer: str = "gpt2"  # gpt2, any tiktoken encoding name, or char
+    tokenizer: str = "gpt2"  # gpt2 or another tiktoken encoding, char, bpe (train one), or a tokenizer.json to reuse
+    bpe_vocab_size: int = 8192  # with tokenizer=bpe: the trained vocabulary's size, <|endoftext|> included
     tokenizer_dir: str | None = None  # directory with GPT-2's vocab.bpe and encoder.json (offline)
     num_proc: int = min(8, os.cpu_count() or 1)  # tokenizing processes
     seed: int = 2357  # seed of the random validation split
@@ -62,6 +65,10 @@ class TextConfig:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_proc < 1:
             raise ValueError(f"--num_proc must be >= 1, got {self.num_proc}")
+        if self.tokenizer == "bpe" and not 257 <= self.bpe_vocab_size <= 2**20:
+            raise ValueError(
+                f"--bpe_vocab_size must be in 257..1048576 (256 bytes + <|endoftext|>), got {self.bpe_vocab_size}"
+            )
         if self.sample_by not in ("document", "paragraph", "line"):
             raise ValueError(f"--sample_by must be document, paragraph or line, got {self.sample_by!r}")
 
@@ -171,7 +178,10 @@ def _text_only(ds, column: str):
 
 
 def make_tokenizer(args, train, val=None):
-    """(encode_batch(list[str]) -> list[np.ndarray], tokenizer manifest entry)."""
+    """(encode_batch(list[str]) -> list[np.ndarray], tokenizer manifest entry). A trained or reused BPE's
+    tokenizer.json text is in the entry as "tokenizer_json", for main() to save beside the dataset."""
+    if args.tokenizer == "bpe" or args.tokenizer.endswith(".json"):
+        return bpe_tokenizer(args, train)
     if args.tokenizer == "char":
         # The vocabulary is every character of the whole text, train and validation splits alike (as
         # prepare/shakespeare_char.py): a character only the val split holds must encode, and the vocabulary must
@@ -211,6 +221,40 @@ def make_tokenizer(args, train, val=None):
     return encode_batch, info
 
 
+def bpe_tokenizer(args, train):
+    """Train a byte-level BPE on the train split (streamed, in batches of 1000 documents), or read a tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    if args.tokenizer == "bpe":
+        texts = (batch["text"] for batch in train.iter(batch_size=1000))
+        tokenizer = train_bpe(texts, args.bpe_vocab_size, length=len(train))
+        text = tokenizer.to_str()
+    else:
+        try:
+            with open(args.tokenizer, encoding="utf-8") as f:
+                text = f.read()
+            tokenizer = Tokenizer.from_str(text)
+        except (OSError, ValueError, Exception) as e:  # tokenizers raises plain Exception for a malformed file
+            fail(f"cannot read --tokenizer={args.tokenizer} as a tokenizer.json ({str(e).splitlines()[0][:200]})")
+    eot = tokenizer.token_to_id(ENDOFTEXT)
+    if eot is None:
+        fail(f"{args.tokenizer} has no {ENDOFTEXT} token to end documents with; add it as a special token")
+    info = {
+        "tokenizer": "tokenizer.json",
+        "tokenizer_file": "tokenizer.json",
+        "tokenizer_hash": tokenizer_json_hash(text),
+    }
+    info |= {"vocab_size": tokenizer.get_vocab_size(), "eot_id": eot, "tokenizer_json": text}
+    info["special_tokens"] = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # worker processes encode one batch each, single-threaded
+
+    def encode_batch(texts):
+        out = tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [np.append(np.asarray(e.ids, dtype=np.int64), eot) for e in out]
+
+    return encode_batch, info
+
+
 def _procs(args, ds) -> int | None:
     return min(args.num_proc, max(1, len(ds) // 1000)) if args.num_proc > 1 and len(ds) >= 2000 else None
 
@@ -246,6 +290,8 @@ def main(argv=None):
     encode_batch, tokenizer = make_tokenizer(args, train, val)
     with DatasetWriter(args.out) as writer:  # the previous dataset stays until the new one is complete
         splits, total_bytes = {}, 0
+        if "tokenizer_json" in tokenizer:  # the BPE goes beside the data, staged with it
+            writer.write_bytes("tokenizer.json", tokenizer.pop("tokenizer_json").encode("utf-8"))
         if val is None and args.val_fraction > 0:  # a single document: split its tokens
             tokens = tokenize(train, encode_batch, args, "tokenizing")
             ids = np.concatenate(list(chunks(tokens)))

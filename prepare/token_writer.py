@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 FORMAT = "nanogpt-tokens/1"
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-_STAGED = re.compile(r"^(?:train|val|meta)(?:\.mask|\.starts)?\.(?:bin|json)\.tmp-(\d+)$")
+_STAGED = re.compile(r"^(?:train|val|meta|tokenizer)(?:\.mask|\.starts)?\.(?:bin|json)\.tmp-(\d+)$")
 
 
 def fail(message: str):
@@ -118,7 +118,10 @@ class DatasetWriter:
 
     def write_array(self, name: str, array: np.ndarray) -> str:
         """Stage one more file of the dataset (a chat split's mask or starts) as raw bytes; returns its sha256."""
-        data = np.ascontiguousarray(array).tobytes()
+        return self.write_bytes(name, np.ascontiguousarray(array).tobytes())
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Stage one more file of the dataset (a trained tokenizer.json, ...); returns its sha256."""
         with self._writing(self._stage(name)) as f:
             f.write(data)
         return hashlib.sha256(data).hexdigest()

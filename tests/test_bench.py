@@ -22,7 +22,10 @@ def test_smoke_run_prints_the_whole_table(capsys):
     assert out.count("greedy") == 2 and "tok/s" in out
 
 
-@pytest.mark.parametrize("script", ["train_speed", "sample_speed", "train_overhead", "gpu_acceptance"])
+BENCH = ["train_speed", "sample_speed", "train_overhead", "gpu_acceptance", "tokenizer_speed", "prepare_throughput"]
+
+
+@pytest.mark.parametrize("script", BENCH)
 def test_every_bench_script_runs_as_a_plain_script(script):
     import subprocess
     import sys
@@ -46,3 +49,14 @@ def test_train_speed_measures_the_model_train_py_builds(char_data, capsys):
     vocab = -(-load_data(f"{char_data}/tiny_char", 8).meta["vocab_size"] // 64) * 64
     expected = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=vocab, bias=False))
     assert r["params"] == expected.num_params() and vocab < 50304
+
+
+def test_tokenizer_speed_prints_both_rates(tmp_path, capsys):
+    from bench import tokenizer_speed
+
+    path = tmp_path / "text.txt"
+    lines = [f"line {i}: the quick brown fox, naïve café {i * 7}\n" for i in range(300)]
+    path.write_text("".join(lines), encoding="utf-8")
+    tokenizer_speed.main([f"--input={path}", "--bpe_vocab_size=300", "--repeat=1"])
+    out = capsys.readouterr().out
+    assert "trained BPE" in out and "MB/s" in out and "tokens/byte" in out

@@ -140,7 +140,9 @@ def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None):
         raise UserError(f"{path} is not a split listed in {os.path.join(data_dir, 'meta.json')}")
     load_data(data_dir or ".", 1, splits=(split,))  # checks the file's size against meta.json
     theirs = Tokenizer(data.meta, tokenizer_dir)
-    if theirs.name != tokenizer.name or getattr(theirs, "itos", None) != getattr(tokenizer, "itos", None):
+    hashes = {theirs.hash, tokenizer.hash} - {None}
+    other_bpe = theirs.name == "tokenizer.json" and len(hashes) > 1  # two trained BPEs of one name, not the same
+    if theirs.name != tokenizer.name or getattr(theirs, "itos", None) != getattr(tokenizer, "itos", None) or other_bpe:
         raise UserError(f"{path} was tokenized with {theirs.name}, not the model's {tokenizer.name} vocabulary")
     tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
     if not data.chat:

@@ -67,6 +67,11 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None):
     template's special tokens included (as special tokens, at the ids training gave them)."""
     if data.get("tokenizer") == "char":
         tokenizer, vocab = char_tokenizer_json(data["chars"]), len(data["chars"])
+    elif data.get("tokenizer_json"):  # a BPE trained for the dataset: the same tokenizer.json
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(data["tokenizer_json"])
+        vocab = tokenizer.get_vocab_size()
     else:
         try:
             enc = load_encoding(data["tokenizer"], tokenizer_dir)
