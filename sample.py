@@ -44,6 +44,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool = False  # static-shape decoding through torch.compile (CUDA graphs on CUDA); slow to start
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
+    weights: str = "raw"  # raw, or ema: the moving average of a run trained with --ema_decay
     chat: bool = False  # chat with a model fine-tuned on a chat dataset: one user turn per line of stdin
     system: str | None = None  # with chat: the system message that opens the conversation
 
@@ -85,7 +86,9 @@ def main(argv=None):
     rt = setup_runtime(cfg.device, cfg.dtype)
     seed_everything(cfg.seed)
 
-    model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, rt.print0)
+    model, tokenizer = load_for_inference(
+        cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, rt.print0, cfg.weights
+    )
     # Inference runs in the compute dtype itself rather than under autocast: the KV cache takes the model's dtype,
     # and a compiled step does not re-cast every weight on every token.
     model.eval().to(rt.device, rt.dtype)

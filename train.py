@@ -39,6 +39,7 @@ from engine.checkpoint import (
 )
 from engine.configurator import format_config, format_overrides, parse_config
 from engine.data import Tokenizer, eval_key, get_batch, load_data, target_count, train_key
+from engine.ema import EMA
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
 from engine.fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
 from engine.hf_interop import from_pretrained
@@ -115,6 +116,7 @@ class TrainConfig:
     lora_rank: int = 0  # the adapters' rank r; 0 = no LoRA, every weight trains
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_targets: str = "attn,mlp"  # the blocks' Linear layers that get adapters: attn, mlp or both
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights, e.g. 0.999; 0 = off
     # learning rate schedule
     decay_lr: bool = True  # apply lr_schedule after warmup; False keeps learning_rate constant (nanoGPT)
     lr_schedule: str = "cosine"  # cosine, wsd (warmup-stable-decay) or constant
@@ -143,6 +145,10 @@ class TrainConfig:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
         parse_targets(self.lora_targets)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.ema_decay and self.fsdp:
+            raise ValueError("ema_decay with fsdp=True is not supported yet: the average would need sharding")
         if self.lora_rank and self.fsdp:
             raise ValueError("lora_rank with fsdp=True is not supported: LoRA's optimizer state is small, use DDP")
         positive = (
@@ -240,7 +246,8 @@ def main(argv=None):
             raw_model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate, betas, rt.device_type, cfg.muon_learning_rate
         )
         scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
-        state = LoopState() if resume_from is None else resume(resume_from, raw_model, optimizers, scaler, cfg, rt)
+        ema = EMA(raw_model, cfg.ema_decay) if cfg.ema_decay else None  # an average of the weights, beside them
+        state = LoopState() if resume_from is None else resume(resume_from, raw_model, optimizers, scaler, cfg, rt, ema)
 
         # wrap: compile, then DDP; evaluation uses the compiled model without DDP (it needs no gradient sync)
         model = raw_model
@@ -267,11 +274,11 @@ def main(argv=None):
             last = state.iter_num >= cfg.max_iters
             if state.iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
                 losses = estimate_loss(eval_model, data, cfg, rt)
-                log({"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+                log(eval_record(state.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt))
                 improved = losses["val"] < state.best_val_loss
                 state.best_val_loss = min(state.best_val_loss, losses["val"])
                 if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
-                    save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora)
+                    save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora, ema)
                 timer.restart()  # the step's time leaves out evaluation and checkpointing
             if task and (state.iter_num % (cfg.eval_task_interval or cfg.eval_interval) == 0 or last or cfg.eval_only):
                 log(score_task(eval_model, task, cfg, rt, state.iter_num))  # a benchmark's accuracy
@@ -313,6 +320,8 @@ def main(argv=None):
                 for opt in optimizers:
                     scaler.step(opt)
                 scaler.update()
+                if ema:
+                    ema.update(raw_model)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             good_steps, bad_in_a_row = (good_steps + 1, 0) if finite else (good_steps, bad_in_a_row + 1)
@@ -341,7 +350,7 @@ def main(argv=None):
             exit_code = stop.exit_code(rt)
             if exit_code:
                 rt.print0(f"signal received: saving iteration {state.iter_num}; continue with --init_from=resume")
-                save(cfg, rt, raw_model, optimizers, scaler, state, data, None, lora)
+                save(cfg, rt, raw_model, optimizers, scaler, state, data, None, lora, ema)
                 break
 
         log.close()
@@ -490,10 +499,14 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     return model, resume_from
 
 
-def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig, rt) -> LoopState:
-    """Load a checkpoint's optimizer moments and loss scale into this run's optimizers (their hyperparameters stay
-    this run's config) and return where its loop stood."""
+def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig, rt, ema) -> LoopState:
+    """Load a checkpoint's optimizer moments, loss scale and weight average into this run's (their hyperparameters
+    stay this run's config) and return where its loop stood."""
     saved = load_state(path, rt.device)
+    if ema:
+        if "ema" not in saved:
+            raise UserError(f"{path} was trained without --ema_decay: resume without it, or start a new run")
+        ema.load_state_dict(saved["ema"])
     for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
         try:
             load_optimizer_state(raw_model, opt, opt_state, cfg.fsdp)
@@ -509,10 +522,11 @@ def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig
     return LoopState(saved["iter_num"], saved["best_val_loss"], saved.get("skipped_steps", 0))
 
 
-def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses, lora) -> None:
-    """Checkpoint the run (losses: the evaluation's, or None; lora: setup_lora's record, or None). Called on every
-    rank: under FSDP gathering the full state is a collective. Only the master writes, and only finite weights: a
-    diverged run keeps its last good one. A LoRA checkpoint holds only what trains (the base is saved once)."""
+def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses, lora, ema):
+    """Checkpoint the run (losses: the evaluation's, or None; lora: setup_lora's record, or None; ema: the weight
+    average, or None, kept in state.pt). Called on every rank: under FSDP gathering the full state is a collective.
+    Only the master writes, and only finite weights: a diverged run keeps its last good one. A LoRA checkpoint holds
+    only what trains (the base is saved once)."""
     if not (rt.master or cfg.fsdp):
         return
     weights = model_state(raw_model, cfg.fsdp)
@@ -526,6 +540,7 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
         rt.print0(f"not saving iteration {state.iter_num}: the weights are not finite")
         return
     loop_state = {"optimizers": optimizer_states, "scaler": scaler.state_dict()} | dataclasses.asdict(state)
+    loop_state |= {"ema": ema.state_dict()} if ema else {}
     meta = {
         "model_config": dataclasses.asdict(raw_model.config),
         "train_config": dataclasses.asdict(cfg),
@@ -597,6 +612,16 @@ def global_targets(cfg: TrainConfig, data, it: int) -> int:
     """The targets the loss counts in iteration it's global batch, over every rank and micro-step (at least 1)."""
     keys = [train_key(cfg.seed, it, g) for g in range(cfg.gradient_accumulation_steps)]
     return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
+
+
+def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt) -> dict:
+    """The log record of an evaluation: the losses, and with EMA on the same batches' losses of the average."""
+    record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
+    if ema:
+        with ema.swapped_in(raw_model):
+            averaged = estimate_loss(eval_model, data, cfg, rt)
+        record |= {"train_loss_ema": averaged["train"], "val_loss_ema": averaged["val"]}
+    return record
 
 
 def load_task(cfg: TrainConfig, data) -> tuple:
@@ -702,7 +727,10 @@ def console_line(record: dict, max_iters: int) -> str:
     """nanoGPT's lines: `step N: train loss X, val loss Y` for an evaluation, and for a step
     `iter N/max (P%): loss X, time Y ms, T tok/s` with the ETA, MFU and MoE aux loss when known."""
     if "val_loss" in record:
-        return f"step {record['iter']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+        line = f"step {record['iter']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+        if "val_loss_ema" in record:
+            line += f" (EMA weights: train loss {record['train_loss_ema']:.4f}, val loss {record['val_loss_ema']:.4f})"
+        return line
     if "task_items" in record:
         name = next(k for k in record if k.endswith("_acc")).removesuffix("_acc")
         acc, norm = record[f"{name}_acc"], record[f"{name}_acc_norm"]

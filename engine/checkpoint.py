@@ -334,9 +334,10 @@ def save_lora_base(out_dir: str, model) -> dict:
     return {"base": name, "base_sha256": sha}
 
 
-def load_model(path: str, dropout: float = 0.0) -> tuple[GPT, dict]:
+def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[GPT, dict]:
     """The one way to build a GPT from a verified checkpoint directory: (the model on the CPU with the checkpoint's
-    weights, in train mode, with the given dropout; the checkpoint's meta.json)."""
+    weights, in train mode, with the given dropout; the checkpoint's meta.json). weights="ema": the run's moving
+    average of its weights (train.py --ema_decay) instead of the raw ones."""
     try:
         meta = read_meta(path)
     except (OSError, ValueError) as e:
@@ -357,17 +358,27 @@ def load_model(path: str, dropout: float = 0.0) -> tuple[GPT, dict]:
         load_weights(path, model, only=[n for n, p in model.named_parameters() if p.requires_grad])
     else:
         load_weights(path, model)
+    if weights == "ema":
+        average = load_state(path).get("ema")
+        if average is None:
+            raise UserError(f"{path} holds no weight average: it was trained without --ema_decay; use --weights=raw")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in average.items():
+                params[name].copy_(t)
+    elif weights != "raw":
+        raise UserError(f"--weights={weights!r}: use raw or ema")
     return model, meta
 
 
-def load_newest_model(out_dir: str, which: str = "latest", log=print) -> tuple[str, GPT, dict]:
+def load_newest_model(out_dir: str, which: str = "latest", log=print, weights: str = "raw") -> tuple[str, GPT, dict]:
     """(path, model, meta) of the checkpoint find_checkpoint picks, for readers (sampling, evaluation, export)
     that may run while a training run prunes out_dir: a checkpoint deleted between being picked and being read
     (pruning removes COMPLETE first) sends the reader back to pick again, rather than failing."""
     for _ in range(10):
         path = find_checkpoint(out_dir, which, log=log)
         try:
-            return path, *load_model(path)
+            return path, *load_model(path, weights=weights)
         except UserError:
             if os.path.exists(os.path.join(path, "COMPLETE")):
                 raise  # still there: the problem is the checkpoint itself

@@ -19,13 +19,20 @@ GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}
 
 
 def load_for_inference(
-    init_from: str, out_dir: str, checkpoint: str = "latest", tokenizer_dir: str | None = None, log=print
+    init_from: str,
+    out_dir: str,
+    checkpoint: str = "latest",
+    tokenizer_dir: str | None = None,
+    log=print,
+    weights: str = "raw",
 ) -> tuple[GPT, Tokenizer]:
-    """The model in eval mode on the CPU (dropout off), and its tokenizer. model.source says where it came from."""
+    """The model in eval mode on the CPU (dropout off), and its tokenizer. model.source says where it came from.
+    weights="ema" takes a checkpoint's moving average of its weights."""
     if init_from == "resume":
-        path, model, meta = load_newest_model(out_dir, checkpoint, log=log)
+        path, model, meta = load_newest_model(out_dir, checkpoint, log=log, weights=weights)
         merge_lora(model)  # a LoRA run decodes with its adapters folded in: one matmul per layer
-        model.source = f"{path} (iteration {meta.get('iter_num')}, val loss {meta.get('val_loss')})"
+        average = ", EMA weights" if weights == "ema" else ""
+        model.source = f"{path} (iteration {meta.get('iter_num')}, val loss {meta.get('val_loss')}{average})"
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
         model = from_pretrained(init_from)

@@ -65,6 +65,7 @@ class EvaluateConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
+    weights: str = "raw"  # raw, or ema: the moving average of a run trained with --ema_decay
 
     def __post_init__(self):
         if sum(x is not None for x in (self.text, self.tokens, self.task)) != 1:
@@ -167,7 +168,9 @@ def main(argv=None):
     if cfg.surprisal:
         check_output(cfg.surprisal, "--surprisal", inputs=(cfg.text, cfg.tokens))
     rt = setup_runtime(cfg.device, cfg.dtype)
-    model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir)
+    model, tokenizer = load_for_inference(
+        cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, weights=cfg.weights
+    )
     model.to(rt.device)
     if cfg.task is not None:
         items = read_items(cfg.task, cfg.task_file, cfg.max_items)

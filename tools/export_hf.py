@@ -32,6 +32,7 @@ class ExportConfig:
     hf_dir: str = "hf_model"  # directory to write config.json and model.safetensors into (new or empty)
     overwrite: bool = False  # write into a non-empty hf_dir (its config.json and model.safetensors are replaced)
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
+    weights: str = "raw"  # raw, or ema: the moving average of a run trained with --ema_decay
 
 
 def check_hf_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
@@ -91,7 +92,7 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None):
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, usage=__doc__)
     check_hf_dir(cfg.hf_dir, cfg.out_dir, cfg.overwrite)
-    path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint)
+    path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint, weights=cfg.weights)
     merge_lora(model)  # a LoRA run exports as a plain model: its adapters folded into the weights
     tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir)
     chatting = meta["data"].get("chat")
