@@ -12,10 +12,12 @@ Options are TrainConfig's fields below, set by preset files and then --key=value
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -32,6 +34,7 @@ from engine.checkpoint import (
     list_checkpoints,
     load_model,
     load_state,
+    load_weights,
     prune_checkpoints,
     read_meta,
     save_checkpoint,
@@ -135,6 +138,12 @@ class TrainConfig:
     fp8: bool = False  # FP8 matmuls in the Linear layers (torchao; NVIDIA GPUs with compute capability 8.9+)
     seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
     max_nonfinite_steps: int = 10  # stop (exit code 3) after this many non-finite steps in a row; 0 never stops
+    # loss-spike rollback: a spike restores the newest good checkpoint, moves the data on and lowers the LR
+    max_rollbacks: int = 3  # rollbacks before stopping with exit code 3; 0 turns rollback off
+    spike_factor: float = 4.0  # a step is bad when its loss exceeds this times the median of the recent good ones
+    spike_window: int = 50  # how many recent good steps' losses the median is taken over
+    spike_patience: int = 3  # bad steps in a row (also non-finite ones) that make a spike
+    spike_lr_scale: float = 0.5  # the learning rate is multiplied by this at each rollback
     peak_flops: float | None = None  # device peak FLOP/s for MFU; none = look the GPU up in engine/runtime.py's table
 
     def __post_init__(self):
@@ -159,9 +168,11 @@ class TrainConfig:
             "batch_size",
             "block_size",
         )
-        for name in positive:
+        for name in (*positive, "spike_window", "spike_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rollbacks < 0 or self.spike_factor <= 1 or not 0 < self.spike_lr_scale <= 1:
+            raise ValueError("max_rollbacks must be >= 0, spike_factor > 1 and spike_lr_scale in (0, 1]")
         if not self.dataset.strip():
             raise ValueError("dataset is empty; name a prepared dataset in data_root, e.g. --dataset=shakespeare_char")
         if not self.out_dir.strip():
@@ -225,6 +236,9 @@ def main(argv=None):
     accum_steps = cfg.gradient_accumulation_steps // rt.world_size  # the preset's count is global
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print_settings(cfg, rt, tokens_per_iter)
+    if cfg.fsdp and cfg.max_rollbacks:  # restoring sharded state in the loop is not built yet
+        rt.print0("note: loss-spike rollback is off under --fsdp=True (not supported yet)")
+        cfg = dataclasses.replace(cfg, max_rollbacks=0)
 
     # data; out_dir belongs to this run alone until it ends; signals are polled once per step from here on
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
@@ -263,12 +277,14 @@ def main(argv=None):
         timer = StepTimer(warmup=min(MFU_WARMUP_ITERS, cfg.max_iters // 10))
         bad_in_a_row, good_steps, exit_code = 0, 0, 0
         task = load_task(cfg, data) if cfg.eval_task else None
-        x, y = train_batch(cfg, rt, data, state.iter_num, 0)
+        x, y = train_batch(cfg, rt, data, state.iter_num, 0, state.rollbacks)
+        good = resume_from  # where a loss spike rolls back to: the newest checkpoint, else the start (in memory)
+        start = Snapshot.take(raw_model, optimizers, scaler, ema, state) if cfg.max_rollbacks and not good else None
 
         while True:
             # set the learning rate: every parameter group follows the schedule from its own base rate
             lr = scheduled_lr(cfg, state.iter_num)
-            set_lr(optimizers, lr / cfg.learning_rate if cfg.learning_rate else 0.0)
+            set_lr(optimizers, state.lr_scale * (lr / cfg.learning_rate if cfg.learning_rate else 0.0))
 
             # evaluate and checkpoint: every eval_interval and at the end; save when val improves (or always)
             last = state.iter_num >= cfg.max_iters
@@ -278,7 +294,7 @@ def main(argv=None):
                 improved = losses["val"] < state.best_val_loss
                 state.best_val_loss = min(state.best_val_loss, losses["val"])
                 if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
-                    save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora, ema)
+                    good = save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora, ema) or good
                 timer.restart()  # the step's time leaves out evaluation and checkpointing
             if task and (state.iter_num % (cfg.eval_task_interval or cfg.eval_interval) == 0 or last or cfg.eval_only):
                 log(score_task(eval_model, task, cfg, rt, state.iter_num))  # a benchmark's accuracy
@@ -289,10 +305,11 @@ def main(argv=None):
             # micro-steps: accum_steps forward/backward passes, the next batch fetched while the GPU works. Dropout is
             # reseeded from (seed, rank, iteration), so a resumed run draws the masks an uninterrupted one draws
             if raw_model.config.dropout > 0:
-                seed_everything(hash_seed(cfg.seed, rt.rank, state.iter_num))
+                after_rollback = (state.rollbacks,) if state.rollbacks else ()  # then other masks, as other windows
+                seed_everything(hash_seed(cfg.seed, rt.rank, state.iter_num, *after_rollback))
             loss_sum = torch.zeros((), device=rt.device)
             aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
-            chat_scale = rt.world_size / global_targets(cfg, data, state.iter_num) if data.chat else None
+            chat_scale = rt.world_size / global_targets(cfg, data, state) if data.chat else None
             for micro_step in range(accum_steps):
                 sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
                 if cfg.fsdp:
@@ -301,7 +318,9 @@ def main(argv=None):
                     with rt.autocast():
                         loss = micro_step_loss(model, x, y, accum_steps, chat_scale)
                     last_micro = micro_step + 1 == accum_steps
-                    x, y = train_batch(cfg, rt, data, state.iter_num + last_micro, 0 if last_micro else micro_step + 1)
+                    x, y = train_batch(
+                        cfg, rt, data, state.iter_num + last_micro, 0 if last_micro else micro_step + 1, state.rollbacks
+                    )
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
                 if raw_model.config.n_expert:
@@ -310,7 +329,7 @@ def main(argv=None):
             # clip and step: the norm of the all-reduced gradient is the same on every rank, so all agree on a skip
             grad_norm = unscale_and_clip(model, optimizers, scaler, cfg.grad_clip)
             logging = state.iter_num % cfg.log_interval == 0
-            if logging and rt.ddp:  # the logged loss is the mean over the whole global batch
+            if (logging or cfg.max_rollbacks) and rt.ddp:  # the mean over the global batch, the same on every rank
                 dist.all_reduce(loss_sum)
                 loss_sum /= rt.world_size
             # the step's one host sync: the norm decides the step, the losses go to the log
@@ -333,7 +352,7 @@ def main(argv=None):
             dt = timer.lap()
             state.iter_num += 1
             if logging:
-                record = {"iter": state.iter_num - 1, "loss": lossf, "lr": lr, "dt": dt}
+                record = {"iter": state.iter_num - 1, "loss": lossf, "lr": lr * state.lr_scale, "dt": dt}
                 record |= {"tokens_per_sec": tokens_per_iter / dt, "grad_norm": grad_normf}
                 record |= {"skipped_steps": state.skipped_steps, "eta_s": timer.eta(cfg.max_iters - state.iter_num)}
                 if peak and timer.steps > MFU_WARMUP_ITERS:
@@ -341,6 +360,17 @@ def main(argv=None):
                 if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
                     record["aux_loss"] = auxf
                 log(record)
+
+            # roll back: spike_patience bad steps in a row (a loss spike, or non-finite) restore the newest good state
+            if cfg.max_rollbacks and spiked(state, cfg, lossf, finite):
+                if state.rollbacks >= cfg.max_rollbacks:
+                    rt.print0(f"stopping: a loss spike after {state.rollbacks} rollbacks; the last good one: {good}")
+                    exit_code = EXIT_NONFINITE
+                    break
+                state, record = roll_back(cfg, rt, raw_model, optimizers, scaler, ema, state, good, start, lossf)
+                log(record)
+                x, y = train_batch(cfg, rt, data, state.iter_num, 0, state.rollbacks)
+                continue
 
             # stop: after too many non-finite steps in a row, or on a signal (after a checkpoint)
             if bad_in_a_row >= cfg.max_nonfinite_steps > 0:
@@ -368,6 +398,10 @@ class LoopState:
     iter_num: int = 0
     best_val_loss: float = float("inf")
     skipped_steps: int = 0  # steps skipped for a non-finite gradient norm, over the whole run
+    rollbacks: int = 0  # loss-spike rollbacks so far; each moves the data windows on
+    lr_scale: float = 1.0  # the learning rate's factor: spike_lr_scale per rollback
+    recent_losses: list[float] = dataclasses.field(default_factory=list)  # the spike detector's reference window
+    bad_steps: int = 0  # bad steps in a row (a spike, or non-finite)
 
 
 def check_process_count(cfg: TrainConfig, rt) -> None:
@@ -499,7 +533,7 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     return model, resume_from
 
 
-def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig, rt, ema) -> LoopState:
+def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig, rt, ema, trim=True) -> LoopState:
     """Load a checkpoint's optimizer moments, loss scale and weight average into this run's (their hyperparameters
     stay this run's config) and return where its loop stood."""
     saved = load_state(path, rt.device)
@@ -517,9 +551,10 @@ def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig
             ) from None
     if saved["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
         scaler.load_state_dict(saved["scaler"])
-    if rt.master:
+    if rt.master and trim:  # (a rollback keeps the rows: they show what happened)
         trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), saved["iter_num"])
-    return LoopState(saved["iter_num"], saved["best_val_loss"], saved.get("skipped_steps", 0))
+    loop = {f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved}
+    return LoopState(**loop)  # older checkpoints lack the newer fields: their defaults
 
 
 def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses, lora, ema):
@@ -527,18 +562,20 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
     average, or None, kept in state.pt). Called on every rank: under FSDP gathering the full state is a collective.
     Only the master writes, and only finite weights: a diverged run keeps its last good one. A LoRA checkpoint holds
     only what trains (the base is saved once)."""
-    if not (rt.master or cfg.fsdp):
-        return
+    path = os.path.join(cfg.out_dir, f"ckpt-{state.iter_num:07d}")  # what every rank returns, written or not
+    if not (rt.master or cfg.fsdp):  # DDP ranks hold the master's weights: the same finiteness
+        return path if all(torch.isfinite(p).all() for p in raw_model.parameters()) else None
     weights = model_state(raw_model, cfg.fsdp)
     if lora:
         trained = {n for n, p in raw_model.named_parameters() if p.requires_grad}
         weights = {n: w for n, w in weights.items() if n in trained}
     optimizer_states = [optimizer_state(raw_model, opt, cfg.fsdp) for opt in optimizers]
+    finite = all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
     if not rt.master:
-        return
-    if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
+        return path if finite else None
+    if not finite:
         rt.print0(f"not saving iteration {state.iter_num}: the weights are not finite")
-        return
+        return None
     loop_state = {"optimizers": optimizer_states, "scaler": scaler.state_dict()} | dataclasses.asdict(state)
     loop_state |= {"ema": ema.state_dict()} if ema else {}
     meta = {
@@ -548,10 +585,12 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
         "code_version": code_version(),
         "val_loss": losses["val"] if losses else None,
         "train_loss": losses["train"] if losses else None,
+        "rollbacks": state.rollbacks,
     } | ({"lora": lora} if lora else {})
     path = save_checkpoint(cfg.out_dir, state.iter_num, weights, loop_state, meta)
     prune_checkpoints(cfg.out_dir, cfg.keep_last)
     rt.print0(f"saved checkpoint {path}")
+    return path
 
 
 def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) -> dict | None:
@@ -576,11 +615,65 @@ def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) 
     return lora
 
 
-def train_batch(cfg: TrainConfig, rt, data, it: int, micro_step: int):
-    """This rank's batch for (iteration, micro-step). The windows depend only on (seed, iteration, global micro-step):
-    exact on resume, disjoint across ranks."""
-    key = train_key(cfg.seed, it, rt.rank * (cfg.gradient_accumulation_steps // rt.world_size) + micro_step)
-    return get_batch(data, "train", cfg.batch_size, cfg.block_size, key, rt.device)
+@dataclass
+class Snapshot:
+    """The run's starting state, in memory (weights on the CPU): where a loss spike before the first checkpoint rolls
+    back to."""
+
+    weights: dict
+    optimizers: list
+    scaler: dict
+    ema: dict | None
+    state: LoopState
+
+    @staticmethod
+    def take(model: GPT, optimizers: list, scaler, ema, state: LoopState) -> "Snapshot":
+        weights = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+        opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        return Snapshot(weights, opts, scaler.state_dict(), ema.state_dict() if ema else None, copy.deepcopy(state))
+
+
+def spiked(state: LoopState, cfg: TrainConfig, loss: float, finite: bool) -> bool:
+    """Whether this step ends a loss spike: spike_patience bad steps in a row, a bad step being one whose loss is not
+    finite (or whose gradient norm is not), or above spike_factor times the median of the last spike_window good
+    steps' losses. Good losses join the window; bad ones do not, so a divergence cannot become its own reference."""
+    reference = statistics.median(state.recent_losses) if state.recent_losses else math.inf
+    if finite and math.isfinite(loss) and loss <= cfg.spike_factor * reference:
+        state.recent_losses = (state.recent_losses + [loss])[-cfg.spike_window :]
+        state.bad_steps = 0
+        return False
+    state.bad_steps += 1
+    return state.bad_steps >= cfg.spike_patience
+
+
+def roll_back(cfg, rt, raw_model, optimizers, scaler, ema, state: LoopState, good, start, loss) -> tuple:
+    """Restore the newest good state (the checkpoint `good`, else the `start` snapshot): weights, optimizer, scaler
+    and average. The restored loop goes on with one more rollback (so other data windows) and the learning rate
+    scaled by spike_lr_scale once more. Returns (the new loop state, its log record)."""
+    if good:
+        trained = [n for n, p in raw_model.named_parameters() if p.requires_grad]
+        load_weights(good, raw_model, only=trained if cfg.lora_rank else None)
+        restored = resume(good, raw_model, optimizers, scaler, cfg, rt, ema, trim=False)
+    else:
+        raw_model.load_state_dict(start.weights)
+        for opt, saved in zip(optimizers, start.optimizers, strict=True):
+            opt.load_state_dict(copy.deepcopy(saved))
+        scaler.load_state_dict(start.scaler)
+        if ema:
+            ema.load_state_dict(start.ema)
+        restored = copy.deepcopy(start.state)
+    restored.rollbacks, restored.lr_scale = state.rollbacks + 1, state.lr_scale * cfg.spike_lr_scale
+    restored.skipped_steps, restored.recent_losses, restored.bad_steps = state.skipped_steps, [], 0
+    record = {"iter": state.iter_num - 1, "rollback": restored.rollbacks, "of": cfg.max_rollbacks, "spike_loss": loss}
+    record |= {"to": good or "the start of this run", "to_iter": restored.iter_num, "lr_scale": restored.lr_scale}
+    return restored, record
+
+
+def train_batch(cfg: TrainConfig, rt, data, it: int, micro_step: int, rollbacks: int = 0):
+    """This rank's batch for (iteration, micro-step). The windows depend only on (seed, iteration, global micro-step,
+    rollbacks so far): exact on resume, disjoint across ranks."""
+    g = rt.rank * (cfg.gradient_accumulation_steps // rt.world_size) + micro_step
+    return get_batch(data, "train", cfg.batch_size, cfg.block_size, train_key(cfg.seed, it, g, rollbacks), rt.device)
 
 
 def scheduled_lr(cfg: TrainConfig, it: int) -> float:
@@ -608,9 +701,9 @@ def micro_step_loss(model, x, y, accum_steps: int, chat_scale: float | None) -> 
     return model(x, y, reduction="sum")[1] * chat_scale
 
 
-def global_targets(cfg: TrainConfig, data, it: int) -> int:
-    """The targets the loss counts in iteration it's global batch, over every rank and micro-step (at least 1)."""
-    keys = [train_key(cfg.seed, it, g) for g in range(cfg.gradient_accumulation_steps)]
+def global_targets(cfg: TrainConfig, data, state: LoopState) -> int:
+    """The targets the loss counts in this iteration's global batch, over every rank and micro-step (at least 1)."""
+    keys = [train_key(cfg.seed, state.iter_num, g, state.rollbacks) for g in range(cfg.gradient_accumulation_steps)]
     return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
 
 
@@ -731,6 +824,12 @@ def console_line(record: dict, max_iters: int) -> str:
         if "val_loss_ema" in record:
             line += f" (EMA weights: train loss {record['train_loss_ema']:.4f}, val loss {record['val_loss_ema']:.4f})"
         return line
+    if "rollback" in record:
+        return (
+            f"iter {record['iter']}: loss spike (loss {record['spike_loss']:.4f}): rolled back to {record['to']} "
+            f"(iteration {record['to_iter']}), learning rate x{record['lr_scale']:g}, new data windows "
+            f"(rollback {record['rollback']} of at most {record['of']})"
+        )
     if "task_items" in record:
         name = next(k for k in record if k.endswith("_acc")).removesuffix("_acc")
         acc, norm = record[f"{name}_acc"], record[f"{name}_acc_norm"]

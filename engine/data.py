@@ -164,10 +164,11 @@ def check_tokens(path: str, dtype, vocab_size: int, sha256: str | None) -> None:
             )
 
 
-def train_key(seed: int, iteration: int, global_micro_step: int) -> tuple[int, ...]:
+def train_key(seed: int, iteration: int, global_micro_step: int, rollbacks: int = 0) -> tuple[int, ...]:
     """The seed-sequence key of a training batch. Rank r of W, on micro-step m of M per rank, takes global micro-step
-    r * M + m: W ranks with M each read exactly the batches one process with W * M micro-steps reads."""
-    return (seed, 0, iteration, global_micro_step)
+    r * M + m: W ranks with M each read exactly the batches one process with W * M micro-steps reads. After a loss-spike
+    rollback the key moves on (rollbacks > 0), so the iterations replayed read other windows."""
+    return (seed, 0, iteration, global_micro_step) + ((rollbacks,) if rollbacks else ())
 
 
 def eval_key(seed: int, k: int) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ class Metrics:
     task_iters: list[int] = dataclasses.field(default_factory=list)  # benchmark scores (train.py --eval_task)
     task_acc: list[float] = dataclasses.field(default_factory=list)  # acc_norm
     task: str | None = None
+    rollbacks: list[int] = dataclasses.field(default_factory=list)  # iterations where a loss spike was rolled back
 
 
 def read_metrics(path: str) -> Metrics:
@@ -46,7 +47,9 @@ def read_metrics(path: str) -> Metrics:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line being written right now
                 continue
-            if "task_items" in r:
+            if "rollback" in r:
+                m.rollbacks.append(r["iter"])
+            elif "task_items" in r:
                 m.task = next((k.removesuffix("_acc_norm") for k in r if k.endswith("_acc_norm")), m.task)
                 if m.task and r.get(f"{m.task}_acc_norm") is not None:
                     m.task_iters.append(r["iter"])
@@ -103,6 +106,8 @@ def plot_runs(metrics_paths: list[str], out_png: str, labels: list[str] | None =
     tokens = set()
     for i, (path, label, m) in enumerate(zip(paths, labels, runs, strict=True)):
         color = f"C{i}"
+        for k, it in enumerate(m.rollbacks):  # a marker where a loss spike was rolled back
+            ax.axvline(it, color=color, linestyle="--", alpha=0.5, label=f"{label} rollback" if k == 0 else None)
         if m.task_iters:
             ax_task.plot(m.task_iters, m.task_acc, "D-", color=color, markersize=4, label=f"{label} {m.task}")
         ax.plot(m.iters, m.loss, color=color, alpha=0.3, linewidth=0.8, label=f"{label} train (per iteration)")

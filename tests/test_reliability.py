@@ -122,6 +122,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(char_data, tmp_path, ca
             "--max_iters=50",
             "--eval_interval=1",
             "--max_nonfinite_steps=4",
+            "--max_rollbacks=0",  # the guard alone (rollback has its own tests)
             "--warmup_iters=0",
             "--grad_clip=0",
         )
@@ -424,7 +425,8 @@ def test_a_run_that_never_had_a_finite_step_is_not_blamed_on_the_learning_rate(
     char_data, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(train.torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
-    code = train.main(args(char_data, str(tmp_path / "out"), "--max_iters=20", "--max_nonfinite_steps=3"))
+    guard = ["--max_iters=20", "--max_nonfinite_steps=3", "--max_rollbacks=0"]  # the guard alone
+    code = train.main(args(char_data, str(tmp_path / "out"), *guard))
     assert code == EXIT_NONFINITE
     stop = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopping:")]
     assert len(stop) == 1 and "not one step of this run was finite, so the data" in stop[0]
