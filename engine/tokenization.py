@@ -169,3 +169,11 @@ def train_bpe(texts, vocab_size: int, length: int | None = None):
 def tokenizer_json_hash(text: str) -> str:
     """The vocabulary hash of a tokenizer.json: the sha256 of its text, as saved beside the dataset."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tiktoken_manifest(name: str, tokenizer_dir: str | None = None):
+    """(encoding, its meta.json entry: name, vocabulary hash, vocab_size, end-of-text id) for the prepare scripts.
+    Raises TokenizerUnavailable offline without the encoding's files."""
+    enc = load_encoding(name, tokenizer_dir)
+    eot = enc.encode_single_token(ENDOFTEXT) if ENDOFTEXT in enc.special_tokens_set else enc.eot_token
+    return enc, {"tokenizer": name, "tokenizer_hash": encoding_hash(enc), "vocab_size": enc.n_vocab, "eot_id": eot}

@@ -26,13 +26,11 @@ from engine import chat
 from engine.configurator import parse_config
 from engine.errors import run_cli
 from engine.tokenization import (
-    ENDOFTEXT,
     TokenizerUnavailable,
     char_encode,
     char_lookup,
     chars_hash,
-    encoding_hash,
-    load_encoding,
+    tiktoken_manifest,
 )
 
 
@@ -106,11 +104,9 @@ def make_tokenizer(args: ChatConfig, conversations: list[list[dict]]):
         base, encode = len(chars), lambda text: char_encode(text, table).tolist()
     else:
         try:
-            enc = load_encoding(args.tokenizer, args.tokenizer_dir)
+            enc, info = tiktoken_manifest(args.tokenizer, args.tokenizer_dir)
         except TokenizerUnavailable as e:
             fail(str(e))
-        eot = enc.encode_single_token(ENDOFTEXT) if ENDOFTEXT in enc.special_tokens_set else enc.eot_token
-        info = {"tokenizer": args.tokenizer, "tokenizer_hash": encoding_hash(enc), "eot_id": eot}
         base, encode = enc.n_vocab, enc.encode_ordinary  # "<|user|>" written in a message stays text
     special = chat.special_ids(base)
     info |= {"vocab_size": base + len(special), "chat": {"template": chat.TEMPLATE, "special": special}}

@@ -29,8 +29,7 @@ from engine.tokenization import (
     char_encode,
     char_lookup,
     chars_hash,
-    encoding_hash,
-    load_encoding,
+    tiktoken_manifest,
     tokenizer_json_hash,
     train_bpe,
 )
@@ -208,11 +207,10 @@ def make_tokenizer(args, train, val=None):
         }
         return (lambda texts: [char_encode(t, table) for t in texts]), info
     try:
-        enc = load_encoding(args.tokenizer, args.tokenizer_dir)
+        enc, info = tiktoken_manifest(args.tokenizer, args.tokenizer_dir)
     except TokenizerUnavailable as e:
         fail(str(e))
-    eot = enc.encode_single_token(ENDOFTEXT) if ENDOFTEXT in enc.special_tokens_set else enc.eot_token
-    info = {"tokenizer": args.tokenizer, "tokenizer_hash": encoding_hash(enc), "vocab_size": enc.n_vocab, "eot_id": eot}
+    eot = info["eot_id"]
 
     def encode_batch(texts):
         # tiktoken's batch encoding runs its Rust core on several threads; special tokens in the text stay text.
