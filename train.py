@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from engine import health
 from engine.checkpoint import (
     OutDirLock,
     code_version,
@@ -120,6 +121,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_targets: str = "attn,mlp"  # the blocks' Linear layers that get adapters: attn, mlp or both
     ema_decay: float = 0.0  # keep an exponential moving average of the weights, e.g. 0.999; 0 = off
+    health_interval: int = 0  # log per-layer gradient norms, update ratios and activation RMS this often; 0 = off
     # learning rate schedule
     decay_lr: bool = True  # apply lr_schedule after warmup; False keeps learning_rate constant (nanoGPT)
     lr_schedule: str = "cosine"  # cosine, wsd (warmup-stable-decay) or constant
@@ -154,6 +156,10 @@ class TrainConfig:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
         parse_targets(self.lora_targets)
+        if self.health_interval < 0:
+            raise ValueError(f"health_interval must be >= 0 (0 = off), got {self.health_interval}")
+        if self.health_interval and self.fsdp:
+            raise ValueError("health_interval with fsdp=True is not supported yet: the blocks' weights are sharded")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.ema_decay and self.fsdp:
@@ -328,6 +334,8 @@ def main(argv=None):
 
             # clip and step: the norm of the all-reduced gradient is the same on every rank, so all agree on a skip
             grad_norm = unscale_and_clip(model, optimizers, scaler, cfg.grad_clip)
+            checkup = rt.master and cfg.health_interval and state.iter_num % cfg.health_interval == 0
+            grads_before = health.before_step(raw_model) if checkup else None  # per-layer telemetry, on its steps
             logging = state.iter_num % cfg.log_interval == 0
             if (logging or cfg.max_rollbacks) and rt.ddp:  # the mean over the global batch, the same on every rank
                 dist.all_reduce(loss_sum)
@@ -335,6 +343,7 @@ def main(argv=None):
             # the step's one host sync: the norm decides the step, the losses go to the log
             grad_normf, lossf, auxf = torch.stack([grad_norm.float(), loss_sum.float(), aux_sum.float()]).tolist()
             finite = math.isfinite(grad_normf)
+            state.clipped_steps += int(finite and cfg.grad_clip > 0 and grad_normf > cfg.grad_clip)
             if finite or scaler.is_enabled():  # in float16 the scaler skips the step itself and lowers its scale
                 for opt in optimizers:
                     scaler.step(opt)
@@ -343,6 +352,8 @@ def main(argv=None):
                     ema.update(raw_model)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+            if checkup:
+                log(health_record(raw_model, grads_before, x, state, rt))
             good_steps, bad_in_a_row = (good_steps + 1, 0) if finite else (good_steps, bad_in_a_row + 1)
             if not finite:  # a skipped step, by us or by the scaler: counted either way, so a run of NaN weights stops
                 state.skipped_steps += 1
@@ -402,6 +413,7 @@ class LoopState:
     lr_scale: float = 1.0  # the learning rate's factor: spike_lr_scale per rollback
     recent_losses: list[float] = dataclasses.field(default_factory=list)  # the spike detector's reference window
     bad_steps: int = 0  # bad steps in a row (a spike, or non-finite)
+    clipped_steps: int = 0  # steps whose gradient norm was clipped
 
 
 def check_process_count(cfg: TrainConfig, rt) -> None:
@@ -707,6 +719,15 @@ def global_targets(cfg: TrainConfig, data, state: LoopState) -> int:
     return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
 
 
+def health_record(raw_model: GPT, grads_before: tuple, x, state: LoopState, rt) -> dict:
+    """The per-layer telemetry of this step (engine/health.py) as a log record."""
+    norms, weights = grads_before
+    act_rms, expert_load = health.probe(raw_model, x, rt.autocast)
+    record = {"iter": state.iter_num, "grad_norm": norms, "update_ratio": health.update_ratios(raw_model, weights)}
+    record |= {"act_rms": act_rms, "clipped_steps": state.clipped_steps}
+    return record | ({"expert_load": expert_load} if expert_load else {})
+
+
 def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt) -> dict:
     """The log record of an evaluation: the losses, and with EMA on the same batches' losses of the average."""
     record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
@@ -808,7 +829,10 @@ class RunLog:
         if "val_loss" in record or "task_items" in record:
             self.plotter.refresh()  # out_dir/loss_curve.png
         if self.wandb:
-            self.wandb.log({self.WANDB_NAMES.get(k, k): v for k, v in record.items() if v is not None})
+            point = {self.WANDB_NAMES.get(k, k): v for k, v in record.items() if not isinstance(v, (list, type(None)))}
+            for name in (k for k, v in record.items() if isinstance(v, list) and k in health.QUANTITIES):
+                point |= {f"health/{name}/layer_{i}": v for i, v in enumerate(record[name])}  # grouped per layer
+            self.wandb.log(point)
 
     def close(self) -> None:
         self.plotter.join()
@@ -824,6 +848,8 @@ def console_line(record: dict, max_iters: int) -> str:
         if "val_loss_ema" in record:
             line += f" (EMA weights: train loss {record['train_loss_ema']:.4f}, val loss {record['val_loss_ema']:.4f})"
         return line
+    if "act_rms" in record:
+        return health.summary(record)
     if "rollback" in record:
         return (
             f"iter {record['iter']}: loss spike (loss {record['spike_loss']:.4f}): rolled back to {record['to']} "

@@ -10,6 +10,7 @@ data           token datasets on disk and the (seed, iteration, micro-step) batc
 memory         parameter and activation bytes, the fits-in-memory check
 lora           low-rank adapters of a frozen model, and merging them in
 ema            the moving average of the weights
+health         per-layer training telemetry
 optim          AdamW / Muon parameter groups and the LR schedules
 fsdp           FSDP2 sharding and full state dicts
 checkpoint     the only reader and writer of checkpoints and out_dir

@@ -185,3 +185,49 @@ class BackgroundPlot:
             thread = self._thread
         if thread is not None:
             thread.join()
+
+
+def plot_health(metrics_file: str, out_png: str, title: str | None = None) -> None:
+    """Heatmaps of layer x iteration for each per-layer health quantity (train.py --health_interval) in out_png;
+    gradient norms and update ratios on a log colour scale."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    rows = []
+    with open(metrics_file) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "act_rms" in r:
+                rows.append(r)
+    if not rows:
+        raise ValueError(f"{metrics_file} has no health records: train with --health_interval=N")
+    names = [("grad_norm", "gradient norm", True), ("update_ratio", "update / weight", True)]
+    names.append(("act_rms", "output RMS", False))
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(names), 1, sharex=True)
+    iters = [r["iter"] for r in rows]
+    for ax, (key, label, log) in zip(axes, names, strict=True):
+        layers = range(len(rows[0][key]))
+        grid = [[max(r[key][layer], 1e-12) if log else r[key][layer] for r in rows] for layer in layers]
+        image = ax.imshow(
+            grid,
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+            extent=(iters[0] - 0.5, iters[-1] + 0.5, -0.5, len(grid) - 0.5),
+            norm=LogNorm() if log else None,
+        )
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, label=label)
+    axes[-1].set_xlabel("iteration")
+    axes[0].set_title(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_file))), fontsize=10)
+    tmp = f"{out_png}.tmp-{os.getpid()}.png"
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,56 @@
+"""Per-layer health telemetry: gradient norms and update ratios by their definitions, activation RMS and MoE loads
+from a probe that changes nothing (a run's losses are the same with it on), the clipped-step count, the log lines
+and records, and plot.py --health's heatmaps."""
+
+import json
+import os
+
+import pytest
+import torch
+from test_plot import png_size
+from test_train import args, step_losses
+
+import train
+from engine import health, loss_curve
+from model import GPT, GPTConfig
+from tools import plot
+
+
+def test_grad_norms_and_update_ratios_are_their_definitions():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16))
+    x = torch.randint(32, (2, 8))
+    model(x, x)[1].backward()
+    norms, before = health.before_step(model)
+    for block, norm in zip(model.transformer.h, norms, strict=True):
+        expected = torch.cat([p.grad.flatten() for p in block.parameters()]).norm().item()
+        assert norm == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        for p in model.transformer.h[1].parameters():
+            p.mul_(1.5)  # every weight of block 1 moves by half its size; block 0 stays
+    assert health.update_ratios(model, before) == pytest.approx([0.0, 0.5], abs=1e-6)
+
+
+def test_moe_loads_are_shares_of_the_tokens():
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, n_expert=4, n_expert_active=2))
+    rms, loads = health.probe(model, torch.randint(32, (3, 8)), torch.no_grad)
+    assert len(rms) == 2 and all(r > 0 for r in rms)
+    assert len(loads) == 2 and all(sum(layer) == pytest.approx(1.0) and len(layer) == 4 for layer in loads)
+
+
+def test_a_run_with_telemetry_logs_it_and_trains_the_same(char_data, tmp_path, capsys):
+    plain, watched = str(tmp_path / "plain"), str(tmp_path / "watched")
+    run = ["--max_iters=6", "--eval_interval=6", "--grad_clip=1e-6"]  # every step clipped
+    train.main(args(char_data, plain, *run))
+    capsys.readouterr()
+    train.main(args(char_data, watched, *run, "--health_interval=2"))
+    assert step_losses(plain) == step_losses(watched)  # the probe and the copies change nothing
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("health ")]
+    assert [line.split()[1] for line in lines] == ["0", "2", "4"] and "grad norm" in lines[0]
+    with open(os.path.join(watched, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "act_rms" in r]
+    assert [r["clipped_steps"] for r in rows] == [1, 3, 5]  # every step so far, this one included
+    assert all(len(r[q]) == 2 for r in rows for q in health.QUANTITIES)
+    out = str(tmp_path / "health.png")
+    plot.main([watched, "--health=True", f"--out={out}"])
+    assert png_size(out) == (loss_curve.FIGSIZE[0] * loss_curve.DPI, loss_curve.FIGSIZE[1] * loss_curve.DPI)
