@@ -199,20 +199,23 @@ def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
     return t.to(device)
 
 
+def chat_spans(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...]) -> list:
+    """The (begin, end) token spans of the batch_size conversations the seed sequence `key` draws (with replacement),
+    each from its first token and cut at block_size + 1 tokens."""
+    starts = np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64)
+    picks = np.random.default_rng(list(key)).integers(0, len(starts) - 1, size=batch_size)
+    return [(int(starts[c]), int(min(starts[c + 1], starts[c] + block_size + 1))) for c in picks]
+
+
 def chat_rows(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...]):
-    """batch_size whole conversations drawn (with replacement) by the seed sequence `key`, one per row, each from its
-    first token, cut at block_size + 1 tokens and padded after its end. Returns x and y, (B, T) int64 arrays: y is
-    x shifted by one, with -1 at padding and at every token the mask leaves out (all but the assistant's turns)."""
+    """The batch of `key`: one whole conversation per row (chat_spans), padded after its end. Returns x and y, (B, T)
+    int64 arrays: y is x shifted by one, with -1 at padding and at every token the mask leaves out (all but the
+    assistant's turns)."""
     tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
     mask = np.memmap(data.split_path(split, "mask_file"), dtype=np.uint8, mode="r")
-    starts = np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64)
-    rng = np.random.default_rng(list(key))
-    picks = rng.integers(0, len(starts) - 1, size=batch_size)
     rows = np.full((batch_size, block_size + 1), data.meta.get("eot_id") or 0, dtype=np.int64)
     targets = np.full((batch_size, block_size + 1), -1, dtype=np.int64)
-    for r, c in enumerate(picks):
-        a = starts[c]
-        b = min(starts[c + 1], a + block_size + 1)
+    for r, (a, b) in enumerate(chat_spans(data, split, batch_size, block_size, key)):
         ids = tokens[a:b].astype(np.int64)
         rows[r, : b - a] = ids
         targets[r, : b - a] = np.where(mask[a:b] == 1, ids, -1)
@@ -223,7 +226,8 @@ def target_count(data: TokenData, split: str, batch_size: int, block_size: int, 
     """How many targets of the batch `key` the loss counts (y != -1): the whole batch for plain text."""
     if not data.chat:
         return batch_size * block_size
-    return int((chat_rows(data, split, batch_size, block_size, key)[1] >= 0).sum())
+    mask = np.memmap(data.split_path(split, "mask_file"), dtype=np.uint8, mode="r")  # the mask alone: no token rows
+    return sum(int(mask[a + 1 : b].sum()) for a, b in chat_spans(data, split, batch_size, block_size, key))
 
 
 class Tokenizer:

@@ -127,10 +127,15 @@ def plot_runs(metrics_paths: list[str], out_png: str, labels: list[str] | None =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title or " vs ".join(labels), fontsize=10)
+    save_png(fig, out_png)
+
+
+def save_png(fig, out_png: str) -> None:
+    """Write the figure to out_png atomically: a viewer never sees half a PNG."""
     tmp = f"{out_png}.tmp-{os.getpid()}.png"
     try:
         fig.savefig(tmp)
-        os.replace(tmp, out_png)  # a viewer never sees half a PNG
+        os.replace(tmp, out_png)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -224,10 +229,4 @@ def plot_health(metrics_file: str, out_png: str, title: str | None = None) -> No
         fig.colorbar(image, ax=ax, label=label)
     axes[-1].set_xlabel("iteration")
     axes[0].set_title(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_file))), fontsize=10)
-    tmp = f"{out_png}.tmp-{os.getpid()}.png"
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_png(fig, out_png)

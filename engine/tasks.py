@@ -53,7 +53,9 @@ def read_items(task: str, path: str | None, limit: int | None = None) -> list[It
         raise UserError(f"unknown task {task!r}; use {' or '.join(TASKS)}")
     if path is None:
         if task != "hellaswag":
-            raise UserError("--task=choice needs --task_file=<a JSONL of context, choices, label>")
+            raise UserError(
+                "the choice task needs its JSONL of context, choices, label: --task_file (--eval_task_file in train.py)"
+            )
         try:
             import datasets
 
@@ -125,10 +127,10 @@ def choice_logprobs(model, requests: list[tuple[list[int], list[int]]], batch_si
 def score(model, items: list[Item], encode, eot_id: int | None, batch_size: int = 8, autocast=None, progress=None):
     """{"acc", "acc_norm", "acc_per_token", "items"} over `items`, and each item's per-choice summed log-likelihoods."""
     requests = [encode_pair(encode, item.context, " " + choice, eot_id) for item in items for choice in item.choices]
-    scores = choice_logprobs(model, requests, batch_size, autocast) if progress is None else []
-    if progress is not None:  # the same, chunk by chunk, so a bar can move
-        for i in progress(range(0, len(requests), batch_size * 8)):
-            scores += choice_logprobs(model, requests[i : i + batch_size * 8], batch_size, autocast)
+    chunks = range(0, len(requests), batch_size * 8)  # chunk by chunk, so a progress bar can move
+    scores = []
+    for i in progress(chunks) if progress else chunks:
+        scores += choice_logprobs(model, requests[i : i + batch_size * 8], batch_size, autocast)
     correct = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
     per_item, k = [], 0
     for item in items:

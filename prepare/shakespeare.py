@@ -17,7 +17,7 @@ from token_writer import TINY_SHAKESPEARE_URL, fail, read_or_download, write_dat
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
 from engine.configurator import parse_config
 from engine.errors import run_cli
-from engine.tokenization import TokenizerUnavailable, encoding_hash, load_encoding
+from engine.tokenization import TokenizerUnavailable, tiktoken_manifest
 
 
 @dataclass
@@ -39,19 +39,13 @@ def main(argv=None):
     default = chars if not os.path.exists(own) and os.path.exists(chars) else own  # the same text: no second copy
     text = read_or_download(args.input or default, TINY_SHAKESPEARE_URL)
     try:
-        enc = load_encoding(args.tokenizer, args.tokenizer_dir)
+        enc, tokenizer = tiktoken_manifest(args.tokenizer, args.tokenizer_dir)
     except TokenizerUnavailable as e:
         fail(str(e))
     n = len(text)
     split_at = int(n * (1 - args.val_fraction))
     train_ids = np.array(enc.encode_ordinary(text[:split_at]), dtype=np.int64)
     val_ids = np.array(enc.encode_ordinary(text[split_at:]), dtype=np.int64)
-    tokenizer = {
-        "tokenizer": args.tokenizer,
-        "tokenizer_hash": encoding_hash(enc),
-        "vocab_size": enc.n_vocab,
-        "eot_id": enc.eot_token,
-    }
     meta = write_dataset(args.out, {"train": train_ids, "val": val_ids}, tokenizer, source="tiny-shakespeare")
     for split, info in meta["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens -> {os.path.join(args.out, info['file'])}")
