@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine import health
+from engine.batch_warmup import BatchWarmup, done
 from engine.checkpoint import (
     OutDirLock,
     code_version,
@@ -86,6 +87,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 40  # micro-steps per optimizer step, in total over all processes
     batch_size: int = 12  # sequences per micro-step and process
     block_size: int = 1024  # tokens per sequence (context length)
+    batch_warmup_tokens: int = 0  # grow the global batch to the full one over this many tokens (GPT-3); 0 = off
+    batch_warmup_start: int | None = None  # global micro-steps of the first steps (and the increment); none = 1/process
     # model
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads
@@ -111,7 +114,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_learning_rate: float | None = None  # Muon's peak learning rate; none = learning_rate (RMS-matched to AdamW)
     learning_rate: float = 6e-4  # peak learning rate
-    max_iters: int = 600000  # total optimizer steps
+    max_iters: int = 600000  # total optimizer steps (of the full batch: warmup's smaller steps count by their share)
     weight_decay: float = 1e-1  # AdamW weight decay, on matrices only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -183,7 +186,7 @@ class TrainConfig:
             raise ValueError("dataset is empty; name a prepared dataset in data_root, e.g. --dataset=shakespeare_char")
         if not self.out_dir.strip():
             raise ValueError("out_dir is empty; name the run's directory, e.g. --out_dir=out")
-        for name in ("max_iters", "keep_last", "warmup_iters", "max_nonfinite_steps"):
+        for name in ("max_iters", "keep_last", "warmup_iters", "max_nonfinite_steps", "batch_warmup_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         # every number in range: a negative grad_clip would turn training into gradient ascent
@@ -196,6 +199,9 @@ class TrainConfig:
         for name in ("muon_learning_rate", "peak_flops"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a number > 0 or none, got {getattr(self, name)}")
+        start = self.batch_warmup_start
+        if start is not None and not 1 <= start <= self.gradient_accumulation_steps:
+            raise ValueError(f"batch_warmup_start must be in [1, gradient_accumulation_steps] or none, got {start}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise ValueError(f"lr_decay_iters must be >= 1 or none, got {self.lr_decay_iters}")
         if not 0 <= self.seed < 2**63:
@@ -239,9 +245,12 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
     check_process_count(cfg, rt)
-    accum_steps = cfg.gradient_accumulation_steps // rt.world_size  # the preset's count is global
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    print_settings(cfg, rt, tokens_per_iter)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # the preset's count is global
+    micro_tokens = cfg.batch_size * cfg.block_size  # and each step's count of global micro-steps: batch warmup's
+    warmup = BatchWarmup(
+        cfg.gradient_accumulation_steps, cfg.batch_warmup_start or rt.world_size, cfg.batch_warmup_tokens, micro_tokens
+    )
+    print_settings(cfg, rt, tokens_per_iter, warmup)
     if cfg.fsdp and cfg.max_rollbacks:  # restoring sharded state in the loop is not built yet
         rt.print0("note: loss-spike rollback is off under --fsdp=True (not supported yet)")
         cfg = dataclasses.replace(cfg, max_rollbacks=0)
@@ -277,23 +286,23 @@ def main(argv=None):
         eval_model = model
         if rt.ddp and not cfg.fsdp:
             model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-        log = RunLog(cfg, rt)
+        log = RunLog(cfg, rt, state.iter_num + warmup.steps_left(state.tokens, state.progress, cfg.max_iters))
         peak = peak_flops(rt, cfg.peak_flops)
-        flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter / rt.world_size  # per GPU
+        flops_per_micro_step = raw_model.flops_per_token(cfg.block_size) * micro_tokens / rt.world_size  # per GPU
         timer = StepTimer(warmup=min(MFU_WARMUP_ITERS, cfg.max_iters // 10))
         bad_in_a_row, good_steps, exit_code = 0, 0, 0
         task = load_task(cfg, data) if cfg.eval_task else None
-        x, y = train_batch(cfg, rt, data, state.iter_num, 0, state.rollbacks)
+        x, y = first_batch(cfg, rt, data, state, warmup)
         good = resume_from  # where a loss spike rolls back to: the newest checkpoint, else the start (in memory)
         start = Snapshot.take(raw_model, optimizers, scaler, ema, state) if cfg.max_rollbacks and not good else None
 
         while True:
             # set the learning rate: every parameter group follows the schedule from its own base rate
-            lr = scheduled_lr(cfg, state.iter_num)
+            lr = scheduled_lr(cfg, state.progress)  # full batches' worth of steps: iter_num, but for batch warmup
             set_lr(optimizers, state.lr_scale * (lr / cfg.learning_rate if cfg.learning_rate else 0.0))
 
             # evaluate and checkpoint: every eval_interval and at the end; save when val improves (or always)
-            last = state.iter_num >= cfg.max_iters
+            last = done(state.progress, cfg.max_iters)
             if state.iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
                 losses = estimate_loss(eval_model, data, cfg, rt)
                 log(eval_record(state.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt))
@@ -308,14 +317,17 @@ def main(argv=None):
             if cfg.eval_only or last:
                 break
 
-            # micro-steps: accum_steps forward/backward passes, the next batch fetched while the GPU works. Dropout is
-            # reseeded from (seed, rank, iteration), so a resumed run draws the masks an uninterrupted one draws
+            # micro-steps: this rank's share of the step's global micro-steps (all of gradient_accumulation_steps,
+            # fewer during batch warmup), the next batch fetched while the GPU works. Dropout is reseeded from (seed,
+            # rank, iteration), so a resumed run draws the masks an uninterrupted one draws
             if raw_model.config.dropout > 0:
                 after_rollback = (state.rollbacks,) if state.rollbacks else ()  # then other masks, as other windows
                 seed_everything(hash_seed(cfg.seed, rt.rank, state.iter_num, *after_rollback))
             loss_sum = torch.zeros((), device=rt.device)
             aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
-            chat_scale = rt.world_size / global_targets(cfg, data, state) if data.chat else None
+            micro_steps, tokens_after, progress_after = warmup.advance(state.tokens, state.progress)
+            accum_steps = micro_steps // rt.world_size  # this rank's: global micro-steps rank * accum_steps onwards
+            chat_scale = rt.world_size / global_targets(cfg, data, state, micro_steps) if data.chat else None
             for micro_step in range(accum_steps):
                 sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
                 if cfg.fsdp:
@@ -323,10 +335,12 @@ def main(argv=None):
                 with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
                     with rt.autocast():
                         loss = micro_step_loss(model, x, y, accum_steps, chat_scale)
-                    last_micro = micro_step + 1 == accum_steps
-                    x, y = train_batch(
-                        cfg, rt, data, state.iter_num + last_micro, 0 if last_micro else micro_step + 1, state.rollbacks
-                    )
+                    if micro_step + 1 < accum_steps:
+                        g = rt.rank * accum_steps + micro_step + 1  # the global micro-step
+                        x, y = train_batch(cfg, rt, data, state.iter_num, g, state.rollbacks)
+                    else:
+                        upcoming = dataclasses.replace(state, iter_num=state.iter_num + 1, tokens=tokens_after)
+                        x, y = first_batch(cfg, rt, data, upcoming, warmup)
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
                 if raw_model.config.n_expert:
@@ -360,14 +374,17 @@ def main(argv=None):
                 rt.print0(f"iter {state.iter_num}: non-finite gradient norm, step skipped ({bad_in_a_row} in a row)")
 
             # log: one record makes the console line, the metrics.jsonl row and the wandb point
-            dt = timer.lap()
-            state.iter_num += 1
+            dt = timer.lap(share=micro_steps / cfg.gradient_accumulation_steps)
+            state.iter_num, state.tokens, state.progress = state.iter_num + 1, tokens_after, progress_after
             if logging:
                 record = {"iter": state.iter_num - 1, "loss": lossf, "lr": lr * state.lr_scale, "dt": dt}
-                record |= {"tokens_per_sec": tokens_per_iter / dt, "grad_norm": grad_normf}
-                record |= {"skipped_steps": state.skipped_steps, "eta_s": timer.eta(cfg.max_iters - state.iter_num)}
+                record |= {"tokens_per_sec": micro_steps * micro_tokens / dt, "grad_norm": grad_normf}
+                record |= {"skipped_steps": state.skipped_steps, "eta_s": timer.eta(cfg.max_iters - state.progress)}
+                record |= {"tokens": state.tokens}  # the token counter: every token trained so far
+                if warmup.tokens:
+                    record["batch_tokens"] = micro_steps * micro_tokens
                 if peak and timer.steps > MFU_WARMUP_ITERS:
-                    record["mfu"] = flops_per_iter / dt / peak  # per GPU
+                    record["mfu"] = flops_per_micro_step * micro_steps / dt / peak  # per GPU
                 if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
                     record["aux_loss"] = auxf
                 log(record)
@@ -380,7 +397,7 @@ def main(argv=None):
                     break
                 state, record = roll_back(cfg, rt, raw_model, optimizers, scaler, ema, state, good, start, lossf)
                 log(record)
-                x, y = train_batch(cfg, rt, data, state.iter_num, 0, state.rollbacks)
+                x, y = first_batch(cfg, rt, data, state, warmup)
                 continue
 
             # stop: after too many non-finite steps in a row, or on a signal (after a checkpoint)
@@ -407,6 +424,8 @@ class LoopState:
     """Where the loop is: what state.pt stores beside the optimizer and scaler states."""
 
     iter_num: int = 0
+    tokens: int = 0  # tokens trained so far (global)
+    progress: float = 0.0  # full batches' worth of steps: iter_num, less during batch warmup (the LR schedule's)
     best_val_loss: float = float("inf")
     skipped_steps: int = 0  # steps skipped for a non-finite gradient norm, over the whole run
     rollbacks: int = 0  # loss-spike rollbacks so far; each moves the data windows on
@@ -417,16 +436,16 @@ class LoopState:
 
 
 def check_process_count(cfg: TrainConfig, rt) -> None:
-    """gradient_accumulation_steps is global: it must split evenly over the processes."""
-    if cfg.gradient_accumulation_steps % rt.world_size != 0:
-        teardown_runtime(rt)  # every rank stops here, together
-        raise UserError(
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
-            f"{rt.world_size} processes; make it a multiple"
-        )
+    """gradient_accumulation_steps is global: it must split evenly over the processes, and so must every step of
+    batch warmup."""
+    for name in ("gradient_accumulation_steps", "batch_warmup_start"):
+        value = getattr(cfg, name)
+        if value is not None and value % rt.world_size != 0:
+            teardown_runtime(rt)  # every rank stops here, together
+            raise UserError(f"{name}={value} is not divisible by the {rt.world_size} processes; make it a multiple")
 
 
-def print_settings(cfg: TrainConfig, rt, tokens_per_iter: int) -> None:
+def print_settings(cfg: TrainConfig, rt, tokens_per_iter: int, warmup: BatchWarmup) -> None:
     """What this run changes from the defaults (as nanoGPT prints its overrides), and where it runs."""
     rt.print0(f"# config: the defaults, with these changes (all of it goes to {cfg.out_dir}/train_config.py)")
     rt.print0(format_overrides(cfg))
@@ -441,6 +460,12 @@ def print_settings(cfg: TrainConfig, rt, tokens_per_iter: int) -> None:
         f"# {rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}; "
         f"tokens per iteration: {tokens_per_iter:,}"
     )
+    if warmup.tokens and not cfg.eval_only:
+        steps = warmup.steps_left(0, 0.0, cfg.max_iters)
+        rt.print0(
+            f"# batch warmup: from {warmup.start * warmup.micro_tokens:,} to {tokens_per_iter:,} tokens per iteration "
+            f"over the first {warmup.tokens:,} tokens; {steps:,} iterations for max_iters={cfg.max_iters} full ones"
+        )
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     if decay_iters > cfg.max_iters > 0 and cfg.decay_lr and cfg.lr_schedule != "constant" and not cfg.eval_only:
         rt.print0(
@@ -566,7 +591,11 @@ def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig
     if rt.master and trim:  # (a rollback keeps the rows: they show what happened)
         trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), saved["iter_num"])
     loop = {f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved}
-    return LoopState(**loop)  # older checkpoints lack the newer fields: their defaults
+    if "tokens" not in loop:  # saved before the token counter: every step was a full batch of the saved config
+        run = read_meta(path)["train_config"]
+        loop["tokens"] = saved["iter_num"] * run["gradient_accumulation_steps"] * run["batch_size"] * run["block_size"]
+        loop["progress"] = float(saved["iter_num"])
+    return LoopState(**loop)  # older checkpoints lack the other newer fields: their defaults
 
 
 def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses, lora, ema):
@@ -681,15 +710,21 @@ def roll_back(cfg, rt, raw_model, optimizers, scaler, ema, state: LoopState, goo
     return restored, record
 
 
-def train_batch(cfg: TrainConfig, rt, data, it: int, micro_step: int, rollbacks: int = 0):
-    """This rank's batch for (iteration, micro-step). The windows depend only on (seed, iteration, global micro-step,
-    rollbacks so far): exact on resume, disjoint across ranks."""
-    g = rt.rank * (cfg.gradient_accumulation_steps // rt.world_size) + micro_step
+def train_batch(cfg: TrainConfig, rt, data, it: int, g: int, rollbacks: int = 0):
+    """The batch of global micro-step g of iteration it (each rank runs a contiguous share of them). The windows
+    depend only on (seed, iteration, global micro-step, rollbacks so far): exact on resume, disjoint across ranks."""
     return get_batch(data, "train", cfg.batch_size, cfg.block_size, train_key(cfg.seed, it, g, rollbacks), rt.device)
 
 
-def scheduled_lr(cfg: TrainConfig, it: int) -> float:
-    """The learning rate at iteration it, from the config's schedule (lr_decay_iters defaults to max_iters)."""
+def first_batch(cfg: TrainConfig, rt, data, state: "LoopState", warmup: BatchWarmup):
+    """This rank's first batch of the step at `state`: global micro-step rank * (its micro-steps per rank)."""
+    per_rank = warmup.micro_steps(state.tokens) // rt.world_size
+    return train_batch(cfg, rt, data, state.iter_num, rt.rank * per_rank, state.rollbacks)
+
+
+def scheduled_lr(cfg: TrainConfig, it: float) -> float:
+    """The learning rate at iteration it (full batches' worth), from the config's schedule (lr_decay_iters defaults
+    to max_iters)."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     return lr_at(
         it,
@@ -713,9 +748,9 @@ def micro_step_loss(model, x, y, accum_steps: int, chat_scale: float | None) -> 
     return model(x, y, reduction="sum")[1] * chat_scale
 
 
-def global_targets(cfg: TrainConfig, data, state: LoopState) -> int:
+def global_targets(cfg: TrainConfig, data, state: LoopState, micro_steps: int) -> int:
     """The targets the loss counts in this iteration's global batch, over every rank and micro-step (at least 1)."""
-    keys = [train_key(cfg.seed, state.iter_num, g, state.rollbacks) for g in range(cfg.gradient_accumulation_steps)]
+    keys = [train_key(cfg.seed, state.iter_num, g, state.rollbacks) for g in range(micro_steps)]
     return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
 
 
@@ -780,21 +815,22 @@ class StepTimer:
     t0: float = dataclasses.field(default_factory=time.time)
     steps: int = 0  # steps this process has run
     timed: float = 0.0  # seconds of the steps after warm-up
-    timed_steps: int = 0
+    timed_steps: float = 0.0  # full batches' worth
 
     def restart(self) -> None:
         self.t0 = time.time()
 
-    def lap(self) -> float:
-        """The seconds since the last lap (or restart), counted as one step."""
+    def lap(self, share: float = 1.0) -> float:
+        """The seconds since the last lap (or restart), counted as one step of `share` full batches."""
         t1 = time.time()
         dt, self.t0 = t1 - self.t0, t1
         self.steps += 1
         if self.steps > self.warmup:
-            self.timed, self.timed_steps = self.timed + dt, self.timed_steps + 1
+            self.timed, self.timed_steps = self.timed + dt, self.timed_steps + share
         return dt
 
-    def eta(self, steps_left: int) -> float | None:
+    def eta(self, steps_left: float) -> float | None:
+        """Seconds for steps_left full batches at the mean pace so far."""
         return steps_left * self.timed / self.timed_steps if self.timed_steps else None
 
 
@@ -804,8 +840,8 @@ class RunLog:
 
     WANDB_NAMES = {"loss": "train/loss_step", "train_loss": "train/loss", "val_loss": "val/loss"}  # nanoGPT's names
 
-    def __init__(self, cfg: TrainConfig, rt):
-        self.rt, self.max_iters = rt, cfg.max_iters
+    def __init__(self, cfg: TrainConfig, rt, planned_iters: int):
+        self.rt, self.max_iters = rt, planned_iters  # max_iters, or more steps with batch warmup
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.plotter = BackgroundPlot(cfg.out_dir)
         self.wandb = None

@@ -7,6 +7,7 @@ runtime        device, dtype, torchrun, seeds, stop signals
 tokenization   tiktoken / character / tokenizer.json encodings
 chat           the chat template, its special tokens and the loss mask
 data           token datasets on disk and the (seed, iteration, micro-step) batches
+batch_warmup   the global batch's growth over the first tokens
 memory         parameter and activation bytes, the fits-in-memory check
 lora           low-rank adapters of a frozen model, and merging them in
 ema            the moving average of the weights

@@ -66,8 +66,8 @@ def read_metrics(path: str) -> Metrics:
 
 
 def tokens_per_iter(run_dir: str) -> int | None:
-    """gradient_accumulation_steps * batch_size * block_size from run_dir/train_config.py, or None. The file is
-    parsed as `key = literal` lines, never executed."""
+    """gradient_accumulation_steps * batch_size * block_size from run_dir/train_config.py, or None (also for a run
+    with batch warmup, whose iterations vary in size). The file is parsed as `key = literal` lines, never executed."""
     try:
         with open(os.path.join(run_dir, "train_config.py")) as f:
             tree = ast.parse(f.read())
@@ -76,6 +76,8 @@ def tokens_per_iter(run_dir: str) -> int | None:
             for node in tree.body
             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
         }
+        if values.get("batch_warmup_tokens"):
+            return None
         return values["gradient_accumulation_steps"] * values["batch_size"] * values["block_size"]
     except (OSError, SyntaxError, ValueError, KeyError, TypeError):
         return None
