@@ -757,10 +757,9 @@ def global_targets(cfg: TrainConfig, data, state: LoopState, micro_steps: int) -
 def health_record(raw_model: GPT, grads_before: tuple, x, state: LoopState, rt) -> dict:
     """The per-layer telemetry of this step (engine/health.py) as a log record."""
     norms, weights = grads_before
-    act_rms, expert_load = health.probe(raw_model, x, rt.autocast)
+    probed = health.probe(raw_model, x, rt.autocast)  # act_rms, attn_entropy and for MoE expert_load
     record = {"iter": state.iter_num, "grad_norm": norms, "update_ratio": health.update_ratios(raw_model, weights)}
-    record |= {"act_rms": act_rms, "clipped_steps": state.clipped_steps}
-    return record | ({"expert_load": expert_load} if expert_load else {})
+    return record | probed | {"clipped_steps": state.clipped_steps}
 
 
 def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt) -> dict:

@@ -11,6 +11,7 @@ batch_warmup   the global batch's growth over the first tokens
 memory         parameter and activation bytes, the fits-in-memory check
 lora           low-rank adapters of a frozen model, and merging them in
 ema            the moving average of the weights
+attention      attention probabilities recomputed from the model's own modules
 health         per-layer training telemetry
 optim          AdamW / Muon parameter groups and the LR schedules
 fsdp           FSDP2 sharding and full state dicts

@@ -213,6 +213,8 @@ def plot_health(metrics_file: str, out_png: str, title: str | None = None) -> No
         raise ValueError(f"{metrics_file} has no health records: train with --health_interval=N")
     names = [("grad_norm", "gradient norm", True), ("update_ratio", "update / weight", True)]
     names.append(("act_rms", "output RMS", False))
+    if "attn_entropy" in rows[0]:  # (older runs' records lack it)
+        names.append(("attn_entropy", "attention entropy (nats)", False))
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     axes = fig.subplots(len(names), 1, sharex=True)
     iters = [r["iter"] for r in rows]

@@ -1,14 +1,16 @@
-"""tools/attention.py's recomputed attention probabilities against the model's own SDPA path, for every switch that
+"""engine/attention.py's recomputed attention probabilities against the model's own SDPA path, for every switch that
 touches attention: A @ V through c_proj must give the attention module's output; rows are distributions; nothing
-attends to the future. Plus the command line end to end."""
+attends to the future. Their entropy by its definition. Plus tools/attention.py's command line end to end."""
 
 import dataclasses
+import math
 import os
 
 import numpy as np
 import pytest
 import torch
 
+from engine.attention import attention_weights, entropy
 from engine.checkpoint import save_checkpoint
 from engine.data import load_data
 from model import GPT
@@ -43,7 +45,7 @@ def test_weights_reproduce_sdpa_output(tiny_config, name):
         model(idx)
     for h in hooks:
         h.remove()
-    weights = attention.attention_weights(model, idx)
+    weights = attention_weights(model, idx)
 
     assert len(weights) == len(captured) == model.config.n_layer
     for block, probs, (x, out) in zip(model.transformer.h, weights, captured, strict=True):
@@ -56,6 +58,15 @@ def test_weights_reproduce_sdpa_output(tiny_config, name):
         v = v.view(B, T, attn.n_kv_head, attn.hs).transpose(1, 2).repeat_interleave(attn.n_head // attn.n_kv_head, 1)
         y = (probs @ v).transpose(1, 2).reshape(B, T, C)
         assert torch.allclose(attn.c_proj(y), out, atol=1e-5), name
+
+
+def test_entropy_is_its_definition():
+    T = 4
+    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]  # query i spreads over i + 1 keys
+    assert entropy(uniform).tolist() == pytest.approx([math.log(n) for n in range(1, T + 1)])
+    probs = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)
+    expected = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(entropy(probs), expected)
 
 
 def test_cli_writes_png_and_npy(char_data, tiny_config, tmp_path, capsys):

@@ -28,7 +28,19 @@ def test_the_ramp_grows_linearly_in_whole_multiples_of_the_start():
     # 1 + 3 * tokens / 1024 micro-steps, rounded down: 2 from 342 tokens on, 3 from 683, 4 once 1,024 are trained
     assert steps == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4]
     assert (tokens, progress) == (1664, 6.5) and ramp.steps_left(0, 0.0, 6) == len(steps)
-    assert [BatchWarmup(8, 2, 1000, 10).micro_steps(t) for t in range(0, 1100, 100)] == [2, 2, 2, 2, 4, 4, 4, 6, 6, 6, 8]
+    assert [BatchWarmup(8, 2, 1000, 10).micro_steps(t) for t in range(0, 1100, 100)] == [
+        2,
+        2,
+        2,
+        2,
+        4,
+        4,
+        4,
+        6,
+        6,
+        6,
+        8,
+    ]
     assert BatchWarmup(8, 2, 0, 10).micro_steps(0) == 8 and BatchWarmup(8, 2, 0, 10).steps_left(0, 3.0, 10) == 7
 
 

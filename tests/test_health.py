@@ -3,6 +3,7 @@ from a probe that changes nothing (a run's losses are the same with it on), the 
 and records, and plot.py --health's heatmaps."""
 
 import json
+import math
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from test_train import args, step_losses
 
 import train
 from engine import health, loss_curve
+from engine.attention import attention_weights, entropy
 from model import GPT, GPTConfig
 from tools import plot
 
@@ -33,9 +35,25 @@ def test_grad_norms_and_update_ratios_are_their_definitions():
 
 def test_moe_loads_are_shares_of_the_tokens():
     model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, n_expert=4, n_expert_active=2))
-    rms, loads = health.probe(model, torch.randint(32, (3, 8)), torch.no_grad)
-    assert len(rms) == 2 and all(r > 0 for r in rms)
+    probed = health.probe(model, torch.randint(32, (3, 8)), torch.no_grad)
+    assert len(probed["act_rms"]) == 2 and all(r > 0 for r in probed["act_rms"])
+    loads = probed["expert_load"]
     assert len(loads) == 2 and all(sum(layer) == pytest.approx(1.0) and len(layer) == 4 for layer in loads)
+
+
+def test_attention_entropy_is_the_mean_over_heads_and_positions_of_the_first_sequence():
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=3, n_head=2, n_embd=16)).eval()
+    x = torch.randint(32, (3, 8))
+    probed = health.probe(model, x, torch.no_grad)
+    expected = [entropy(probs).mean().item() for probs in attention_weights(model, x[:1])]
+    assert probed["attn_entropy"] == pytest.approx(expected, rel=1e-5)
+    assert all(0 < h < math.log(8) for h in probed["attn_entropy"]) and "expert_load" not in probed
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.zero_()  # q = k = 0: every query spreads evenly over the keys it may see
+            block.attn.c_attn.bias.zero_()
+    uniform = sum(math.log(n) for n in range(1, 9)) / 8
+    assert health.probe(model, x, torch.no_grad)["attn_entropy"] == pytest.approx([uniform] * 3, rel=1e-5)
 
 
 def test_a_run_with_telemetry_logs_it_and_trains_the_same(char_data, tmp_path, capsys):

@@ -7,27 +7,22 @@
 Writes a PNG grid (one row per layer, one column per head) with the prompt's tokens on both axes (query down, key
 across), the masked future in grey, and the raw weights beside it as attn.npy: float32 (layers, heads, T, T).
 
-The model computes attention inside SDPA, which never returns the probabilities, so attention_weights() recomputes
-them from the model's own modules: forward hooks capture each attention module's input, then
-softmax(q k^T / sqrt(hs) + mask) is formed with that module's c_attn, QK-norm, RoPE tables or ALiBi bias, key heads
-repeated for grouped-query attention exactly as SDPA's enable_gqa does. tests/test_attention.py checks that these
-weights times the values reproduce the model's attention output for every architecture switch.
+The model computes attention inside SDPA, which never returns the probabilities: engine/attention.py recomputes them
+from the model's own modules (tests/test_attention.py checks them against the model's attention output).
 """
 
-import math
 import os
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+from engine.attention import attention_weights
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.inference import check_output, load_for_inference, read_prompt
-from model import GPT, CausalSelfAttention, alibi_bias, apply_rope
 
 
 @dataclass
@@ -40,45 +35,6 @@ class AttentionConfig:
     heads: str = "all"  # heads to draw: all, or comma-separated indices
     png: str = "attn.png"  # the image to write; the weights go to the same name with .npy
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
-
-
-def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities (B, nh, T, T) of module `attn` for its input x (B, T, C) at positions 0..T-1."""
-    B, T, _ = x.size()
-    nh, nkv, hs = attn.n_head, attn.n_kv_head, attn.hs
-    q, k, _ = attn.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], 2)
-    q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-    k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-    if attn.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if model.config.pos_embedding == "rope":
-        rope = (model.rope_cos[:T], model.rope_sin[:T])  # each (T, hs)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs): query head h reads key head h // (nh / nkv)
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(hs)  # (B, nh, T, T)
-    pos = torch.arange(T, device=x.device)
-    if model.config.pos_embedding == "alibi":
-        scores = scores + alibi_bias(model.alibi_slopes, pos, T)  # (nh, T, T), -inf above the diagonal
-    else:
-        scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))  # a key after the query: masked
-    return F.softmax(scores, dim=-1)
-
-
-@torch.no_grad()
-def attention_weights(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's attention probabilities, float32 (B, nh, T, T), for token ids idx (B, T). Call under eval():
-    attention dropout is not applied."""
-    inputs: list[torch.Tensor] = []
-    hooks = [
-        block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-        for block in model.transformer.h
-    ]
-    try:
-        model(idx)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [layer_attention(model, block.attn, x) for block, x in zip(model.transformer.h, inputs, strict=True)]
 
 
 def pick(spec: str, n: int, what: str) -> list[int]:
