@@ -46,7 +46,7 @@ from engine.configurator import format_config, format_overrides, parse_config
 from engine.data import Tokenizer, eval_key, get_batch, load_data, target_count, train_key
 from engine.ema import EMA
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
-from engine.fsdp import load_optimizer_state, model_state, optimizer_state, shard_model
+from engine.fsdp import load_model_state, load_optimizer_state, model_state, optimizer_state, shard_model
 from engine.hf_interop import from_pretrained
 from engine.lora import add_lora, lora_params, parse_targets
 from engine.loss_curve import BackgroundPlot
@@ -161,12 +161,8 @@ class TrainConfig:
         parse_targets(self.lora_targets)
         if self.health_interval < 0:
             raise ValueError(f"health_interval must be >= 0 (0 = off), got {self.health_interval}")
-        if self.health_interval and self.fsdp:
-            raise ValueError("health_interval with fsdp=True is not supported yet: the blocks' weights are sharded")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if self.ema_decay and self.fsdp:
-            raise ValueError("ema_decay with fsdp=True is not supported yet: the average would need sharding")
         if self.lora_rank and self.fsdp:
             raise ValueError("lora_rank with fsdp=True is not supported: LoRA's optimizer state is small, use DDP")
         positive = (
@@ -251,9 +247,6 @@ def main(argv=None):
         cfg.gradient_accumulation_steps, cfg.batch_warmup_start or rt.world_size, cfg.batch_warmup_tokens, micro_tokens
     )
     print_settings(cfg, rt, tokens_per_iter, warmup)
-    if cfg.fsdp and cfg.max_rollbacks:  # restoring sharded state in the loop is not built yet
-        rt.print0("note: loss-spike rollback is off under --fsdp=True (not supported yet)")
-        cfg = dataclasses.replace(cfg, max_rollbacks=0)
 
     # data; out_dir belongs to this run alone until it ends; signals are polled once per step from here on
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
@@ -294,7 +287,11 @@ def main(argv=None):
         task = load_task(cfg, data) if cfg.eval_task else None
         x, y = first_batch(cfg, rt, data, state, warmup)
         good = resume_from  # where a loss spike rolls back to: the newest checkpoint, else the start (in memory)
-        start = Snapshot.take(raw_model, optimizers, scaler, ema, state) if cfg.max_rollbacks and not good else None
+        start = (
+            Snapshot.take(raw_model, optimizers, scaler, ema, state, cfg.fsdp)
+            if cfg.max_rollbacks and not good
+            else None
+        )
 
         while True:
             # set the learning rate: every parameter group follows the schedule from its own base rate
@@ -348,8 +345,8 @@ def main(argv=None):
 
             # clip and step: the norm of the all-reduced gradient is the same on every rank, so all agree on a skip
             grad_norm = unscale_and_clip(model, optimizers, scaler, cfg.grad_clip)
-            checkup = rt.master and cfg.health_interval and state.iter_num % cfg.health_interval == 0
-            grads_before = health.before_step(raw_model) if checkup else None  # per-layer telemetry, on its steps
+            checkup = (rt.master or cfg.fsdp) and cfg.health_interval and state.iter_num % cfg.health_interval == 0
+            grads_before = health.before_step(raw_model, cfg.fsdp) if checkup else None  # telemetry, on its steps
             logging = state.iter_num % cfg.log_interval == 0
             if (logging or cfg.max_rollbacks) and rt.ddp:  # the mean over the global batch, the same on every rank
                 dist.all_reduce(loss_sum)
@@ -367,7 +364,7 @@ def main(argv=None):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             if checkup:
-                log(health_record(raw_model, grads_before, x, state, rt))
+                log(health_record(raw_model, grads_before, x, state, rt, cfg.fsdp))
             good_steps, bad_in_a_row = (good_steps + 1, 0) if finite else (good_steps, bad_in_a_row + 1)
             if not finite:  # a skipped step, by us or by the scaler: counted either way, so a run of NaN weights stops
                 state.skipped_steps += 1
@@ -611,14 +608,19 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
         trained = {n for n, p in raw_model.named_parameters() if p.requires_grad}
         weights = {n: w for n, w in weights.items() if n in trained}
     optimizer_states = [optimizer_state(raw_model, opt, cfg.fsdp) for opt in optimizers]
+    average = ema.state_dict() if ema else None  # a collective too, under FSDP
     finite = all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    if cfg.fsdp:  # only the master holds the gathered weights: it decides for every rank
+        decision = [bool(finite)]
+        dist.broadcast_object_list(decision, src=0)
+        finite = decision[0]
     if not rt.master:
         return path if finite else None
     if not finite:
         rt.print0(f"not saving iteration {state.iter_num}: the weights are not finite")
         return None
     loop_state = {"optimizers": optimizer_states, "scaler": scaler.state_dict()} | dataclasses.asdict(state)
-    loop_state |= {"ema": ema.state_dict()} if ema else {}
+    loop_state |= {"ema": average} if ema else {}
     meta = {
         "model_config": dataclasses.asdict(raw_model.config),
         "train_config": dataclasses.asdict(cfg),
@@ -658,20 +660,38 @@ def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) 
 
 @dataclass
 class Snapshot:
-    """The run's starting state, in memory (weights on the CPU): where a loss spike before the first checkpoint rolls
-    back to."""
+    """The run's starting state, in memory (weights on the CPU; under FSDP gathered on rank 0, which gives every
+    rank its shards back): where a loss spike before the first checkpoint rolls back to."""
 
     weights: dict
     optimizers: list
     scaler: dict
     ema: dict | None
     state: LoopState
+    sharded: bool  # taken from an FSDP model
 
     @staticmethod
-    def take(model: GPT, optimizers: list, scaler, ema, state: LoopState) -> "Snapshot":
-        weights = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
-        opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        return Snapshot(weights, opts, scaler.state_dict(), ema.state_dict() if ema else None, copy.deepcopy(state))
+    def take(model: GPT, optimizers: list, scaler, ema, state: LoopState, sharded: bool) -> "Snapshot":
+        if sharded:  # collectives, on every rank
+            weights = model_state(model, sharded)
+        else:
+            weights = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+        # a fresh optimizer's state is empty (and asking FSDP for it would make it: a zero step, counted)
+        opts = [copy.deepcopy(optimizer_state(model, opt, sharded)) if opt.state else None for opt in optimizers]
+        average = ema.state_dict() if ema else None
+        return Snapshot(weights, opts, scaler.state_dict(), average, copy.deepcopy(state), sharded)
+
+    def restore(self, model: GPT, optimizers: list, scaler, ema) -> LoopState:
+        load_model_state(model, self.weights, self.sharded, from_rank0=self.sharded)
+        for opt, saved in zip(optimizers, self.optimizers, strict=True):
+            if saved is None:
+                opt.state.clear()  # fresh again: the first step makes its moments
+            else:
+                load_optimizer_state(model, opt, copy.deepcopy(saved), self.sharded, from_rank0=self.sharded)
+        scaler.load_state_dict(self.scaler)
+        if ema:
+            ema.load_state_dict(self.ema)
+        return copy.deepcopy(self.state)
 
 
 def spiked(state: LoopState, cfg: TrainConfig, loss: float, finite: bool) -> bool:
@@ -693,16 +713,10 @@ def roll_back(cfg, rt, raw_model, optimizers, scaler, ema, state: LoopState, goo
     scaled by spike_lr_scale once more. Returns (the new loop state, its log record)."""
     if good:
         trained = [n for n, p in raw_model.named_parameters() if p.requires_grad]
-        load_weights(good, raw_model, only=trained if cfg.lora_rank else None)
+        load_weights(good, raw_model, only=trained if cfg.lora_rank else None, sharded=cfg.fsdp)
         restored = resume(good, raw_model, optimizers, scaler, cfg, rt, ema, trim=False)
     else:
-        raw_model.load_state_dict(start.weights)
-        for opt, saved in zip(optimizers, start.optimizers, strict=True):
-            opt.load_state_dict(copy.deepcopy(saved))
-        scaler.load_state_dict(start.scaler)
-        if ema:
-            ema.load_state_dict(start.ema)
-        restored = copy.deepcopy(start.state)
+        restored = start.restore(raw_model, optimizers, scaler, ema)
     restored.rollbacks, restored.lr_scale = state.rollbacks + 1, state.lr_scale * cfg.spike_lr_scale
     restored.skipped_steps, restored.recent_losses, restored.bad_steps = state.skipped_steps, [], 0
     record = {"iter": state.iter_num - 1, "rollback": restored.rollbacks, "of": cfg.max_rollbacks, "spike_loss": loss}
@@ -754,11 +768,12 @@ def global_targets(cfg: TrainConfig, data, state: LoopState, micro_steps: int) -
     return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
 
 
-def health_record(raw_model: GPT, grads_before: tuple, x, state: LoopState, rt) -> dict:
+def health_record(raw_model: GPT, grads_before: tuple, x, state: LoopState, rt, sharded: bool) -> dict:
     """The per-layer telemetry of this step (engine/health.py) as a log record."""
     norms, weights = grads_before
     probed = health.probe(raw_model, x, rt.autocast)  # act_rms, attn_entropy and for MoE expert_load
-    record = {"iter": state.iter_num, "grad_norm": norms, "update_ratio": health.update_ratios(raw_model, weights)}
+    ratios = health.update_ratios(raw_model, weights, sharded)
+    record = {"iter": state.iter_num, "grad_norm": norms, "update_ratio": ratios}
     return record | probed | {"clipped_steps": state.clipped_steps}
 
 

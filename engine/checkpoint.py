@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.configurator import coerce
 from engine.errors import UserError
+from engine.fsdp import load_model_state
 from engine.lora import add_lora
 from engine.memory import check_fits
 from model import GPT, GPTConfig
@@ -385,10 +386,11 @@ def load_newest_model(out_dir: str, which: str = "latest", log=print, weights: s
     raise UserError(f"the checkpoints in {out_dir} keep being deleted while loading; try again")
 
 
-def load_weights(path: str, model, only: list[str] | None = None) -> None:
+def load_weights(path: str, model, only: list[str] | None = None, sharded: bool = False) -> None:
     """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config), or only
-    the tensors named in `only` (a LoRA checkpoint's trained ones), which must all be there. Names and shapes are
-    compared first, from the file's header, so a file with other tensors is refused without reading any of them."""
+    the tensors named in `only` (a LoRA checkpoint's trained ones), which must all be there; sharded: into an FSDP
+    model's shards (a collective). Names and shapes are compared first, from the file's header, so a file with other
+    tensors is refused without reading any of them."""
     file = os.path.join(path, "model.safetensors")
     try:
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -404,9 +406,9 @@ def load_weights(path: str, model, only: list[str] | None = None) -> None:
             raise UserError(f"cannot load the weights in {path}: {'; '.join(problems)}")
         weights = load_file(file)
         # A tied weight saved once (under any of its names) also fills the names it is tied to.
-        groups: dict[tuple, list[str]] = {}
-        for name, t in model.state_dict().items():
-            groups.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
         for names in groups.values():
             present = [n for n in names if n in weights]
             for name in names:
@@ -416,7 +418,10 @@ def load_weights(path: str, model, only: list[str] | None = None) -> None:
             missing = sorted(set(only) - set(weights))
             if missing:
                 raise UserError(f"cannot load the weights in {path}: {', '.join(missing[:3])} missing")
-        model.load_state_dict(weights, strict=only is None)
+        if sharded:
+            load_model_state(model, weights, sharded)
+        else:
+            model.load_state_dict(weights, strict=only is None)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # RuntimeError: shapes or keys differ
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
         raise UserError(f"cannot load the weights in {path}: {detail}") from None

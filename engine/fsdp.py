@@ -41,6 +41,17 @@ def model_state(model: torch.nn.Module, sharded: bool) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def load_model_state(model: torch.nn.Module, state: dict, sharded: bool, from_rank0: bool = False) -> None:
+    """Load a full state dict into `model`: under FSDP into its shards (a collective), from every rank's copy of the
+    state, or with from_rank0 from rank 0's alone (the other ranks pass an empty dict)."""
+    if not sharded:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0))
+
+
 def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
     """The optimizer's full state dict keyed by parameter name (FQN), the one format every mode reads: one process,
     DDP and FSDP (a collective under FSDP)."""
@@ -51,16 +62,18 @@ def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
-    """Load a full optimizer state dict into `optimizer` (sharding it when the model is sharded). Only the state
-    (moments, step counts) comes from the checkpoint: the hyperparameters of each group (learning rate, weight decay,
-    betas) stay those the optimizer was built with, so a resumed run follows its own command line."""
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool, from_rank0=False) -> None:
+    """Load a full optimizer state dict into `optimizer` (sharding it when the model is sharded; from_rank0 as in
+    load_model_state). Only the state (moments, step counts) comes from the checkpoint: the hyperparameters of each
+    group (learning rate, weight decay, betas) stay those the optimizer was built with, so a resumed run follows its
+    own command line."""
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    state = _by_name(model, optimizer, state)
+    state = _by_name(model, optimizer, state) if state else state
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+        set_optimizer_state_dict(model, optimizer, state, options=options)
     else:
         optimizer.load_state_dict(_by_index(model, optimizer, state))
     for group, own in zip(optimizer.param_groups, hyper, strict=True):

@@ -1,12 +1,14 @@
 """Per-layer health of a training run, every health_interval iterations (train.py --health_interval): for each block
 its gradient norm (after clipping: what the optimizer uses), its update-to-weight ratio ||w_after - w_before|| /
 ||w_before|| over the step, the RMS of its output and its attention entropy (mean over heads) on a probe batch, and
-for MoE blocks the share of tokens each expert gets. Computed on the master under torch.no_grad, only on those
-iterations; the probe is a forward pass of the unwrapped model (its hooks never touch the compiled or DDP-wrapped
-one, so nothing recompiles). Low entropy: heads that look at one token; log(positions): heads that look at all alike.
+for MoE blocks the share of tokens each expert gets. Computed under torch.no_grad, only on those iterations, on the
+master (under FSDP on every rank, each summing its shards into the whole); the probe is a forward pass of the
+unwrapped model (its hooks never touch the compiled or DDP-wrapped one, so nothing recompiles). Low entropy: heads
+that look at one token; log(positions): heads that look at all alike.
 """
 
 import torch
+import torch.distributed
 
 from engine.attention import entropy, layer_attention
 
@@ -15,37 +17,47 @@ ENTROPY_POSITIONS = 1024  # attention entropy is taken over at most this many po
 
 
 @torch.no_grad()
-def before_step(model) -> tuple[list[float], list[list[torch.Tensor]]]:
-    """(each block's gradient norm, a copy of each block's weights) just before the optimizer step."""
-    norms, weights = [], []
+def before_step(model, sharded: bool = False) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """(each block's gradient norm, a copy of each block's weights) just before the optimizer step. sharded: an FSDP
+    model, whose ranks each hold shards of the gradients and weights (a collective: call it on every rank)."""
+    squares, weights = [], []
     for block in model.transformer.h:
         params = [p for p in block.parameters() if p.requires_grad]
-        grads = [p.grad.norm() for p in params if p.grad is not None]
-        norms.append(torch.stack(grads).norm() if grads else torch.zeros((), device=params[0].device))
-        weights.append([p.detach().clone() for p in params])
-    return torch.stack(norms).tolist(), weights
+        grads = [_local(p.grad).float().pow(2).sum() for p in params if p.grad is not None]
+        squares.append(torch.stack(grads).sum() if grads else torch.zeros((), device=_local(params[0]).device))
+        weights.append([_local(p.detach()).clone() for p in params])
+    return _over_ranks(torch.stack(squares), sharded).sqrt().tolist(), weights
 
 
 @torch.no_grad()
-def update_ratios(model, before: list[list[torch.Tensor]]) -> list[float]:
-    ratios = []
+def update_ratios(model, before: list[list[torch.Tensor]], sharded: bool = False) -> list[float]:
+    """Each block's ||w_after - w_before|| / ||w_before|| (before: before_step's copies)."""
+    change, size = [], []
     for block, old in zip(model.transformer.h, before, strict=True):
-        params = [p for p in block.parameters() if p.requires_grad]
-        change = torch.stack([(p - w).float().norm() for p, w in zip(params, old, strict=True)]).norm()
-        ratios.append(change / torch.stack([w.float().norm() for w in old]).norm().clamp_min(1e-12))
-    return torch.stack(ratios).tolist()
+        params = [_local(p.detach()) for p in block.parameters() if p.requires_grad]
+        change.append(torch.stack([(p - w).float().pow(2).sum() for p, w in zip(params, old, strict=True)]).sum())
+        size.append(torch.stack([w.float().pow(2).sum() for w in old]).sum())
+    change, size = _over_ranks(torch.stack([torch.stack(change), torch.stack(size)]), sharded).sqrt()
+    return (change / size.clamp_min(1e-12)).tolist()
 
 
 @torch.no_grad()
 def probe(model, x: torch.Tensor, autocast) -> dict:
     """On the batch x (B, T): each block's output RMS (act_rms); its attention entropy in nats, the mean over heads
     and query positions of x's first sequence, its first ENTROPY_POSITIONS positions at most (attn_entropy); and for
-    MoE blocks each expert's share of the tokens (expert_load)."""
-    rms, inputs, loads, hooks = [], [], [], []
+    MoE blocks each expert's share of the tokens (expert_load). Under FSDP every rank must probe (on its own x)."""
+    rms, entropies, loads, hooks = [], [], [], []
     for block in model.transformer.h:
-        hooks.append(block.register_forward_hook(lambda m, i, out: rms.append(out.float().pow(2).mean().sqrt())))
-        # causal attention: the first positions' probabilities need nothing after them
-        hooks.append(block.attn.register_forward_pre_hook(lambda m, i: inputs.append(i[0][:1, :ENTROPY_POSITIONS])))
+        seen = {}  # the attention's input; causal, so the first positions' probabilities need nothing after them
+        hooks.append(
+            block.attn.register_forward_pre_hook(lambda m, i, s=seen: s.update(x=i[0][:1, :ENTROPY_POSITIONS]))
+        )
+
+        def after(block, i, out, seen=seen):
+            rms.append(out.float().pow(2).mean().sqrt())
+            entropies.append(entropy(layer_attention(model, block.attn, seen["x"])).mean())
+
+        hooks.append(block.register_forward_hook(after, prepend=True))  # first: before FSDP reshards the weights
         experts = getattr(block.mlp, "experts", None)
         if experts is not None:  # each expert runs once per forward, on the tokens routed to it
             counts = []
@@ -55,10 +67,8 @@ def probe(model, x: torch.Tensor, autocast) -> dict:
     training = model.training
     model.eval()
     try:
-        with autocast():
+        with autocast(), torch.compiler.set_stance("force_eager"):  # compiled blocks (FSDP) run their hooks too
             model(x)
-            blocks = zip(model.transformer.h, inputs, strict=True)
-            entropies = [entropy(layer_attention(model, block.attn, h)).mean() for block, h in blocks]
     finally:
         model.train(training)
         for h in hooks:
@@ -66,6 +76,17 @@ def probe(model, x: torch.Tensor, autocast) -> dict:
     record = {"act_rms": torch.stack(rms).tolist(), "attn_entropy": torch.stack(entropies).tolist()}
     shares = [[n / max(1, sum(counts)) for n in counts] for counts in loads]
     return record | ({"expert_load": shares} if shares else {})
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # this rank's shard of an FSDP tensor
+
+
+def _over_ranks(t: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """Sums of squares over the shards: summed over the ranks under FSDP."""
+    if sharded:
+        torch.distributed.all_reduce(t)
+    return t
 
 
 def summary(record: dict) -> str:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import CONFIG, rank_logs, torchrun
+from test_distributed import CONFIG, rank_logs, records, torchrun
 from test_train import args, step_losses
 
 import sample
@@ -64,13 +64,20 @@ def test_readers_load_the_average_with_weights_ema(char_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_ranks_average_as_one_process(char_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_average_as_one_process(char_data, tmp_path, mode):
+    """Under FSDP each rank averages its shards, and the checkpoint holds the whole average."""
     run = [f"--data_root={char_data}", "--dataset=tiny_char", "--gradient_accumulation_steps=2", *CONFIG]
-    run.append("--ema_decay=0.7")
-    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    run += ["--ema_decay=0.7", "--eval_interval=3"]  # a resume in between: the average is restored into the shards
+    single, ranks = str(tmp_path / "single"), str(tmp_path / mode)
     train.main([*run, f"--out_dir={single}"])
-    result = torchrun(tmp_path, *run, f"--out_dir={ddp}")
+    result = torchrun(tmp_path, *run, f"--out_dir={ranks}", "--max_iters=3", f"--fsdp={mode == 'fsdp'}")
     assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
-    ours, theirs = (load_state(find_checkpoint(d))["ema"] for d in (single, ddp))
+    result = torchrun(tmp_path, *run, f"--out_dir={ranks}", "--init_from=resume", f"--fsdp={mode == 'fsdp'}")
+    assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
+    ours, theirs = (load_state(find_checkpoint(d))["ema"] for d in (single, ranks))
+    assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
+    evals = [[r["val_loss_ema"] for r in records(d) if "val_loss_ema" in r] for d in (single, ranks)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5)

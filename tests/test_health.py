@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from test_distributed import CONFIG, rank_logs, records, torchrun
 from test_plot import png_size
 from test_train import args, step_losses
 
@@ -72,3 +73,22 @@ def test_a_run_with_telemetry_logs_it_and_trains_the_same(char_data, tmp_path, c
     out = str(tmp_path / "health.png")
     plot.main([watched, "--health=True", f"--out={out}"])
     assert png_size(out) == (loss_curve.FIGSIZE[0] * loss_curve.DPI, loss_curve.FIGSIZE[1] * loss_curve.DPI)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_report_the_health_of_one_process(char_data, tmp_path, mode):
+    """The gradient norms and update ratios of the whole (all-reduced, or under FSDP summed over the shards) model,
+    and the probe on the master's batch: the numbers one process reports for the same global batch."""
+    run = [f"--data_root={char_data}", "--dataset=tiny_char", "--gradient_accumulation_steps=2", *CONFIG]
+    run.append("--health_interval=2")
+    single, ranks = str(tmp_path / "single"), str(tmp_path / mode)
+    train.main([*run, f"--out_dir={single}"])
+    result = torchrun(tmp_path, *run, f"--out_dir={ranks}", f"--fsdp={mode == 'fsdp'}")
+    assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
+    ours, theirs = ([r for r in records(d) if "act_rms" in r] for d in (single, ranks))
+    assert [r["iter"] for r in ours] == [r["iter"] for r in theirs] == [0, 2, 4]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["clipped_steps"] == b["clipped_steps"]
+        for name in health.QUANTITIES:
+            assert b[name] == pytest.approx(a[name], rel=1e-4), (a["iter"], name)

@@ -83,16 +83,35 @@ def test_rollbacks_run_out_with_exit_code_3(char_data, tmp_path, monkeypatch, ca
 
 
 @pytest.mark.slow
-def test_two_ranks_roll_back_as_one_process(char_data, tmp_path):
+@pytest.mark.parametrize(
+    "mode, to",
+    [("ddp", "start"), ("fsdp", "start"), ("fsdp", "checkpoint")],  # the start held in memory, or a checkpoint
+)
+def test_two_ranks_roll_back_as_one_process(char_data, tmp_path, mode, to):
     run = [f"--data_root={char_data}", "--dataset=tiny_char", "--gradient_accumulation_steps=2", *CONFIG]
-    run += ["--learning_rate=50", "--decay_lr=False", "--spike_lr_scale=1e-4", "--max_iters=12", "--eval_interval=12"]
+    run += ["--spike_lr_scale=1e-3", "--max_iters=12", "--ema_decay=0.5"]
+    if to == "start":  # diverges at once, before the first checkpoint
+        run += ["--learning_rate=50", "--decay_lr=False", "--eval_interval=12"]
+    else:  # the warmup climbs to a rate that diverges after checkpoints are written
+        run += ["--learning_rate=10", "--warmup_iters=20", "--lr_schedule=constant", "--eval_interval=2"]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     train.main([*run, f"--out_dir={single}"])
-    result = torchrun(tmp_path, *run, f"--out_dir={ddp}")
+    result = torchrun(tmp_path, *run, f"--out_dir={ddp}", f"--fsdp={mode == 'fsdp'}")
     assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
     ours, theirs = records(single), records(ddp)
-    rollbacks = [(r["iter"], r["to_iter"]) for r in ours if "rollback" in r]
-    assert rollbacks and rollbacks == [(r["iter"], r["to_iter"]) for r in theirs if "rollback" in r]
+    rollbacks = [(r["iter"], r["to_iter"], os.path.basename(r["to"])) for r in ours if "rollback" in r]
+    assert rollbacks and rollbacks == [
+        (r["iter"], r["to_iter"], os.path.basename(r["to"])) for r in theirs if "rollback" in r
+    ]
+    assert {target.startswith("ckpt-") for *_, target in rollbacks} == {to == "checkpoint"}
+    # the evaluation after each rollback sees exactly the weights it went back to: it repeats theirs
+    for _, to_iter, _ in rollbacks:
+        evals = [r["val_loss"] for r in theirs if "val_loss" in r and r["iter"] == to_iter]
+        assert len(evals) >= 2 and len(set(evals)) == 1, evals
+    if to == "checkpoint":  # diverging steps before the checkpoint amplify the order of float sums: compare before
+        early = [[r.get("loss") for r in rows if r["iter"] < 3] for rows in (ours, theirs)]
+        assert early[0] == pytest.approx(early[1], rel=1e-4)
+        return
     # diverging steps amplify the order of float sums (DDP averages gradients), so compare the recovered run's
     # losses: from the last rollback on
     last = max(i for i, r in enumerate(ours) if "rollback" in r)
