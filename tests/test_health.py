@@ -92,3 +92,14 @@ def test_two_ranks_report_the_health_of_one_process(char_data, tmp_path, mode):
         assert a["clipped_steps"] == b["clipped_steps"]
         for name in health.QUANTITIES:
             assert b[name] == pytest.approx(a[name], rel=1e-4), (a["iter"], name)
+
+
+def test_resume_with_telemetry_on_is_exact(char_data, tmp_path):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    run = ["--eval_interval=3", "--health_interval=2", "--grad_clip=0.5"]
+    train.main(args(char_data, whole, "--max_iters=6", *run))
+    train.main(args(char_data, parts, "--max_iters=3", *run))
+    train.main(args(char_data, parts, "--max_iters=6", "--init_from=resume", *run))
+    assert step_losses(whole) == step_losses(parts)
+    rows = [{r["iter"]: r for r in records(d) if "act_rms" in r} for d in (whole, parts)]
+    assert list(rows[0]) == list(rows[1]) == [0, 2, 4] and rows[0] == rows[1]  # the clipped-step count is restored
