@@ -286,12 +286,9 @@ def main(argv=None):
         bad_in_a_row, good_steps, exit_code = 0, 0, 0
         task = load_task(cfg, data) if cfg.eval_task else None
         x, y = first_batch(cfg, rt, data, state, warmup)
-        good = resume_from  # where a loss spike rolls back to: the newest checkpoint, else the start (in memory)
-        start = (
-            Snapshot.take(raw_model, optimizers, scaler, ema, state, cfg.fsdp)
-            if cfg.max_rollbacks and not good
-            else None
-        )
+        good, start = resume_from, None  # where a loss spike rolls back to: the newest checkpoint, else the start
+        if cfg.max_rollbacks and not good:
+            start = Snapshot.take(raw_model, optimizers, scaler, ema, state, cfg.fsdp)  # held in memory
 
         while True:
             # set the learning rate: every parameter group follows the schedule from its own base rate
