@@ -271,14 +271,7 @@ def main(argv=None):
         ema = EMA(raw_model, cfg.ema_decay) if cfg.ema_decay else None  # an average of the weights, beside them
         state = LoopState() if resume_from is None else resume(resume_from, raw_model, optimizers, scaler, cfg, rt, ema)
 
-        # wrap: compile, then DDP; evaluation uses the compiled model without DDP (it needs no gradient sync)
-        model = raw_model
-        if cfg.compile and not cfg.fsdp:
-            rt.print0("compiling the model... (takes a minute)")
-            model = torch.compile(model)
-        eval_model = model
-        if rt.ddp and not cfg.fsdp:
-            model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        model, eval_model = wrap(raw_model, cfg, rt)  # compiled, then DDP; evaluation uses the compiled one
         log = RunLog(cfg, rt, state.iter_num + warmup.steps_left(state.tokens, state.progress, cfg.max_iters))
         peak = peak_flops(rt, cfg.peak_flops)
         flops_per_micro_step = raw_model.flops_per_token(cfg.block_size) * micro_tokens / rt.world_size  # per GPU
@@ -329,12 +322,7 @@ def main(argv=None):
                 with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
                     with rt.autocast():
                         loss = micro_step_loss(model, x, y, accum_steps, chat_scale)
-                    if micro_step + 1 < accum_steps:
-                        g = rt.rank * accum_steps + micro_step + 1  # the global micro-step
-                        x, y = train_batch(cfg, rt, data, state.iter_num, g, state.rollbacks)
-                    else:
-                        upcoming = dataclasses.replace(state, iter_num=state.iter_num + 1, tokens=tokens_after)
-                        x, y = first_batch(cfg, rt, data, upcoming, warmup)
+                    x, y = next_batch(cfg, rt, data, state, warmup, micro_step, accum_steps, tokens_after)
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
                 if raw_model.config.n_expert:
@@ -375,13 +363,10 @@ def main(argv=None):
                 record |= {"tokens_per_sec": micro_steps * micro_tokens / dt, "grad_norm": grad_normf}
                 record |= {"skipped_steps": state.skipped_steps, "eta_s": timer.eta(cfg.max_iters - state.progress)}
                 record |= {"tokens": state.tokens}  # the token counter: every token trained so far
-                if warmup.tokens:
-                    record["batch_tokens"] = micro_steps * micro_tokens
+                record |= {"batch_tokens": micro_steps * micro_tokens} if warmup.tokens else {}
                 if peak and timer.steps > MFU_WARMUP_ITERS:
                     record["mfu"] = flops_per_micro_step * micro_steps / dt / peak  # per GPU
-                if raw_model.config.n_expert:  # this rank's; the loss above includes moe_aux_loss_coef times it
-                    record["aux_loss"] = auxf
-                log(record)
+                log(record | ({"aux_loss": auxf} if raw_model.config.n_expert else {}))  # this rank's MoE aux loss
 
             # roll back: spike_patience bad steps in a row (a loss spike, or non-finite) restore the newest good state
             if cfg.max_rollbacks and spiked(state, cfg, lossf, finite):
@@ -427,6 +412,18 @@ class LoopState:
     recent_losses: list[float] = dataclasses.field(default_factory=list)  # the spike detector's reference window
     bad_steps: int = 0  # bad steps in a row (a spike, or non-finite)
     clipped_steps: int = 0  # steps whose gradient norm was clipped
+
+
+def wrap(raw_model: GPT, cfg: TrainConfig, rt) -> tuple:
+    """(the model to train, the model to evaluate): torch.compile'd unless off (under FSDP its blocks already are),
+    then DDP under torchrun (not FSDP: the model is sharded in place). Evaluation needs no gradient sync: no DDP."""
+    model = raw_model
+    if cfg.compile and not cfg.fsdp:
+        rt.print0("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    if rt.ddp and not cfg.fsdp:
+        return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None), model
+    return model, model
 
 
 def check_process_count(cfg: TrainConfig, rt) -> None:
@@ -731,6 +728,16 @@ def first_batch(cfg: TrainConfig, rt, data, state: "LoopState", warmup: BatchWar
     """This rank's first batch of the step at `state`: global micro-step rank * (its micro-steps per rank)."""
     per_rank = warmup.micro_steps(state.tokens) // rt.world_size
     return train_batch(cfg, rt, data, state.iter_num, rt.rank * per_rank, state.rollbacks)
+
+
+def next_batch(cfg, rt, data, state: LoopState, warmup: BatchWarmup, micro_step: int, accum_steps: int, tokens_after):
+    """The batch after this rank's micro_step of accum_steps: its next micro-step's, or after the last one the next
+    iteration's first (whose micro-step count follows tokens_after, the tokens trained once this step is done)."""
+    if micro_step + 1 < accum_steps:
+        g = rt.rank * accum_steps + micro_step + 1  # the global micro-step
+        return train_batch(cfg, rt, data, state.iter_num, g, state.rollbacks)
+    upcoming = dataclasses.replace(state, iter_num=state.iter_num + 1, tokens=tokens_after)
+    return first_batch(cfg, rt, data, upcoming, warmup)
 
 
 def scheduled_lr(cfg: TrainConfig, it: float) -> float:
