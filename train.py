@@ -135,7 +135,7 @@ class TrainConfig:
     # system
     backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (native bf16: Ampere+ GPUs, AMX CPUs; else fp16 on CUDA, fp32), float32, bfloat16
     compile: bool = True  # torch.compile the model (PyTorch 2)
     gradient_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more compute
     recompute_every: int = 1  # with gradient_checkpointing: recompute every k-th block (1 = all)
@@ -239,7 +239,7 @@ def size_report(cfg: TrainConfig, model: GPT) -> str:
 def main(argv=None):
     # config and runtime: presets and --key=value, then device, dtype and the torchrun process group
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, training=True)
     check_process_count(cfg, rt)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # the preset's count is global
     micro_tokens = cfg.batch_size * cfg.block_size  # and each step's count of global micro-steps: batch warmup's

@@ -29,7 +29,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     """Time train.py's step for the config named by argv: ms_per_iter, tokens_per_sec, mfu (None without a known
     peak), peak_memory_gib (None off CUDA), params (non-embedding), tokens_per_iter."""
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    rt = setup_runtime(cfg.device, cfg.dtype, training=True)
     seed_everything(cfg.seed)
     # the model train.py would build: the dataset's vocabulary (rounded up to 64) unless the config sets one
     try:

@@ -81,12 +81,22 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def pick_dtype(requested: str, device_type: str) -> torch.dtype:
-    """'auto' -> bfloat16 on GPUs that support it, float16 on older CUDA GPUs (with a GradScaler), float32 elsewhere."""
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, Sapphire Rapids and newer)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def pick_dtype(requested: str, device_type: str, training: bool = False) -> torch.dtype:
+    """'auto' -> bfloat16 where the hardware runs it natively: GPUs from Ampere on, and for training CPUs with AMX;
+    float16 with a GradScaler on older CUDA GPUs; float32 elsewhere."""
     if requested == "auto":
         if device_type == "cuda":
             # Only native bf16 (Ampere and newer): V100 and T4 emulate it slowly, so they get float16 + GradScaler.
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        if device_type == "cpu" and training and native_bf16_cpu():
+            # AMX runs bf16 matmuls ~2x faster than fp32 ones (training steps 1.3-1.5x faster here); decoding is
+            # bound by memory and latency rather than matmuls, and a small model decodes slower in bf16 on CPUs
+            return torch.bfloat16
         return torch.float32
     if requested not in DTYPES:
         raise UserError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
@@ -95,8 +105,9 @@ def pick_dtype(requested: str, device_type: str) -> torch.dtype:
     return DTYPES[requested]
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> Runtime:
-    """Pick device and dtype; under torchrun (RANK in the environment) join the process group, one GPU per rank."""
+def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto", training: bool = False) -> Runtime:
+    """Pick device and dtype (training: train.py's choice of dtype=auto); under torchrun (RANK in the environment)
+    join the process group, one GPU per rank."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     device = pick_device(device)
@@ -114,7 +125,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for float32 matmuls on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, device_type, pick_dtype(dtype, device_type), ddp, rank, local_rank, world_size)
+    return Runtime(device, device_type, pick_dtype(dtype, device_type, training), ddp, rank, local_rank, world_size)
 
 
 def teardown_runtime(rt: Runtime) -> None:

@@ -103,6 +103,30 @@ def test_sdpa_attention_equals_manual_masked_softmax(tiny_model, tiny_config):
         torch.testing.assert_close(attn(x), manual_attention(attn, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pos_embedding", ["learned", "alibi"])  # alibi: a float bias as the mask
+def test_cpu_bf16_training_runs_attention_in_float32(tiny_config, pos_embedding):
+    """torch's CPU flash attention runs its backward slower in bf16 than in fp32 at short contexts, so under bf16
+    autocast a training forward on CPU attends in float32 (exactly fp32 SDPA, cast back); inference stays bf16."""
+    config = GPTConfig(**{**tiny_config.__dict__, "pos_embedding": pos_embedding})
+    model = GPT(config)
+    attn = model.transformer.h[0].attn
+    q, k, v = (torch.randn(2, 2, 16, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = model.attention_mask(torch.arange(16), 16, 0, torch.bfloat16) if pos_embedding == "alibi" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn.attend(q, k, v, mask)
+        with torch.no_grad():
+            y_inference = attn.attend(q, k, v, mask)
+    fp32_mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    reference = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=fp32_mask, is_causal=mask is None
+    )
+    assert y.dtype == torch.bfloat16 and torch.equal(y, reference.bfloat16())
+    y.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+    bf16_reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    assert torch.equal(y_inference.detach(), bf16_reference.detach())
+
+
 def test_overfits_one_small_batch(tiny_config):
     # 64 random targets: a working model and optimizer memorise them (the loss -> 0), a broken one stays near ln V.
     model = GPT(tiny_config)
