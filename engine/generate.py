@@ -68,19 +68,27 @@ class Decoder:
     feeds a fresh (B, 1) token tensor, so there are two graphs (prefill, decode; a third once a sequence outgrows
     block_size and re-prefills) whatever the number of tokens. On CUDA it uses "reduce-overhead" mode, which
     captures the one-token step as a CUDA graph, since a small model at batch 1 is bound by kernel launches, not
-    arithmetic. Call under model.eval(); for bf16/fp16, cast the model (model.to(dtype)) rather than autocast, so a
-    compiled step does not re-cast every weight on every token."""
+    arithmetic. Greedy decoding (temperature 0, no repetition penalty) picks the token inside that step too. Call
+    under model.eval(); for bf16/fp16, cast the model (model.to(dtype)) rather than autocast, so a compiled step does
+    not re-cast every weight on every token."""
 
     def __init__(self, model, kv_cache: bool = True, compile: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.static = compile and kv_cache
-        self.forward = model
+        self.forward = self.step
         if self.static:
             device = next(model.parameters()).device
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self.forward = torch.compile(model, mode=mode, dynamic=False)
+            self.forward = torch.compile(self.step, mode=mode, dynamic=False)
         self.cache = None
+
+    def step(self, idx, kv_cache=None, start_pos=0, vocab_size: int | None = None, greedy: bool = False):
+        """The last position's logits (B, V) over ids below vocab_size, or for greedy decoding their argmax (B, 1):
+        compiled, the whole choice of the token runs in the step's graph."""
+        logits, _ = self.model(idx, kv_cache=kv_cache, start_pos=start_pos)
+        logits = logits[:, -1, :vocab_size]
+        return logits.float().argmax(dim=-1, keepdim=True) if greedy else logits
 
     def _cache_for(self, batch_size: int):
         if self.cache is None or self.cache[0].k.size(0) != batch_size:
@@ -103,15 +111,17 @@ class Decoder:
         """Yield (B, 1) new tokens, one step at a time, continuing idx (B, T). vocab_size: ids from it up (the padding
         of a vocabulary rounded up for speed) are never sampled. Nothing here waits for the device: a caller that
         reads a token (streaming, stop strings) syncs then, one that collects them does not."""
-        model, block_size = self.model, self.model.config.block_size
+        block_size = self.model.config.block_size
+        greedy = sampling.temperature == 0 and sampling.repetition_penalty == 1.0
         filled = 0  # positions of the sequence held in the cache
         pos = None  # static: the next position, as a device tensor
         token = None
         for _ in range(max_new_tokens):
             if not self.kv_cache:
-                logits, _ = model(idx[:, -block_size:])
+                out = self.step(idx[:, -block_size:], vocab_size=vocab_size, greedy=greedy)
             elif token is not None and filled < block_size:  # decode one position: the fresh (B, 1) token
-                logits, _ = self.forward(token, kv_cache=self.cache, start_pos=pos if self.static else filled)
+                start = pos if self.static else filled
+                out = self.forward(token, self.cache, start, vocab_size, greedy)
                 filled += 1
                 if self.static:
                     pos = pos + 1
@@ -119,11 +129,12 @@ class Decoder:
                 context = idx[:, -block_size:].contiguous()  # same strides every time: no recompile per token
                 cache = self._cache_for(idx.size(0))
                 start = torch.zeros((), dtype=torch.long, device=idx.device) if self.static else 0
-                logits, _ = self.forward(context, kv_cache=cache, start_pos=start)
+                out = self.forward(context, cache, start, vocab_size, greedy)
                 filled = context.size(1)  # at block_size the cache is full and the next step re-prefills
                 if self.static:
                     pos = torch.full((), filled, dtype=torch.long, device=idx.device)
-            token = next_token(logits[:, -1, :vocab_size], sampling, idx, generator)  # (B, 1)
+            # (B, 1); a CUDA graph's output buffer is overwritten by its next replay, so the chosen token is copied
+            token = out.clone() if greedy else next_token(out, sampling, idx, generator)
             idx = torch.cat((idx, token), dim=1)
             yield token
 

@@ -67,6 +67,20 @@ def test_compiled_bf16_decoding_is_two_graphs_reused_and_equals_eager(switches, 
     assert cache[0].k.dtype == torch.bfloat16  # the cache takes the model's dtype
 
 
+def test_compiled_greedy_decoding_picks_each_token_inside_the_step(monkeypatch, fresh_dynamo):
+    """No eager sampling code runs after the compiled forward: the argmax is in its graph (and, on CUDA, in the
+    captured CUDA graph), and the tokens still equal eager decoding's."""
+    from engine import generate as generation
+
+    model = bf16_model()
+    prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(1))
+    eager = torch.cat(list(Decoder(model).generate(prompt, 20, GREEDY, vocab_size=29)), dim=1)
+    monkeypatch.setattr(generation, "next_token", lambda *a, **k: pytest.fail("sampled outside the compiled step"))
+    compiled = torch.cat(list(Decoder(model, compile=True).generate(prompt, 20, GREEDY, vocab_size=29)), dim=1)
+    assert torch.equal(compiled, eager) and int(compiled.max()) < 29
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2
+
+
 def test_sample_cli_compiled_in_bf16_equals_eager(tmp_path, capsys, fresh_dynamo):
     chars = "\n !abcdefghijklmnopqrstuvwxyz"
     model = trained_like(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
