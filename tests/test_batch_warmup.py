@@ -84,12 +84,13 @@ def test_batch_warmup_settings_are_checked_in_one_line(char_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_warm_up_as_one_process(char_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_warm_up_as_one_process(char_data, tmp_path, mode):
     run = [f"--data_root={char_data}", "--dataset=tiny_char", *CONFIG, "--gradient_accumulation_steps=4"]
     run += ["--batch_warmup_tokens=512", "--batch_warmup_start=2"]  # 2 micro-steps (one per rank), then 4
-    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    single, ddp = str(tmp_path / "single"), str(tmp_path / mode)
     train.main([*run, f"--out_dir={single}"])
-    result = torchrun(tmp_path, *run, f"--out_dir={ddp}")
+    result = torchrun(tmp_path, *run, f"--out_dir={ddp}", f"--fsdp={mode == 'fsdp'}")
     assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
     ours, theirs = ddp_records(single), ddp_records(ddp)
     assert [r.get("batch_tokens") for r in ours] == [r.get("batch_tokens") for r in theirs]
