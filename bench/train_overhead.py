@@ -9,6 +9,9 @@ The flags are nanoGPT's README CPU recipe on config/train_shakespeare_char.py (4
 nanoGPT checkout its own data/shakespeare_char. It prints the median iteration time of each (train.py's from its
 metrics.jsonl, nanoGPT's from its log lines), the whole process's wall time for the two train.py runs, and ratios.
 The machine should be otherwise idle; run it twice and believe what repeats.
+
+train.py and the bare loop run in train.py's dtype=auto: bf16 on CPUs with AMX, float32 elsewhere; nanoGPT trains in
+float32 on every CPU. --dtype=float32 compares the two at nanoGPT's precision.
 """
 
 import json
@@ -45,11 +48,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANO_TIME = re.compile(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms")
 
 
-def ours(data_root: str) -> tuple[float, float]:
+def ours(data_root: str, dtype: str) -> tuple[float, float]:
     """(median ms per iteration, wall seconds) of `python train.py <recipe>` in a fresh process."""
     out = tempfile.mkdtemp(prefix="overhead-")
     t0 = time.time()
-    cmd = [sys.executable, "train.py", *RECIPE, f"--data_root={data_root}", f"--out_dir={out}"]
+    cmd = [sys.executable, "train.py", *RECIPE, f"--data_root={data_root}", f"--out_dir={out}", f"--dtype={dtype}"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     wall = time.time() - t0
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -71,12 +74,14 @@ def nanogpt(path: str) -> tuple[float, float]:
 class OverheadConfig:
     data_root: str = "data"  # holds shakespeare_char/ (prepare/shakespeare_char.py)
     nanogpt: str | None = None  # a nanoGPT checkout with data/shakespeare_char prepared
+    dtype: str = "auto"  # train.py's and the bare loop's (nanoGPT's own is float32 on CPUs)
 
 
 def main(argv=None):
     args = parse_config(OverheadConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
-    bare = measure([*RECIPE, "--vocab_size=128"], burn_in=20, steps=100)["ms_per_iter"]  # 65 chars, rounded up
-    ms, wall = ours(args.data_root)
+    recipe = [*RECIPE, "--vocab_size=128", f"--dtype={args.dtype}"]  # 65 chars rounded up, as train.py does
+    bare = measure(recipe, burn_in=20, steps=100)["ms_per_iter"]
+    ms, wall = ours(args.data_root, args.dtype)
     print(f"bare loop (same model, random tokens): {bare:.2f} ms/iter")
     print(f"train.py: {ms:.2f} ms/iter (median), {wall:.1f} s wall; x{ms / bare:.2f} of the bare loop")
     if args.nanogpt:

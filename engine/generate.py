@@ -68,27 +68,30 @@ class Decoder:
     feeds a fresh (B, 1) token tensor, so there are two graphs (prefill, decode; a third once a sequence outgrows
     block_size and re-prefills) whatever the number of tokens. On CUDA it uses "reduce-overhead" mode, which
     captures the one-token step as a CUDA graph, since a small model at batch 1 is bound by kernel launches, not
-    arithmetic. Greedy decoding (temperature 0, no repetition penalty) picks the token inside that step too. Call
-    under model.eval(); for bf16/fp16, cast the model (model.to(dtype)) rather than autocast, so a compiled step does
-    not re-cast every weight on every token."""
+    arithmetic. Greedy decoding (temperature 0, no repetition penalty) picks the token inside that step too, in its
+    own compiled function (so its graphs and the sampling ones do not share one recompile budget; each vocab_size is
+    a graph of its own). Call under model.eval(); for bf16/fp16, cast the model (model.to(dtype)) rather than
+    autocast, so a compiled step does not re-cast every weight on every token."""
 
     def __init__(self, model, kv_cache: bool = True, compile: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.static = compile and kv_cache
-        self.forward = self.step
+        self.steps = {False: self.logits, True: self.greedy}  # keyed by greedy
         if self.static:
             device = next(model.parameters()).device
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self.forward = torch.compile(self.step, mode=mode, dynamic=False)
+            self.steps = {greedy: torch.compile(f, mode=mode, dynamic=False) for greedy, f in self.steps.items()}
         self.cache = None
 
-    def step(self, idx, kv_cache=None, start_pos=0, vocab_size: int | None = None, greedy: bool = False):
-        """The last position's logits (B, V) over ids below vocab_size, or for greedy decoding their argmax (B, 1):
-        compiled, the whole choice of the token runs in the step's graph."""
+    def logits(self, idx, kv_cache=None, start_pos=0, vocab_size: int | None = None):
+        """The last position's logits (B, V) over the ids below vocab_size."""
         logits, _ = self.model(idx, kv_cache=kv_cache, start_pos=start_pos)
-        logits = logits[:, -1, :vocab_size]
-        return logits.float().argmax(dim=-1, keepdim=True) if greedy else logits
+        return logits[:, -1, :vocab_size]
+
+    def greedy(self, idx, kv_cache=None, start_pos=0, vocab_size: int | None = None):
+        """The most likely next token (B, 1): compiled, the choice runs in the step's graph."""
+        return self.logits(idx, kv_cache, start_pos, vocab_size).float().argmax(dim=-1, keepdim=True)
 
     def _cache_for(self, batch_size: int):
         if self.cache is None or self.cache[0].k.size(0) != batch_size:
@@ -113,15 +116,16 @@ class Decoder:
         reads a token (streaming, stop strings) syncs then, one that collects them does not."""
         block_size = self.model.config.block_size
         greedy = sampling.temperature == 0 and sampling.repetition_penalty == 1.0
+        step = self.steps[greedy]
         filled = 0  # positions of the sequence held in the cache
         pos = None  # static: the next position, as a device tensor
         token = None
         for _ in range(max_new_tokens):
             if not self.kv_cache:
-                out = self.step(idx[:, -block_size:], vocab_size=vocab_size, greedy=greedy)
+                out = step(idx[:, -block_size:], vocab_size=vocab_size)  # eager: kv_cache=False never compiles
             elif token is not None and filled < block_size:  # decode one position: the fresh (B, 1) token
                 start = pos if self.static else filled
-                out = self.forward(token, self.cache, start, vocab_size, greedy)
+                out = step(token, self.cache, start, vocab_size)
                 filled += 1
                 if self.static:
                     pos = pos + 1
@@ -129,7 +133,7 @@ class Decoder:
                 context = idx[:, -block_size:].contiguous()  # same strides every time: no recompile per token
                 cache = self._cache_for(idx.size(0))
                 start = torch.zeros((), dtype=torch.long, device=idx.device) if self.static else 0
-                out = self.forward(context, cache, start, vocab_size, greedy)
+                out = step(context, cache, start, vocab_size)
                 filled = context.size(1)  # at block_size the cache is full and the next step re-prefills
                 if self.static:
                     pos = torch.full((), filled, dtype=torch.long, device=idx.device)
