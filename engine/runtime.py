@@ -125,7 +125,12 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for float32 matmuls on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, device_type, pick_dtype(dtype, device_type, training), ddp, rank, local_rank, world_size)
+    chosen = pick_dtype(dtype, device_type, training)
+    if ddp and dtype == "auto" and device_type == "cpu":  # CPUs of a job may differ: bf16 only where all have AMX
+        native = torch.tensor([int(chosen == torch.bfloat16)])
+        dist.all_reduce(native, op=dist.ReduceOp.MIN)
+        chosen = torch.bfloat16 if native.item() else torch.float32
+    return Runtime(device, device_type, chosen, ddp, rank, local_rank, world_size)
 
 
 def teardown_runtime(rt: Runtime) -> None:

@@ -296,6 +296,29 @@ def test_auto_dtype_trains_in_bf16_on_cpus_that_multiply_it_natively(char_data, 
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "out") if "loss" in r)
 
 
+def test_auto_dtype_under_torchrun_is_bf16_only_where_every_cpu_has_amx(monkeypatch):
+    """A job over CPUs of different kinds trains in one dtype: the ranks agree on the lowest common choice."""
+    import torch.distributed as dist
+
+    from engine import runtime
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)  # this rank has AMX
+    real_all_reduce = dist.all_reduce
+
+    def another_rank_without_amx(tensor, op):
+        real_all_reduce(tensor, op=op)
+        tensor.zero_()  # what MIN gives when one rank contributes 0
+
+    for all_reduce, expected in ((real_all_reduce, torch.bfloat16), (another_rank_without_amx, torch.float32)):
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        rt = runtime.setup_runtime("cpu", "auto", training=True)
+        runtime.teardown_runtime(rt)
+        assert rt.ddp and rt.dtype == expected
+
+
 def test_lr_decay_iters_none_decays_by_max_iters(char_data, tmp_path):
     out = str(tmp_path / "out")
     train.main(args(char_data, out, "--max_iters=8", "--eval_interval=8", "--lr_decay_iters=none"))
