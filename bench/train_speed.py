@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
 from engine.configurator import parse_config
+from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizers
 from engine.runtime import peak_flops, seed_everything, setup_runtime
 from model import GPT
-from tools.sizing import dataset_vocab_size
 from train import TrainConfig, model_config
 
 
@@ -33,7 +33,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     seed_everything(cfg.seed)
     # the model train.py would build: the dataset's vocabulary (rounded up to 64) unless the config sets one
     try:
-        vocab_size = dataset_vocab_size(cfg)
+        vocab_size = cfg.vocab_size or dataset_vocab_size(os.path.join(cfg.data_root, cfg.dataset))
     except UserError:
         vocab_size = 50304
         print(f"note: {cfg.data_root}/{cfg.dataset} is not prepared here; measuring GPT-2's vocabulary ({vocab_size})")

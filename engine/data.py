@@ -123,6 +123,14 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
     return data
 
 
+def dataset_vocab_size(data_dir: str) -> int:
+    """The vocabulary size a prepared dataset records: the model's when a config leaves vocab_size unset."""
+    try:
+        return load_data(data_dir, 1, splits=()).meta["vocab_size"]
+    except UserError as e:
+        raise UserError(f"vocab_size is none and the dataset is unreadable ({e}); pass --vocab_size") from None
+
+
 def check_chat_split(data: TokenData, split: str) -> None:
     """A chat split's mask has one byte per token and its starts run from 0 to the token count, rising."""
     info = data.meta["splits"][split]

@@ -5,8 +5,10 @@ import dataclasses
 import os
 
 import pytest
+import torch
 
 import train
+from engine import runtime
 from engine.configurator import parse_config
 from model import GPT, GPTConfig
 from tools import sizing
@@ -117,4 +119,38 @@ def test_fsdp_divides_weights_gradients_and_optimizer_state_over_the_gpus(capsys
 def test_a_cpu_run_is_sized_for_the_cpu_not_an_a100(capsys):
     sizing.main([os.path.join(ROOT, "config", "train_shakespeare_char_cpu.py"), "--device=cpu", "--vocab_size=65"])
     out = capsys.readouterr().out
-    assert "time on 1 x cpu (" in out and "A100" not in out
+    assert "time on 1 x cpu, " in out and "A100" not in out
+    timed = next(line for line in out.splitlines() if "timed here" in line)  # a small CPU run's step is timed
+    assert float(timed.split()[-2]) > 0
+
+
+def row_value(text: str, label: str) -> float:
+    return float(next(line for line in text.splitlines() if line.strip().startswith(label)).split()[-2])
+
+
+def test_a_cpu_run_is_estimated_at_its_dtypes_matmul_rate_and_timed_when_small(capsys, monkeypatch):
+    rates = {torch.float32: 1e11, torch.bfloat16: 2e11}
+    monkeypatch.setattr(sizing, "measured_cpu_flops", lambda dtype=torch.float32: rates[dtype])
+    calls = []
+    monkeypatch.setattr(sizing, "measure", lambda argv, **kw: calls.append(argv) or {"ms_per_iter": 50.0})
+    argv = [os.path.join(ROOT, "config", "train_shakespeare_char_cpu.py"), "--device=cpu", "--vocab_size=65"]
+
+    sizing.main([*argv, "--dtype=float32"])
+    fp32 = capsys.readouterr().out
+    sizing.main([*argv, "--dtype=bfloat16"])
+    bf16 = capsys.readouterr().out
+    assert "x cpu, float32 (0.10 TFLOP/s" in fp32 and "x cpu, bfloat16 (0.20 TFLOP/s" in bf16
+    estimate = "step, estimated"
+    assert row_value(bf16, estimate) == pytest.approx(row_value(fp32, estimate) / 2, rel=0.01)
+    # the timed step is train.py's own, eager, on the CPU, in the run's dtype; the totals follow it
+    assert calls[-1][-3:] == ["--dtype=bfloat16", "--device=cpu", "--compile=False"]
+    assert row_value(bf16, "step, timed here") == 50.0
+    rate = next(line for line in bf16.splitlines() if "tokens per second" in line).split()[-1]
+    assert float(rate.replace(",", "")) == pytest.approx(12 * 64 / 0.05, rel=1e-3)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)  # dtype=auto trains in bf16 on a CPU with AMX
+    sizing.main(argv)
+    assert "x cpu, bfloat16" in capsys.readouterr().out
+    # GPT-2 on a CPU: seconds per step, so it is estimated only
+    sizing.main([os.path.join(ROOT, "config", "train_gpt2.py"), "--device=cpu"])
+    assert "timed here" not in capsys.readouterr().out and len(calls) == 3
+    assert 1e8 < sizing.measured_cpu_flops(torch.bfloat16) < 1e15  # the real measurement runs in bf16 too

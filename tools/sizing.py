@@ -18,7 +18,9 @@ Formulas (b micro-batch, s block_size, h n_embd, a n_head, L n_layer, V vocab, N
                     the 16-bit logits and the float32 log-probabilities the loss keeps.
   with gradient checkpointing  each layer keeps only its 16-bit input, 2·s·b·h, and one layer's activations exist
                     at a time while it is recomputed (Korthikanti et al. 2022, section 4).
-  step time         FLOPs per iteration / (num_gpus · peak FLOP/s · MFU), peak from runtime.GPU_PEAK_FLOPS.
+  step time         FLOPs per iteration / (num_gpus · peak FLOP/s · MFU), peak from runtime.GPU_PEAK_FLOPS, or on
+                    a CPU this machine's measured matmul rate in the dtype train.py would train in there; a CPU
+                    run whose step takes seconds also has its step timed (train.py's step, eager, random tokens).
   Chinchilla        20 training tokens per parameter (Hoffmann et al. 2022, "Training Compute-Optimal Large
                     Language Models", table 3).
 Memory figures are per GPU: DDP keeps a full copy of weights, gradients and optimizer state on each.
@@ -32,16 +34,18 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+from bench.train_speed import measure
 from engine.configurator import describe_fields, parse_config
-from engine.data import load_data
+from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
 from engine.lora import lora_params, parse_targets
-from engine.memory import activation_bytes
-from engine.runtime import GPU_PEAK_FLOPS
+from engine.memory import activation_bytes, device_memory
+from engine.runtime import GPU_PEAK_FLOPS, pick_dtype
 from model import GPT, GPTConfig
 from train import TrainConfig, model_config
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
+MEASURE_CPU_STEP_UP_TO_S = 4.0  # a CPU run's step is timed when the estimate says 5 steps take seconds
 
 
 @dataclass
@@ -80,11 +84,12 @@ def param_counts(model: GPT) -> dict[str, int]:
     return parts
 
 
-def gpu_peak_flops(gpu: str) -> float:
+def gpu_peak_flops(gpu: str, cpu_dtype: torch.dtype = torch.float32) -> float:
     """Peak dense 16-bit FLOP/s of a GPU named as in the table (case, spaces, dashes and underscores aside: RTX 4090,
-    rtx4090, RTX_4090), or whose full name contains a table key; "cpu" measures this machine's float32 matmul rate."""
+    rtx4090, RTX_4090), or whose full name contains a table key; "cpu" measures this machine's matmul rate in
+    cpu_dtype (the dtype a CPU run trains in: bfloat16 runs ~2x faster than float32 on CPUs with AMX)."""
     if gpu.lower() == "cpu":
-        return measured_cpu_flops()
+        return measured_cpu_flops(cpu_dtype)
 
     def plain(name: str) -> str:
         return "".join(c for c in name.lower() if c.isalnum())
@@ -98,9 +103,9 @@ def gpu_peak_flops(gpu: str) -> float:
     raise UserError(f"unknown --gpu={gpu!r}; known: cpu, {', '.join(k for k, _ in GPU_PEAK_FLOPS)}")
 
 
-def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
-    """This CPU's float32 matmul FLOP/s, the best of a few n x n products: the peak a CPU run can approach."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measured_cpu_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's matmul FLOP/s in dtype, the best of a few n x n products: the peak a CPU run can approach."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -110,18 +115,18 @@ def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def dataset_vocab_size(cfg: TrainConfig) -> int:
-    """vocab_size when the config leaves it to the dataset."""
-    if cfg.vocab_size:
-        return cfg.vocab_size
-    try:
-        return load_data(os.path.join(cfg.data_root, cfg.dataset), 1, splits=()).meta["vocab_size"]
-    except UserError as e:
-        raise UserError(f"vocab_size is none and the dataset is unreadable ({e}); pass --vocab_size") from None
+def timed_cpu_step(train_argv: list[str], estimate_s: float, need_bytes: int) -> float | None:
+    """Seconds per iteration of train.py's step (eager, random tokens) timed on this CPU, 2 burn-in steps and 3
+    timed ones, when the estimate says that takes seconds and training fits in half the RAM; else None. On a CPU the
+    non-matmul work (norms, attention, the optimizer) does not speed up with bf16's matmuls, so no one MFU holds."""
+    ram = device_memory("cpu")
+    if estimate_s > MEASURE_CPU_STEP_UP_TO_S or (ram is not None and need_bytes > ram // 2):
+        return None
+    return measure([*train_argv, "--device=cpu", "--compile=False"], burn_in=2, steps=3)["ms_per_iter"] / 1000
 
 
-def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig) -> str:
-    """The full sizing report as text."""
+def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig, train_argv: list[str] | None = None) -> str:
+    """The full sizing report as text; for a CPU, train_argv (train.py's command line) lets it time the step."""
     model = build_meta_model(config)
     parts = param_counts(model)
     n = sum(parts.values())
@@ -131,9 +136,17 @@ def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig) -> str:
     causal_flops_per_token = flops_per_token - 6 * L * h * s
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * s
     flops_per_iter = flops_per_token * tokens_per_iter
-    peak = gpu_peak_flops(opts.gpu)
+    on_cpu = opts.gpu.lower() == "cpu"
+    if on_cpu:
+        cpu_dtype = pick_dtype(cfg.dtype, "cpu", training=True)  # what train.py would train in on this CPU
+        peak, hardware = gpu_peak_flops("cpu", cpu_dtype), f"cpu, {str(cpu_dtype).removeprefix('torch.')}"
+    else:
+        peak, hardware = gpu_peak_flops(opts.gpu), opts.gpu
     tflops = f"{peak / 1e12:.0f}" if peak >= 1e13 else f"{peak / 1e12:.2f}"
-    step_s = flops_per_iter / (opts.num_gpus * peak * opts.mfu)
+    estimate_s = flops_per_iter / (opts.num_gpus * peak * opts.mfu)
+    train_bytes = 16 * n + activation_bytes(config, cfg.batch_size, cfg.gradient_checkpointing, True)
+    timed_s = timed_cpu_step(train_argv, estimate_s, train_bytes) if on_cpu and train_argv is not None else None
+    step_s = timed_s or estimate_s
     gib = 2**30
     shards = opts.num_gpus if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the GPUs
     sharded = f", FSDP 1/{shards}" if shards > 1 else ""
@@ -175,8 +188,15 @@ def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig) -> str:
         lines.append(row(label, f"{activation_bytes(config, cfg.batch_size, ckpt, flash) / gib:.2f} GiB"))
     planned = cfg.max_iters * tokens_per_iter
     lines += [
-        f"time on {opts.num_gpus} x {opts.gpu} ({tflops} TFLOP/s peak each, assumed MFU {opts.mfu:.0%})",
-        row("step", f"{step_s * 1000:.1f} ms"),
+        f"time on {opts.num_gpus} x {hardware} ({tflops} TFLOP/s peak each, assumed MFU {opts.mfu:.0%})",
+        row("step, estimated at the assumed MFU", f"{estimate_s * 1000:.1f} ms"),
+    ]
+    if timed_s:
+        lines += [
+            row("step, timed here (train.py's step, eager)", f"{timed_s * 1000:.1f} ms"),
+            row("MFU reached", f"{flops_per_iter / (timed_s * peak):.0%}"),
+        ]
+    lines += [
         row("tokens per second", f"{tokens_per_iter / step_s:,.0f}"),
         row(f"{cfg.max_iters:,} iterations", f"{cfg.max_iters * step_s / 3600:.1f} hours"),
         "data (Hoffmann et al. 2022)",
@@ -197,13 +217,15 @@ def main(argv=None):
     own = {f"--{name}" for name in SizingOptions.__dataclass_fields__}
     mine = [a for a in argv if a.partition("=")[0] in own]
     opts = parse_config(SizingOptions, mine)
-    cfg = parse_config(TrainConfig, [a for a in argv if a not in mine])
+    train_argv = [a for a in argv if a not in mine]
+    cfg = parse_config(TrainConfig, train_argv)
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if "gpu" not in opts.given and on_cpu:  # a run that would train on this CPU: size it for the CPU, not an A100
         opts.gpu = "cpu"
     if opts.num_gpus < 1 or not 0 < opts.mfu <= 1:
         raise UserError("--num_gpus must be >= 1 and --mfu in (0, 1]")
-    print(report(cfg, opts, model_config(cfg, dataset_vocab_size(cfg))))
+    vocab_size = cfg.vocab_size or dataset_vocab_size(os.path.join(cfg.data_root, cfg.dataset))
+    print(report(cfg, opts, model_config(cfg, vocab_size), train_argv))
 
 
 if __name__ == "__main__":
