@@ -150,7 +150,9 @@ def test_a_cpu_run_is_estimated_at_its_dtypes_matmul_rate_and_timed_when_small(c
     monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)  # dtype=auto trains in bf16 on a CPU with AMX
     sizing.main(argv)
     assert "x cpu, bfloat16" in capsys.readouterr().out
-    # GPT-2 on a CPU: seconds per step, so it is estimated only
+    # GPT-2 on a CPU (seconds per step), LoRA (bench's step trains every weight) and 2 processes are estimated only
     sizing.main([os.path.join(ROOT, "config", "train_gpt2.py"), "--device=cpu"])
+    sizing.main([*argv, "--lora_rank=4"])
+    sizing.main([*argv, "--num_gpus=2"])
     assert "timed here" not in capsys.readouterr().out and len(calls) == 3
     assert 1e8 < sizing.measured_cpu_flops(torch.bfloat16) < 1e15  # the real measurement runs in bf16 too
