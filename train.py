@@ -52,7 +52,14 @@ from engine.lora import add_lora, lora_params, parse_targets
 from engine.loss_curve import BackgroundPlot
 from engine.memory import check_fits
 from engine.optim import SCHEDULES, build_optimizers, lr_at
-from engine.runtime import StopSignals, peak_flops, seed_everything, setup_runtime, teardown_runtime
+from engine.runtime import (
+    StopSignals,
+    peak_flops,
+    seed_everything,
+    setup_runtime,
+    teardown_runtime,
+    trace_data_dependent_shapes,
+)
 from engine.tasks import TASKS, read_items, score
 from model import GPT, GPTConfig
 
@@ -418,6 +425,8 @@ def wrap(raw_model: GPT, cfg: TrainConfig, rt) -> tuple:
     """(the model to train, the model to evaluate): torch.compile'd unless off (under FSDP its blocks already are),
     then DDP under torchrun (not FSDP: the model is sharded in place). Evaluation needs no gradient sync: no DDP."""
     model = raw_model
+    if cfg.compile:  # before the first compiled forward, under FSDP too (its blocks are compiled, not yet traced)
+        trace_data_dependent_shapes()
     if cfg.compile and not cfg.fsdp:
         rt.print0("compiling the model... (takes a minute)")
         model = torch.compile(model)

@@ -20,7 +20,7 @@ from engine.configurator import parse_config
 from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
 from engine.optim import build_optimizers
-from engine.runtime import peak_flops, seed_everything, setup_runtime
+from engine.runtime import peak_flops, seed_everything, setup_runtime, trace_data_dependent_shapes
 from model import GPT
 from train import TrainConfig, model_config
 
@@ -48,6 +48,8 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
         rt.device_type,
         cfg.muon_learning_rate,
     )
+    if cfg.compile:
+        trace_data_dependent_shapes()  # as train.py: MoE routing compiles without a graph break
     fwd = torch.compile(model) if cfg.compile else model
     tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     data = torch.randint(

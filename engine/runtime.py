@@ -140,6 +140,13 @@ def teardown_runtime(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def trace_data_dependent_shapes() -> None:
+    """Let torch.compile trace ops whose output size depends on the data (an MoE's torch.where over its routing)
+    with symbolic sizes, instead of breaking the graph there and recompiling each expert for every new token count.
+    Read when a graph is traced, so call it before the first compiled forward."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch's CPU and CUDA generators (the only randomness the training code uses)."""
     torch.manual_seed(seed)

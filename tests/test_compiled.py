@@ -3,6 +3,8 @@ graphs, recompiles and graph breaks here exactly as on CUDA, so these pin what a
 in two graphs whatever the length, reused across calls, equal to eager; sample.py compiled in bf16; a compiled bf16
 training step without graph breaks."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_generate import GREEDY, samples
@@ -12,6 +14,7 @@ import sample
 import train
 from engine.checkpoint import save_checkpoint
 from engine.generate import Decoder
+from engine.runtime import trace_data_dependent_shapes
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.slow
@@ -45,7 +48,9 @@ def bf16_model(**switches) -> GPT:
 def fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
-    yield counters
+    # as a fresh process has it, whatever an earlier test's train.main set; restored afterwards
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
+        yield counters
     torch._dynamo.reset()
 
 
@@ -101,8 +106,10 @@ def test_sample_cli_compiled_in_bf16_equals_eager(tmp_path, capsys, fresh_dynamo
     assert fresh_dynamo["stats"]["unique_graphs"] == 3
 
 
-def test_compiled_bf16_training_step_has_no_graph_breaks(char_data, tmp_path, fresh_dynamo):
+@pytest.mark.parametrize("switches", [[], ["--n_expert=4", "--n_expert_active=1"]], ids=["dense", "moe"])
+def test_compiled_bf16_training_step_has_no_graph_breaks(switches, char_data, tmp_path, fresh_dynamo):
     argv = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    argv += switches  # MoE: its routing's torch.where is traced with symbolic sizes, not a break and recompiles
     argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=1"]
     argv += ["--gradient_accumulation_steps=2", "--max_iters=3", "--eval_interval=3", "--compile=True"]
     argv += ["--dtype=bfloat16", "--warmup_iters=1"]
@@ -110,3 +117,38 @@ def test_compiled_bf16_training_step_has_no_graph_breaks(char_data, tmp_path, fr
     assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
     # one graph for training and one for evaluation (eval mode): nothing recompiles per step
     assert fresh_dynamo["stats"]["unique_graphs"] <= 2, dict(fresh_dynamo["stats"])
+
+
+def test_compiled_moe_routes_in_one_graph_and_equals_eager(fresh_dynamo):
+    trace_data_dependent_shapes()  # what train.py sets when it compiles
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_expert=4, n_expert_active=2)
+    model = GPT(dataclasses.replace(config, moe_shared_expert=True))
+    compiled = torch.compile(model)
+    loads = set()
+    for seed in range(3):  # each batch sends a different number of tokens to each expert
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randint(64, (4, 16), generator=g), torch.randint(64, (4, 16), generator=g)
+        with torch.no_grad():
+            h = model.transformer.wte(x) + model.transformer.wpe(torch.arange(16))
+            router = model.transformer.h[0].mlp.router
+            loads.add(
+                tuple(
+                    torch.bincount(
+                        router(model.transformer.h[0].ln_2(h)).topk(2).indices.flatten(), minlength=4
+                    ).tolist()
+                )
+            )
+        results = []
+        for forward in (model, compiled):
+            model.zero_grad()
+            _, loss = forward(x, y)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+        for a, b in zip(compiled_grads, eager_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(loads) > 1, loads  # the token counts per expert did change between calls
+    assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
+    assert fresh_dynamo["stats"]["unique_graphs"] == 1, dict(fresh_dynamo["stats"])
