@@ -276,7 +276,7 @@ class MoE(nn.Module):
     are mixed by the renormalised router probabilities (top-1: scaled by its probability); plus an optional shared
     expert every token uses. Records the load-balancing loss of its last forward in self.aux_loss:
     E * sum_e f_e * P_e, where f_e is the share of routing slots that went to expert e and P_e its mean router
-    probability; 1.0 when perfectly balanced."""
+    probability; 1.0 when perfectly balanced. And each f_e, in self.load."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -285,6 +285,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
         self.shared = MLP(config) if config.moe_shared_expert else None
         self.aux_loss = torch.zeros(())
+        self.load = torch.zeros(config.n_expert)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -300,11 +301,17 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(top_i == e)  # the tokens routed to expert e, and in which of their k slots
+            # Rows padded to a multiple of 64 (token 0, weight 0: they add exact zeros), so the experts' matmul shapes
+            # repeat from step to step: CPUs' bf16 matmuls (oneDNN) build a kernel for every new shape, ~1.5 ms each.
+            n, pad = token.numel(), -token.numel() % 64
+            token, slot = F.pad(token, (0, pad)), F.pad(slot, (0, pad))
+            valid = torch.arange(n + pad, device=x.device) < n  # (n + pad,)
             # An expert with no tokens still runs (on an empty batch), so every parameter gets a (zero) gradient in
             # every backward: DDP and FSDP need the same gradients on every rank, whatever the routing there.
-            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+            out.index_add_(0, token, expert(flat[token]) * (weights[token, slot] * valid)[:, None])
         share = F.one_hot(top_i, len(self.experts)).float().sum(dim=1).mean(dim=0) / self.k  # f_e, (E,)
         self.aux_loss = len(self.experts) * (share * probs.mean(dim=0)).sum()
+        self.load = share.detach()  # what health telemetry logs as each expert's share of the tokens
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(B, T, C)

@@ -46,7 +46,7 @@ def probe(model, x: torch.Tensor, autocast) -> dict:
     """On the batch x (B, T): each block's output RMS (act_rms); its attention entropy in nats, the mean over heads
     and query positions of x's first sequence, its first ENTROPY_POSITIONS positions at most (attn_entropy); and for
     MoE blocks each expert's share of the tokens (expert_load). Under FSDP every rank must probe (on its own x)."""
-    rms, entropies, loads, hooks = [], [], [], []
+    rms, entropies, hooks = [], [], []
     for block in model.transformer.h:
         seen = {}  # the attention's input; causal, so the first positions' probabilities need nothing after them
         hooks.append(
@@ -58,12 +58,6 @@ def probe(model, x: torch.Tensor, autocast) -> dict:
             entropies.append(entropy(layer_attention(model, block.attn, seen["x"])).mean())
 
         hooks.append(block.register_forward_hook(after, prepend=True))  # first: before FSDP reshards the weights
-        experts = getattr(block.mlp, "experts", None)
-        if experts is not None:  # each expert runs once per forward, on the tokens routed to it
-            counts = []
-            loads.append(counts)
-            for expert in experts:
-                hooks.append(expert.register_forward_hook(lambda m, i, out, c=counts: c.append(i[0].size(0))))
     training = model.training
     model.eval()
     try:
@@ -74,7 +68,7 @@ def probe(model, x: torch.Tensor, autocast) -> dict:
         for h in hooks:
             h.remove()
     record = {"act_rms": torch.stack(rms).tolist(), "attn_entropy": torch.stack(entropies).tolist()}
-    shares = [[n / max(1, sum(counts)) for n in counts] for counts in loads]
+    shares = [block.mlp.load.tolist() for block in model.transformer.h if hasattr(block.mlp, "load")]  # MoE blocks
     return record | ({"expert_load": shares} if shares else {})
 
 

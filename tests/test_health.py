@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_distributed import CONFIG, rank_logs, records, torchrun
 from test_plot import png_size
+from test_switches import routing_by_hand
 from test_train import args, step_losses
 
 import train
@@ -36,10 +37,17 @@ def test_grad_norms_and_update_ratios_are_their_definitions():
 
 def test_moe_loads_are_shares_of_the_tokens():
     model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16, n_expert=4, n_expert_active=2))
+    inputs = []  # each MoE layer's input, to route its tokens by hand
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, i: inputs.append(i[0])) for b in model.transformer.h]
     probed = health.probe(model, torch.randint(32, (3, 8)), torch.no_grad)
+    for h in hooks:
+        h.remove()
     assert len(probed["act_rms"]) == 2 and all(r > 0 for r in probed["act_rms"])
     loads = probed["expert_load"]
     assert len(loads) == 2 and all(sum(layer) == pytest.approx(1.0) and len(layer) == 4 for layer in loads)
+    for block, x, load in zip(model.transformer.h, inputs, loads, strict=True):  # the 24 tokens' 48 routing slots
+        _, chosen, _ = routing_by_hand(block.mlp, x.reshape(24, 16), 2)
+        assert load == pytest.approx((torch.bincount(chosen.flatten(), minlength=4) / 48).tolist())
 
 
 def test_attention_entropy_is_the_mean_over_heads_and_positions_of_the_first_sequence():
