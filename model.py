@@ -298,17 +298,19 @@ class MoE(nn.Module):
         # Top-1 scales the expert's output by its router probability, as Switch does [9]: renormalised, that weight
         # would be exactly 1 and the router would get no gradient from the language-modelling loss.
         weights = (top_p if self.k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)  # (N, k)
+        # On a CPU under autocast each expert's rows are padded to a multiple of 64, so its matmul shapes repeat from
+        # step to step: CPUs' bf16 matmuls (oneDNN) build a kernel for every new shape, ~1.5 ms each.
+        pad_to = 64 if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else 0
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(top_i == e)  # the tokens routed to expert e, and in which of their k slots
-            # Rows padded to a multiple of 64 (token 0, weight 0: they add exact zeros), so the experts' matmul shapes
-            # repeat from step to step: CPUs' bf16 matmuls (oneDNN) build a kernel for every new shape, ~1.5 ms each.
-            n, pad = token.numel(), -token.numel() % 64
-            token, slot = F.pad(token, (0, pad)), F.pad(slot, (0, pad))
-            valid = torch.arange(n + pad, device=x.device) < n  # (n + pad,)
+            rows, w = flat[token], weights[token, slot, None]  # (n, C), (n, 1)
+            if pad_to:  # zero rows at weight 0, added to token 0: exact zeros
+                pad = -token.numel() % pad_to
+                token, rows, w = F.pad(token, (0, pad)), F.pad(rows, (0, 0, 0, pad)), F.pad(w, (0, 0, 0, pad))
             # An expert with no tokens still runs (on an empty batch), so every parameter gets a (zero) gradient in
             # every backward: DDP and FSDP need the same gradients on every rank, whatever the routing there.
-            out.index_add_(0, token, expert(flat[token]) * (weights[token, slot] * valid)[:, None])
+            out.index_add_(0, token, expert(rows) * w)
         share = F.one_hot(top_i, len(self.experts)).float().sum(dim=1).mean(dim=0) / self.k  # f_e, (E,)
         self.aux_loss = len(self.experts) * (share * probs.mean(dim=0)).sum()
         self.load = share.detach()  # what health telemetry logs as each expert's share of the tokens

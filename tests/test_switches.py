@@ -388,17 +388,46 @@ def test_moe_output_is_weighted_sum_of_each_tokens_top_k_experts(shared):
                 expected[n] += moe.shared(flat[n : n + 1])[0]
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
-    # Each expert saw exactly the tokens that chose it, then padding rows up to a multiple of 64 (copies of token 0,
-    # whose outputs count with weight 0: the output above is exact).
-    real = 0
+    # Each expert saw exactly the tokens that chose it, and no other (an expert no token chose runs on none).
     for e in range(len(moe.experts)):
         tokens = (chosen == e).any(dim=1).nonzero().flatten()
-        n = tokens.numel()
-        real += n
-        assert seen[e].size(0) == -(-n // 64) * 64
-        torch.testing.assert_close(seen[e][:n], flat[tokens], rtol=0, atol=0)
-        torch.testing.assert_close(seen[e][n:], flat[:1].expand(seen[e].size(0) - n, -1), rtol=0, atol=0)
-    assert real == flat.size(0) * k
+        torch.testing.assert_close(seen[e], flat[tokens], rtol=0, atol=0)
+    assert sum(v.size(0) for v in seen.values()) == flat.size(0) * k
+
+
+def test_under_cpu_autocast_each_experts_rows_are_padded_to_a_multiple_of_64_at_weight_0():
+    """CPUs' bf16 matmuls build a kernel for every new shape: padded, an expert's shapes repeat from step to step.
+    The padding is zero rows at weight 0: output and gradients are those of each expert on its own tokens alone."""
+    moe = moe_layer(shared=False, k=2)
+    x = torch.randn(2, 8, BASE["n_embd"])
+    flat = x.reshape(-1, BASE["n_embd"])
+    seen = {}
+    hooks = [
+        expert.register_forward_hook(lambda mod, inp, out, e=e: seen.__setitem__(e, inp[0].detach().clone()))
+        for e, expert in enumerate(moe.experts)
+    ]
+    results = []
+    for by_hand in (False, True):
+        xx = x.clone().requires_grad_()
+        _, chosen, weights = routing_by_hand(moe, xx.reshape(flat.shape), 2)  # in float32, as the layer routes
+        with torch.autocast("cpu", torch.bfloat16):
+            if by_hand:  # each expert on exactly its tokens, weighted as the layer weights them
+                out = torch.zeros_like(flat)
+                for e, expert in enumerate(moe.experts):
+                    token, slot = torch.where(chosen == e)
+                    out.index_add_(0, token, expert(xx.reshape(flat.shape)[token]) * weights[token, slot, None])
+            else:
+                out = moe(xx).reshape(flat.shape)
+                for h in hooks:
+                    h.remove()
+        out.float().pow(2).sum().backward()
+        results.append((out.detach(), xx.grad))
+    for e, rows in seen.items():
+        n = (chosen == e).any(dim=1).sum().item()
+        assert rows.size(0) == -(-n // 64) * 64 and not rows[n:].any()  # then zero rows up to a multiple of 64
+    (padded, padded_grad), (alone, alone_grad) = results
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded_grad, alone_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -45,7 +45,7 @@ from model import GPT, GPTConfig
 from train import TrainConfig, model_config
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
-MEASURE_CPU_STEP_UP_TO_S = 4.0  # a CPU run's step is timed when the estimate says 5 steps take seconds
+MEASURE_CPU_STEP_UP_TO_S = 4.0  # a CPU run's step is timed when its estimated step is at most this (5 are run)
 
 
 @dataclass
@@ -117,8 +117,9 @@ def measured_cpu_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeat
 
 def timed_cpu_step(train_argv: list[str], estimate_s: float, need_bytes: int) -> float | None:
     """Seconds per iteration of train.py's step (eager, random tokens) timed on this CPU, 2 burn-in steps and 3
-    timed ones, when the estimate says that takes seconds and training fits in half the RAM; else None. On a CPU the
-    non-matmul work (norms, attention, the optimizer) does not speed up with bf16's matmuls, so no one MFU holds."""
+    timed ones, when the estimated step is at most MEASURE_CPU_STEP_UP_TO_S and training fits in half the RAM; else
+    None. On a CPU the non-matmul work (norms, attention, the optimizer) does not speed up with bf16's matmuls, so
+    no one MFU holds."""
     ram = device_memory("cpu")
     if estimate_s > MEASURE_CPU_STEP_UP_TO_S or (ram is not None and need_bytes > ram // 2):
         return None
@@ -149,6 +150,10 @@ def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig, train_argv:
     can_time = on_cpu and train_argv is not None and opts.num_gpus == 1 and not cfg.lora_rank
     timed_s = timed_cpu_step(train_argv, estimate_s, train_bytes) if can_time else None
     step_s = timed_s or estimate_s
+    fp32_s = None  # an untimed bf16 CPU run: at bf16's matmul peak the estimate came out 2.4-3x too fast; bf16 steps
+    if on_cpu and not timed_s and cpu_dtype != torch.float32:  # took 0.6-0.7x the estimate at the fp32 rate instead
+        fp32_s = flops_per_iter / (opts.num_gpus * gpu_peak_flops("cpu", torch.float32) * opts.mfu)
+        step_s = fp32_s
     gib = 2**30
     shards = opts.num_gpus if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the GPUs
     sharded = f", FSDP 1/{shards}" if shards > 1 else ""
@@ -193,6 +198,8 @@ def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig, train_argv:
         f"time on {opts.num_gpus} x {hardware} ({tflops} TFLOP/s peak each, assumed MFU {opts.mfu:.0%})",
         row("step, estimated at the assumed MFU", f"{estimate_s * 1000:.1f} ms"),
     ]
+    if fp32_s:
+        lines.append(row("step at the float32 rate (used below)", f"{fp32_s * 1000:.1f} ms"))
     if timed_s:
         lines += [
             row("step, timed here (train.py's step, eager)", f"{timed_s * 1000:.1f} ms"),
