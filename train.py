@@ -48,7 +48,7 @@ from engine.ema import EMA
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
 from engine.fsdp import load_model_state, load_optimizer_state, model_state, optimizer_state, shard_model
 from engine.hf_interop import from_pretrained
-from engine.lora import add_lora, lora_params, parse_targets
+from engine.lora import add_lora, lora_params, merge_lora, parse_targets
 from engine.loss_curve import BackgroundPlot
 from engine.memory import check_fits
 from engine.optim import SCHEDULES, build_optimizers, lr_at
@@ -251,7 +251,11 @@ def main(argv=None):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # the preset's count is global
     micro_tokens = cfg.batch_size * cfg.block_size  # and each step's count of global micro-steps: batch warmup's
     warmup = BatchWarmup(
-        cfg.gradient_accumulation_steps, cfg.batch_warmup_start or rt.world_size, cfg.batch_warmup_tokens, micro_tokens
+        cfg.gradient_accumulation_steps,
+        cfg.batch_warmup_start or rt.world_size,
+        cfg.batch_warmup_tokens,
+        micro_tokens,
+        cfg.max_iters,
     )
     print_settings(cfg, rt, tokens_per_iter, warmup)
 
@@ -279,7 +283,7 @@ def main(argv=None):
         state = LoopState() if resume_from is None else resume(resume_from, raw_model, optimizers, scaler, cfg, rt, ema)
 
         model, eval_model = wrap(raw_model, cfg, rt)  # compiled, then DDP; evaluation uses the compiled one
-        log = RunLog(cfg, rt, state.iter_num + warmup.steps_left(state.tokens, state.progress, cfg.max_iters))
+        log = RunLog(cfg, rt, state.iter_num + warmup.steps_left(state.tokens, state.progress))
         peak = peak_flops(rt, cfg.peak_flops)
         flops_per_micro_step = raw_model.flops_per_token(cfg.block_size) * micro_tokens / rt.world_size  # per GPU
         timer = StepTimer(warmup=min(MFU_WARMUP_ITERS, cfg.max_iters // 10))
@@ -461,7 +465,7 @@ def print_settings(cfg: TrainConfig, rt, tokens_per_iter: int, warmup: BatchWarm
         f"tokens per iteration: {tokens_per_iter:,}"
     )
     if warmup.tokens and not cfg.eval_only:
-        steps = warmup.steps_left(0, 0.0, cfg.max_iters)
+        steps = warmup.steps_left(0, 0.0)
         rt.print0(
             f"# batch warmup: from {warmup.start * warmup.micro_tokens:,} to {tokens_per_iter:,} tokens per iteration "
             f"over the first {warmup.tokens:,} tokens; {steps:,} iterations for max_iters={cfg.max_iters} full ones"
@@ -538,6 +542,9 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         if os.path.isdir(cfg.init_from) and list_checkpoints(cfg.init_from):  # another run's weights, a fresh start
             path = find_checkpoint(cfg.init_from, log=rt.print0)
             model, meta = load_model(path, cfg.dropout)
+            if meta.get("lora"):  # that run's model is its base with the adapters: folded in, a plain GPT again
+                merge_lora(model)
+            model.requires_grad_(True)  # this run trains what its own flags say (setup_lora freezes for LoRA)
             base = {k: meta.get("data", {}).get(k) for k in ("tokenizer", "tokenizer_hash")}
             if base != {k: data.meta.get(k) for k in base}:
                 raise UserError(

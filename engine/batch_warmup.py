@@ -5,7 +5,8 @@ and Megatron-LM's --rampup-batch-size do (early on, small batches make the same 
 The batch of an optimizer step is a function of the tokens trained before it, so a resumed run (which restores that
 count) takes the same steps. The learning-rate schedule and the end of the run count full batches' worth of steps:
 a step of m of the full G micro-steps advances them by m / G, so warmup_iters, lr_decay_iters and max_iters keep
-meaning what they mean without warmup, and the run trains max_iters full batches' worth of tokens in more steps.
+meaning what they mean without warmup, and the run trains exactly max_iters full batches' worth of tokens in more
+steps: the last step takes only the micro-steps that are left.
 """
 
 import math
@@ -20,27 +21,32 @@ class BatchWarmup:
     start: int  # global micro-steps of the first steps; the batch grows in multiples of it
     tokens: int  # the ramp's length in tokens trained; 0 = no warmup
     micro_tokens: int  # tokens of one global micro-step: batch_size * block_size
+    max_iters: int = 0  # the run's length in full batches: its last step stops there; 0 = no end
 
     def micro_steps(self, tokens_seen: int) -> int:
         """Global micro-steps of the optimizer step that follows tokens_seen tokens: linear in tokens_seen from start
-        to full over the ramp, rounded down to a multiple of start (exact integer arithmetic)."""
-        if tokens_seen >= self.tokens:
-            return self.full
-        grown = self.start * self.tokens + (self.full - self.start) * tokens_seen  # (start..full) * self.tokens
-        return min(self.full, self.start * (grown // (self.start * self.tokens)))
+        to full over the ramp, rounded down to a multiple of start (exact integer arithmetic), and never past the
+        end of the run: a step that would overshoot max_iters full batches takes only what is left (a multiple of
+        the processes too, since start and full both are)."""
+        m = self.full
+        if tokens_seen < self.tokens:
+            grown = self.start * self.tokens + (self.full - self.start) * tokens_seen  # (start..full) * self.tokens
+            m = min(self.full, self.start * (grown // (self.start * self.tokens)))
+        left = self.max_iters * self.full - tokens_seen // self.micro_tokens
+        return min(m, left) if left > 0 else m
 
     def advance(self, tokens_seen: int, progress: float) -> tuple[int, int, float]:
         """(this step's global micro-steps, the tokens and the progress after it)."""
         m = self.micro_steps(tokens_seen)
         return m, tokens_seen + m * self.micro_tokens, progress + m / self.full
 
-    def steps_left(self, tokens_seen: int, progress: float, max_iters: int) -> int:
+    def steps_left(self, tokens_seen: int, progress: float) -> int:
         """Optimizer steps from here until max_iters full batches' worth of progress."""
         steps = 0
-        while tokens_seen < self.tokens and not done(progress, max_iters):
+        while tokens_seen < self.tokens and not done(progress, self.max_iters):
             _, tokens_seen, progress = self.advance(tokens_seen, progress)
             steps += 1
-        return steps + max(0, math.ceil(max_iters - progress - DONE))
+        return steps + max(0, math.ceil(self.max_iters - progress - DONE))
 
 
 def done(progress: float, max_iters: int) -> bool:

@@ -12,7 +12,7 @@ from test_train import args, final_weights, records, step_losses
 
 import train
 from engine import loss_curve
-from engine.batch_warmup import BatchWarmup
+from engine.batch_warmup import BatchWarmup, done
 from engine.errors import UserError
 
 # 4 micro-steps of 4 x 16 tokens once warm; from 1 micro-step, over the first 1,024 tokens (8 full batches' worth)
@@ -20,14 +20,15 @@ WARMUP = ["--gradient_accumulation_steps=4", "--batch_warmup_tokens=1024", "--ev
 
 
 def test_the_ramp_grows_linearly_in_whole_multiples_of_the_start():
-    ramp = BatchWarmup(full=4, start=1, tokens=1024, micro_tokens=64)
+    ramp = BatchWarmup(full=4, start=1, tokens=1024, micro_tokens=64, max_iters=6)
     steps, tokens, progress = [], 0, 0.0
-    while progress < 6:
+    while not done(progress, 6):
         m, tokens, progress = ramp.advance(tokens, progress)
         steps.append(m)
-    # 1 + 3 * tokens / 1024 micro-steps, rounded down: 2 from 342 tokens on, 3 from 683, 4 once 1,024 are trained
-    assert steps == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4]
-    assert (tokens, progress) == (1664, 6.5) and ramp.steps_left(0, 0.0, 6) == len(steps)
+    # 1 + 3 * tokens / 1024 micro-steps, rounded down: 2 from 342 tokens on, 3 from 683, 4 once 1,024 are trained;
+    # the last step takes the 2 micro-steps left of max_iters=6 full batches (24), not a whole batch past them
+    assert steps == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 2]
+    assert (tokens, progress) == (1536, 6.0) and ramp.steps_left(0, 0.0) == len(steps)
     assert [BatchWarmup(8, 2, 1000, 10).micro_steps(t) for t in range(0, 1100, 100)] == [
         2,
         2,
@@ -41,7 +42,7 @@ def test_the_ramp_grows_linearly_in_whole_multiples_of_the_start():
         6,
         8,
     ]
-    assert BatchWarmup(8, 2, 0, 10).micro_steps(0) == 8 and BatchWarmup(8, 2, 0, 10).steps_left(0, 3.0, 10) == 7
+    assert BatchWarmup(8, 2, 0, 10).micro_steps(0) == 8 and BatchWarmup(8, 2, 0, 10, 10).steps_left(0, 3.0) == 7
 
 
 def test_a_run_follows_the_ramp_in_batches_tokens_and_learning_rate(char_data, tmp_path, capsys):
@@ -51,7 +52,7 @@ def test_a_run_follows_the_ramp_in_batches_tokens_and_learning_rate(char_data, t
     assert "# batch warmup: from 64 to 256 tokens per iteration over the first 1,024 tokens; 13 iterations" in printed
     assert "iter 12/13 (92%)" in printed
     steps = [r for r in records(out) if "loss" in r]
-    assert [r["batch_tokens"] // 64 for r in steps] == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4]
+    assert [r["batch_tokens"] // 64 for r in steps] == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 2]  # exactly 6 x 4
     tokens, progress = 0, 0.0
     cfg = train.parse_config(train.TrainConfig, args(char_data, out, "--max_iters=6", *WARMUP))
     for r in steps:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import args, step_losses
+from test_train import args, records, step_losses
 
 import train
 from engine import memory
@@ -121,3 +121,36 @@ def test_lora_settings_are_checked():
         train.TrainConfig(lora_rank=4, lora_targets="attn,embeddings")
     with pytest.raises(ValueError, match="fsdp"):
         train.TrainConfig(lora_rank=4, fsdp=True)
+
+
+@pytest.mark.parametrize("again", [LORA, []], ids=["lora-again", "every-weight"])
+def test_a_run_started_from_a_lora_run_starts_from_its_adapted_model(char_data, tmp_path, again):
+    """--init_from=<a LoRA run> starts from that run's model (base and adapters, merged), trains what the new flags
+    say, and writes checkpoints that resume and load."""
+    base, lora, out = (str(tmp_path / n) for n in ("base", "lora", "out"))
+
+    def args32(out_dir, *extra):  # merged and unmerged adapters agree to float32's rounding, not to bf16's
+        return args(char_data, out_dir, "--dtype=float32", *extra)
+
+    train.main(args32(base, "--max_iters=2", "--eval_interval=2"))
+    train.main(args32(lora, f"--init_from={base}", "--max_iters=6", "--eval_interval=6", "--learning_rate=2e-2", *LORA))
+    train.main(args32(out, f"--init_from={lora}", "--max_iters=4", "--eval_interval=4", *again))
+    val = {d: [r["val_loss"] for r in records(d) if "val_loss" in r] for d in (base, lora, out)}
+    assert abs(val[lora][-1] - val[base][-1]) > 1e-3  # the adapters changed the model
+    assert val[out][0] == pytest.approx(val[lora][-1], abs=1e-5)  # and the new run starts from it
+    ckpt = find_checkpoint(out)
+    weights = load_file(os.path.join(ckpt, "model.safetensors"))
+    start, _ = load_model(find_checkpoint(lora))
+    merge_lora(start)
+    if again:  # new adapters on the merged model: the base saved beside them is that model
+        assert weights and all(".lora_" in k for k in weights)
+        base_dir = os.path.join(out, read_meta(ckpt)["lora"]["base"])
+        saved_base = load_file(os.path.join(base_dir, "model.safetensors"))
+        assert all(torch.equal(saved_base[k], v) for k, v in start.state_dict().items() if k in saved_base)
+    else:  # every weight trained, the former base included
+        assert not any(".lora_" in k for k in weights)
+        name = "transformer.h.0.attn.c_attn.weight"
+        assert not torch.equal(weights[name], start.state_dict()[name])
+    load_model(ckpt)  # what sample.py, tools/evaluate.py and tools/export_hf.py do
+    train.main(args32(out, "--init_from=resume", "--max_iters=6", "--eval_interval=4", *again))
+    assert max(step_losses(out)) == 5
