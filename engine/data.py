@@ -5,6 +5,11 @@ A dataset is a directory data/<name>/ written by a prepare/ script:
     meta.json            {"format", "tokenizer": "char"|tiktoken name, "vocab_size", "dtype", "eot_id",
                           "chars" (char tokenizer only), "splits": {split: {"file", "tokens", "sha256"}}, "source"}
 meta.json is written last, so a directory without it was never finished. nanoGPT's meta.pkl is never unpickled.
+A chat split adds "mask_file" and "starts_file" with their "mask_sha256" and "starts_sha256" (prepare/chat.py).
+
+load_data checks every file against meta.json (size, ids, recorded sha256) and keeps it open: batches are read through
+memmaps of those open files, so a dataset prepared again mid-run (new files os.replace'd into place) never reaches a run
+that checked the old one.
 
 Batches are a pure function of a key (seed, iteration, global micro-step): a resumed run reads the same windows as
 an uninterrupted one, and DDP ranks, which take different micro-steps, never read the same window.
@@ -13,7 +18,9 @@ an uninterrupted one, and DDP ranks, which take different micro-steps, never rea
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -26,18 +33,46 @@ from engine.tokenization import (
     chars_hash,
     encoding_hash,
     load_encoding,
+    specials_as_text,
     tokenizer_json_hash,
 )
 
 FORMAT = "nanogpt-tokens/1"
 FULL_CHECK_BYTES = 512 << 20  # token files up to this size have every id checked at load (about 0.1 s)
 HASH_CHECK_BYTES = 64 << 20  # and up to this size their sha256 too
+PARTS = {"file": "sha256", "mask_file": "mask_sha256", "starts_file": "starts_sha256"}  # a split's files, their hashes
 
 
 @dataclass
 class TokenData:
+    """A prepared dataset: its meta.json and the split files load_data checked, held open. Every batch maps the open
+    file afresh (memmap()): no long-lived np.memmap grows the process's memory (nanoGPT's lesson), and a file replaced
+    by path since (a prepare script run again) is never read. close() or a `with` block closes the files; so does
+    dropping the TokenData, and process exit. A pickled copy (another process) opens the files again by path, and
+    refuses any that is no longer the file that was checked."""
+
     data_dir: str
     meta: dict
+    files: dict = field(default_factory=dict, repr=False, compare=False)  # (split, part) -> open file
+    checked: dict = field(default_factory=dict, repr=False, compare=False)  # (split, part) -> identity of the file
+
+    def __post_init__(self):
+        self._finalizer = weakref.finalize(self, _close_files, self.files)  # closes without a ResourceWarning
+
+    def __getstate__(self) -> dict:
+        return {"data_dir": self.data_dir, "meta": self.meta, "checked": self.checked}  # open files do not pickle
+
+    def __setstate__(self, state: dict):
+        self.__init__(state["data_dir"], state["meta"], checked=state["checked"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        _close_files(self.files)
 
     @property
     def dtype(self):
@@ -53,11 +88,42 @@ class TokenData:
         token: 1 = trained on) and conversation starts (int64, one per conversation plus the end)."""
         return os.path.join(self.data_dir, self.meta["splits"][split][part])
 
+    def file(self, split: str, part: str = "file") -> BinaryIO:
+        """The split's file (part as in split_path), open for reading: opened once and kept. Raises OSError when it
+        cannot be opened, UserError when it is not the file load_data checked (replaced since)."""
+        if (split, part) not in self.files:
+            path = self.split_path(split, part)
+            f = open(path, "rb")
+            identity = _identity(f)
+            if self.checked.setdefault((split, part), identity) != identity:
+                f.close()
+                raise UserError(f"{path} was replaced since this run checked it (prepared again?); restart to use it")
+            self.files[split, part] = f
+        return self.files[split, part]
+
+    def memmap(self, split: str, part: str = "file") -> np.ndarray:
+        """A read-only np.memmap of the split's open file, to drop after use: token ids, or the mask (uint8) or the
+        conversation starts (int64). The mapping keeps the file that was opened, even once it is replaced by path."""
+        dtype = {"file": self.dtype, "mask_file": np.uint8, "starts_file": np.int64}[part]
+        return np.memmap(self.file(split, part), dtype=dtype, mode="r")
+
     def fingerprint(self) -> dict:
         """What a checkpoint records about the data it was trained on, enough to rebuild its Tokenizer."""
         keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "chat", "source")
         keys += ("tokenizer_json",)  # a trained BPE's whole tokenizer.json: the checkpoint decodes without the data
         return {k: self.meta.get(k) for k in keys} | {"data_dir": self.data_dir}
+
+
+def _close_files(files: dict) -> None:
+    for f in files.values():
+        f.close()
+    files.clear()
+
+
+def _identity(f: BinaryIO) -> tuple[int, ...]:
+    """What tells the file opened apart from another put in its place: a replaced file is a new inode."""
+    st = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenData:
@@ -100,26 +166,25 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
             raise UserError(f"{path} is missing; re-run the prepare script") from None
         if tokenizer_json_hash(meta["tokenizer_json"]) != meta.get("tokenizer_hash"):
             raise UserError(f"{path} is not the tokenizer this dataset was tokenized with; re-run the prepare script")
-    for split in splits:
-        if split not in meta["splits"]:
-            raise UserError(f"{meta_path} has no {split!r} split; re-run the prepare script")
-        path = data.split_path(split)
-        tokens = meta["splits"][split]["tokens"]
-        size = os.path.getsize(path) if os.path.exists(path) else None
-        if size != tokens * itemsize:
-            found = "is missing" if size is None else f"has {size} bytes"
-            raise UserError(
-                f"{path} {found}, expected {tokens * itemsize} ({tokens} {meta['dtype']} tokens); "
-                "re-run the prepare script"
-            )
-        if data.chat:
-            check_chat_split(data, split)
-        elif tokens < block_size + 1:
-            raise UserError(
-                f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                "lower --block_size or prepare more data"
-            )
-        check_tokens(path, data.dtype, meta["vocab_size"], meta["splits"][split].get("sha256"))
+    if meta.get("tokenizer") == "char" and meta.get("tokenizer_hash") not in (None, chars_hash(meta.get("chars", ""))):
+        raise UserError(f"{meta_path}'s chars do not match its vocabulary hash; re-run the prepare script")
+    try:
+        for split in splits:
+            if split not in meta["splits"]:
+                raise UserError(f"{meta_path} has no {split!r} split; re-run the prepare script")
+            tokens = meta["splits"][split]["tokens"]
+            check_file(data, split, "file", tokens * itemsize, f"{tokens} {meta['dtype']} tokens")
+            if data.chat:
+                check_chat_split(data, split)
+            elif tokens < block_size + 1:
+                raise UserError(
+                    f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = "
+                    f"{block_size + 1}; lower --block_size or prepare more data"
+                )
+            check_tokens(data, split)
+    except BaseException:
+        data.close()
+        raise
     return data
 
 
@@ -131,45 +196,82 @@ def dataset_vocab_size(data_dir: str) -> int:
         raise UserError(f"vocab_size is none and the dataset is unreadable ({e}); pass --vocab_size") from None
 
 
-def check_chat_split(data: TokenData, split: str) -> None:
-    """A chat split's mask has one byte per token and its starts run from 0 to the token count, rising."""
-    info = data.meta["splits"][split]
+def check_file(data: TokenData, split: str, part: str, size: int | None, holding: str = "") -> int:
+    """Open the split's file (TokenData.file: what is checked here is what batches read), check its size when given
+    and the sha256 meta.json records for it when the file is small enough to hash in well under a second. Returns the
+    file's size."""
+    path = data.split_path(split, part)
+    rerun = "re-run the prepare script" if part == "file" else "re-run prepare/chat.py"
     try:
-        mask_size = os.path.getsize(data.split_path(split, "mask_file"))
-        starts = np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64)
-    except (OSError, KeyError) as e:
-        raise UserError(f"the {split} split of {data.data_dir} is incomplete ({e}); re-run prepare/chat.py") from None
-    if mask_size != info["tokens"] or len(starts) < 2 or starts[0] != 0 or starts[-1] != info["tokens"]:
-        raise UserError(f"the {split} split of {data.data_dir} is inconsistent; re-run prepare/chat.py")
+        found = os.fstat(data.file(split, part).fileno()).st_size
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {rerun}") from None
+    if size is not None and found != size:
+        raise UserError(f"{path} has {found} bytes, expected {size} ({holding}); {rerun}")
+    sha256 = data.meta["splits"][split].get(PARTS[part])
+    if sha256 and found <= HASH_CHECK_BYTES:
+        f = data.file(split, part)
+        f.seek(0)
+        if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
+            raise UserError(f"{path} does not match the sha256 in meta.json; {rerun}")
+    return found
+
+
+def check_chat_split(data: TokenData, split: str) -> None:
+    """A chat split's starts run from 0 to the token count, rising, and its mask holds one 0 or 1 per token, as many
+    1s as meta.json's trained_tokens; both match their recorded sha256 (check_file). A wrong mask trains on the user's
+    turns, or on nothing (a NaN loss), so its values are checked as the token ids are."""
+    info = data.meta["splits"][split]
+    if not {"mask_file", "starts_file"} <= info.keys():
+        raise UserError(f"the {split} split of {data.data_dir} has no mask or starts file; re-run prepare/chat.py")
+    starts_size = check_file(data, split, "starts_file", None)
+    path = data.split_path(split, "starts_file")
+    starts = data.memmap(split, "starts_file") if starts_size >= 16 and starts_size % 8 == 0 else None
+    if starts is None or starts[0] != 0 or starts[-1] != info["tokens"]:
+        raise UserError(f"{path} does not run from 0 to the split's {info['tokens']} tokens; re-run prepare/chat.py")
     if np.any(np.diff(starts) <= 0):
-        raise UserError(f"the {split} split of {data.data_dir} has an empty conversation; re-run prepare/chat.py")
+        raise UserError(f"{path} holds an empty conversation; re-run prepare/chat.py")
+    path = data.split_path(split, "mask_file")
+    check_file(data, split, "mask_file", info["tokens"], f"one byte for each of {info['tokens']} tokens")
+    mask = data.memmap(split, "mask_file")
+    at = first_at_or_above(mask, 2)
+    if at is not None:
+        raise UserError(
+            f"{path} holds {mask[at]} at position {at}, not 0 or 1; the file is damaged: re-run prepare/chat.py"
+        )
+    ones = int(mask.sum(dtype=np.int64)) if mask.nbytes <= FULL_CHECK_BYTES else None  # as first_at_or_above reads
+    if None not in (ones, info.get("trained_tokens")) and ones != info["trained_tokens"]:
+        raise UserError(
+            f"{path} trains on {ones} tokens, meta.json says {info['trained_tokens']}; re-run prepare/chat.py"
+        )
 
 
-def check_tokens(path: str, dtype, vocab_size: int, sha256: str | None) -> None:
+def check_tokens(data: TokenData, split: str) -> None:
     """A token file that is damaged (a bad disk, a copy cut short and padded) is refused at load, not halfway through
-    a run (or as a device-side assert on CUDA): every id is checked against the vocabulary with a vectorised max,
-    over the whole file up to FULL_CHECK_BYTES and over evenly spread blocks beyond; the sha256 recorded by prepare
-    is checked when the file is small enough to hash in well under a second."""
-    size = os.path.getsize(path)
-    if sha256 and size <= HASH_CHECK_BYTES:
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != sha256:
-                raise UserError(f"{path} does not match the sha256 in meta.json; re-run the prepare script")
-    tokens = np.memmap(path, dtype=dtype, mode="r")
-    block = FULL_CHECK_BYTES // dtype.itemsize // 64
-    if tokens.size * dtype.itemsize <= FULL_CHECK_BYTES:
-        starts = [0]
-        block = tokens.size
+    a run (or as a device-side assert on CUDA): every id is checked against the vocabulary (first_at_or_above); its
+    size and sha256 are check_file's."""
+    tokens, vocab_size = data.memmap(split), data.meta["vocab_size"]
+    at = first_at_or_above(tokens, vocab_size)
+    if at is not None:
+        raise UserError(
+            f"{data.split_path(split)} holds token id {int(tokens[at])} at position {at}, outside the vocabulary of "
+            f"{vocab_size}; the file is damaged: re-run the prepare script"
+        )
+
+
+def first_at_or_above(array: np.ndarray, limit: int) -> int | None:
+    """The position of the first value >= limit, or None; found with a vectorised max over the whole array up to
+    FULL_CHECK_BYTES, and beyond that over 64 evenly spread blocks (a damaged region is rarely small)."""
+    block = FULL_CHECK_BYTES // array.itemsize // 64
+    if array.nbytes <= FULL_CHECK_BYTES:
+        starts, block = [0], array.size
     else:
-        starts = np.linspace(0, tokens.size - block, 64, dtype=np.int64).tolist()
+        starts = np.linspace(0, array.size - block, 64, dtype=np.int64).tolist()
     for start in starts:
-        part = tokens[start : start + block]
-        if part.size and int(part.max()) >= vocab_size:
-            at = start + int(np.argmax(part >= vocab_size))
-            raise UserError(
-                f"{path} holds token id {int(tokens[at])} at position {at}, outside the vocabulary of {vocab_size}; "
-                "the file is damaged: re-run the prepare script"
-            )
+        part = array[start : start + block]
+        if part.size and int(part.max()) >= limit:
+            return start + int(np.argmax(part >= limit))
+    return None
 
 
 def train_key(seed: int, iteration: int, global_micro_step: int, rollbacks: int = 0) -> tuple[int, ...]:
@@ -192,8 +294,7 @@ def get_batch(data: TokenData, split: str, batch_size: int, block_size: int, key
         xy = torch.from_numpy(np.stack(chat_rows(data, split, batch_size, block_size, key)))  # (2, B, T)
         xy = _to_device(xy, device)
         return xy[0], xy[1]
-    # Re-open the memmap for every batch: a long-lived np.memmap grows the process's memory (nanoGPT's lesson).
-    tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
+    tokens = data.memmap(split)  # a fresh map of the file checked at load, for this batch only
     rng = np.random.default_rng(list(key))
     offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)  # every full window, the last included
     windows = np.stack([tokens[i : i + block_size + 1] for i in offsets]).astype(np.int64)  # (B, T+1)
@@ -210,7 +311,7 @@ def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
 def chat_spans(data: TokenData, split: str, batch_size: int, block_size: int, key: tuple[int, ...]) -> list:
     """The (begin, end) token spans of the batch_size conversations the seed sequence `key` draws (with replacement),
     each from its first token and cut at block_size + 1 tokens."""
-    starts = np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64)
+    starts = data.memmap(split, "starts_file")
     picks = np.random.default_rng(list(key)).integers(0, len(starts) - 1, size=batch_size)
     return [(int(starts[c]), int(min(starts[c + 1], starts[c] + block_size + 1))) for c in picks]
 
@@ -219,8 +320,7 @@ def chat_rows(data: TokenData, split: str, batch_size: int, block_size: int, key
     """The batch of `key`: one whole conversation per row (chat_spans), padded after its end. Returns x and y, (B, T)
     int64 arrays: y is x shifted by one, with -1 at padding and at every token the mask leaves out (all but the
     assistant's turns)."""
-    tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
-    mask = np.memmap(data.split_path(split, "mask_file"), dtype=np.uint8, mode="r")
+    tokens, mask = data.memmap(split), data.memmap(split, "mask_file")
     rows = np.full((batch_size, block_size + 1), data.meta.get("eot_id") or 0, dtype=np.int64)
     targets = np.full((batch_size, block_size + 1), -1, dtype=np.int64)
     for r, (a, b) in enumerate(chat_spans(data, split, batch_size, block_size, key)):
@@ -234,7 +334,7 @@ def target_count(data: TokenData, split: str, batch_size: int, block_size: int, 
     """How many targets of the batch `key` the loss counts (y != -1): the whole batch for plain text."""
     if not data.chat:
         return batch_size * block_size
-    mask = np.memmap(data.split_path(split, "mask_file"), dtype=np.uint8, mode="r")  # the mask alone: no token rows
+    mask = data.memmap(split, "mask_file")  # the mask alone: no token rows
     return sum(int(mask[a + 1 : b].sum()) for a, b in chat_spans(data, split, batch_size, block_size, key))
 
 
@@ -255,7 +355,7 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             text = meta.get("tokenizer_json")
-            self.hf = HFTokenizer.from_str(text) if text else HFTokenizer.from_file(meta["path"])
+            self.hf = specials_as_text(HFTokenizer.from_str(text) if text else HFTokenizer.from_file(meta["path"]))
             self.eot_id = self.hf.token_to_id(ENDOFTEXT)
             decoder = json.loads(self.hf.to_str()).get("decoder") or {}
             self.byte_level = decoder.get("type") == "ByteLevel"
@@ -293,7 +393,8 @@ class Tokenizer:
             if missing:
                 raise UserError(f"characters {''.join(missing)!r} are not in this dataset's vocabulary")
             return [self.stoi[c] for c in text]
-        return self.enc.encode(text, allowed_special={ENDOFTEXT})
+        # "<|endoftext|>" written in a prompt is text, as in prepare's documents: only our code inserts the id
+        return self.enc.encode_ordinary(text)
 
     def decode(self, ids: list[int]) -> str:
         if self.special_by_id:  # the text between special tokens decodes as a whole (a character may span tokens)

@@ -348,6 +348,10 @@ def save_hf(
             "clean_up_tokenization_spaces": False,  # decode gives the text back exactly
             "eos_token": eos,
             "bos_token": eos if bos is not None else None,
+            # special-token strings written in text encode as text, as in training (transformers registers the eos
+            # token as special again); a chat template's own tokens must match, so chat exports rely on <|endoftext|>
+            # being an ordinary vocabulary entry there (tools/export_hf.py)
+            "split_special_tokens": chat_template is None,
         }
         if chat_template is not None:  # tokenizer.apply_chat_template renders conversations as training did
             tokenizer_config["chat_template"] = chat_template

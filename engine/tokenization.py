@@ -7,6 +7,7 @@ prepared with one vocabulary is never read with another.
 """
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -164,6 +165,33 @@ def train_bpe(texts, vocab_size: int, length: int | None = None):
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     return tokenizer
+
+
+def specials_as_text(tokenizer):
+    """`tokenizer` (a `tokenizers.Tokenizer`), set to encode special-token strings found in text as ordinary text,
+    as tiktoken's encode_ordinary does: the literal "<|endoftext|>" in a document or a prompt becomes its BPE pieces,
+    exactly as if the tokenizer had no special tokens, never the special id, which only our code inserts. The library
+    matches them by default, and the setting is not saved in tokenizer.json: set it on every tokenizer loaded."""
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def endoftext_as_vocabulary(tokenizer):
+    """`tokenizer` (a `tokenizers.Tokenizer`) with <|endoftext|> an ordinary vocabulary entry at its id rather than an
+    added token, for exports: no tokenizer read from the file (the `tokenizers` library, transformers' AutoTokenizer
+    and its chat template, which sees the rendered conversation as one string) then matches the literal in text, while
+    the id still decodes to it. No merge builds it from text: GPT-2's split regex cuts it into "<|", "endoftext" and
+    "|>" first. A model whose vocabulary is not a dict (Unigram) keeps it as an added token."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str())
+    ids = [t["id"] for t in spec["added_tokens"] if t["content"] == ENDOFTEXT]
+    vocab = spec["model"].get("vocab")
+    if not ids or not isinstance(vocab, dict) or vocab.get(ENDOFTEXT, ids[0]) != ids[0]:
+        return tokenizer
+    vocab[ENDOFTEXT] = ids[0]
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != ENDOFTEXT]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def tokenizer_json_hash(text: str) -> str:

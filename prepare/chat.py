@@ -107,7 +107,7 @@ def make_tokenizer(args: ChatConfig, conversations: list[list[dict]]):
             enc, info = tiktoken_manifest(args.tokenizer, args.tokenizer_dir)
         except TokenizerUnavailable as e:
             fail(str(e))
-        base, encode = enc.n_vocab, enc.encode_ordinary  # "<|user|>" written in a message stays text
+        base, encode = enc.n_vocab, enc.encode_ordinary  # "<|endoftext|>" or "<|user|>" in a message stays text
     special = chat.special_ids(base)
     info |= {"vocab_size": base + len(special), "chat": {"template": chat.TEMPLATE, "special": special}}
     return encode, info

@@ -5,7 +5,8 @@
     python prepare/text.py --input=notes.txt --tokenizer=char --out=data/notes_char      # a character vocabulary
     python prepare/text.py --input=Skylion007/openwebtext --val_fraction=0.0005 --out=data/openwebtext   # the hub
 
-Each document is tokenized and followed by one end-of-text token (BPE tokenizers; a character vocabulary has none).
+Each document is tokenized and followed by one end-of-text token (BPE tokenizers; a character vocabulary has none),
+the only one: "<|endoftext|>" written in a document is ordinary text, whatever the tokenizer.
 Validation data is a `--val_split` of a hub dataset or a random `--val_fraction` of the documents; a source with a
 single document is split by tokens instead. Writes <out>/train.bin, val.bin and meta.json (see engine/data.py).
 """
@@ -29,6 +30,7 @@ from engine.tokenization import (
     char_encode,
     char_lookup,
     chars_hash,
+    specials_as_text,
     tiktoken_manifest,
     tokenizer_json_hash,
     train_bpe,
@@ -247,7 +249,9 @@ def bpe_tokenizer(args, train):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # worker processes encode one batch each, single-threaded
 
     def encode_batch(texts):
-        out = tokenizer.encode_batch(texts, add_special_tokens=False)
+        # "<|endoftext|>" written in a document is text, as with tiktoken's encode_ordinary: the appended id is the only
+        # boundary. Set here, in the worker: a pickled tokenizer (each worker process's copy) forgets the setting.
+        out = specials_as_text(tokenizer).encode_batch(texts, add_special_tokens=False)
         return [np.append(np.asarray(e.ids, dtype=np.int64), eot) for e in out]
 
     return encode_batch, info

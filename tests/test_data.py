@@ -1,5 +1,6 @@
 """The token-file contract: prepare scripts against nanoGPT's published counts and tiktoken, batches against the
-files they are cut from, and load_data's errors."""
+files they are cut from, load_data's errors and checksums, and a run that keeps reading the files it checked while the
+dataset is prepared again."""
 
 import errno
 import hashlib
@@ -15,8 +16,10 @@ import shakespeare_char
 import token_writer
 import torch
 from conftest import needs_gpt2_tokenizer
+from test_chat import conversations
+from test_chat import prepare as prepare_chat
 
-from engine.data import TokenData, Tokenizer, get_batch, load_data
+from engine.data import TokenData, Tokenizer, chat_rows, get_batch, load_data, target_count, train_key
 from engine.errors import UserError
 
 
@@ -169,6 +172,107 @@ def test_nanogpt_meta_pkl_is_never_unpickled(tmp_path):
     assert not tripwire.exists()
 
 
+# --- checksums: every hash meta.json records is checked at load -----------------------------------------------------
+
+
+def corrupt_mask_all_ones(path):  # the same length and valid values: the run would train on the user's turns too
+    np.ones(os.path.getsize(path), dtype=np.uint8).tofile(path)
+
+
+def corrupt_starts(path):  # still rising from 0 to the end: only the hash tells
+    starts = np.fromfile(path, dtype=np.int64)
+    starts[1] += 1
+    starts.tofile(path)
+
+
+@pytest.mark.parametrize(
+    "name, corrupt, match",
+    [
+        ("train.mask.bin", corrupt_mask_all_ones, "train.mask.bin does not match the sha256"),
+        ("val.mask.bin", corrupt_mask_all_ones, "val.mask.bin does not match the sha256"),
+        ("train.starts.bin", corrupt_starts, "train.starts.bin does not match the sha256"),
+    ],
+)
+def test_a_corrupted_chat_file_is_refused_by_its_recorded_hash(tmp_path, name, corrupt, match):
+    directory = os.path.join(prepare_chat(tmp_path, None, "--val_fraction=0.2"), "chat")
+    load_data(directory, block_size=64).close()
+    corrupt(os.path.join(directory, name))
+    with pytest.raises(UserError, match=match) as e:
+        load_data(directory, block_size=64)
+    assert "re-run prepare/chat.py" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "value, match", [(2, "train.mask.bin holds 2 at position 5, not 0 or 1"), (None, "train.mask.bin trains on")]
+)
+def test_a_chat_mask_too_large_to_hash_is_checked_by_its_values_and_count(tmp_path, value, match):
+    directory = os.path.join(prepare_chat(tmp_path), "chat")
+    meta = read_meta(directory)
+    del meta["splits"]["train"]["mask_sha256"]  # as for a mask past HASH_CHECK_BYTES
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    path = os.path.join(directory, "train.mask.bin")
+    mask = np.fromfile(path, dtype=np.uint8)
+    if value is None:
+        mask[np.argmax(mask == 0)] = 1  # one user token more to train on: valid values, the wrong count
+    else:
+        mask[5] = value
+    mask.tofile(path)
+    with pytest.raises(UserError, match=match):
+        load_data(directory, block_size=64)
+
+
+def test_a_char_vocabulary_that_differs_from_its_hash_is_refused(char_dir, tmp_path):
+    copy = shutil.copytree(char_dir, tmp_path / "copy")
+    meta = read_meta(copy)
+    meta["chars"] = meta["chars"][1] + meta["chars"][0] + meta["chars"][2:]  # two ids swapped: every decode is wrong
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="meta.json.*vocabulary hash"):
+        load_data(str(copy), block_size=8)
+
+
+# --- a dataset prepared again while a run reads it -----------------------------------------------------------------
+
+
+def test_a_run_keeps_reading_the_token_files_it_checked_when_the_dataset_is_prepared_again(tmp_path):
+    old, new = np.arange(40) % 65, (np.arange(40) + 7) % 65
+    directory = write_tokens(tmp_path / "d", train=old, val=old)
+    with load_data(directory, block_size=8) as data:
+        before = get_batch(data, "train", 4, 8, key=(0,), device="cpu")
+        write_tokens(tmp_path / "d", train=new, val=new)  # a staged file os.replace'd into place, as prepare does
+        after = get_batch(data, "train", 4, 8, key=(0,), device="cpu")
+        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+        assert set(after[0][:, 0].tolist()) <= set(range(32))  # windows of the old ids (offset i holds token i)
+    with load_data(directory, block_size=8) as fresh:  # a new run reads the new dataset
+        assert not torch.equal(get_batch(fresh, "train", 4, 8, key=(0,), device="cpu")[0], before[0])
+
+
+def test_a_chat_run_keeps_reading_the_files_it_checked_when_the_dataset_is_prepared_again(tmp_path):
+    directory = os.path.join(prepare_chat(tmp_path), "chat")
+    data = load_data(directory, block_size=48)
+    key = train_key(1, 0, 0)
+    rows, count = chat_rows(data, "train", 6, 48, key), target_count(data, "train", 6, 48, key)
+    prepare_chat(tmp_path, conversations()[::-1][:12])  # tokens, mask and starts all replaced
+    again = chat_rows(data, "train", 6, 48, key)
+    assert np.array_equal(rows[0], again[0]) and np.array_equal(rows[1], again[1])
+    assert target_count(data, "train", 6, 48, key) == count
+    data.close()
+
+
+def test_a_copy_of_the_data_reopens_the_files_only_while_they_are_the_ones_checked(char_dir, tmp_path):
+    copy = shutil.copytree(char_dir, tmp_path / "copy")
+    with load_data(str(copy), block_size=16) as data:
+        batch = get_batch(data, "train", 4, 16, key=(3,), device="cpu")
+        clone = pickle.loads(pickle.dumps(data))  # another process's copy opens the files again
+        assert torch.equal(get_batch(clone, "train", 4, 16, key=(3,), device="cpu")[0], batch[0])
+        clone.close()
+        shutil.copy(copy / "train.bin", copy / "train.bin.new")
+        os.replace(copy / "train.bin.new", copy / "train.bin")  # the same bytes, but not the file that was checked
+        with pytest.raises(UserError, match="train.bin was replaced"):
+            get_batch(clone, "train", 4, 16, key=(3,), device="cpu")
+        assert torch.equal(get_batch(data, "train", 4, 16, key=(3,), device="cpu")[0], batch[0])
+
+
 # --- prepare scripts -------------------------------------------------------------------------------------------------
 
 
@@ -271,7 +375,7 @@ def test_gpt2_tokenizer_round_trip():
     pytest.importorskip("tiktoken")
     tok = Tokenizer({"tokenizer": "gpt2", "eot_id": 50256})
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids, as in OpenAI's encoder.json
-    assert tok.encode("<|endoftext|>") == [50256]
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]  # written in text, it is text
     text = "ROMEO:\nBut, soft! what light through yonder window breaks?"
     assert tok.decode(tok.encode(text)) == text
 

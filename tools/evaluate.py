@@ -139,17 +139,16 @@ def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None):
     split = next((s for s, info in data.meta["splits"].items() if info["file"] == file), None)
     if split is None:
         raise UserError(f"{path} is not a split listed in {os.path.join(data_dir, 'meta.json')}")
-    load_data(data_dir or ".", 1, splits=(split,))  # checks the file's size against meta.json
+    checked = load_data(data_dir or ".", 1, splits=(split,))  # checks the split, and keeps reading what it checked
     theirs = Tokenizer(data.meta, tokenizer_dir)
     hashes = {theirs.hash, tokenizer.hash} - {None}
     other_bpe = theirs.name == "tokenizer.json" and len(hashes) > 1  # two trained BPEs of one name, not the same
     if theirs.name != tokenizer.name or getattr(theirs, "itos", None) != getattr(tokenizer, "itos", None) or other_bpe:
         raise UserError(f"{path} was tokenized with {theirs.name}, not the model's {tokenizer.name} vocabulary")
-    tokens = np.memmap(data.split_path(split), dtype=data.dtype, mode="r")
-    if not data.chat:
+    tokens = checked.memmap(split)
+    if not checked.chat:
         return tokens, None
-    mask = np.fromfile(data.split_path(split, "mask_file"), dtype=np.uint8)
-    return tokens, (mask, np.fromfile(data.split_path(split, "starts_file"), dtype=np.int64))
+    return tokens, (np.array(checked.memmap(split, "mask_file")), np.array(checked.memmap(split, "starts_file")))
 
 
 def chat_nll(model: GPT, tokens, mask, starts, stride: int, batch_size: int, autocast) -> torch.Tensor:

@@ -22,7 +22,13 @@ from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.hf_interop import UnsupportedModel, save_hf
 from engine.lora import merge_lora
-from engine.tokenization import TokenizerUnavailable, bpe_tokenizer_json, char_tokenizer_json, load_encoding
+from engine.tokenization import (
+    TokenizerUnavailable,
+    bpe_tokenizer_json,
+    char_tokenizer_json,
+    endoftext_as_vocabulary,
+    load_encoding,
+)
 
 
 @dataclass
@@ -65,7 +71,8 @@ def check_hf_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
 
 def hf_tokenizer(data: dict, tokenizer_dir: str | None):
     """(tokenizers.Tokenizer, ids it decodes) for the tokenizer a checkpoint's data was prepared with, the chat
-    template's special tokens included (as special tokens, at the ids training gave them)."""
+    template's special tokens included (as special tokens, at the ids training gave them). <|endoftext|> is an
+    ordinary vocabulary entry, so "<|endoftext|>" written in a prompt or a message encodes as text, as in training."""
     if data.get("tokenizer") == "char":
         tokenizer, vocab = char_tokenizer_json(data["chars"]), len(data["chars"])
     elif data.get("tokenizer_json"):  # a BPE trained for the dataset: the same tokenizer.json
@@ -79,6 +86,7 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None):
         except TokenizerUnavailable as e:
             raise UserError(f"the export needs the model's tokenizer: {e}") from None
         tokenizer, vocab = bpe_tokenizer_json(enc), enc.n_vocab
+    tokenizer = endoftext_as_vocabulary(tokenizer)
     if data.get("chat"):
         from tokenizers import AddedToken
 
