@@ -31,6 +31,7 @@ from engine import health
 from engine.batch_warmup import BatchWarmup, done
 from engine.checkpoint import (
     OutDirLock,
+    checkpoint_name,
     code_version,
     find_checkpoint,
     list_checkpoints,
@@ -131,6 +132,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_targets: str = "attn,mlp"  # the blocks' Linear layers that get adapters: attn, mlp or both
     ema_decay: float = 0.0  # keep an exponential moving average of the weights, e.g. 0.999; 0 = off
+    ema_warmup: bool = True  # warm the average's decay up: min(ema_decay, (1 + t) / (10 + t)) after t updates
     health_interval: int = 0  # log per-layer gradient norms, update ratios and activation RMS this often; 0 = off
     # learning rate schedule
     decay_lr: bool = True  # apply lr_schedule after warmup; False keeps learning_rate constant (nanoGPT)
@@ -172,6 +174,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.lora_rank and self.fsdp:
             raise ValueError("lora_rank with fsdp=True is not supported: LoRA's optimizer state is small, use DDP")
+        if self.lora_rank and self.fp8:  # torchao would swap the adapters' layers for plain FP8 ones: no adapters
+            raise ValueError("fp8=True with lora_rank is not supported: train the adapters in bf16 (drop --fp8)")
         positive = (
             "eval_interval",
             "log_interval",
@@ -279,7 +283,7 @@ def main(argv=None):
             raw_model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate, betas, rt.device_type, cfg.muon_learning_rate
         )
         scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
-        ema = EMA(raw_model, cfg.ema_decay) if cfg.ema_decay else None  # an average of the weights, beside them
+        ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None  # the weights, averaged
         state = LoopState() if resume_from is None else resume(resume_from, raw_model, optimizers, scaler, cfg, rt, ema)
 
         model, eval_model = wrap(raw_model, cfg, rt)  # compiled, then DDP; evaluation uses the compiled one
@@ -610,7 +614,7 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
     average, or None, kept in state.pt). Called on every rank: under FSDP gathering the full state is a collective.
     Only the master writes, and only finite weights: a diverged run keeps its last good one. A LoRA checkpoint holds
     only what trains (the base is saved once)."""
-    path = os.path.join(cfg.out_dir, f"ckpt-{state.iter_num:07d}")  # what every rank returns, written or not
+    path = os.path.join(cfg.out_dir, checkpoint_name(state.iter_num, state.rollbacks))  # every rank returns it
     if not (rt.master or cfg.fsdp):  # DDP ranks hold the master's weights: the same finiteness
         return path if all(torch.isfinite(p).all() for p in raw_model.parameters()) else None
     weights = model_state(raw_model, cfg.fsdp)
@@ -640,7 +644,7 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
         "train_loss": losses["train"] if losses else None,
         "rollbacks": state.rollbacks,
     } | ({"lora": lora} if lora else {})
-    path = save_checkpoint(cfg.out_dir, state.iter_num, weights, loop_state, meta)
+    path = save_checkpoint(cfg.out_dir, state.iter_num, weights, loop_state, meta, state.rollbacks)
     prune_checkpoints(cfg.out_dir, cfg.keep_last)
     rt.print0(f"saved checkpoint {path}")
     return path
@@ -1021,6 +1025,8 @@ def check_resumable(meta: dict, cfg: TrainConfig, data, log=print) -> None:
             differ.append(f"{key} ({saved_train.get(key)} -> {getattr(cfg, key)})")
     if saved_train.get("dataset") != cfg.dataset:
         differ.append(f"dataset ({saved_train.get('dataset')} -> {cfg.dataset})")
+    if saved_train.get("ema_decay", 0.0) and not cfg.ema_decay:  # its weight average would be dropped
+        differ.append(f"ema_decay ({saved_train['ema_decay']} -> 0: the checkpoint keeps a weight average)")
     for key in ("tokenizer", "tokenizer_hash", "vocab_size"):
         if meta["data"].get(key) != data.meta.get(key):
             differ.append(f"data {key} ({meta['data'].get(key)} -> {data.meta.get(key)})")

@@ -1,6 +1,6 @@
 """The only code that reads or writes checkpoints.
 
-A checkpoint is a directory out_dir/ckpt-<iter>/ holding
+A checkpoint is a directory out_dir/ckpt-<iter>/ (ckpt-<iter>-r<n> once the run has rolled back n times) holding
     model.safetensors   the uncompiled, unwrapped model's weights (never `_orig_mod.` or `module.` keys)
     state.pt            optimizer, GradScaler and loop state; plain tensors and numbers, loaded with weights_only=True
     meta.json           model config, train config, data fingerprint, iteration and val loss, for humans and tools
@@ -31,13 +31,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.configurator import coerce
+from engine.ema import UPDATES
 from engine.errors import UserError
 from engine.fsdp import load_model_state
 from engine.lora import add_lora
 from engine.memory import check_fits
 from model import GPT, GPTConfig
 
-_NAME = re.compile(r"^ckpt-(\d+)$")
+_NAME = re.compile(r"^ckpt-(\d+)(?:-r(\d+))?$")
 _DEBRIS = re.compile(r"^(\.tmp-ckpt-|\.old-ckpt-|loss_curve\.png\.tmp-|metrics\.jsonl\.tmp-)")
 _FILES = ("model.safetensors", "state.pt", "meta.json")
 LOCK_NAME = ".lock"
@@ -158,16 +159,25 @@ def save_safetensors(weights: dict, path: str, metadata: dict | None = None) -> 
     os.chmod(path, 0o666 & ~umask)
 
 
-def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict) -> str:
-    """Write ckpt-<iter_num> atomically and return its path. `model` is the raw nn.Module (not compiled, not DDP)
-    or its full state dict, `state` a dict of optimizer/scaler state dicts and numbers, `meta` JSON-serialisable."""
+def checkpoint_name(iter_num: int, rollbacks: int = 0) -> str:
+    """ckpt-<iter>, or ckpt-<iter>-r<n> after n loss-spike rollbacks. A rollback revisits iterations, and the state at
+    a revisited one is another state (its rollback count, learning-rate scale and data windows): it is saved beside
+    the first rather than over it, since no two directories can be swapped atomically."""
+    return f"ckpt-{iter_num:07d}" + (f"-r{rollbacks}" if rollbacks else "")
+
+
+def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict, rollbacks: int = 0) -> str:
+    """Write checkpoint_name(iter_num, rollbacks) atomically and return its path. `model` is the raw nn.Module (not
+    compiled, not DDP) or its full state dict, `state` a dict of optimizer/scaler state dicts and numbers, `meta`
+    JSON-serialisable."""
     os.makedirs(out_dir, exist_ok=True)
-    final = os.path.join(out_dir, f"ckpt-{iter_num:07d}")
+    name = checkpoint_name(iter_num, rollbacks)
+    final = os.path.join(out_dir, name)
     if os.path.exists(final) and verify_checkpoint(final) is None:
         # The same iteration again holds the same run state: keep the verified copy rather than swap directories,
         # which cannot be done atomically (a crash between two renames would lose both names).
         return final
-    tmp = os.path.join(out_dir, f".tmp-ckpt-{iter_num:07d}-{os.getpid()}")
+    tmp = os.path.join(out_dir, f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
@@ -193,7 +203,7 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict)
         ) from None
     old = None
     if os.path.exists(final):
-        old = os.path.join(out_dir, f".old-ckpt-{iter_num:07d}-{os.getpid()}")  # a corrupt one: replace it
+        old = os.path.join(out_dir, f".old-{name}-{os.getpid()}")  # a corrupt one: replace it
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync(out_dir)
@@ -215,15 +225,16 @@ def _unique(weights: dict) -> dict:
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
-    """Checkpoint directories in out_dir that claim to be complete, oldest first (not yet verified)."""
+    """Checkpoint directories in out_dir that claim to be complete, oldest first (not yet verified): by iteration,
+    then by rollbacks (a rollback's checkpoint of an iteration is newer than the first one)."""
     if not os.path.isdir(out_dir):
         return []
     found = []
     for name in os.listdir(out_dir):
         m = _NAME.match(name)
         if m and os.path.exists(os.path.join(out_dir, name, "COMPLETE")):
-            found.append((int(m.group(1)), os.path.join(out_dir, name)))
-    return [path for _, path in sorted(found)]
+            found.append((int(m.group(1)), int(m.group(2) or 0), os.path.join(out_dir, name)))
+    return [path for _, _, path in sorted(found)]
 
 
 def read_meta(path: str) -> dict:
@@ -366,7 +377,8 @@ def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[G
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, t in average.items():
-                params[name].copy_(t)
+                if name != UPDATES:  # the average's update count, not a weight
+                    params[name].copy_(t)
     elif weights != "raw":
         raise UserError(f"--weights={weights!r}: use raw or ema")
     return model, meta

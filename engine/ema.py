@@ -1,5 +1,10 @@
 """An exponential moving average of the weights (Polyak averaging): float32 copies updated after every optimizer step,
-ema = decay * ema + (1 - decay) * weight, which often evaluates better than the raw weights late in a run.
+ema = d * ema + (1 - d) * weight, which often evaluates better than the raw weights late in a run.
+
+The decay warms up: after t updates d = min(decay, (1 + t) / (10 + t)), as in timm's ModelEmaV2 and TensorFlow's
+ExponentialMovingAverage(num_updates=...). With a fixed 0.999 a 2,000-step run's average would still hold 0.999**2000
+= 13.5% of the random init; warmed up, the init's share is the product of the decays, 1 / C(t + 9, 9) (about 1e-24 at
+t = 2,000), and the full decay applies from t = (10 * decay - 1) / (1 - decay) on (8,990 updates at 0.999).
 
 Only the parameters that train are averaged (a frozen LoRA base equals its own average). Under FSDP the average is
 sharded as the weights are (each rank averages its shards), and state_dict() gathers it whole (a collective: call it
@@ -11,22 +16,38 @@ import contextlib
 
 import torch
 
+UPDATES = "#updates"  # state_dict key of the update count, beside the parameter names: no name of ours has a '#'
+
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
+        # updates done so far: a plain int, the same on every rank (each calls update() after every step). None: an
+        # average saved before the count was kept, whose count is unknown (see load_state_dict)
+        self.updates: int | None = 0
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.average = [params[n].detach().float().clone() for n in self.names]
 
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if not self.warmup or self.updates is None:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
-        torch._foreach_lerp_(self.average, [params[n].detach().float() for n in self.names], 1.0 - self.decay)
+        weight = 1.0 - self.current_decay()
+        torch._foreach_lerp_(self.average, [params[n].detach().float() for n in self.names], weight)
+        if self.updates is not None:
+            self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole average on the CPU, by parameter name (under FSDP gathered from every rank's shards)."""
-        return {n: _whole(t).cpu() for n, t in zip(self.names, self.average, strict=True)}
+        """The whole average on the CPU, by parameter name (under FSDP gathered from every rank's shards), and the
+        update count as a 0-d tensor under UPDATES (readers of the average skip that key)."""
+        state = {n: _whole(t).cpu() for n, t in zip(self.names, self.average, strict=True)}
+        return state | ({UPDATES: torch.tensor(self.updates)} if self.updates is not None else {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = sorted(set(self.names) - set(state))
@@ -34,6 +55,10 @@ class EMA:
             raise KeyError(f"the saved average lacks {', '.join(missing[:3])}")
         for t, n in zip(self.average, self.names, strict=True):
             t.copy_(_like(state[n].to(t.device), t))
+        # An average saved before the count was kept was updated with the full decay from its first step, and after
+        # an unknown number of steps: it goes on with the full decay (warming up again would let the next steps'
+        # weights overwrite most of it), and is saved again without a count, so a later resume agrees.
+        self.updates = int(state[UPDATES]) if UPDATES in state else None
 
     @contextlib.contextmanager
     @torch.no_grad()

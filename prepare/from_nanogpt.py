@@ -1,8 +1,9 @@
 """Bring your nanoGPT work: its datasets and its checkpoints, converted in place or beside, nothing copied.
 
-    python prepare/from_nanogpt.py data/shakespeare_char          # a nanoGPT dataset: writes meta.json beside it
-    python prepare/from_nanogpt.py data/openwebtext                # bare train.bin/val.bin: GPT-2 BPE (uint16)
-    python prepare/from_nanogpt.py out/ckpt.pt --out_dir=out-nano  # a nanoGPT checkpoint -> a checkpoint of ours
+    python prepare/from_nanogpt.py data/shakespeare_char                    # a nanoGPT dataset: writes its meta.json
+    python prepare/from_nanogpt.py data/openwebtext                         # bare train.bin/val.bin: GPT-2 BPE (uint16)
+    python prepare/from_nanogpt.py out/ckpt.pt --out_dir=out-nano           # a nanoGPT checkpoint -> one of ours
+    python prepare/from_nanogpt.py out-shakespeare-char --out_dir=out-nano  # or its run directory (holding ckpt.pt)
     python prepare/from_nanogpt.py --ckpt=out/ckpt.pt --out_dir=out-nano --data_dir=data/shakespeare_char
 
 A dataset directory keeps its train.bin and val.bin as they are (nanoGPT's flat uint16 ids are our format too); this
@@ -48,7 +49,7 @@ CHUNK = 1 << 24  # tokens read at a time when checking a split
 @dataclass
 class ImportConfig:
     data_dir: str | None = None  # a nanoGPT dataset directory (train.bin, val.bin, maybe meta.pkl)
-    ckpt: str | None = None  # a nanoGPT checkpoint file (out/ckpt.pt) to convert
+    ckpt: str | None = None  # a nanoGPT checkpoint to convert: its ckpt.pt, or the run directory (out_dir) holding it
     out_dir: str | None = None  # with ckpt: the new run directory for the converted checkpoint
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer files, for the vocabulary hash of a GPT-2 dataset
 
@@ -247,17 +248,30 @@ def resume_flags(saved: dict) -> str:
     return " ".join(f"--{k}={saved[k]}" for k in keys if saved.get(k) != default.get(k))
 
 
+def checkpoint_file(path: str) -> str:
+    """The ckpt.pt a nanoGPT checkpoint names: the path itself, or the file in the run directory it names (nanoGPT's
+    train.py writes <out_dir>/ckpt.pt, and its users name runs by that directory)."""
+    if not os.path.isdir(path):
+        return path
+    file = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(file):
+        raise UserError(f"{path} holds no ckpt.pt: give a nanoGPT run directory (its --out_dir) or a checkpoint file")
+    return file
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     positional = [a for a in argv if not a.startswith("--")]
     flags = [a for a in argv if a.startswith("--")]
-    for p in positional:  # the path itself: a dataset directory or a checkpoint file
-        flags.append(f"--data_dir={p}" if os.path.isdir(p) else f"--ckpt={p}")
+    converting = any(f.startswith("--out_dir=") for f in flags)  # only a checkpoint is written to a new out_dir
+    for p in positional:  # the path itself: a dataset directory, or a checkpoint file or the run directory holding it
+        is_data = os.path.isdir(p) and not os.path.exists(os.path.join(p, "ckpt.pt")) and not converting
+        flags.append(f"--data_dir={p}" if is_data else f"--ckpt={p}")
     cfg = parse_config(ImportConfig, flags, usage=__doc__)
     if cfg.ckpt:
         if not cfg.out_dir:
             raise UserError("--out_dir is needed with a checkpoint: the new run directory to write it into")
-        path = import_checkpoint(cfg.ckpt, cfg.out_dir, cfg.data_dir, cfg.tokenizer_dir)
+        path = import_checkpoint(checkpoint_file(cfg.ckpt), cfg.out_dir, cfg.data_dir, cfg.tokenizer_dir)
         with open(os.path.join(path, "meta.json")) as f:
             saved = json.load(f)["train_config"]
         print(f"sample it:   python sample.py --out_dir={cfg.out_dir}")

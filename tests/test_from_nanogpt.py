@@ -8,6 +8,7 @@ model of ours stands in for one nanoGPT trained."""
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -167,3 +168,28 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(UserError, match="cannot load .* safely"):
         import_main([str(tmp_path / "ckpt.pt"), f"--out_dir={tmp_path / 'out'}"])
     assert not marker.exists()
+
+
+def test_a_nanogpt_run_directory_stands_for_its_ckpt_pt(nano_char, tmp_path):
+    """nanoGPT users name a checkpoint by its run directory (train.py --out_dir=out-shakespeare-char writes
+    out-shakespeare-char/ckpt.pt): the directory converts as the file does, positional or as --ckpt, and one that
+    holds no ckpt.pt is refused in one line that names it."""
+    import_main([str(nano_char)])
+    vocab = load_data(str(nano_char), block_size=32).meta["vocab_size"]
+    run = tmp_path / "out-shakespeare-char"
+    run.mkdir()
+    theirs, _ = nano_checkpoint(run / "ckpt.pt", vocab, "nano_char")
+    x = torch.randint(vocab, (2, 32))
+    for i, given in enumerate([[str(run)], [f"--ckpt={run}"]]):
+        out = tmp_path / f"out-nano-{i}"
+        import_main([*given, f"--out_dir={out}", f"--data_dir={nano_char}"])
+        ours, meta = load_model(find_checkpoint(str(out)))
+        assert meta["iter_num"] == 250 and meta["imported_from"] == str(run / "ckpt.pt")
+        torch.testing.assert_close(ours.eval()(x, all_logits=True)[0], theirs(x, all_logits=True)[0], rtol=0, atol=0)
+    empty = tmp_path / "out-empty"
+    empty.mkdir()
+    for given in ([str(empty)], [f"--ckpt={empty}"]):
+        with pytest.raises(UserError, match=f"^{re.escape(str(empty))} holds no ckpt.pt") as refused:
+            import_main([*given, f"--out_dir={tmp_path / 'out-never'}", f"--data_dir={nano_char}"])
+        assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out-never").exists()

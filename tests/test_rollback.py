@@ -4,6 +4,7 @@ checkpoint, and the run recovers; resume after a rollback is bit-exact; and roll
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -119,3 +120,25 @@ def test_two_ranks_roll_back_as_one_process(char_data, tmp_path, mode, to):
     last_theirs = max(i for i, r in enumerate(theirs) if "rollback" in r)
     after = [r.get("loss") for r in ours[last:]], [r.get("loss") for r in theirs[last_theirs:]]
     assert after[0] == pytest.approx(after[1], rel=1e-4)
+
+
+def test_the_checkpoint_after_a_rollback_records_it_and_resumes_as_the_run_went_on(char_data, tmp_path, monkeypatch):
+    """A rollback to ckpt-K revisits iteration K: the checkpoint written there is the rolled-back state (rollback
+    count, learning-rate scale, new data windows), so a crash before the next checkpoint resumes the run as it was."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run = ["--max_iters=12", "--eval_interval=6", "--spike_patience=1", "--spike_lr_scale=0.5", "--dtype=float32"]
+    nan_at(monkeypatch, {8})
+    train.main(args(char_data, a, *run))
+    assert [(r["iter"], r["to_iter"]) for r in records(a) if "rollback" in r] == [(8, 6)]
+    saved = torch.load(os.path.join(a, "ckpt-0000006-r1", "state.pt"), weights_only=True)
+    assert (saved["rollbacks"], saved["lr_scale"], saved["iter_num"]) == (1, 0.5, 6)
+    assert os.path.basename(train.find_checkpoint(a)) == "ckpt-0000012-r1"
+    # the crash: b is a up to the checkpoint after the rollback
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("ckpt-0000012*", ".lock"))
+    assert os.path.basename(train.find_checkpoint(b)) == "ckpt-0000006-r1"
+    monkeypatch.undo()
+    train.main(args(char_data, b, "--init_from=resume", *run))
+    la, lb = step_losses(a), step_losses(b)
+    assert [la[i] for i in range(6, 12)] == [lb[i] for i in range(6, 12)]
+    lrs = {r["iter"]: r["lr"] for r in records(b) if "lr" in r}
+    assert lrs[11] == {r["iter"]: r["lr"] for r in records(a) if "lr" in r}[11]  # the scaled rate, not double it
