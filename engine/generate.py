@@ -130,7 +130,10 @@ class Decoder:
                 if self.static:
                     pos = pos + 1
             else:  # prefill the prompt, or re-prefill the last block_size tokens once the sequence has outgrown it
-                context = idx[:, -block_size:].contiguous()  # same strides every time: no recompile per token
+                # a fresh (B, T) tensor with row stride T: the slice keeps the growing idx's row stride, which Dynamo
+                # guards on, and at batch 1 .contiguous() returns that slice unchanged (a size-1 dimension counts as
+                # contiguous whatever its stride), so every token past block_size would recompile
+                context = idx[:, -block_size:].clone(memory_format=torch.contiguous_format)
                 cache = self._cache_for(idx.size(0))
                 start = torch.zeros((), dtype=torch.long, device=idx.device) if self.static else 0
                 out = step(context, cache, start, vocab_size)

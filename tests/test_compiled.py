@@ -72,6 +72,30 @@ def test_compiled_bf16_decoding_is_two_graphs_reused_and_equals_eager(switches, 
     assert cache[0].k.dtype == torch.bfloat16  # the cache takes the model's dtype
 
 
+# bf16 weights at batch 2 past block_size: test_sample_cli_compiled_in_bf16_equals_eager
+@pytest.mark.parametrize(("precision", "batch"), [("bf16 weights", 1), ("bf16 autocast", 1), ("bf16 autocast", 2)])
+def test_compiled_decoding_far_past_block_size_stays_three_graphs(batch, precision, fresh_dynamo):
+    """Char models sample far past their context (nanoGPT: 500 new tokens on block_size 256), re-prefilling the last
+    block_size tokens at every step. That window is a slice of the growing sequence, whose row stride grows by one
+    per token; at batch 1 .contiguous() kept it (a size-1 dimension counts as contiguous whatever its stride), so
+    each token recompiled until Dynamo's limit (8 graphs) and the rest ran eagerly."""
+    model = trained_like(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    if precision == "bf16 weights":  # what sample.py does
+        model = model.to(torch.bfloat16)
+    prompt = torch.randint(0, 29, (batch, 3), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
+        eager = torch.cat(list(Decoder(model).generate(prompt, 61, GREEDY)), dim=1)  # 64 tokens: 4x block_size
+        decoder = Decoder(model, compile=True)
+        compiled = torch.cat(list(decoder.generate(prompt, 61, GREEDY)), dim=1)
+        assert torch.equal(compiled, eager)
+        # prefill of the prompt, one-token step, re-prefill of the last block_size tokens: nothing per token
+        assert fresh_dynamo["stats"]["unique_graphs"] == 3, dict(fresh_dynamo["stats"])
+        cache = decoder.cache  # sliding the window re-prefills this cache in place, never a new one
+        again = torch.cat(list(decoder.generate(prompt, 61, GREEDY)), dim=1)
+    assert torch.equal(again, eager) and decoder.cache is cache and fresh_dynamo["stats"]["unique_graphs"] == 3
+    assert not fresh_dynamo["graph_break"]
+
+
 def test_compiled_greedy_decoding_picks_each_token_inside_the_step(monkeypatch, fresh_dynamo):
     """No eager sampling code runs after the compiled forward: the argmax is in its graph (and, on CUDA, in the
     captured CUDA graph), and the tokens still equal eager decoding's."""
