@@ -185,8 +185,8 @@ class KVCache:
         """Store k, v (B, nkv, T, hs) at positions start..start+T-1; return the keys and values to attend to."""
         if torch.is_tensor(start):  # static shapes
             index = start + torch.arange(k.size(2), device=k.device)
-            self.k.index_copy_(2, index, k)
-            self.v.index_copy_(2, index, v)
+            self.k.index_copy_(2, index, k.to(self.k.dtype))  # under autocast k may be bf16, the cache float32
+            self.v.index_copy_(2, index, v.to(self.v.dtype))
             return self.k, self.v
         end = start + k.size(2)
         self.k[:, :, start:end] = k

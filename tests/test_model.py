@@ -9,7 +9,7 @@ from conftest import random_tokens
 from torch.nn import functional as F
 
 from engine.hf_interop import from_pretrained
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 
 @pytest.fixture(autouse=True)
@@ -211,3 +211,13 @@ def test_untied_token_embeddings_are_not_counted_as_compute(tiny_config):
     assert untied.num_params(non_embedding=False) == tied.num_params(non_embedding=False) + wte
     assert untied.num_params() == tied.num_params()
     assert untied.flops_per_token(16) == tied.flops_per_token(16)
+
+
+def test_the_static_kv_cache_takes_keys_in_the_dtype_autocast_gives_them(tiny_config):
+    """A float32 model decoding eagerly under bf16 autocast (as after a recompile-limit fallback) writes bf16 keys
+    into its float32 cache: stored as the cache's dtype, as the growing-shape path does."""
+    cache = KVCache(1, tiny_config, 8, "cpu", torch.float32)
+    k = torch.randn(1, tiny_config.n_kv_head, 3, tiny_config.head_size).to(torch.bfloat16)
+    keys, values = cache.update(torch.tensor(2), k, -k)
+    assert keys.dtype == torch.float32 and torch.equal(keys[:, :, 2:5], k.float())
+    assert torch.equal(values[:, :, 2:5], -k.float()) and not keys[:, :, :2].any()
