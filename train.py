@@ -44,7 +44,7 @@ from engine.checkpoint import (
     save_lora_base,
 )
 from engine.configurator import format_config, format_overrides, parse_config
-from engine.data import Tokenizer, eval_key, get_batch, load_data, target_count, train_key
+from engine.data import Tokenizer, eval_key, first_targets, get_batch, load_data, target_count, train_key
 from engine.ema import EMA
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
 from engine.fsdp import load_model_state, load_optimizer_state, model_state, optimizer_state, shard_model
@@ -265,6 +265,8 @@ def main(argv=None):
 
     # data; out_dir belongs to this run alone until it ends; signals are polled once per step from here on
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
+    if data.chat:
+        check_chat_coverage(data, cfg.block_size, rt.print0)
     with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, out_of_memory_hint(cfg, rt):
         # the model: from scratch, resumed from out_dir or GPT-2 weights; raw_model is never wrapped, so checkpoints
         # hold plain parameter names
@@ -308,8 +310,8 @@ def main(argv=None):
             if state.iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
                 losses = estimate_loss(eval_model, data, cfg, rt)
                 log(eval_record(state.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt))
-                improved = losses["val"] < state.best_val_loss
-                state.best_val_loss = min(state.best_val_loss, losses["val"])
+                improved = losses["val"] is not None and losses["val"] < state.best_val_loss  # None: no targets
+                state.best_val_loss = losses["val"] if improved else state.best_val_loss
                 if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
                     good = save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora, ema) or good
                 timer.restart()  # the step's time leaves out evaluation and checkpointing
@@ -329,7 +331,9 @@ def main(argv=None):
             aux_sum = torch.zeros((), device=rt.device)  # MoE load-balancing loss, logged on its own
             micro_steps, tokens_after, progress_after = warmup.advance(state.tokens, state.progress)
             accum_steps = micro_steps // rt.world_size  # this rank's: global micro-steps rank * accum_steps onwards
-            chat_scale = rt.world_size / global_targets(cfg, data, state, micro_steps) if data.chat else None
+            targets = global_targets(cfg, data, state, micro_steps) if data.chat else None
+            chat_scale = rt.world_size / max(1, targets) if data.chat else None
+            empty = targets == 0  # a chat batch without one assistant token: nothing to learn, no step, no loss
             for micro_step in range(accum_steps):
                 sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
                 if cfg.fsdp:
@@ -355,12 +359,14 @@ def main(argv=None):
             grad_normf, lossf, auxf = torch.stack([grad_norm.float(), loss_sum.float(), aux_sum.float()]).tolist()
             finite = math.isfinite(grad_normf)
             state.clipped_steps += int(finite and cfg.grad_clip > 0 and grad_normf > cfg.grad_clip)
-            if finite or scaler.is_enabled():  # in float16 the scaler skips the step itself and lowers its scale
+            stepping = (finite or scaler.is_enabled()) and not empty  # float16: the scaler skips a non-finite step
+            if stepping:
                 for opt in optimizers:
                     scaler.step(opt)
-                scaler.update()
                 if ema:
                     ema.update(raw_model)
+            if stepping or scaler.is_enabled():
+                scaler.update()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             if checkup:
@@ -374,7 +380,12 @@ def main(argv=None):
             dt = timer.lap(share=micro_steps / cfg.gradient_accumulation_steps)
             state.iter_num, state.tokens, state.progress = state.iter_num + 1, tokens_after, progress_after
             if logging:
-                record = {"iter": state.iter_num - 1, "loss": lossf, "lr": lr * state.lr_scale, "dt": dt}
+                record = {
+                    "iter": state.iter_num - 1,
+                    "loss": None if empty else lossf,
+                    "lr": lr * state.lr_scale,
+                    "dt": dt,
+                }
                 record |= {"tokens_per_sec": micro_steps * micro_tokens / dt, "grad_norm": grad_normf}
                 record |= {"skipped_steps": state.skipped_steps, "eta_s": timer.eta(cfg.max_iters - state.progress)}
                 record |= {"tokens": state.tokens}  # the token counter: every token trained so far
@@ -384,7 +395,7 @@ def main(argv=None):
                 log(record | ({"aux_loss": auxf} if raw_model.config.n_expert else {}))  # this rank's MoE aux loss
 
             # roll back: spike_patience bad steps in a row (a loss spike, or non-finite) restore the newest good state
-            if cfg.max_rollbacks and spiked(state, cfg, lossf, finite):
+            if cfg.max_rollbacks and not empty and spiked(state, cfg, lossf, finite):
                 if state.rollbacks >= cfg.max_rollbacks:
                     rt.print0(f"stopping: a loss spike after {state.rollbacks} rollbacks; the last good one: {good}")
                     exit_code = EXIT_NONFINITE
@@ -787,9 +798,29 @@ def micro_step_loss(model, x, y, accum_steps: int, chat_scale: float | None) -> 
 
 
 def global_targets(cfg: TrainConfig, data, state: LoopState, micro_steps: int) -> int:
-    """The targets the loss counts in this iteration's global batch, over every rank and micro-step (at least 1)."""
+    """The targets the loss counts in this iteration's global batch, over every rank and micro-step."""
     keys = [train_key(cfg.seed, state.iter_num, g, state.rollbacks) for g in range(micro_steps)]
-    return max(1, sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys))
+    return sum(target_count(data, "train", cfg.batch_size, cfg.block_size, key) for key in keys)
+
+
+def check_chat_coverage(data, block_size: int, log) -> None:
+    """A chat row learns only from assistant tokens within its first block_size: refuse a train split where no
+    conversation has one, and say so when most have none (their batches train nothing) or the val split has none
+    (its evaluations have no loss)."""
+    for split in ("train", "val"):
+        first = first_targets(data, split)
+        share = float(np.mean(first <= block_size))
+        if split == "train" and share == 0:
+            raise UserError(
+                f"no conversation of {data.data_dir}'s train split has an assistant token within block_size="
+                f"{block_size} (the nearest is {first.min():,} tokens in); raise --block_size"
+            )
+        if share < 0.5:
+            log(
+                f"note: only {share:.0%} of the {split} split's conversations have an assistant token within "
+                f"block_size={block_size}; the rest teach nothing{' and evaluate to no loss' if split == 'val' else ''}"
+                f" (raise --block_size to {int(np.quantile(first, 0.5)):,} for half of them)"
+            )
 
 
 def health_record(raw_model: GPT, grads_before: tuple, x, state: LoopState, rt, sharded: bool) -> dict:
@@ -918,9 +949,11 @@ def console_line(record: dict, max_iters: int) -> str:
     """nanoGPT's lines: `step N: train loss X, val loss Y` for an evaluation, and for a step
     `iter N/max (P%): loss X, time Y ms, T tok/s` with the ETA, MFU and MoE aux loss when known."""
     if "val_loss" in record:
-        line = f"step {record['iter']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+        line = f"step {record['iter']}: train loss {loss_text(record['train_loss'])}, val loss "
+        line += loss_text(record["val_loss"])
         if "val_loss_ema" in record:
-            line += f" (EMA weights: train loss {record['train_loss_ema']:.4f}, val loss {record['val_loss_ema']:.4f})"
+            train_ema, val_ema = loss_text(record["train_loss_ema"]), loss_text(record["val_loss_ema"])
+            line += f" (EMA weights: train loss {train_ema}, val loss {val_ema})"
         return line
     if "act_rms" in record:
         return health.summary(record)
@@ -936,7 +969,7 @@ def console_line(record: dict, max_iters: int) -> str:
         return f"step {record['iter']}: {name} acc {acc:.4f}, acc_norm {norm:.4f} ({record['task_items']:,} items)"
     it = record["iter"]
     line = (
-        f"iter {it}/{max_iters} ({100 * it / max(1, max_iters):.0f}%): loss {record['loss']:.4f}, "
+        f"iter {it}/{max_iters} ({100 * it / max(1, max_iters):.0f}%): loss {loss_text(record['loss'])}, "
         f"time {record['dt'] * 1000:.2f}ms, {record['tokens_per_sec']:,.0f} tok/s"
     )
     if record.get("eta_s") is not None:
@@ -946,6 +979,11 @@ def console_line(record: dict, max_iters: int) -> str:
     if "aux_loss" in record:
         line += f", aux loss {record['aux_loss']:.4f}"
     return line
+
+
+def loss_text(loss: float | None) -> str:
+    """A loss to 4 decimals, or n/a for a batch or evaluation with no target to score (chat data)."""
+    return "n/a (no assistant tokens)" if loss is None else f"{loss:.4f}"
 
 
 def format_duration(seconds: float) -> str:
@@ -985,7 +1023,7 @@ def nonfinite_advice(cfg: TrainConfig, rt, good_steps: int, loss_finite: bool) -
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
+def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float | None]:
     """Mean loss over the same eval_iters batches of each split at every evaluation, shared out across ranks."""
     model.eval()
     out = {}
@@ -1008,7 +1046,7 @@ def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float]:
             total += torch.stack([loss.float() * weight, count])
         if rt.ddp:
             dist.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
+        out[split] = (total[0] / total[1]).item() if total[1] > 0 else None  # chat batches with no target: no loss
     model.train()
     return out
 

@@ -338,6 +338,26 @@ def target_count(data: TokenData, split: str, batch_size: int, block_size: int, 
     return sum(int(mask[a + 1 : b].sum()) for a, b in chat_spans(data, split, batch_size, block_size, key))
 
 
+def first_targets(data: TokenData, split: str) -> np.ndarray:
+    """For each conversation of a chat split, how far into it its first trained token lies (the assistant's first
+    token, counted from the conversation's first): a row of block_size tokens learns from the conversation only when
+    this is at most block_size. A conversation with no trained token gets int64's max. Read in chunks of whole
+    conversations, so memory stays bounded on a large split."""
+    starts = np.asarray(data.memmap(split, "starts_file"))
+    mask = data.memmap(split, "mask_file")
+    first = np.full(len(starts) - 1, np.iinfo(np.int64).max, dtype=np.int64)
+    c = 0
+    while c < len(first):
+        d = min(len(first), max(c + 1, int(np.searchsorted(starts, starts[c] + (64 << 20), side="right")) - 1))
+        ones = np.flatnonzero(mask[starts[c] : starts[d]]) + starts[c]  # trained positions of conversations c..d-1
+        i = np.searchsorted(ones, starts[c:d] + 1)  # the first after each conversation's first token
+        at = ones[np.minimum(i, len(ones) - 1)] if len(ones) else np.zeros(d - c, dtype=np.int64)
+        inside = (i < len(ones)) & (at < starts[c + 1 : d + 1])
+        first[c:d][inside] = (at - starts[c:d])[inside]
+        c = d
+    return first
+
+
 class Tokenizer:
     """encode/decode for the tokenizer named in meta.json: "char" (the characters listed in meta) or a tiktoken
     encoding such as "gpt2" (offline: TIKTOKEN_CACHE_DIR, or tokenizer_dir holding GPT-2's vocab.bpe and

@@ -125,7 +125,7 @@ def main(argv=None):
     if len(conversations) < 2:
         fail(f"{args.input} holds {len(conversations)} conversation(s); a train and a val split need at least 2")
     encode, tokenizer = make_tokenizer(args, conversations)
-    rendered, truncated, dropped = [], 0, 0
+    rendered, truncated, dropped, unreachable = [], 0, 0, 0
     for n, conv in enumerate(tqdm(conversations, desc="rendering", unit="conv"), 1):
         ids, mask = chat.render(conv, encode, tokenizer["chat"]["special"])
         if len(ids) > args.block_size:
@@ -134,6 +134,7 @@ def main(argv=None):
             ids, mask = ids[: args.block_size], mask[: args.block_size]
             if args.on_long == "drop" or not any(mask):  # nothing of the assistant's would be left to learn
                 dropped += 1
+                unreachable += not any(mask)
                 continue
             truncated += 1
         rendered.append((ids, mask))
@@ -160,7 +161,25 @@ def main(argv=None):
     for split, info in splits.items():
         share = info["trained_tokens"] / info["tokens"]
         print(f"{split}: {info['documents']:,} conversations, {info['tokens']:,} tokens ({share:.0%} trained on)")
+    # a training row learns only from assistant tokens within its first block_size: say how far in they start
+    reach = np.array([first_target(mask) for _, mask in rendered])
+    half, most = int(np.median(reach)), int(np.quantile(reach, 0.9))
+    print(
+        f"the assistant's first token is within the first {half:,} tokens in half the conversations, {most:,} in 90% "
+        f"and {int(reach.max()):,} in all: train with --block_size at least that (train.py names those it leaves out)"
+    )
+    if unreachable > len(conversations) / 2:
+        print(
+            f"warning: {unreachable} of {len(conversations)} conversations were dropped for leaving no assistant "
+            f"token within --block_size={args.block_size}; raise it to keep them"
+        )
     return meta
+
+
+def first_target(mask: list[int]) -> int:
+    """How far into a conversation its first trained token lies (counted from its first token, which is never a
+    target): a row of block_size tokens learns from the conversation when this is at most block_size."""
+    return next((i for i, m in enumerate(mask) if m and i > 0), len(mask))
 
 
 if __name__ == "__main__":
