@@ -578,7 +578,8 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     trainable = None  # LoRA trains its adapters (and on chat data the embedding) alone: far less optimizer state
     if cfg.lora_rank and cfg.init_from != "resume":
         trainable = lora_params(model, cfg.lora_rank, parse_targets(cfg.lora_targets))
-        trainable += model.transformer.wte.weight.numel() if data.chat else 0
+        new_rows = model.config.vocab_size - chat_tokens_from(data) if data.chat else 0  # the chat tokens' rows
+        trainable += new_rows * model.config.n_embd * (1 if model.config.tie_embeddings else 2)
     check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing, trainable)
     if model.config.vocab_size < data.meta["vocab_size"]:
         raise UserError(
@@ -661,24 +662,28 @@ def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: 
     return path
 
 
+def chat_tokens_from(data) -> int:
+    """The first id of a chat dataset's template tokens: they follow the tokenizer's own vocabulary."""
+    return min(data.chat["special"].values())
+
+
 def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) -> dict | None:
     """With lora_rank: freeze the model and add adapters (a resumed LoRA checkpoint comes with them), and return what
     every checkpoint of the run records about them. The frozen base is written once, by the master, to
-    out_dir/lora-base-<its sha256>/, which the checkpoints name. On chat data the token embedding (and an untied
-    lm_head) trains too: the chat tokens' rows are new."""
+    out_dir/lora-base-<its sha256>/, which the checkpoints name. On chat data the chat tokens' rows of the token
+    embedding (and of an untied lm_head) train too: they are new to the base model."""
     if resume_from is not None:
         return read_meta(resume_from).get("lora")
     if not cfg.lora_rank:
         return None
-    trainable = ("transformer.wte.weight",) + (() if model.config.tie_embeddings else ("lm_head.weight",))
-    trainable = trainable if data.chat else ()
+    new_rows_from = chat_tokens_from(data) if data.chat else None
     lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(parse_targets(cfg.lora_targets))}
-    lora |= {"trainable": list(trainable), "base_from": cfg.init_from}
+    lora |= {"trainable": [], "new_rows_from": new_rows_from, "base_from": cfg.init_from}
     if rt.master:
         lora |= save_lora_base(cfg.out_dir, model)
-    add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(lora["targets"]), trainable)
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(lora["targets"]), new_rows_from=new_rows_from)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embedding = " (the token embedding included, for the chat tokens)" if trainable else ""
+    embedding = f" (the embedding rows of the chat tokens, ids {new_rows_from} on, included)" if data.chat else ""
     rt.print0(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n:,} trainable parameters{embedding}")
     return lora
 

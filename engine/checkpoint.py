@@ -366,7 +366,8 @@ def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[G
                 f"{path} is a LoRA checkpoint whose base {base} is missing or changed; restore that directory"
             )
         load_weights(base, model)
-        add_lora(model, lora["rank"], lora["alpha"], tuple(lora["targets"]), tuple(lora["trainable"]))
+        targets, trainable = tuple(lora["targets"]), tuple(lora["trainable"])
+        add_lora(model, lora["rank"], lora["alpha"], targets, trainable, lora.get("new_rows_from"))
         load_weights(path, model, only=[n for n, p in model.named_parameters() if p.requires_grad])
     else:
         load_weights(path, model)

@@ -5,6 +5,10 @@ starts random (as nn.Linear's own init), B at zero, so training starts from the 
 holds state for the adapters alone, which is what lets GPT-2 XL fine-tune where full AdamW state would not fit.
 Parameter names stay the base model's (c_attn.weight) plus c_attn.lora_A / c_attn.lora_B, so a merged model
 (merge_lora: W += (alpha / r) B A) is a plain GPT with the base's names, for export and fast inference.
+
+On chat data the template's special tokens are new to the base model: their rows of the token embedding (and of an
+untied lm_head) train too, as a parameter of their own (NewRows: transformer.wte.rows), so the optimizer holds state
+for those few rows rather than the whole matrix (38.6M values for GPT-2's 50k rows).
 """
 
 import math
@@ -34,6 +38,28 @@ class LoRALinear(nn.Linear):
         )
 
 
+class NewRows(nn.Module):
+    """A frozen token embedding or output layer (weight (V, C), no bias) whose rows from `start` on are the trainable
+    parameter `rows` (V - start, C) instead: what the layer computes is that of weight[:start] stacked on rows. A tied
+    embedding and lm_head share one `rows`, as they share one weight."""
+
+    def __init__(self, base: nn.Embedding | nn.Linear, start: int, rows: nn.Parameter):
+        super().__init__()
+        self.weight, self.rows, self.start = base.weight, rows, start  # weight keeps the base layer's name
+        self.embedding = isinstance(base, nn.Embedding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:  # x: (B, T) ids; a new id's vector comes from rows
+            new = (x >= self.start).unsqueeze(-1)  # (B, T, 1)
+            return torch.where(new, F.embedding((x - self.start).clamp(min=0), self.rows), F.embedding(x, self.weight))
+        logits = F.linear(x, self.weight)  # (B, T, V); the new ids' columns replaced by rows' (their grad flows there)
+        logits[..., self.start :] = F.linear(x, self.rows)
+        return logits
+
+    def merged(self) -> torch.Tensor:
+        return torch.cat([self.weight[: self.start], self.rows.to(self.weight.dtype)])
+
+
 def parse_targets(targets: str) -> tuple[str, ...]:
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
     if not names or set(names) - set(TARGETS):
@@ -54,13 +80,29 @@ def targeted(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module
     return found
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], trainable: tuple[str, ...] = ()):
+def add_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...],
+    trainable: tuple[str, ...] = (),
+    new_rows_from: int | None = None,
+):
     """Freeze every parameter of `model` (a GPT), wrap the targeted Linear layers of its blocks in LoRALinear, and
-    leave trainable only the adapters and the parameters named in `trainable` (e.g. a grown token embedding)."""
+    leave trainable only the adapters, the rows of the token embedding and lm_head from new_rows_from on (NewRows:
+    a chat template's tokens), and the parameters named in `trainable` (checkpoints of older runs trained the whole
+    embedding)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for parent, attr, layer in targeted(model, targets):
         setattr(parent, attr, LoRALinear(layer, rank, alpha))
+    if new_rows_from is not None:
+        rows = {}  # by the weight, so a tied embedding and lm_head share their rows
+        for parent, attr in ((model.transformer, "wte"), (model, "lm_head")):
+            layer = getattr(parent, attr)
+            if id(layer.weight) not in rows:
+                rows[id(layer.weight)] = nn.Parameter(layer.weight.detach()[new_rows_from:].clone())
+            setattr(parent, attr, NewRows(layer, new_rows_from, rows[id(layer.weight)]))
     params = dict(model.named_parameters())
     for name in trainable:
         params[name].requires_grad_(True)
@@ -68,6 +110,18 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, in place: the model becomes a plain GPT with the same outputs."""
+    merged_rows = {}  # by the rows, so a tied embedding and lm_head stay one parameter
+    for parent, attr in ((model.transformer, "wte"), (model, "lm_head")):
+        layer = getattr(parent, attr)
+        if isinstance(layer, NewRows):
+            if id(layer.rows) not in merged_rows:
+                with torch.no_grad():
+                    merged_rows[id(layer.rows)] = nn.Parameter(layer.merged(), requires_grad=False)
+            vocab, width = layer.weight.shape
+            meta = torch.device("meta")  # no weight allocated: it is replaced
+            plain = nn.Embedding(vocab, width, device=meta) if layer.embedding else nn.Linear(width, vocab, False, meta)
+            plain.weight = merged_rows[id(layer.rows)]
+            setattr(parent, attr, plain.to(layer.weight.device))
     for parent in list(model.modules()):
         for name, module in list(parent.named_children()):
             if isinstance(module, LoRALinear):

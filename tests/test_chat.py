@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import needs_gpt2_tokenizer
+from safetensors.torch import load_file
 from test_distributed import CONFIG, rank_logs, records, torchrun
 from torch.nn import functional as F
 
@@ -351,4 +352,6 @@ def test_a_gpt2_from_hugging_face_grows_its_vocabulary_for_the_chat_tokens(tmp_p
     assert "vocabulary grown from 50257 to 50304 for the chat tokens" in capsys.readouterr().out
     model, meta = load_model(find_checkpoint(out))
     assert model.config.vocab_size == 50304 and meta["data"]["chat"]["special"]["<|end|>"] == 50260
-    assert "transformer.wte.weight" in meta["lora"]["trainable"]
+    assert meta["lora"]["new_rows_from"] == 50257  # the chat tokens' rows train, not the whole matrix
+    trained = load_file(os.path.join(find_checkpoint(out), "model.safetensors"))
+    assert tuple(trained["transformer.wte.rows"].shape) == (50304 - 50257, 16)

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_chat import prepare
+from test_distributed import CONFIG
 from test_train import args, records, step_losses
 
 import train
@@ -154,3 +156,34 @@ def test_a_run_started_from_a_lora_run_starts_from_its_adapted_model(char_data, 
     load_model(ckpt)  # what sample.py, tools/evaluate.py and tools/export_hf.py do
     train.main(args32(out, "--init_from=resume", "--max_iters=6", "--eval_interval=4", *again))
     assert max(step_losses(out)) == 5
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lora_on_chat_data_trains_only_the_chat_tokens_rows(tmp_path, tie):
+    """LoRA's memory claim holds on chat data: the embedding rows that train (and get optimizer state) are the chat
+    tokens' alone; the base's rows stay as they were, and the merged export computes what the adapted model does."""
+    root = prepare(tmp_path)
+    base, out = str(tmp_path / "base"), str(tmp_path / "out")
+    run = [f"--data_root={root}", "--dataset=chat", *CONFIG, "--block_size=48", "--dtype=float32"]
+    train.main([*run, f"--out_dir={base}", "--max_iters=2", "--eval_interval=2", f"--tie_embeddings={tie}"])
+    train.main([*run, f"--out_dir={out}", f"--init_from={base}", "--max_iters=4", "--eval_interval=4", *LORA])
+    ckpt = find_checkpoint(out)
+    start = min(read_meta(ckpt)["data"]["chat"]["special"].values())  # the first chat token's id
+    saved = load_file(os.path.join(ckpt, "model.safetensors"))
+    rows = {k for k in saved if ".lora_" not in k}
+    assert rows == {"transformer.wte.rows"} | (set() if tie else {"lm_head.rows"})
+    assert saved["transformer.wte.rows"].shape[0] == 64 - start
+    opt = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)["optimizers"][0]
+    assert sum(s["exp_avg"].numel() for s in opt["state"].values()) == sum(t.numel() for t in saved.values())
+    model, _ = load_model(ckpt)
+    before = load_file(os.path.join(find_checkpoint(base), "model.safetensors"))["transformer.wte.weight"]
+    assert torch.equal(model.transformer.wte.weight[:start], before[:start])  # the base's rows did not move
+    assert not torch.equal(model.transformer.wte.rows, before[start:])  # the chat tokens' did
+    x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x, all_logits=True)[0]
+        merge_lora(model)
+        torch.testing.assert_close(model(x, all_logits=True)[0], adapted, atol=1e-5, rtol=1e-5)
+    if tie:
+        assert model.transformer.wte.weight is model.lm_head.weight  # merged, still one matrix
