@@ -212,7 +212,7 @@ def check_file(data: TokenData, split: str, part: str, size: int | None, holding
     if sha256 and found <= HASH_CHECK_BYTES:
         f = data.file(split, part)
         f.seek(0)
-        if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
+        if hashlib.sha256(f.read()).hexdigest() != sha256:
             raise UserError(f"{path} does not match the sha256 in meta.json; {rerun}")
     return found
 
