@@ -8,13 +8,16 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_chat import COLORS, THINGS, prepare
 from test_distributed import CONFIG, records
 from test_train import args
 
 import train
+from engine.checkpoint import find_checkpoint, load_model, load_state
 from engine.data import first_targets, load_data
 from engine.errors import UserError
+from engine.lora import merge_lora
 
 
 def test_resuming_an_ema_run_without_ema_decay_is_refused_rather_than_dropping_the_average(char_data, tmp_path):
@@ -90,3 +93,43 @@ def test_prepare_says_how_far_into_conversations_the_answers_start(tmp_path, cap
     assert reach and int(reach.group(1)) > 16  # most answers start past a 16-token row
     few_answers_in_reach(tmp_path / "b", "--block_size=24")
     assert "warning: 15 of 20 conversations were dropped for leaving no assistant token" in capsys.readouterr().out
+
+
+RESUMED = {  # features that share the save/resume path, alone and together
+    "lora": ["--lora_rank=2"],
+    "ema": ["--ema_decay=0.8"],
+    "warmup": ["--batch_warmup_tokens=256"],
+    "lora+ema+warmup": ["--lora_rank=2", "--ema_decay=0.8", "--batch_warmup_tokens=256"],
+    "chat+lora+ema": ["chat", "--lora_rank=2", "--ema_decay=0.8"],
+    "chat+warmup+recompute": ["chat", "--batch_warmup_tokens=256", "--gradient_checkpointing=True"],
+}
+
+
+@pytest.mark.parametrize("case", RESUMED)
+def test_features_together_resume_bit_exact_and_their_checkpoints_load(case, char_data, tmp_path):
+    flags = [f for f in RESUMED[case] if f != "chat"]
+    if "chat" in RESUMED[case]:
+        data = [f"--data_root={prepare(tmp_path)}", "--dataset=chat", "--block_size=48"]
+    else:
+        data = [f"--data_root={char_data}", "--dataset=tiny_char"]
+    run = [*CONFIG, *data, "--gradient_accumulation_steps=2", "--eval_interval=3", *flags]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train.main([*run, f"--out_dir={whole}", "--max_iters=6"])
+    train.main([*run, f"--out_dir={parts}", "--max_iters=3"])
+    train.main([*run, f"--out_dir={parts}", "--max_iters=6", "--init_from=resume"])
+    losses = [{r["iter"]: r["loss"] for r in records(d) if "lr" in r} for d in (whole, parts)]
+    assert losses[0] == losses[1] and len(losses[0]) >= 6
+    a, b = (find_checkpoint(d) for d in (whole, parts))
+    assert os.path.basename(a) == os.path.basename(b)
+    wa, wb = (load_file(os.path.join(p, "model.safetensors")) for p in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ema = "--ema_decay=0.8" in flags
+    if ema:
+        ea, eb = (load_state(p)["ema"] for p in (a, b))
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    for weights in ("raw", "ema") if ema else ("raw",):  # as sample.py, tools/evaluate.py and export_hf.py load
+        model, _ = load_model(b, weights=weights)
+        x = torch.zeros(1, 8, dtype=torch.long)
+        adapted = model.eval()(x)[0]
+        merge_lora(model)
+        torch.testing.assert_close(model(x)[0], adapted, atol=1e-5, rtol=1e-5)
