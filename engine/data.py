@@ -173,14 +173,14 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
             if split not in meta["splits"]:
                 raise UserError(f"{meta_path} has no {split!r} split; re-run the prepare script")
             tokens = meta["splits"][split]["tokens"]
-            check_file(data, split, "file", tokens * itemsize, f"{tokens} {meta['dtype']} tokens")
-            if data.chat:
-                check_chat_split(data, split)
-            elif tokens < block_size + 1:
+            if not data.chat and tokens < block_size + 1:  # what meta.json says is already too little
                 raise UserError(
                     f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = "
                     f"{block_size + 1}; lower --block_size or prepare more data"
                 )
+            check_file(data, split, "file", tokens * itemsize, f"{tokens} {meta['dtype']} tokens")
+            if data.chat:
+                check_chat_split(data, split)
             check_tokens(data, split)
     except BaseException:
         data.close()

@@ -48,6 +48,13 @@ TINY_TRAIN = [
 ]
 
 
+def row_layout(rows: list[dict]) -> list[tuple[str, int]]:
+    """(kind, iter) of each metrics.jsonl row, kind told by the key only that kind has: two runs that log the same
+    rows in the same order have the same layout, so their losses can then be compared kind by kind."""
+    kinds = {"loss": "step", "val_loss": "eval", "rollback": "rollback", "act_rms": "health", "task_items": "task"}
+    return [(next((kind for key, kind in kinds.items() if key in r), "other"), r["iter"]) for r in rows]
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     """2 layers, 2 heads, n_embd 32, block 16: fast enough for every test."""

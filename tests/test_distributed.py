@@ -45,7 +45,11 @@ def torchrun(tmp_path, *argv: str) -> subprocess.CompletedProcess:
     cmd += [f"--log-dir={tmp_path / 'logs'}", "--redirects=3", "train.py", *argv]
     env = os.environ.copy()  # keeps TIKTOKEN_CACHE_DIR and PATH
     env.pop("RANK", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # Each rank computes with as many threads as the one-process runs the tests compare it with (torchrun would give
+    # it 1): intra-op reductions then sum in the same order, and a diverging run (rollback's absurd rates) stays
+    # comparable on any machine, whatever its core count
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def rank_logs(tmp_path, stream: str) -> list[str]:

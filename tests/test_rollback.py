@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import row_layout
 from test_distributed import CONFIG, rank_logs, torchrun
 from test_train import args, step_losses
 
@@ -118,7 +119,9 @@ def test_two_ranks_roll_back_as_one_process(char_data, tmp_path, mode, to):
     # losses: from the last rollback on
     last = max(i for i, r in enumerate(ours) if "rollback" in r)
     last_theirs = max(i for i, r in enumerate(theirs) if "rollback" in r)
-    after = [r.get("loss") for r in ours[last:]], [r.get("loss") for r in theirs[last_theirs:]]
+    assert row_layout(ours[last:]) == row_layout(theirs[last_theirs:])  # the same rows, then the step losses
+    after = [r["loss"] for r in ours[last:] if "loss" in r], [r["loss"] for r in theirs[last_theirs:] if "loss" in r]
+    assert None not in after[0] + after[1], after  # a non-finite loss is written as null
     assert after[0] == pytest.approx(after[1], rel=1e-4)
 
 
