@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 import runpy
 import sys
@@ -56,7 +57,16 @@ def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
 
 
 def load_preset(path: str) -> dict:
-    """Run a preset file into a fresh dict and return its public plain values (modules and functions are skipped)."""
+    """Run a preset file into a fresh dict and return its public plain values (modules and functions are skipped).
+    A preset is a .py file: anything else is refused before it runs (runpy would run a directory's or a zip's
+    __main__.py, and a run directory is what a user most often names here by mistake)."""
+    if os.path.isdir(path):
+        raise UserError(
+            f"{path!r} is a directory, not a preset file (a .py of key = value lines); to name a run directory, "
+            f"write --out_dir={path}"
+        )
+    if os.path.exists(path) and not path.endswith(".py"):
+        raise UserError(f"{path!r} is not a preset file: presets are .py files of key = value lines")
     try:
         namespace = runpy.run_path(path)
     except FileNotFoundError:
