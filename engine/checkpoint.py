@@ -382,6 +382,9 @@ def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[G
                     params[name].copy_(t)
     elif weights != "raw":
         raise UserError(f"--weights={weights!r}: use raw or ema")
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad:  # training never writes one; a damaged or foreign file would sample NaN or crash in multinomial
+        raise UserError(f"{path} holds non-finite weights (NaN or inf in {bad}); load an earlier checkpoint")
     return model, meta
 
 

@@ -464,3 +464,22 @@ def test_sample_with_a_valid_prompt_works(abc_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     samples = result.stdout.split("---------------\n")[:2]
     assert len(samples) == 2 and all(s.startswith("cab") and set(s.strip()) <= set("abc") for s in samples)
+
+
+@pytest.mark.parametrize("script", ["sample.py", "tools/export_hf.py", "tools/evaluate.py"])
+def test_a_checkpoint_with_non_finite_weights_is_one_line(tmp_path, script):
+    """Training never writes one, but a damaged or foreign checkpoint may hold NaN: sampling would crash in
+    multinomial, exporting would write it on. Every reader says so in one line and writes nothing."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=3, n_layer=1, n_head=1, n_embd=8))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    data = {"tokenizer": "char", "vocab_size": 3, "dtype": "uint16", "eot_id": None, "chars": "abc"}
+    meta = {"model_config": dataclasses.asdict(model.config), "train_config": {}, "data": data, "val_loss": 1.0}
+    out = tmp_path / "out"
+    save_checkpoint(str(out), 1, model, {"optimizers": [], "scaler": {}, "iter_num": 1, "best_val_loss": 1.0}, meta)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    extra = {"tools/export_hf.py": [f"--hf_dir={tmp_path / 'hf'}"], "tools/evaluate.py": ["--text=abcabc"]}
+    device = [] if script == "tools/export_hf.py" else ["--device=cpu"]
+    result = run(script, f"--out_dir={out}", *device, *extra.get(script, []))
+    assert_user_error(result, "non-finite weights", "transformer.h.0.mlp.c_fc.weight")
+    assert sorted(p for p in tmp_path.rglob("*")) == before
