@@ -20,6 +20,7 @@ from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.generate import Decoder, Sampling, StreamDecoder, cut_at_stop
 from engine.inference import load_for_inference, read_prompt
+from engine.memory import check_sampling_fits
 from engine.runtime import seed_everything, setup_runtime
 
 
@@ -92,6 +93,7 @@ def main(argv=None):
     # Inference runs in the compute dtype itself rather than under autocast: the KV cache takes the model's dtype,
     # and a compiled step does not re-cast every weight on every token.
     model.eval().to(rt.device, rt.dtype)
+    check_sampling_fits(model.config, rt.device, 1 if cfg.chat else cfg.num_samples, rt.dtype.itemsize)
 
     if cfg.chat:
         converse(cfg, model, tokenizer, rt)

@@ -68,3 +68,17 @@ def check_fits(
             f"{what} needs at least {need / 2**30:,.1f} GiB ({n / 1e9:,.2f}B parameters), more than the "
             f"{have / 2**30:,.0f} GiB of {device}; lower {knobs}"
         )
+
+
+def check_sampling_fits(config: GPTConfig, device: str, num_samples: int, dtype_bytes: int) -> None:
+    """Refuse, before the batch is built, sampling that cannot fit: the weights, and for num_samples sequences the
+    KV cache (keys and values of every layer for block_size positions) and the float32 logits of one step."""
+    have = device_memory(device)
+    cache = 2 * config.n_layer * num_samples * config.n_kv_head * config.block_size * config.head_size
+    need = estimate_params(config) * dtype_bytes + cache * dtype_bytes + num_samples * config.vocab_size * 4
+    if have is not None and need > have:
+        raise UserError(
+            f"sampling {num_samples:,} sequences at once needs at least {need / 2**30:,.1f} GiB (their KV cache "
+            f"{cache * dtype_bytes / 2**30:,.1f} GiB), more than the {have / 2**30:,.0f} GiB of {device}; lower "
+            "--num_samples"
+        )

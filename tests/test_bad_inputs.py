@@ -432,8 +432,21 @@ def test_sample_without_checkpoint(tmp_path):
         (["--start=abxyz"], ["'xyz'", "vocabulary"]),
         (["--start="], ["prompt is empty"]),
         (["--checkpoint=newest"], ["'newest'", "latest or best"]),
+        (
+            ["--num_samples=1000000000", "--start=ab"],
+            ["sampling 1,000,000,000 sequences at once needs", "lower --num_samples"],
+        ),
     ],
-    ids=["top_p", "temperature", "top_k", "prompt_file", "char_outside_vocab", "empty_prompt", "checkpoint_choice"],
+    ids=[
+        "top_p",
+        "temperature",
+        "top_k",
+        "prompt_file",
+        "char_outside_vocab",
+        "empty_prompt",
+        "checkpoint_choice",
+        "num_samples_too_many",
+    ],
 )
 def test_sample_errors(abc_checkpoint, argv, fragments):
     assert_user_error(run("sample.py", "--device=cpu", f"--out_dir={abc_checkpoint}", *argv), *fragments)
