@@ -265,7 +265,7 @@ def main(argv=None):
 
     # data; out_dir belongs to this run alone until it ends; signals are polled once per step from here on
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
-    if data.chat:
+    if data.chat and cfg.init_from != "resume" and not cfg.eval_only:  # reads every mask; block_size is fixed by now
         check_chat_coverage(data, cfg.block_size, rt.print0)
     with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, out_of_memory_hint(cfg, rt):
         # the model: from scratch, resumed from out_dir or GPT-2 weights; raw_model is never wrapped, so checkpoints
@@ -341,7 +341,9 @@ def main(argv=None):
                 with contextlib.nullcontext() if sync or cfg.fsdp else model.no_sync():
                     with rt.autocast():
                         loss = micro_step_loss(model, x, y, accum_steps, chat_scale)
-                    x, y = next_batch(cfg, rt, data, state, warmup, micro_step, accum_steps, tokens_after)
+                    x, y = next_batch(
+                        cfg, rt, data, state, warmup, micro_step, accum_steps, (tokens_after, progress_after)
+                    )
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
                 if raw_model.config.n_expert:
@@ -402,6 +404,9 @@ def main(argv=None):
                     break
                 state, record = roll_back(cfg, rt, raw_model, optimizers, scaler, ema, state, good, start, lossf)
                 log(record)
+                if good:  # the rolled-back state is saved at once (ckpt-<iter>-r<n>): a crash resumes it, not the spike
+                    losses = checkpoint_losses(good) if rt.master else None  # its weights: its evaluation's losses
+                    good = save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora, ema) or good
                 x, y = first_batch(cfg, rt, data, state, warmup)
                 continue
 
@@ -612,13 +617,19 @@ def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig
     if saved["scaler"] and scaler.is_enabled():  # empty when the checkpoint was not trained in float16
         scaler.load_state_dict(saved["scaler"])
     if rt.master and trim:  # (a rollback keeps the rows: they show what happened)
-        trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), saved["iter_num"])
+        trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), saved["iter_num"], saved.get("rollbacks", 0))
     loop = {f.name: saved[f.name] for f in dataclasses.fields(LoopState) if f.name in saved}
     if "tokens" not in loop:  # saved before the token counter: every step was a full batch of the saved config
         run = read_meta(path)["train_config"]
         loop["tokens"] = saved["iter_num"] * run["gradient_accumulation_steps"] * run["batch_size"] * run["block_size"]
         loop["progress"] = float(saved["iter_num"])
     return LoopState(**loop)  # older checkpoints lack the other newer fields: their defaults
+
+
+def checkpoint_losses(path: str) -> dict:
+    """The losses a checkpoint's evaluation measured (none for one saved on a signal)."""
+    meta = read_meta(path)
+    return {"train": meta.get("train_loss"), "val": meta.get("val_loss")}
 
 
 def save(cfg: TrainConfig, rt, raw_model: GPT, optimizers: list, scaler, state: LoopState, data, losses, lora, ema):
@@ -762,17 +773,17 @@ def train_batch(cfg: TrainConfig, rt, data, it: int, g: int, rollbacks: int = 0)
 
 def first_batch(cfg: TrainConfig, rt, data, state: "LoopState", warmup: BatchWarmup):
     """This rank's first batch of the step at `state`: global micro-step rank * (its micro-steps per rank)."""
-    per_rank = warmup.micro_steps(state.tokens) // rt.world_size
+    per_rank = warmup.micro_steps(state.tokens, state.progress) // rt.world_size
     return train_batch(cfg, rt, data, state.iter_num, rt.rank * per_rank, state.rollbacks)
 
 
-def next_batch(cfg, rt, data, state: LoopState, warmup: BatchWarmup, micro_step: int, accum_steps: int, tokens_after):
+def next_batch(cfg, rt, data, state: LoopState, warmup: BatchWarmup, micro_step: int, accum_steps: int, after):
     """The batch after this rank's micro_step of accum_steps: its next micro-step's, or after the last one the next
-    iteration's first (whose micro-step count follows tokens_after, the tokens trained once this step is done)."""
+    iteration's first (whose micro-step count follows `after`: the tokens and progress once this step is done)."""
     if micro_step + 1 < accum_steps:
         g = rt.rank * accum_steps + micro_step + 1  # the global micro-step
         return train_batch(cfg, rt, data, state.iter_num, g, state.rollbacks)
-    upcoming = dataclasses.replace(state, iter_num=state.iter_num + 1, tokens=tokens_after)
+    upcoming = dataclasses.replace(state, iter_num=state.iter_num + 1, tokens=after[0], progress=after[1])
     return first_batch(cfg, rt, data, upcoming, warmup)
 
 
@@ -1139,6 +1150,13 @@ def log_metrics(path: str, record: dict) -> None:
         os.close(fd)
 
 
+def _rollback_of(line: str) -> int | None:
+    try:
+        return json.loads(line).get("rollback")
+    except (ValueError, AttributeError):
+        return None
+
+
 def _iter_of(line: str) -> float:
     try:
         return json.loads(line).get("iter", -1)
@@ -1146,14 +1164,15 @@ def _iter_of(line: str) -> float:
         return float("inf")  # not a row of ours: dropped
 
 
-def trim_metrics(path: str, iter_num: int) -> None:
+def trim_metrics(path: str, iter_num: int, rollbacks: int = 0) -> None:
     """Drop the rows at or past iteration iter_num (logged by the run after the checkpoint it resumes from, which
-    the resumed run logs again), so every iteration appears once."""
+    the resumed run logs again), so every iteration appears once; the rows of the `rollbacks` rollbacks the
+    checkpoint's state already counts stay (they explain its learning rate and data windows)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if _iter_of(line) < iter_num]
+    kept = [line for line in lines if _iter_of(line) < iter_num or _rollback_of(line) in range(1, rollbacks + 1)]
     if len(kept) != len(lines):
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:

@@ -23,21 +23,22 @@ class BatchWarmup:
     micro_tokens: int  # tokens of one global micro-step: batch_size * block_size
     max_iters: int = 0  # the run's length in full batches: its last step stops there; 0 = no end
 
-    def micro_steps(self, tokens_seen: int) -> int:
-        """Global micro-steps of the optimizer step that follows tokens_seen tokens: linear in tokens_seen from start
-        to full over the ramp, rounded down to a multiple of start (exact integer arithmetic), and never past the
-        end of the run: a step that would overshoot max_iters full batches takes only what is left (a multiple of
-        the processes too, since start and full both are)."""
+    def micro_steps(self, tokens_seen: int, progress: float) -> int:
+        """Global micro-steps of the optimizer step that follows tokens_seen tokens (progress full batches): linear
+        in tokens_seen from start to full over the ramp, rounded down to a multiple of start (exact integer
+        arithmetic), and never past the end of the run: a step that would overshoot max_iters full batches takes
+        only what is left, rounded up to a multiple of start (so of the processes too). What is left is counted in
+        full batches of this run, so a resume with another batch shape still ends at max_iters."""
         m = self.full
         if tokens_seen < self.tokens:
             grown = self.start * self.tokens + (self.full - self.start) * tokens_seen  # (start..full) * self.tokens
             m = min(self.full, self.start * (grown // (self.start * self.tokens)))
-        left = self.max_iters * self.full - tokens_seen // self.micro_tokens
-        return min(m, left) if left > 0 else m
+        left = round((self.max_iters - progress) * self.full)  # progress sums fractions m / full: round, not floor
+        return min(m, -(-left // self.start) * self.start) if self.max_iters and left > 0 else m
 
     def advance(self, tokens_seen: int, progress: float) -> tuple[int, int, float]:
         """(this step's global micro-steps, the tokens and the progress after it)."""
-        m = self.micro_steps(tokens_seen)
+        m = self.micro_steps(tokens_seen, progress)
         return m, tokens_seen + m * self.micro_tokens, progress + m / self.full
 
     def steps_left(self, tokens_seen: int, progress: float) -> int:

@@ -263,10 +263,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     positional = [a for a in argv if not a.startswith("--")]
     flags = [a for a in argv if a.startswith("--")]
-    converting = any(f.startswith("--out_dir=") for f in flags)  # only a checkpoint is written to a new out_dir
-    for p in positional:  # the path itself: a dataset directory, or a checkpoint file or the run directory holding it
-        is_data = os.path.isdir(p) and not os.path.exists(os.path.join(p, "ckpt.pt")) and not converting
-        flags.append(f"--data_dir={p}" if is_data else f"--ckpt={p}")
+    data_given = any(f.startswith("--data_dir=") for f in flags)
+    for p in positional:  # a dataset directory, unless it holds ckpt.pt (a run directory) or --data_dir names one
+        is_data = os.path.isdir(p) and not os.path.exists(os.path.join(p, "ckpt.pt")) and not data_given
+        flags.insert(0, f"--data_dir={p}" if is_data else f"--ckpt={p}")
     cfg = parse_config(ImportConfig, flags, usage=__doc__)
     if cfg.ckpt:
         if not cfg.out_dir:

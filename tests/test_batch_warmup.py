@@ -29,7 +29,7 @@ def test_the_ramp_grows_linearly_in_whole_multiples_of_the_start():
     # the last step takes the 2 micro-steps left of max_iters=6 full batches (24), not a whole batch past them
     assert steps == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 2]
     assert (tokens, progress) == (1536, 6.0) and ramp.steps_left(0, 0.0) == len(steps)
-    assert [BatchWarmup(8, 2, 1000, 10).micro_steps(t) for t in range(0, 1100, 100)] == [
+    assert [BatchWarmup(8, 2, 1000, 10).micro_steps(t, 0.0) for t in range(0, 1100, 100)] == [
         2,
         2,
         2,
@@ -42,7 +42,22 @@ def test_the_ramp_grows_linearly_in_whole_multiples_of_the_start():
         6,
         8,
     ]
-    assert BatchWarmup(8, 2, 0, 10).micro_steps(0) == 8 and BatchWarmup(8, 2, 0, 10, 10).steps_left(0, 3.0) == 7
+    assert BatchWarmup(8, 2, 0, 10).micro_steps(0, 0.0) == 8 and BatchWarmup(8, 2, 0, 10, 10).steps_left(0, 3.0) == 7
+
+
+def test_the_last_step_stops_at_max_iters_in_full_batches_of_this_run():
+    """What is left is counted in full batches: resumed with another gradient_accumulation_steps, the run still ends
+    at max_iters; and the last step is a whole number of micro-steps per process (multiples of start)."""
+    before, after = BatchWarmup(8, 1, 0, 64, max_iters=10), BatchWarmup(6, 1, 0, 64, max_iters=10)
+    tokens, progress = 0, 0.0
+    for _ in range(5):
+        _, tokens, progress = before.advance(tokens, progress)
+    steps = []
+    while not done(progress, 10):
+        m, tokens, progress = after.advance(tokens, progress)
+        steps.append(m)
+    assert steps == [6] * 5 and progress == pytest.approx(10.0)
+    assert BatchWarmup(6, 2, 0, 64, max_iters=10).micro_steps(0, 9.5) == 4  # 3 left, rounded up to whole pairs
 
 
 def test_a_run_follows_the_ramp_in_batches_tokens_and_learning_rate(char_data, tmp_path, capsys):

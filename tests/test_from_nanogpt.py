@@ -193,3 +193,7 @@ def test_a_nanogpt_run_directory_stands_for_its_ckpt_pt(nano_char, tmp_path):
             import_main([*given, f"--out_dir={tmp_path / 'out-never'}", f"--data_dir={nano_char}"])
         assert "\n" not in str(refused.value)
     assert not (tmp_path / "out-never").exists()
+    # a dataset directory and a checkpoint, in either order, with or without --ckpt=
+    for i, given in enumerate([[str(nano_char), f"--ckpt={run}"], [str(run / "ckpt.pt"), str(nano_char)]]):
+        import_main([*given, f"--out_dir={tmp_path / f'out-both-{i}'}"])
+        assert load_model(find_checkpoint(str(tmp_path / f"out-both-{i}")))[1]["iter_num"] == 250

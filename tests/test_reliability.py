@@ -20,7 +20,7 @@ from engine import checkpoint
 from engine.errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 
 TINY = [*TINY_TRAIN, "--warmup_iters=2", "--lr_decay_iters=1000"]
-DEBRIS = re.compile(r"^(?:\.tmp-ckpt-\d+|\.old-ckpt-\d+|loss_curve\.png\.tmp)-(\d+)")  # the writer's pid
+DEBRIS = re.compile(r"^(?:\.tmp-ckpt-\d+(?:-r\d+)?|\.old-ckpt-\d+(?:-r\d+)?|loss_curve\.png\.tmp)-(\d+)")  # writer pid
 
 
 def args(char_data, out, *extra):

@@ -125,11 +125,16 @@ def test_two_ranks_roll_back_as_one_process(char_data, tmp_path, mode, to):
     assert after[0] == pytest.approx(after[1], rel=1e-4)
 
 
-def test_the_checkpoint_after_a_rollback_records_it_and_resumes_as_the_run_went_on(char_data, tmp_path, monkeypatch):
-    """A rollback to ckpt-K revisits iteration K: the checkpoint written there is the rolled-back state (rollback
-    count, learning-rate scale, new data windows), so a crash before the next checkpoint resumes the run as it was."""
+@pytest.mark.parametrize("always_save", [True, False])
+def test_the_checkpoint_after_a_rollback_records_it_and_resumes_as_the_run_went_on(
+    char_data, tmp_path, monkeypatch, always_save
+):
+    """A rollback to ckpt-K revisits iteration K: the rolled-back state (rollback count, learning-rate scale, new
+    data windows) is saved there at once, whether or not evaluations save, so a crash before the next checkpoint
+    resumes the run as it was; its rollback row stays in metrics.jsonl."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run = ["--max_iters=12", "--eval_interval=6", "--spike_patience=1", "--spike_lr_scale=0.5", "--dtype=float32"]
+    run.append(f"--always_save_checkpoint={always_save}")
     nan_at(monkeypatch, {8})
     train.main(args(char_data, a, *run))
     assert [(r["iter"], r["to_iter"]) for r in records(a) if "rollback" in r] == [(8, 6)]
@@ -143,5 +148,6 @@ def test_the_checkpoint_after_a_rollback_records_it_and_resumes_as_the_run_went_
     train.main(args(char_data, b, "--init_from=resume", *run))
     la, lb = step_losses(a), step_losses(b)
     assert [la[i] for i in range(6, 12)] == [lb[i] for i in range(6, 12)]
+    assert [r["rollback"] for r in records(b) if "rollback" in r] == [1]  # the rollback it resumed after
     lrs = {r["iter"]: r["lr"] for r in records(b) if "lr" in r}
     assert lrs[11] == {r["iter"]: r["lr"] for r in records(a) if "lr" in r}[11]  # the scaled rate, not double it
