@@ -72,8 +72,9 @@ def test_compiled_bf16_decoding_is_two_graphs_reused_and_equals_eager(switches, 
     assert cache[0].k.dtype == torch.bfloat16  # the cache takes the model's dtype
 
 
-# bf16 weights at batch 2 past block_size: test_sample_cli_compiled_in_bf16_equals_eager
-@pytest.mark.parametrize(("precision", "batch"), [("bf16 weights", 1), ("bf16 autocast", 1), ("bf16 autocast", 2)])
+# bf16 weights at batch 2 past block_size: test_sample_cli_compiled_in_bf16_equals_eager; a float32 cache under bf16
+# autocast: test_model.py's test_the_static_kv_cache_takes_keys_in_the_dtype_autocast_gives_them
+@pytest.mark.parametrize(("precision", "batch"), [("bf16 weights", 1), ("bf16 autocast", 2)])
 def test_compiled_decoding_far_past_block_size_stays_three_graphs(batch, precision, fresh_dynamo):
     """Char models sample far past their context (nanoGPT: 500 new tokens on block_size 256), re-prefilling the last
     block_size tokens at every step. That window is a slice of the growing sequence, whose row stride grows by one
