@@ -265,6 +265,7 @@ def main(argv=None):
 
     # data; out_dir belongs to this run alone until it ends; signals are polled once per step from here on
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
+    task = load_task(cfg, data) if cfg.eval_task else None  # read and checked before anything in out_dir is touched
     if data.chat and cfg.init_from != "resume" and not cfg.eval_only:  # reads every mask; block_size is fixed by now
         check_chat_coverage(data, cfg.block_size, rt.print0)
     with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, out_of_memory_hint(cfg, rt):
@@ -294,7 +295,6 @@ def main(argv=None):
         flops_per_micro_step = raw_model.flops_per_token(cfg.block_size) * micro_tokens / rt.world_size  # per GPU
         timer = StepTimer(warmup=min(MFU_WARMUP_ITERS, cfg.max_iters // 10))
         bad_in_a_row, good_steps, exit_code = 0, 0, 0
-        task = load_task(cfg, data) if cfg.eval_task else None
         x, y = first_batch(cfg, rt, data, state, warmup)
         good, start = resume_from, None  # where a loss spike rolls back to: the newest checkpoint, else the start
         if cfg.max_rollbacks and not good:
@@ -545,10 +545,15 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     resume_from = None
     shards = rt.world_size if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the ranks
     if cfg.init_from == "scratch":
-        if list_checkpoints(cfg.out_dir) and not cfg.eval_only:
+        if list_checkpoints(cfg.out_dir):  # eval_only too: a random model's row would join that run's metrics
             raise UserError(
-                f"{cfg.out_dir} already holds checkpoints; continue them with --init_from=resume or "
-                "choose another --out_dir"
+                f"{cfg.out_dir} already holds checkpoints; "
+                + (
+                    "evaluate them with --init_from=resume"
+                    if cfg.eval_only
+                    else "continue them with --init_from=resume"
+                )
+                + " or choose another --out_dir"
             )
         config = model_config(cfg, data.meta["vocab_size"])
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
