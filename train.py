@@ -14,10 +14,12 @@ Options are TrainConfig's fields below, set by preset files and then --key=value
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -934,6 +936,7 @@ class RunLog:
         self.rt, self.max_iters = rt, planned_iters  # max_iters, or more steps with batch warmup
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.plotter = BackgroundPlot(cfg.out_dir)
+        self.metrics_lost = False  # a row could not be written (full disk): warned once
         self.wandb = None
         if rt.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
@@ -951,7 +954,12 @@ class RunLog:
         self.rt.print0(console_line(record, self.max_iters))
         if not self.rt.master:
             return
-        log_metrics(self.metrics_path, record)
+        try:
+            log_metrics(self.metrics_path, record)
+        except OSError as e:  # a full disk: the run goes on (its checkpoints say the same), said once
+            if not self.metrics_lost:
+                print(f"warning: cannot write {self.metrics_path} ({e.strerror}); training goes on", file=sys.stderr)
+            self.metrics_lost = True
         if "val_loss" in record or "task_items" in record:
             self.plotter.refresh()  # out_dir/loss_curve.png
         if self.wandb:
@@ -1146,8 +1154,10 @@ def log_metrics(path: str, record: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
+        data = (line + "\n").encode()
         try:
-            os.write(fd, (line + "\n").encode())
+            if os.write(fd, data) != len(data):  # a short write: the disk filled up part-way
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError:
             os.ftruncate(fd, size)
             raise

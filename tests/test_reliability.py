@@ -344,6 +344,37 @@ def test_a_metrics_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert [r["iter"] for r in metrics(str(tmp_path))] == [0, 2]
 
 
+def test_a_short_metrics_write_is_cut_back_too(tmp_path, monkeypatch):
+    path = str(tmp_path / "metrics.jsonl")
+    train.log_metrics(path, {"iter": 0, "loss": 1.0})
+    real_write = os.write
+    monkeypatch.setattr(train.os, "write", lambda fd, data: real_write(fd, data[:5]))  # no error, 5 bytes written
+    with pytest.raises(OSError):
+        train.log_metrics(path, {"iter": 1, "loss": 2.0})
+    monkeypatch.undo()
+    train.log_metrics(path, {"iter": 2, "loss": 3.0})
+    assert [r["iter"] for r in metrics(str(tmp_path))] == [0, 2]
+
+
+def test_a_full_disk_for_metrics_mid_run_warns_once_and_training_goes_on(char_data, tmp_path, monkeypatch, capsys):
+    """A metrics row that cannot be written must not end the run (and lose the work since the last checkpoint)."""
+    out = str(tmp_path / "out")
+    real, calls = train.log_metrics, [0]
+
+    def fills_up(path, record):  # the disk is full from the 4th row to the 8th
+        calls[0] += 1
+        if 4 <= calls[0] <= 8:
+            raise OSError(28, "No space left on device")
+        real(path, record)
+
+    monkeypatch.setattr(train, "log_metrics", fills_up)
+    assert train.main(args(char_data, out, "--max_iters=8", "--eval_interval=4")) == 0
+    assert checkpoint.read_meta(checkpoint.find_checkpoint(out))["iter_num"] == 8
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 1 and "No space left on device); training goes on" in err
+    assert calls[0] > 8 and len(metrics(out)) == calls[0] - 5  # the rows after the disk freed up are written
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_130_without_a_traceback(char_data, tmp_path):
     out = str(tmp_path / "out")
