@@ -105,10 +105,13 @@ def _holder(path: str) -> str:
 
 def remove_debris(out_dir: str) -> None:
     """What a writer that died left in out_dir (call holding its OutDirLock, so no live writer owns any of it):
-    temporary checkpoint directories and plot files, and a torn last line of metrics.jsonl."""
+    temporary checkpoint directories and plot files, a checkpoint that pruning had begun to delete (COMPLETE goes
+    first, so what is left is some of its own files and nothing else; a checkpoint is renamed into place only whole),
+    and a torn last line of metrics.jsonl."""
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
-        if not _DEBRIS.match(name) or os.path.islink(path):
+        half_pruned = _NAME.match(name) and os.path.isdir(path) and set(os.listdir(path)) <= set(_FILES)  # no COMPLETE
+        if not (_DEBRIS.match(name) or half_pruned) or os.path.islink(path):
             continue
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)

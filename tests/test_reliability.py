@@ -5,6 +5,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -503,3 +504,21 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(char_dat
     assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".old-"))]
     metrics(out)  # every line whole
     sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3"])
+
+
+def test_a_checkpoint_half_deleted_by_pruning_is_cleared_at_the_next_start(char_data, tmp_path):
+    """kill -9 during pruning (COMPLETE goes first, then the files) leaves ckpt-N/ with some of its files: not a
+    checkpoint any reader lists, and the next run holding the lock removes it. A directory of that name holding
+    anything else is not ours to delete."""
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=2"))
+    half, empty, foreign = (os.path.join(out, f"ckpt-000000{i}") for i in (1, 3, 5))
+    shutil.copytree(os.path.join(out, "ckpt-0000004"), half)
+    os.remove(os.path.join(half, "COMPLETE"))
+    os.remove(os.path.join(half, "model.safetensors"))
+    os.makedirs(empty)
+    os.makedirs(foreign)
+    with open(os.path.join(foreign, "notes.txt"), "w") as f:
+        f.write("mine")
+    assert train.main(args(char_data, out, "--max_iters=6", "--eval_interval=2", "--init_from=resume")) == 0
+    assert not os.path.exists(half) and not os.path.exists(empty) and os.path.isfile(os.path.join(foreign, "notes.txt"))
