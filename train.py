@@ -314,7 +314,9 @@ def main(argv=None):
                 log(eval_record(state.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt))
                 improved = losses["val"] is not None and losses["val"] < state.best_val_loss  # None: no targets
                 state.best_val_loss = losses["val"] if improved else state.best_val_loss
-                if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last):
+                wanted = (improved or cfg.always_save_checkpoint or last) and state.iter_num > 0 and not cfg.eval_only
+                # resumed or rolled back to this very state: it is on disk already (under FSDP a save would gather it)
+                if wanted and good != os.path.join(cfg.out_dir, checkpoint_name(state.iter_num, state.rollbacks)):
                     good = save(cfg, rt, raw_model, optimizers, scaler, state, data, losses, lora, ema) or good
                 timer.restart()  # the step's time leaves out evaluation and checkpointing
             if task and (state.iter_num % (cfg.eval_task_interval or cfg.eval_interval) == 0 or last or cfg.eval_only):
@@ -363,14 +365,12 @@ def main(argv=None):
             grad_normf, lossf, auxf = torch.stack([grad_norm.float(), loss_sum.float(), aux_sum.float()]).tolist()
             finite = math.isfinite(grad_normf)
             state.clipped_steps += int(finite and cfg.grad_clip > 0 and grad_normf > cfg.grad_clip)
-            stepping = (finite or scaler.is_enabled()) and not empty  # float16: the scaler skips a non-finite step
-            if stepping:
+            if (finite or scaler.is_enabled()) and not empty:  # float16: the scaler skips a non-finite step itself
                 for opt in optimizers:
                     scaler.step(opt)
                 if ema:
                     ema.update(raw_model)
-            if stepping or scaler.is_enabled():
-                scaler.update()
+            scaler.update()  # (a no-op unless float16 scales the loss)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             if checkup:
@@ -549,13 +549,8 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     if cfg.init_from == "scratch":
         if list_checkpoints(cfg.out_dir):  # eval_only too: a random model's row would join that run's metrics
             raise UserError(
-                f"{cfg.out_dir} already holds checkpoints; "
-                + (
-                    "evaluate them with --init_from=resume"
-                    if cfg.eval_only
-                    else "continue them with --init_from=resume"
-                )
-                + " or choose another --out_dir"
+                f"{cfg.out_dir} already holds checkpoints; {'evaluate' if cfg.eval_only else 'continue'} them with "
+                "--init_from=resume or choose another --out_dir"
             )
         config = model_config(cfg, data.meta["vocab_size"])
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
@@ -1165,18 +1160,14 @@ def log_metrics(path: str, record: dict) -> None:
         os.close(fd)
 
 
-def _rollback_of(line: str) -> int | None:
+def _kept(line: str, iter_num: int, rollbacks: int) -> bool:
+    """Whether trim_metrics keeps this row: before iter_num, or one of the first `rollbacks` rollbacks' rows. A line
+    that is not a row of ours is dropped."""
     try:
-        return json.loads(line).get("rollback")
-    except (ValueError, AttributeError):
-        return None
-
-
-def _iter_of(line: str) -> float:
-    try:
-        return json.loads(line).get("iter", -1)
-    except (ValueError, AttributeError):
-        return float("inf")  # not a row of ours: dropped
+        row = json.loads(line)
+        return row.get("iter", -1) < iter_num or row.get("rollback") in range(1, rollbacks + 1)
+    except (ValueError, AttributeError, TypeError):
+        return False
 
 
 def trim_metrics(path: str, iter_num: int, rollbacks: int = 0) -> None:
@@ -1187,7 +1178,7 @@ def trim_metrics(path: str, iter_num: int, rollbacks: int = 0) -> None:
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if _iter_of(line) < iter_num or _rollback_of(line) in range(1, rollbacks + 1)]
+    kept = [line for line in lines if _kept(line, iter_num, rollbacks)]
     if len(kept) != len(lines):
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
