@@ -10,6 +10,8 @@ Options are SampleConfig's fields below, set by preset files and then --key=valu
 generated as one batch; each is printed followed by a line of dashes, as nanoGPT does.
 """
 
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 import sys
 from dataclasses import dataclass
 

@@ -11,6 +11,8 @@ Two nodes: run on each `torchrun --nnodes=2 --node_rank=<0|1> --nproc_per_node=8
 Options are TrainConfig's fields below, set by preset files and then --key=value, as in nanoGPT.
 """
 
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 import contextlib
 import copy
 import dataclasses
@@ -49,6 +51,7 @@ from engine.configurator import format_config, format_overrides, parse_config
 from engine.data import Tokenizer, eval_key, first_targets, get_batch, load_data, target_count, train_key
 from engine.ema import EMA
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
+from engine.files import open_nofollow, write_file
 from engine.fsdp import load_model_state, load_optimizer_state, model_state, optimizer_state, shard_model
 from engine.hf_interop import from_pretrained
 from engine.lora import add_lora, lora_params, merge_lora, parse_targets
@@ -292,7 +295,7 @@ def main(argv=None):
         state = LoopState() if resume_from is None else resume(resume_from, raw_model, optimizers, scaler, cfg, rt, ema)
 
         model, eval_model = wrap(raw_model, cfg, rt)  # compiled, then DDP; evaluation uses the compiled one
-        log = RunLog(cfg, rt, state.iter_num + warmup.steps_left(state.tokens, state.progress))
+        log = RunLog(cfg, rt, state.iter_num + warmup.steps_left(state.tokens, state.progress), resume_from is None)
         peak = peak_flops(rt, cfg.peak_flops)
         flops_per_micro_step = raw_model.flops_per_token(cfg.block_size) * micro_tokens / rt.world_size  # per GPU
         timer = StepTimer(warmup=min(MFU_WARMUP_ITERS, cfg.max_iters // 10))
@@ -546,12 +549,12 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     or GPT-2 / Hugging Face weights. Refuses, before allocating, a model that cannot fit."""
     resume_from = None
     shards = rt.world_size if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the ranks
+    if cfg.init_from != "resume" and list_checkpoints(cfg.out_dir):  # a new run's rows and checkpoints would
+        raise UserError(  # join that run's (eval_only too: a random model's row)
+            f"{cfg.out_dir} already holds checkpoints; {'evaluate' if cfg.eval_only else 'continue'} them with "
+            "--init_from=resume or choose another --out_dir"
+        )
     if cfg.init_from == "scratch":
-        if list_checkpoints(cfg.out_dir):  # eval_only too: a random model's row would join that run's metrics
-            raise UserError(
-                f"{cfg.out_dir} already holds checkpoints; {'evaluate' if cfg.eval_only else 'continue'} them with "
-                "--init_from=resume or choose another --out_dir"
-            )
         config = model_config(cfg, data.meta["vocab_size"])
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
         model = GPT(config)
@@ -927,7 +930,7 @@ class RunLog:
 
     WANDB_NAMES = {"loss": "train/loss_step", "train_loss": "train/loss", "val_loss": "val/loss"}  # nanoGPT's names
 
-    def __init__(self, cfg: TrainConfig, rt, planned_iters: int):
+    def __init__(self, cfg: TrainConfig, rt, planned_iters: int, fresh: bool):
         self.rt, self.max_iters = rt, planned_iters  # max_iters, or more steps with batch warmup
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.plotter = BackgroundPlot(cfg.out_dir)
@@ -935,8 +938,10 @@ class RunLog:
         self.wandb = None
         if rt.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, "train_config.py"), "w") as f:
-                f.write(f"# resolved config of the last run in this directory\n{format_config(cfg)}\n")
+            config = f"# resolved config of the last run in this directory\n{format_config(cfg)}\n"
+            write_file(os.path.join(cfg.out_dir, "train_config.py"), config)
+            if fresh:  # rows there are of a run that died before its first checkpoint: they are not this run's
+                trim_metrics(self.metrics_path, 0)
         if cfg.wandb_log and rt.master:  # imported only when asked for, on the master only
             try:
                 import wandb
@@ -1146,7 +1151,7 @@ def log_metrics(path: str, record: dict) -> None:
     """Append one JSON line, whole or not at all: one write() of the line, cut back off again if it failed part-way
     (a full disk), so the file never holds a torn line that the next append would glue onto."""
     line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the run's metrics")
     try:
         size = os.fstat(fd).st_size
         data = (line + "\n").encode()
@@ -1180,10 +1185,7 @@ def trim_metrics(path: str, iter_num: int, rollbacks: int = 0) -> None:
         lines = f.readlines()
     kept = [line for line in lines if _kept(line, iter_num, rollbacks)]
     if len(kept) != len(lines):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_file(path, "".join(kept), kept="the untrimmed file")
 
 
 if __name__ == "__main__":

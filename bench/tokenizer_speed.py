@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.tokenization import TokenizerUnavailable, load_encoding, train_bpe

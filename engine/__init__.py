@@ -1,11 +1,14 @@
 """What train.py, sample.py and the tools stand on, one concept per module. Each imports only model.py and the
 modules listed above it:
 
+interrupts     Ctrl-C at any moment as one line and exit code 130; how a command ends; workers that die with it
 errors         one-line user errors and the exit codes
+files          writing files whole, never through a symlink, only where they belong
 configurator   dataclass config from presets and --key=value
 runtime        device, dtype, torchrun, seeds, stop signals
-tokenization   tiktoken / character / tokenizer.json encodings
 chat           the chat template, its special tokens and the loss mask
+schemas        the shape of every file we read but may not have written, checked before use
+tokenization   tiktoken / character / tokenizer.json encodings
 data           token datasets on disk and the (seed, iteration, micro-step) batches
 batch_warmup   the global batch's growth over the first tokens
 memory         parameter and activation bytes, the fits-in-memory check

@@ -13,6 +13,7 @@ One training run at a time writes to an out_dir: OutDirLock refuses a second wri
 what a writer that died (kill -9, power loss) left behind.
 """
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -33,15 +34,29 @@ from safetensors.torch import load_file, save_file
 from engine.configurator import coerce
 from engine.ema import UPDATES
 from engine.errors import UserError
+from engine.files import TEMPORARY, UMASK, disk_full, fresh_dir, open_nofollow, symlink_refusal, write_error
 from engine.fsdp import load_model_state
 from engine.lora import add_lora
 from engine.memory import check_fits
+from engine.schemas import (
+    CheckpointMeta,
+    ModelConfig,
+    TokenizerJson,
+    TrainingState,
+    check,
+    label,
+    parse_json,
+    read_json,
+    short,
+)
 from model import GPT, GPTConfig
 
 _NAME = re.compile(r"^ckpt-(\d+)(?:-r(\d+))?$")
-_DEBRIS = re.compile(r"^(\.tmp-ckpt-|\.old-ckpt-|loss_curve\.png\.tmp-|metrics\.jsonl\.tmp-)")
+# engine/files' temporaries and checkpoints being replaced; the last two: the names older versions gave temporaries
+_DEBRIS = re.compile(rf"^(\.old-ckpt-|(\..*)?{re.escape(TEMPORARY)}|loss_curve\.png\.tmp-|metrics\.jsonl\.tmp-)")
 _FILES = ("model.safetensors", "state.pt", "meta.json")
 LOCK_NAME = ".lock"
+IN_PLACE = {"metrics.jsonl": "the run's metrics, appended to"}  # besides the lock, the files a run changes in place
 
 
 class OutDirLock:
@@ -58,7 +73,7 @@ class OutDirLock:
         try:
             os.makedirs(out_dir, exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, "the run's lock")
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -73,8 +88,18 @@ class OutDirLock:
         except OSError as e:
             raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another --out_dir") from None
         self.fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
+        try:
+            os.ftruncate(fd, 0)
+            if os.write(fd, holder) != len(holder):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            self.release()
+            raise write_error(e, self.path) from None
+        for name, what in IN_PLACE.items():  # refused before anything else is touched
+            if os.path.islink(os.path.join(out_dir, name)):
+                self.release()
+                raise UserError(symlink_refusal(os.path.join(out_dir, name), what))
         remove_debris(out_dir)
 
     def release(self) -> None:
@@ -111,12 +136,8 @@ def remove_debris(out_dir: str) -> None:
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
         half_pruned = _NAME.match(name) and os.path.isdir(path) and set(os.listdir(path)) <= set(_FILES)  # no COMPLETE
-        if not (_DEBRIS.match(name) or half_pruned) or os.path.islink(path):
-            continue
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
+        if (_DEBRIS.match(name) or half_pruned) and not os.path.islink(path):
+            _remove(path)
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if os.path.isfile(metrics) and not os.path.islink(metrics) and os.path.getsize(metrics):
         with open(metrics, "rb+") as f:
@@ -127,14 +148,13 @@ def remove_debris(out_dir: str) -> None:
                 f.truncate(data.rfind(b"\n") + 1)
 
 
-def _no_space(e: BaseException, directory: str) -> bool:
-    """Whether a failed write was the disk filling up (torch.save reports it as a RuntimeError)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
-        return shutil.disk_usage(directory).free < 1 << 20
-    except OSError:
-        return False
+def _remove(path: str) -> None:
+    """Delete a file or a directory tree; a symlink is unlinked, never followed."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _sha256(path: str) -> str:
@@ -157,9 +177,7 @@ def save_safetensors(weights: dict, path: str, metadata: dict | None = None) -> 
     """safetensors' save_file, with the file readable like every other file written here: save_file creates it
     0600, so another user (or a container) serving the export could not read it."""
     save_file(weights, path, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~UMASK)
 
 
 def checkpoint_name(iter_num: int, rollbacks: int = 0) -> str:
@@ -180,10 +198,9 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict,
         # The same iteration again holds the same run state: keep the verified copy rather than swap directories,
         # which cannot be done atomically (a crash between two renames would lose both names).
         return final
-    tmp = os.path.join(out_dir, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None
     try:
-        os.makedirs(tmp)
+        tmp = fresh_dir(out_dir, f"{TEMPORARY}{name}-")  # ours alone: nothing planted there in advance is written to
         weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
         save_safetensors(_unique(weights), os.path.join(tmp, "model.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))
@@ -197,8 +214,9 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict,
             json.dump(hashes, f, indent=2)
         _fsync(os.path.join(tmp, "COMPLETE"))
     except (OSError, RuntimeError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _no_space(e, out_dir):
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not disk_full(e, out_dir):
             raise
         raise UserError(
             f"disk full at {out_dir}: checkpoint {iter_num} not written, the previous checkpoint is kept; free space "
@@ -211,7 +229,7 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict,
     os.replace(tmp, final)
     _fsync(out_dir)
     if old:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
@@ -241,22 +259,26 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 
 def read_meta(path: str) -> dict:
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
+    """Checkpoint `path`'s meta.json, checked against engine/schemas.py CheckpointMeta (its model_config is
+    model_config_from_meta's to check): a missing key or a value of the wrong type or range is one SchemaError line
+    naming the field."""
+    file = os.path.join(path, "meta.json")
+    return check(CheckpointMeta, read_json(file), file)
 
 
 def verify_checkpoint(path: str) -> str | None:
     """None when every file matches its hash in COMPLETE, else what is wrong."""
     try:
-        with open(os.path.join(path, "COMPLETE")) as f:
-            hashes = json.load(f)
+        hashes = read_json(os.path.join(path, "COMPLETE"))
         for name in _FILES:
             if _sha256(os.path.join(path, name)) != hashes[name]:
                 return f"{name} does not match its checksum"
-        meta = read_meta(path)
-        if not {"model_config", "train_config", "data"} <= set(meta):
+        # Only the outline here: a checkpoint whose files match their hashes but whose meta.json is malformed is not
+        # skipped for an older one as if damaged in transit; read_meta refuses it, naming the field, when it is loaded.
+        meta = read_json(os.path.join(path, "meta.json"))
+        if not all(isinstance(meta.get(key), dict) for key in ("model_config", "train_config", "data")):
             return "meta.json lacks model_config, train_config or data"
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable ({type(e).__name__}: {str(e)[:200]})"
     return None
 
@@ -280,6 +302,8 @@ def find_checkpoint(out_dir: str, which: str = "latest", log=print) -> str:
         problem = verify_checkpoint(path)
         if problem is None:
             return path
+        if not os.path.exists(os.path.join(path, "COMPLETE")):  # pruned while we read it (COMPLETE goes first):
+            return find_checkpoint(out_dir, which, log)  # not corrupt, gone; a newer one is there: list again
         log(f"warning: skipping corrupt checkpoint {path}: {problem}")
     raise UserError(f"every checkpoint in {out_dir} is corrupt; nothing to load")
 
@@ -312,31 +336,32 @@ def model_config_from_meta(meta: dict, path: str, **overrides) -> GPTConfig:
     hints = typing.get_type_hints(GPTConfig)
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(GPTConfig)})
     if unknown:
+        names = ", ".join(label(key) for key in unknown[:5])  # keys from the file: short, on one line
         raise UserError(
-            f"{path} was written by a newer version of this code (model_config has {', '.join(unknown)}); update the "
-            "code to load it"
+            f"{path} was written by a newer version of this code (model_config has {names}); update the code to load it"
         )
+    check(ModelConfig, saved, f"{path}/meta.json: model_config")  # types and ranges; GPTConfig checks how they combine
     try:
         values = {key: coerce(value, hints[key], key) for key, value in saved.items()}
         return GPTConfig(**(values | overrides))
     except (UserError, ValueError, TypeError) as e:
-        raise UserError(f"{path}/meta.json has an invalid model_config: {e}") from None
+        raise UserError(f"{path}/meta.json: model_config: {e}") from None
 
 
 def save_lora_base(out_dir: str, model) -> dict:
     """Write `model`'s weights, the frozen base of a LoRA run, once: to out_dir/lora-base-<sha256[:16]>/ (kept when
     it is already there). Returns what the run's checkpoints record to find and verify it."""
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".tmp-ckpt-lora-base-{os.getpid()}")  # debris if this process dies here
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None
     try:
-        os.makedirs(tmp)
+        tmp = fresh_dir(out_dir, f"{TEMPORARY}ckpt-lora-base-")  # debris if this process dies here
         file = os.path.join(tmp, "model.safetensors")
         save_safetensors(_unique(model.state_dict()), file)
         _fsync(file)
     except (OSError, RuntimeError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _no_space(e, out_dir):
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not disk_full(e, out_dir):
             raise
         raise UserError(f"disk full at {out_dir}: the LoRA base weights were not written; free space") from None
     sha = _sha256(file)
@@ -349,27 +374,45 @@ def save_lora_base(out_dir: str, model) -> dict:
     return {"base": name, "base_sha256": sha}
 
 
+def _check_lora(lora: dict, config: GPTConfig, params: dict, file: str) -> None:
+    """What a LoRA entry (its types checked by engine/schemas.py LoraEntry) asks of the model it is added to: a rank
+    no larger than the layers it adapts, chat rows inside the vocabulary, trainable parameters the model has."""
+    if lora["rank"] > config.n_embd:
+        raise UserError(f"{file}: lora.rank: {lora['rank']} is more than the layers it adapts (n_embd {config.n_embd})")
+    rows = lora.get("new_rows_from")
+    if rows is not None and rows >= config.vocab_size:
+        raise UserError(f"{file}: lora.new_rows_from: {rows} is past the vocabulary of {config.vocab_size}")
+    unknown = [name for name in lora.get("trainable", ()) if name not in params]
+    if unknown:
+        raise UserError(f"{file}: lora.trainable: {short(unknown[0])} is not a parameter of this model")
+
+
 def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[GPT, dict]:
     """The one way to build a GPT from a verified checkpoint directory: (the model on the CPU with the checkpoint's
     weights, in train mode, with the given dropout; the checkpoint's meta.json). weights="ema": the run's moving
     average of its weights (train.py --ema_decay) instead of the raw ones."""
-    try:
-        meta = read_meta(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}/meta.json ({type(e).__name__})") from None
+    meta = read_meta(path)
     config = model_config_from_meta(meta, path, dropout=dropout)
-    check_fits(config, "cpu")  # a meta.json with absurd sizes is refused before anything is allocated
+    try:
+        check_fits(config, "cpu")  # a meta.json with absurd sizes is refused before anything is allocated
+    except UserError as e:
+        raise UserError(f"{path}/meta.json: model_config: {e}") from None
+    text = meta["data"].get("tokenizer_json")
+    if text:  # decoding builds it: its structure is checked now, naming where it is (engine/tokenization.py)
+        where = f"{path}/meta.json: data.tokenizer_json"
+        check(TokenizerJson, parse_json(text, where), where)
     model = GPT(config)
     lora = meta.get("lora")
     if lora:  # a LoRA checkpoint holds what trained; the frozen base it sits on is saved once beside it
-        base = os.path.join(os.path.dirname(path), lora["base"])
+        _check_lora(lora, config, dict(model.named_parameters()), f"{path}/meta.json")
+        base = os.path.join(os.path.dirname(path), lora["base"])  # a plain lora-base-<hash> name (LoraEntry)
         base_file = os.path.join(base, "model.safetensors")
         if not os.path.isfile(base_file) or _sha256(base_file) != lora["base_sha256"]:
             raise UserError(
                 f"{path} is a LoRA checkpoint whose base {base} is missing or changed; restore that directory"
             )
         load_weights(base, model)
-        targets, trainable = tuple(lora["targets"]), tuple(lora["trainable"])
+        targets, trainable = tuple(lora["targets"]), tuple(lora.get("trainable", ()))
         add_lora(model, lora["rank"], lora["alpha"], targets, trainable, lora.get("new_rows_from"))
         load_weights(path, model, only=[n for n, p in model.named_parameters() if p.requires_grad])
     else:
@@ -379,6 +422,9 @@ def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[G
         if average is None:
             raise UserError(f"{path} holds no weight average: it was trained without --ema_decay; use --weights=raw")
         params = dict(model.named_parameters())
+        for name, t in average.items():  # names and shapes first: nothing is copied from a mismatched average
+            if name != UPDATES and (name not in params or t.shape != params[name].shape):
+                raise UserError(f"{path}/state.pt: ema.{label(name)}: not a parameter of this model, or not its shape")
         with torch.no_grad():
             for name, t in average.items():
                 if name != UPDATES:  # the average's update count, not a weight
@@ -457,7 +503,7 @@ def load_state(path: str, device: str = "cpu") -> dict:
     if missing or not isinstance(state["optimizers"], list):
         lacks = ", ".join(missing) or "a list of optimizer states"
         raise UserError(f"{path}/state.pt is not a training state of this code (it lacks {lacks})")
-    return state
+    return check(TrainingState, state, f"{path}/state.pt")  # what each entry holds, before anything loads it
 
 
 def code_version() -> str | None:

@@ -7,9 +7,9 @@ A dataset is a directory data/<name>/ written by a prepare/ script:
 meta.json is written last, so a directory without it was never finished. nanoGPT's meta.pkl is never unpickled.
 A chat split adds "mask_file" and "starts_file" with their "mask_sha256" and "starts_sha256" (prepare/chat.py).
 
-load_data checks every file against meta.json (size, ids, recorded sha256) and keeps it open: batches are read through
-memmaps of those open files, so a dataset prepared again mid-run (new files os.replace'd into place) never reaches a run
-that checked the old one.
+load_data checks meta.json itself (engine/schemas.py DatasetMeta), then every file against it (size, ids, recorded
+sha256), and keeps the files open: batches are read through memmaps of those open files, so a dataset prepared again
+mid-run (new files os.replace'd into place) never reaches a run that checked the old one.
 
 Batches are a pure function of a key (seed, iteration, global micro-step): a resumed run reads the same windows as
 an uninterrupted one, and DDP ranks, which take different micro-steps, never read the same window.
@@ -26,6 +26,15 @@ import numpy as np
 import torch
 
 from engine.errors import UserError
+from engine.schemas import (
+    MAX_TOKENIZER_BYTES,
+    DatasetMeta,
+    TokenizerJson,
+    check,
+    parse_json,
+    read_json,
+    read_text,
+)
 from engine.tokenization import (
     ENDOFTEXT,
     TokenizerUnavailable,
@@ -34,10 +43,10 @@ from engine.tokenization import (
     encoding_hash,
     load_encoding,
     specials_as_text,
+    tokenizer_from_json,
     tokenizer_json_hash,
 )
 
-FORMAT = "nanogpt-tokens/1"
 FULL_CHECK_BYTES = 512 << 20  # token files up to this size have every id checked at load (about 0.1 s)
 HASH_CHECK_BYTES = 64 << 20  # and up to this size their sha256 too
 PARTS = {"file": "sha256", "mask_file": "mask_sha256", "starts_file": "starts_sha256"}  # a split's files, their hashes
@@ -144,28 +153,18 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
             else f"python prepare/text.py --input=<your files> --out={data_dir}"
         )
         raise UserError(f"no prepared dataset in {data_dir}: run `{how}` first")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        if meta["dtype"] not in ("uint16", "uint32"):
-            raise ValueError(f"dtype {meta['dtype']!r} is not uint16 or uint32")
-        if meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
-            raise ValueError(f"vocab_size {meta['vocab_size']} does not fit {meta['dtype']}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is invalid ({e}); re-run the prepare script") from None
+    rerun = "re-run the prepare script"
+    meta = check(DatasetMeta, read_json(meta_path, rerun), meta_path, rerun)
+    itemsize = np.dtype(meta["dtype"]).itemsize
     data = TokenData(data_dir, meta)
     if meta.get("tokenizer") == "tokenizer.json":  # a BPE trained for this dataset, saved beside it
         path = os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta["tokenizer_json"] = f.read()
-        except OSError:
-            raise UserError(f"{path} is missing; re-run the prepare script") from None
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing; re-run the prepare script")
+        meta["tokenizer_json"] = read_text(path, MAX_TOKENIZER_BYTES, rerun)
         if tokenizer_json_hash(meta["tokenizer_json"]) != meta.get("tokenizer_hash"):
             raise UserError(f"{path} is not the tokenizer this dataset was tokenized with; re-run the prepare script")
+        check(TokenizerJson, parse_json(meta["tokenizer_json"], path), path, rerun)
     if meta.get("tokenizer") == "char" and meta.get("tokenizer_hash") not in (None, chars_hash(meta.get("chars", ""))):
         raise UserError(f"{meta_path}'s chars do not match its vocabulary hash; re-run the prepare script")
     try:
@@ -372,10 +371,9 @@ class Tokenizer:
         self.special = dict(self.chat["special"]) if self.chat else {}
         self.special_by_id = {i: token for token, i in self.special.items()}
         if self.name == "tokenizer.json":  # a trained BPE (its JSON in meta), or a Hugging Face directory's own
-            from tokenizers import Tokenizer as HFTokenizer
-
-            text = meta.get("tokenizer_json")
-            self.hf = specials_as_text(HFTokenizer.from_str(text) if text else HFTokenizer.from_file(meta["path"]))
+            text, where = meta.get("tokenizer_json"), "the tokenizer.json recorded with the data"
+            text, where = (text, where) if text else (read_text(meta["path"], MAX_TOKENIZER_BYTES), meta["path"])
+            self.hf = specials_as_text(tokenizer_from_json(text, where))
             self.eot_id = self.hf.token_to_id(ENDOFTEXT)
             decoder = json.loads(self.hf.to_str()).get("decoder") or {}
             self.byte_level = decoder.get("type") == "ByteLevel"

@@ -17,6 +17,7 @@ from engine import chat
 from engine.checkpoint import save_safetensors
 from engine.errors import UserError
 from engine.memory import check_fits
+from engine.schemas import GPT2HFConfig, LlamaHFConfig, check, read_json, short
 from model import GPT, GPTConfig
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -64,7 +65,11 @@ def from_pretrained(name_or_dir: str, override_args: dict | None = None) -> GPT:
     config, state_dict = load_hf(name_or_dir)
     config.dropout = override_args.get("dropout", 0.0)
     model = GPT(config)
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # names or shapes that config.json does not imply
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        raise UserError(f"the weights in {name_or_dir} do not fit its config.json: {detail}") from None
     if "block_size" in override_args:
         model.crop_block_size(override_args["block_size"])
     return model
@@ -73,21 +78,22 @@ def from_pretrained(name_or_dir: str, override_args: dict | None = None) -> GPT:
 def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
     """(GPTConfig, state dict with our names) from a Hugging Face GPT-2 or Llama directory or hub name."""
     directory = resolve(name_or_dir)
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            hf = json.load(f)
-        kind = hf.get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"cannot read {directory}/config.json ({type(e).__name__}: {str(e)[:200]})") from None
+    file = os.path.join(directory, "config.json")
+    hf = read_json(file)
+    kind = hf.get("model_type") if isinstance(hf, dict) else None
     if kind not in ("gpt2", "llama"):
-        raise UnsupportedModel(f"{name_or_dir}: model_type {kind!r} is not supported (gpt2 and llama are)")
+        raise UnsupportedModel(f"{name_or_dir}: model_type {short(kind)} is not supported (gpt2 and llama are)")
+    check(GPT2HFConfig if kind == "gpt2" else LlamaHFConfig, hf, file)  # types and sizes, before any arithmetic
     try:
         config = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"{directory}/config.json is not a valid {kind} config ({type(e).__name__}: {e})") from None
-    check_fits(config, "cpu")  # absurd sizes in config.json are refused before the weights are read
+    except UnsupportedModel as e:
+        raise UnsupportedModel(f"{file}: {e}") from None
+    except ValueError as e:  # GPTConfig's: the sizes do not combine (n_embd not divisible by n_head, ...)
+        raise UserError(f"{file}: not a valid {kind} config ({e})") from None
+    try:
+        check_fits(config, "cpu")  # absurd sizes in config.json are refused before the weights are read
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None
     path = os.path.join(directory, "model.safetensors")
     if not os.path.isfile(path):
         raise UserError(f"{directory} has no model.safetensors (only safetensors weights are read)")
@@ -241,6 +247,10 @@ def hf_format(config: GPTConfig) -> str:
         f"this architecture fits neither Hugging Face layout: GPT-2 would need {', '.join(unmet['gpt2'])}; "
         f"Llama would need {', '.join(unmet['llama'])}"
     )
+
+
+# every file save_hf writes (an export's directory holds these and nothing else)
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def save_hf(

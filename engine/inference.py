@@ -63,18 +63,3 @@ def read_text(path: str, what: str) -> str:
         raise UserError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     except OSError as e:
         raise UserError(f"cannot read {what} {path!r} ({e.strerror})") from None
-
-
-def check_output(path: str, flag: str, inputs: tuple = ()) -> None:
-    """Refuse, before any work is done, an output file that cannot be written: a directory, a missing or
-    unwritable directory, or one of the run's own inputs (which writing would destroy)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{flag}={path} is a directory; give a file name")
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag}={path}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"{flag}={path} cannot be written (no permission)")
-    for other in inputs:
-        if other and os.path.exists(other) and os.path.exists(path) and os.path.samefile(path, other):
-            raise UserError(f"{flag}={path} is also an input of this run; writing it would destroy it")

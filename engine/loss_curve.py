@@ -18,6 +18,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from engine.files import replacing
+
 FIGSIZE = (10.0, 6.0)  # inches
 DPI = 100  # so a plot is 1000 x 600 pixels
 
@@ -133,14 +135,9 @@ def plot_runs(metrics_paths: list[str], out_png: str, labels: list[str] | None =
 
 
 def save_png(fig, out_png: str) -> None:
-    """Write the figure to out_png atomically: a viewer never sees half a PNG."""
-    tmp = f"{out_png}.tmp-{os.getpid()}.png"
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write the figure to out_png whole (a viewer never sees half a PNG), never through a symlink."""
+    with replacing(out_png) as f:
+        fig.savefig(f, format="png")
 
 
 def refresh_loss_curve(out_dir: str) -> str | None:

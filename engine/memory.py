@@ -82,3 +82,16 @@ def check_sampling_fits(config: GPTConfig, device: str, num_samples: int, dtype_
             f"{cache * dtype_bytes / 2**30:,.1f} GiB), more than the {have / 2**30:,.0f} GiB of {device}; lower "
             "--num_samples"
         )
+
+
+def check_scoring_fits(config: GPTConfig, device: str, batch_size: int, dtype_bytes: int) -> None:
+    """Refuse, before the first batch, scoring batch_size windows at once that cannot fit: the weights, one layer's
+    activations of the batch and its float32 logits with their log-softmax (nothing is kept for a backward)."""
+    have = device_memory(device)
+    s, h = config.block_size, config.n_embd
+    need = estimate_params(config) * dtype_bytes + batch_size * s * (34 * h + 8 * config.vocab_size)
+    if have is not None and need > have:
+        raise UserError(
+            f"scoring {batch_size:,} windows of {s} tokens at once needs at least {need / 2**30:,.1f} GiB, more than "
+            f"the {have / 2**30:,.0f} GiB of {device}; lower --batch_size"
+        )

@@ -134,7 +134,10 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
 
 
 def teardown_runtime(rt: Runtime) -> None:
-    """Leave the process group: a barrier so that no rank tears down while another still talks to it."""
+    """Leave the process group: a barrier so that no rank tears down while another still talks to it. gloo's worker
+    threads may outlive this (DDP keeps the process group referenced), so the process must not end through the
+    interpreter's finalization, where such a thread dropping its last tensor aborts it (SIGABRT, "terminate called
+    without an active exception"): run_cli ends it with engine/interrupts.py end_process."""
     if rt.ddp and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -170,8 +173,10 @@ def peak_flops(rt: Runtime, override: float | None) -> float | None:
 class StopSignals:
     """Turns SIGTERM and SIGUSR1 (SLURM's usual warning before preemption), SIGINT (Ctrl-C) and SIGHUP (a closed
     terminal) into a flag the training loop polls, so it can finish the step, checkpoint and exit. A second Ctrl-C
-    raises KeyboardInterrupt at once (the last checkpoint stays). restore(), or leaving a `with` block, puts the
-    previous handlers back."""
+    raises KeyboardInterrupt at once, wherever the loop is: the checkpoint being written stays a temporary directory
+    that readers ignore and the next run clears, so the newest complete one is kept. Wherever that interrupt surfaces
+    (out of main(), in a finalizer, while the process ends) it is one line and exit code 130 (engine/interrupts.py).
+    restore(), or leaving a `with` block, puts the previous handlers back."""
 
     CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
     CODES |= {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGHUP: EXIT_INTERRUPTED}

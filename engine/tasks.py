@@ -14,7 +14,7 @@ HellaSwag rows are the dataset's own (ctx_a, ctx_b or ctx, activity_label, endin
 harness does: "activity_label: ctx_a Ctx_b", with WikiHow's "[title]" and other bracketed markers removed.
 """
 
-import json
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from engine.errors import UserError
+from engine.schemas import MAX_TASK_LINE, ChoiceItem, HellaSwagRow, check, parse_json
 
 TASKS = ("hellaswag", "choice")
 
@@ -41,7 +42,9 @@ def hellaswag_text(text: str) -> str:
 
 
 def hellaswag_item(row: dict) -> Item:
-    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize() if "ctx_a" in row else row["ctx"]
+    """An Item from one of HellaSwag's rows (checked first against engine/schemas.py HellaSwagRow)."""
+    split = row.get("ctx_a") is not None and row.get("ctx_b") is not None
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize() if split else row["ctx"]
     context = hellaswag_text(f"{row['activity_label']}: {ctx}" if row.get("activity_label") else ctx)
     return Item(context, [hellaswag_text(e) for e in row["endings"]], int(row["label"]))
 
@@ -65,24 +68,28 @@ def read_items(task: str, path: str | None, limit: int | None = None) -> list[It
                 f"HellaSwag from the hub failed ({type(e).__name__}); download hellaswag_val.jsonl and give "
                 "--task_file=hellaswag_val.jsonl"
             ) from None
-        return [hellaswag_item(row) for row in rows][:limit]
+        rows = itertools.islice(rows, limit)
+        return [hellaswag_item(check(HellaSwagRow, row, f"Rowan/hellaswag row {n}")) for n, row in enumerate(rows, 1)]
+    schema = HellaSwagRow if task == "hellaswag" else ChoiceItem
+    fields = "ctx/ctx_a, endings, label" if task == "hellaswag" else "context, choices, label"
     items = []
     try:
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+            for n in itertools.count(1):
+                line = f.readline(MAX_TASK_LINE + 1)  # bounded: a file of one endless line is not read whole
+                if not line:
+                    break
+                if len(line) > MAX_TASK_LINE:
+                    raise UserError(f"{path}:{n}: longer than {MAX_TASK_LINE >> 20} MiB; each line is one item")
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                    item = hellaswag_item(row) if task == "hellaswag" else Item(**row)
-                    if not 0 <= item.label < len(item.choices) or len(item.choices) < 2:
-                        raise ValueError(f"label {item.label} for {len(item.choices)} choices")
-                except (ValueError, KeyError, TypeError) as e:
-                    fields = "ctx/ctx_a, endings, label" if task == "hellaswag" else "context, choices, label"
-                    raise UserError(f"{path}:{n}: not a {task} item ({e}); each line needs {fields}") from None
-                items.append(item)
+                where, fix = f"{path}:{n}", f"each line needs {fields}"
+                row = check(schema, parse_json(line, where, fix), where, fix)
+                items.append(hellaswag_item(row) if task == "hellaswag" else Item(**row))
                 if limit is not None and len(items) >= limit:
                     break
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     except OSError as e:
         raise UserError(f"cannot read --task_file={path} ({e.strerror})") from None
     if not items:

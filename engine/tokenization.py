@@ -3,7 +3,8 @@
 A tiktoken encoding comes from tiktoken's cache (offline: TIKTOKEN_CACHE_DIR pointing at a directory holding its
 cache files) or, for GPT-2, from a local directory holding OpenAI's original `vocab.bpe` and `encoder.json`
 (`--tokenizer_dir`). Every tokenizer has a hash of its vocabulary, recorded in the dataset's meta.json, so data
-prepared with one vocabulary is never read with another.
+prepared with one vocabulary is never read with another. A Hugging Face tokenizer.json, which may come from anywhere,
+is loaded through tokenizer_from_json, which checks it before the `tokenizers` library reads it.
 """
 
 import hashlib
@@ -11,6 +12,9 @@ import json
 import os
 
 import numpy as np
+
+from engine.errors import UserError
+from engine.schemas import MAX_TOKENIZER_BYTES, TokenizerJson, check, parse_json, read_text
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -192,6 +196,31 @@ def endoftext_as_vocabulary(tokenizer):
     vocab[ENDOFTEXT] = ids[0]
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != ENDOFTEXT]
     return Tokenizer.from_str(json.dumps(spec))
+
+
+def tokenizer_from_json(text: str, where: str):
+    """A `tokenizers.Tokenizer` from the text of a tokenizer.json that may not be ours (`where` names it in messages):
+    its structure is checked first (engine/schemas.py TokenizerJson: ids within the vocabulary, merges of vocabulary
+    entries, regexes that cannot backtrack without end, no padding), since the library panics or aborts on some
+    malformed files; what it still refuses, panics included, is one UserError line too."""
+    if len(text) > MAX_TOKENIZER_BYTES:
+        raise UserError(f"{where}: larger than {MAX_TOKENIZER_BYTES >> 20} MiB, too large for a tokenizer.json")
+    check(TokenizerJson, parse_json(text, where), where)
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(text)
+    except BaseException as e:  # a plain Exception, or pyo3's PanicException, which derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{where}: the tokenizers library cannot load it ({detail})") from None
+
+
+def read_tokenizer_json(path: str) -> tuple[str, object]:
+    """(the text, the `tokenizers.Tokenizer`) of the tokenizer.json file at `path`, checked as tokenizer_from_json."""
+    text = read_text(path, MAX_TOKENIZER_BYTES)
+    return text, tokenizer_from_json(text, path)
 
 
 def tokenizer_json_hash(text: str) -> str:

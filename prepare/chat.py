@@ -17,11 +17,13 @@ import os
 import sys
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 import numpy as np
-from token_writer import DatasetWriter, fail
+from token_writer import DatasetWriter, check_source_file, fail
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
 from engine import chat
 from engine.configurator import parse_config
 from engine.errors import run_cli
@@ -64,7 +66,10 @@ class ChatConfig:
 
 def read_rows(args: ChatConfig) -> tuple[list, str]:
     """(rows, source): each row's messages, from a local file or the hub."""
-    if args.input.endswith(".jsonl") and os.path.isfile(args.input):  # read here, so errors name the line
+    local = os.path.isfile(args.input)
+    if local and args.input.lower().endswith((".jsonl", ".json")):
+        check_source_file(args.input)  # before a parser sees it: one line for bytes that would crash one
+    if local and args.input.endswith(".jsonl"):  # read here, so errors name the line
         rows = []
         with open(args.input, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -79,7 +84,7 @@ def read_rows(args: ChatConfig) -> tuple[list, str]:
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        if os.path.isfile(args.input):
+        if local:
             builder = {".json": "json", ".parquet": "parquet"}.get(os.path.splitext(args.input)[1].lower())
             if builder is None:
                 fail(f"{args.input}: give a .jsonl, .json or .parquet file")
@@ -92,7 +97,20 @@ def read_rows(args: ChatConfig) -> tuple[list, str]:
         fail(f"could not read {args.input}: {str(e).splitlines()[0][:300]}")
     if args.messages_column not in ds.column_names:
         fail(f"no column {args.messages_column!r} in {args.input} (columns: {', '.join(ds.column_names)})")
-    return ds[args.messages_column], source
+    try:
+        return list(ds[args.messages_column]), source  # (a lazy column: its strings are decoded here)
+    except UnicodeDecodeError:  # a Parquet file or a hub dataset may hold any bytes: name the first such row
+        bad = next(n for n in range(len(ds)) if not _decodes(ds, n))
+        fail(f"row {bad + 1} of {args.input} is not UTF-8 text; convert it, e.g. iconv -t UTF-8")
+
+
+def _decodes(ds, n: int) -> bool:
+    """Whether row n of the dataset holds only UTF-8 strings."""
+    try:
+        ds[n]
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def make_tokenizer(args: ChatConfig, conversations: list[list[dict]]):

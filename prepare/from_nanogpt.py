@@ -25,20 +25,26 @@ import json
 import os
 import pickle
 import sys
+import typing
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the training code at the root
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
 
 import numpy as np
 import torch
 from token_writer import FORMAT
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the training code at the root
 from engine.checkpoint import OutDirLock, code_version, list_checkpoints, save_checkpoint  # noqa: E402
-from engine.configurator import parse_config  # noqa: E402
-from engine.data import TokenData  # noqa: E402
+from engine.configurator import coerce, parse_config  # noqa: E402
+from engine.data import TokenData, load_data  # noqa: E402
 from engine.errors import UserError, run_cli  # noqa: E402
+from engine.files import write_file
 from engine.fsdp import optimizer_state  # noqa: E402
+from engine.memory import check_fits  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
+from engine.schemas import MAX_JSON_BYTES, NanoCheckpoint, NanoMetaPkl, OptimizerState, check, label, short  # noqa: E402
 from engine.tokenization import TokenizerUnavailable, chars_hash, encoding_hash, load_encoding
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -63,18 +69,20 @@ class DataOnlyUnpickler(pickle.Unpickler):
 
 
 def read_meta_pkl(path: str) -> dict:
+    """nanoGPT's meta.pkl, unpickled as plain data only and checked (engine/schemas.py NanoMetaPkl)."""
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise UserError(f"{path} is refused: larger than {MAX_JSON_BYTES >> 20} MiB, more than a vocabulary takes")
     try:
         with open(path, "rb") as f:
             meta = DataOnlyUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is refused: {e}; a nanoGPT meta.pkl holds only vocab_size, itos and stoi") from None
-    if (
-        not isinstance(meta, dict)
-        or not isinstance(meta.get("itos"), dict)
-        or not isinstance(meta.get("vocab_size"), int)
-    ):
+    except Exception as e:  # refused classes, and whatever else malformed bytes make of the unpickler (no code runs)
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"{path} is refused: {detail}; a nanoGPT meta.pkl holds only vocab_size, itos and stoi"
+        ) from None
+    if not isinstance(meta, dict) or not {"itos", "vocab_size"} <= meta.keys():
         raise UserError(f"{path} is not a nanoGPT meta.pkl (a dict with vocab_size, itos and stoi)")
-    return meta
+    return check(NanoMetaPkl, meta, path)
 
 
 def char_tokenizer(meta: dict, path: str) -> dict:
@@ -131,10 +139,7 @@ def import_dataset(data_dir: str, tokenizer_dir: str | None = None) -> dict:
     }
     source = f"nanoGPT dataset {os.path.abspath(data_dir)}" + (" (meta.pkl)" if os.path.exists(pkl) else " (GPT-2 BPE)")
     meta = {"format": FORMAT, **tokenizer, "dtype": "uint16", "source": source, "splits": splits}
-    tmp = f"{meta_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, meta_path)
+    write_file(meta_path, json.dumps(meta, indent=2))  # whole, never through a symlink; a full disk is one line
     print(
         f"wrote {meta_path}: {tokenizer['tokenizer']} vocabulary of {tokenizer['vocab_size']}, "
         + ", ".join(f"{s} {e['tokens']:,} tokens" for s, e in splits.items())
@@ -143,12 +148,37 @@ def import_dataset(data_dir: str, tokenizer_dir: str | None = None) -> dict:
 
 
 def nanogpt_model_config(model_args: dict, path: str) -> GPTConfig:
-    """nanoGPT's GPT: learned positions, pre-norm LayerNorm (eps 1e-5, optional bias), exact GELU, tied embeddings."""
+    """nanoGPT's GPT: learned positions, pre-norm LayerNorm (eps 1e-5, optional bias), exact GELU, tied embeddings.
+    model_args (typed by engine/schemas.py NanoModelArgs) is checked as a training config's model is: sizes that do not
+    combine, or a model that cannot fit in memory, are refused before anything is allocated."""
     keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
-    missing = [k for k in keys if k not in model_args]
-    if missing:
-        raise UserError(f"{path} is not a nanoGPT checkpoint: model_args lacks {', '.join(missing)}")
-    return GPTConfig(**{k: model_args[k] for k in keys}, dropout=float(model_args.get("dropout", 0.0)), mlp="gelu")
+    try:
+        config = GPTConfig(**{k: model_args[k] for k in keys}, dropout=model_args.get("dropout", 0.0), mlp="gelu")
+        check_fits(config, "cpu")
+    except (ValueError, UserError) as e:
+        raise UserError(f"{path}: model_args: {e}") from None
+    return config
+
+
+def nanogpt_train_config(nano: dict, path: str) -> dict:
+    """nanoGPT's config (its train.py's globals) in our TrainConfig's keys, nanoGPT's names being ours: each value
+    coerced to its field's type and the whole checked by TrainConfig, as a command line is."""
+    from train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    config = dataclasses.asdict(TrainConfig())
+    for key in sorted(config.keys() & nano.keys()):
+        try:
+            config[key] = coerce(nano[key], hints[key], key)
+        except UserError:
+            raise UserError(
+                f"{path}: config.{key}: {short(nano[key])} is not a {getattr(hints[key], '__name__', hints[key])}"
+            ) from None
+    try:
+        TrainConfig(**config)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: config: {' '.join(str(e).split())[:300]}") from None  # on one line
+    return config
 
 
 def nanogpt_weights(state: dict) -> dict:
@@ -170,25 +200,34 @@ def import_checkpoint(ckpt_path: str, out_dir: str, data_dir: str | None, tokeni
         ) from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= set(ckpt):
         raise UserError(f"{ckpt_path} is not a nanoGPT checkpoint (no model and model_args)")
+    check(NanoCheckpoint, ckpt, ckpt_path)  # every entry's type and range, before any is used
     nano = ckpt.get("config") or {}
-    data_dir = data_dir or os.path.join("data", nano.get("dataset", ""))
-    meta_path = os.path.join(data_dir, "meta.json")
-    data_meta = json.load(open(meta_path)) if os.path.exists(meta_path) else import_dataset(data_dir, tokenizer_dir)
-    data = TokenData(data_dir, data_meta)
+    if data_dir is None:
+        if not nano.get("dataset"):
+            raise UserError(f"{ckpt_path}: config names no dataset; give the data it was trained on with --data_dir")
+        data_dir = os.path.join("data", nano["dataset"])  # a plain name (NanoConfig): inside data/
+        if not os.path.isdir(data_dir):
+            raise UserError(f"{ckpt_path}: config.dataset names {data_dir}, which is not here; give it with --data_dir")
 
+    # Everything about the checkpoint is checked before the dataset is touched: a refused import writes nothing.
     config = nanogpt_model_config(ckpt["model_args"], ckpt_path)
     model = GPT(config)
+    weights = nanogpt_weights(ckpt["model"])
     try:
-        model.load_state_dict(nanogpt_weights(ckpt["model"]), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise UserError(
             f"{ckpt_path}: the weights do not fit its model_args ({str(e).splitlines()[0][:200]})"
         ) from None
+    bad = next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad:
+        raise UserError(f"{ckpt_path}: model.{label(bad)} holds non-finite weights (NaN or inf)")
+    train_config = nanogpt_train_config(nano, ckpt_path)  # the train config it ran with, in our keys
 
-    from train import TrainConfig  # the train config it ran with, in our keys: nanoGPT's names are ours
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_config = dataclasses.asdict(TrainConfig()) | {k: v for k, v in nano.items() if k in fields}
+    if os.path.exists(os.path.join(data_dir, "meta.json")):  # ours already: its meta.json checked as training does
+        data = load_data(data_dir, 1, splits=())
+    else:
+        data = TokenData(data_dir, import_dataset(data_dir, tokenizer_dir))
     model_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "mlp")
     train_config |= {k: getattr(config, k) for k in model_keys} | {  # as a user would write them (mlp_hidden=None)
         "data_root": os.path.dirname(os.path.abspath(data_dir)),
@@ -203,14 +242,16 @@ def import_checkpoint(ckpt_path: str, out_dir: str, data_dir: str | None, tokeni
 
     optimizer, note = fresh_optimizer(), "with its AdamW state"
     try:
+        check(OptimizerState, ckpt.get("optimizer"), f"{ckpt_path}: optimizer")
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if optimizer.state[p] and optimizer.state[p]["exp_avg"].shape != p.shape:
                     raise ValueError("a moment's shape differs from its parameter's")
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:  # SchemaError is a ValueError
         optimizer = fresh_optimizer()
-        note = f"without its optimizer state, which does not map onto ours ({e}); AdamW's moments start afresh"
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        note = f"without its optimizer state, which does not map onto ours ({reason}); AdamW's moments start afresh"
     state = {
         "optimizers": [optimizer_state(model, optimizer, False)],
         "scaler": {},

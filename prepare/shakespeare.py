@@ -11,10 +11,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 import numpy as np
 from token_writer import TINY_SHAKESPEARE_URL, fail, read_or_download, write_dataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
 from engine.configurator import parse_config
 from engine.errors import run_cli
 from engine.tokenization import TokenizerUnavailable, tiktoken_manifest

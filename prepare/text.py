@@ -18,10 +18,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-from token_writer import DatasetWriter, fail
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: the engine package
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
+import numpy as np
+from token_writer import DatasetWriter, check_source_file, fail, first_invalid_utf8
+
 from engine.configurator import parse_config
 from engine.errors import run_cli
 from engine.tokenization import (
@@ -30,6 +32,7 @@ from engine.tokenization import (
     char_encode,
     char_lookup,
     chars_hash,
+    read_tokenizer_json,
     specials_as_text,
     tiktoken_manifest,
     tokenizer_json_hash,
@@ -97,6 +100,9 @@ def load_source(args):
             builder = builders.pop()
             if all(os.path.getsize(f) == 0 for f in files):
                 fail(f"{' '.join(files)[:300]} {'is' if len(files) == 1 else 'are'} empty; give a file with text")
+            if builder != "parquet":  # text is checked before a parser sees it (Parquet's strings once loaded)
+                for f in files:
+                    check_source_file(f)
             kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
             try:
                 train = datasets.load_dataset(
@@ -166,6 +172,9 @@ def _check_text(ds, what: str, column: str):
         if values[bad] is None:
             fail(f"row {bad + 1} of the {what} has no text (empty or null in column {column!r}); drop it or fill it in")
         fail(f"row {bad + 1} of the {what} holds {values[bad]!r} in column {column!r}, not text")
+    bad = first_invalid_utf8(col)  # a Parquet file or a hub dataset may hold any bytes
+    if bad is not None:
+        fail(f"row {bad + 1} of the {what} is not UTF-8 text (column {column!r}); convert it, e.g. iconv -t UTF-8")
     if col.null_count:
         bad = pc.index(pc.is_null(col), True).as_py()
         fail(f"row {bad + 1} of the {what} has no text (null in column {column!r}); drop it or fill it in")
@@ -223,19 +232,12 @@ def make_tokenizer(args, train, val=None):
 
 def bpe_tokenizer(args, train):
     """Train a byte-level BPE on the train split (streamed, in batches of 1000 documents), or read a tokenizer.json."""
-    from tokenizers import Tokenizer
-
     if args.tokenizer == "bpe":
         texts = (batch["text"] for batch in train.iter(batch_size=1000))
         tokenizer = train_bpe(texts, args.bpe_vocab_size, length=len(train))
         text = tokenizer.to_str()
-    else:
-        try:
-            with open(args.tokenizer, encoding="utf-8") as f:
-                text = f.read()
-            tokenizer = Tokenizer.from_str(text)
-        except (OSError, ValueError, Exception) as e:  # tokenizers raises plain Exception for a malformed file
-            fail(f"cannot read --tokenizer={args.tokenizer} as a tokenizer.json ({str(e).splitlines()[0][:200]})")
+    else:  # checked before the library reads it: a hostile file is one line, not a Rust panic (engine/schemas.py)
+        text, tokenizer = read_tokenizer_json(args.tokenizer)
     eot = tokenizer.token_to_id(ENDOFTEXT)
     if eot is None:
         fail(f"{args.tokenizer} has no {ENDOFTEXT} token to end documents with; add it as a special token")

@@ -2,6 +2,7 @@
 
 import os
 import random
+import subprocess
 import urllib.request
 
 import pytest
@@ -164,3 +165,19 @@ def tiny_model(tiny_config):
 def random_tokens(config: GPTConfig, batch: int, length: int | None = None, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(config.vocab_size, (batch, length or config.block_size), generator=g)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.2 MB tmpfs: room for a couple of tiny checkpoints, then full. Needs mount rights (root in a container)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:100]}); the full-disk path is "
+            "still tested with a simulated failure"
+        )
+    yield str(where)
+    if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:  # still busy: detach it anyway
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -229,7 +229,7 @@ CASES = {
     "init_from a config.json with absurd sizes": (T("--init_from={root}/hfbig"), "needs at least"),
     "sample a checkpoint with absurd sizes": (S(out="bigmeta"), "needs at least"),
     "sample a newer version's checkpoint": (S(out="newer"), "newer version of this code (model_config has attention"),
-    "sample a checkpoint with wrong types": (S(out="badtypes"), "invalid model_config"),
+    "sample a checkpoint with wrong types": (S(out="badtypes"), "meta.json: model_config: n_layer: input should be"),
     "sample weights with an extra tensor": (S(out="extratensor"), "unexpected tensors extra.weight"),
     "resume a state.pt that is not ours": (
         T("--out_dir={root}/nostate", "--init_from=resume"),
@@ -477,22 +477,3 @@ def test_sample_with_a_valid_prompt_works(abc_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     samples = result.stdout.split("---------------\n")[:2]
     assert len(samples) == 2 and all(s.startswith("cab") and set(s.strip()) <= set("abc") for s in samples)
-
-
-@pytest.mark.parametrize("script", ["sample.py", "tools/export_hf.py", "tools/evaluate.py"])
-def test_a_checkpoint_with_non_finite_weights_is_one_line(tmp_path, script):
-    """Training never writes one, but a damaged or foreign checkpoint may hold NaN: sampling would crash in
-    multinomial, exporting would write it on. Every reader says so in one line and writes nothing."""
-    model = GPT(GPTConfig(block_size=8, vocab_size=3, n_layer=1, n_head=1, n_embd=8))
-    with torch.no_grad():
-        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
-    data = {"tokenizer": "char", "vocab_size": 3, "dtype": "uint16", "eot_id": None, "chars": "abc"}
-    meta = {"model_config": dataclasses.asdict(model.config), "train_config": {}, "data": data, "val_loss": 1.0}
-    out = tmp_path / "out"
-    save_checkpoint(str(out), 1, model, {"optimizers": [], "scaler": {}, "iter_num": 1, "best_val_loss": 1.0}, meta)
-    before = sorted(p for p in tmp_path.rglob("*"))
-    extra = {"tools/export_hf.py": [f"--hf_dir={tmp_path / 'hf'}"], "tools/evaluate.py": ["--text=abcabc"]}
-    device = [] if script == "tools/export_hf.py" else ["--device=cpu"]
-    result = run(script, f"--out_dir={out}", *device, *extra.get(script, []))
-    assert_user_error(result, "non-finite weights", "transformer.h.0.mlp.c_fc.weight")
-    assert sorted(p for p in tmp_path.rglob("*")) == before

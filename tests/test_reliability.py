@@ -21,7 +21,7 @@ from engine import checkpoint
 from engine.errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 
 TINY = [*TINY_TRAIN, "--warmup_iters=2", "--lr_decay_iters=1000"]
-DEBRIS = re.compile(r"^(?:\.tmp-ckpt-\d+(?:-r\d+)?|\.old-ckpt-\d+(?:-r\d+)?|loss_curve\.png\.tmp)-(\d+)")  # writer pid
+DEBRIS = re.compile(r"^(?:\.tmp-ckpt-\d+(?:-r\d+)?-|\.old-ckpt-\d+(?:-r\d+)?-|\.loss_curve\.png\.tmp-)(\d+)")  # pid
 
 
 def args(char_data, out, *extra):
@@ -260,27 +260,9 @@ def test_the_lock_of_a_killed_run_is_taken_over(char_data, tmp_path):
     assert train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2")) == 0
 
 
-def test_the_next_run_clears_what_a_dead_writer_left(char_data, tmp_path):
-    out = str(tmp_path / "out")
-    train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
-    debris = [".tmp-ckpt-0000004-99999999", ".old-ckpt-0000002-99999999"]
-    for name in debris:
-        os.makedirs(os.path.join(out, name))
-        open(os.path.join(out, name, "model.safetensors"), "wb").write(b"\0" * 1000)
-    open(os.path.join(out, "loss_curve.png.tmp-99999999.png"), "wb").write(b"\x89PNG")
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write('{"iter": 2, "loss": 1.')  # a write cut short by kill -9
-    assert train.main(args(char_data, out, "--init_from=resume", "--max_iters=4", "--eval_interval=2")) == 0
-    assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".old-", "loss_curve.png.tmp"))]
-    rows = metrics(out)  # every line parses
-    train_iters = [r["iter"] for r in rows if "loss" in r]
-    assert train_iters == sorted(set(train_iters)) == [0, 1, 2, 3]
-
-
 def test_resume_drops_the_metrics_logged_after_its_checkpoint(char_data, tmp_path):
     out = str(tmp_path / "out")
     train.main(args(char_data, out, "--max_iters=6", "--eval_interval=4", "--log_interval=1"))
-    import shutil
 
     shutil.rmtree(os.path.join(out, "ckpt-0000006"))  # as if the run had died before saving iteration 6
     assert train.main(args(char_data, out, "--init_from=resume", "--max_iters=6", "--eval_interval=4")) == 0
@@ -323,7 +305,6 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
 
 
 def shutil_usage(free):
-    import shutil
 
     return shutil._ntuple_diskusage(1 << 30, (1 << 30) - free, free)
 
@@ -433,26 +414,6 @@ def test_a_prepare_that_fails_half_way_leaves_the_old_dataset(char_data):
     assert sorted(os.listdir(d)) == sorted(before)
 
 
-def test_a_reader_picks_again_when_its_checkpoint_is_pruned_under_it(char_data, tmp_path, monkeypatch):
-    import shutil
-
-    out = str(tmp_path / "out")
-    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=True"))
-    older, newest = checkpoint.list_checkpoints(out)
-    real, picked = checkpoint.load_model, []
-
-    def pruned_first(path, *a, **k):  # a training run prunes the checkpoint between the pick and the read
-        if not picked:
-            picked.append(path)
-            os.remove(os.path.join(path, "COMPLETE"))  # as prune_checkpoints does: unlisted first
-            shutil.rmtree(path)
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(checkpoint, "load_model", pruned_first)
-    path, model, meta = checkpoint.load_newest_model(out)
-    assert picked == [newest] and path == older and meta["iter_num"] == 2
-
-
 def test_a_run_that_never_had_a_finite_step_is_not_blamed_on_the_learning_rate(
     char_data, tmp_path, monkeypatch, capsys
 ):
@@ -478,22 +439,6 @@ def test_resume_does_not_rewrite_the_checkpoint_it_loaded(char_data, tmp_path, m
     assert [os.path.basename(os.path.dirname(p)).split("-")[-2] for p in written] == ["0000006"]  # only the new one
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1.2 MB tmpfs: room for a couple of tiny checkpoints, then full. Needs mount rights (root in a container)."""
-    where = tmp_path / "small"
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(
-            f"cannot mount a small tmpfs here ({done.stderr.decode().strip()[:100]}); the full-disk path is "
-            "still tested with a simulated failure"
-        )
-    yield str(where)
-    if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:  # still busy: detach it anyway
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
 def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(char_data, small_disk):
     out = os.path.join(small_disk, "out")
     run = args(char_data, out, "--max_iters=40", "--eval_interval=1", "--always_save_checkpoint=True", "--keep_last=5")
@@ -504,21 +449,3 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(char_dat
     assert not [n for n in os.listdir(out) if n.startswith((".tmp-", ".old-"))]
     metrics(out)  # every line whole
     sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=3"])
-
-
-def test_a_checkpoint_half_deleted_by_pruning_is_cleared_at_the_next_start(char_data, tmp_path):
-    """kill -9 during pruning (COMPLETE goes first, then the files) leaves ckpt-N/ with some of its files: not a
-    checkpoint any reader lists, and the next run holding the lock removes it. A directory of that name holding
-    anything else is not ours to delete."""
-    out = str(tmp_path / "out")
-    train.main(args(char_data, out, "--max_iters=4", "--eval_interval=2"))
-    half, empty, foreign = (os.path.join(out, f"ckpt-000000{i}") for i in (1, 3, 5))
-    shutil.copytree(os.path.join(out, "ckpt-0000004"), half)
-    os.remove(os.path.join(half, "COMPLETE"))
-    os.remove(os.path.join(half, "model.safetensors"))
-    os.makedirs(empty)
-    os.makedirs(foreign)
-    with open(os.path.join(foreign, "notes.txt"), "w") as f:
-        f.write("mine")
-    assert train.main(args(char_data, out, "--max_iters=6", "--eval_interval=2", "--init_from=resume")) == 0
-    assert not os.path.exists(half) and not os.path.exists(empty) and os.path.isfile(os.path.join(foreign, "notes.txt"))

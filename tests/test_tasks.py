@@ -105,9 +105,9 @@ def test_the_context_space_moves_into_the_continuation():
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"context": "a", "choices": ["b"], "label": 0}', "task.jsonl:1: not a choice item"),
-        ('{"context": "a", "choices": ["b", "c"], "label": 2}', "label 2 for 2 choices"),
-        ("not json", "task.jsonl:1: not a choice item"),
+        ('{"context": "a", "choices": ["b"], "label": 0}', "task.jsonl:1: choices: list should have at least 2 items"),
+        ('{"context": "a", "choices": ["b", "c"], "label": 2}', "task.jsonl:1: label: 2 for 2 choices"),
+        ("not json", "task.jsonl:1: invalid JSON"),
     ],
 )
 def test_a_bad_task_file_is_one_line(tmp_path, line, message):

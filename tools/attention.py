@@ -15,14 +15,17 @@ import os
 import sys
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
 from engine.attention import attention_weights
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
-from engine.inference import check_output, load_for_inference, read_prompt
+from engine.files import check_output, replacing
+from engine.inference import load_for_inference, read_prompt
 
 
 @dataclass
@@ -77,7 +80,8 @@ def draw(weights: np.ndarray, labels: list[str], layers: list[int], heads: list[
             if r == len(layers) - 1:
                 ax.set_xlabel("key")
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
-    fig.savefig(png)
+    with replacing(png) as f:
+        fig.savefig(f, format="png")
 
 
 def token_label(tokenizer, token: int) -> str:
@@ -103,7 +107,8 @@ def main(argv=None):
 
     weights = attention_weights(model, torch.tensor([ids]))  # n_layer x (1, nh, T, T)
     chosen = torch.stack([weights[i][0, heads] for i in layers]).numpy()  # (layers, heads, T, T)
-    np.save(npy, chosen)
+    with replacing(npy) as f:
+        np.save(f, chosen)
     try:
         draw(chosen, [token_label(tokenizer, t) for t in ids], layers, heads, cfg.png)
     except ImportError:

@@ -33,16 +33,20 @@ import os
 import sys
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
 from engine.configurator import parse_config
 from engine.data import Tokenizer, load_data
 from engine.errors import UserError, run_cli
-from engine.inference import check_output, load_for_inference, read_text
+from engine.files import check_output, replacing
+from engine.inference import load_for_inference, read_text
+from engine.memory import check_scoring_fits
 from engine.runtime import setup_runtime
 from engine.tasks import TASKS, read_items, score
 from model import GPT
@@ -173,6 +177,7 @@ def main(argv=None):
     model.to(rt.device)
     if cfg.task is not None:
         items = read_items(cfg.task, cfg.task_file, cfg.max_items)
+        check_scoring_fits(model.config, rt.device, min(cfg.batch_size, 4 * len(items)), rt.dtype.itemsize)
         bar = lambda chunks: tqdm(chunks, desc=f"scoring {cfg.task}", unit="chunk")  # noqa: E731
         result, _ = score(model.eval(), items, tokenizer.encode, tokenizer.eot_id, cfg.batch_size, rt.autocast, bar)
         print(
@@ -188,6 +193,8 @@ def main(argv=None):
         ids, chat = read_tokens(cfg.tokens, tokenizer, cfg.tokenizer_dir)
         if chat is not None:  # the masked loss: what fine-tuning on the split minimises
             block_size = model.config.block_size
+            windows = len(ids) // (cfg.stride or max(1, block_size // 2)) + 1
+            check_scoring_fits(model.config, rt.device, min(cfg.batch_size, windows), rt.dtype.itemsize)
             nll = chat_nll(model, ids, *chat, cfg.stride or max(1, block_size // 2), cfg.batch_size, rt.autocast)
             loss = nll.mean().item()
             print(f"scored the {len(nll):,} assistant tokens of {len(chat[1]) - 1:,} conversations (the chat mask)")
@@ -201,6 +208,7 @@ def main(argv=None):
         raise UserError(f"token id {int(ids.max())} is outside the model's vocabulary of {model.config.vocab_size}")
     block_size = model.config.block_size
     stride = cfg.stride or max(1, block_size // 2)
+    check_scoring_fits(model.config, rt.device, min(cfg.batch_size, len(ids) // stride + 1), rt.dtype.itemsize)
 
     nll = token_nll(model, ids, stride, cfg.batch_size, rt.autocast)
     targets = ids[1:]
@@ -210,10 +218,11 @@ def main(argv=None):
     print(f"perplexity {math.exp(loss):.6f}")
     print(f"bits per byte {bits_per_byte(loss, len(nll), n_bytes):.6f}" if n_bytes else "bits per byte: no text")
     if cfg.surprisal:
-        with open(cfg.surprisal, "w", encoding="utf-8") as f:
+        with replacing(cfg.surprisal) as f:  # whole or not at all; a full disk is one line
             for token, value in zip(targets.tolist(), nll.tolist(), strict=True):
                 text = tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-                f.write(json.dumps({"token": token, "text": text, "surprisal_bits": value / math.log(2)}) + "\n")
+                row = {"token": token, "text": text, "surprisal_bits": value / math.log(2)}
+                f.write((json.dumps(row) + "\n").encode("utf-8"))
         print(f"wrote per-token surprisal to {cfg.surprisal}")
 
 

@@ -16,11 +16,16 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
+from safetensors import SafetensorError
+
 from engine import chat
 from engine.checkpoint import LOCK_NAME, list_checkpoints, load_newest_model
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
-from engine.hf_interop import UnsupportedModel, save_hf
+from engine.files import TEMPORARY, disk_full, staged_files
+from engine.hf_interop import EXPORT_FILES, UnsupportedModel, save_hf
 from engine.lora import merge_lora
 from engine.tokenization import (
     TokenizerUnavailable,
@@ -36,15 +41,16 @@ class ExportConfig:
     out_dir: str = "out"  # training output directory holding the checkpoint
     checkpoint: str = "latest"  # latest or best (lowest val loss), or a checkpoint directory given as out_dir
     hf_dir: str = "hf_model"  # directory to write config.json and model.safetensors into (new or empty)
-    overwrite: bool = False  # write into a non-empty hf_dir (its config.json and model.safetensors are replaced)
+    overwrite: bool = False  # replace an earlier export in hf_dir (a directory holding only what an export writes)
     tokenizer_dir: str | None = None  # offline GPT-2 tokenizer: a directory with vocab.bpe and encoder.json
     weights: str = "raw"  # raw, or ema: the moving average of a run trained with --ema_decay
 
 
 def check_hf_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
     """Refuse, before any work, an hf_dir that cannot be written or whose files would be lost: a file, one of
-    out_dir's checkpoints (or a directory holding one), a training run's out_dir (never, whatever overwrite says), or
-    a non-empty directory (unless overwrite). Only names are compared: no checkpoint is read or hashed here."""
+    out_dir's checkpoints (or a directory holding one), a training run's out_dir or a dataset (never, whatever
+    overwrite says), or a non-empty directory (unless overwrite, and then only an earlier export: a directory holding
+    nothing but the files an export writes). Only names are compared: no checkpoint is read or hashed here."""
     here = os.path.realpath(hf_dir)
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise UserError(f"--hf_dir={hf_dir} is a file; give a directory")
@@ -60,6 +66,12 @@ def check_hf_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
             )
         if names and not overwrite:
             raise UserError(f"--hf_dir={hf_dir} is not empty; give a new directory, or add --overwrite=True")
+        foreign = sorted(n for n in names - set(EXPORT_FILES) if TEMPORARY not in n)  # (a killed export's debris)
+        if foreign:
+            raise UserError(
+                f"--hf_dir={hf_dir} holds files an export does not write ({', '.join(foreign[:3])}); --overwrite=True "
+                "replaces an earlier export only: give a new directory"
+            )
     elif inside:
         raise UserError(f"--hf_dir={hf_dir} is inside a checkpoint of {out_dir}; give a directory outside it")
     parent = os.path.dirname(here)
@@ -106,9 +118,14 @@ def main(argv=None):
     chatting = meta["data"].get("chat")
     eos = chatting["special"][chat.END] if chatting else meta["data"].get("eot_id")  # a reply ends at <|end|>
     try:
-        layout = save_hf(model, cfg.hf_dir, eos, tokenizer, vocab, chat.jinja_template() if chatting else None)
+        with staged_files(cfg.hf_dir) as staging:  # all files written, then renamed in: a failure changes nothing
+            layout = save_hf(model, staging, eos, tokenizer, vocab, chat.jinja_template() if chatting else None)
     except UnsupportedModel as e:
         raise UserError(f"cannot export {path}: {e}") from None
+    except (RuntimeError, SafetensorError) as e:  # safetensors' word for a failed write
+        if disk_full(e, os.path.dirname(os.path.abspath(cfg.hf_dir))):
+            raise UserError(f"disk full writing {cfg.hf_dir}; nothing was exported; free space and run again") from None
+        raise UserError(f"cannot write {cfg.hf_dir} ({str(e)[:200]}); choose another --hf_dir") from None
     print(f"wrote {path} to {cfg.hf_dir} in the Hugging Face {layout} layout")
 
 

@@ -14,8 +14,11 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
 from engine.configurator import describe_fields, parse_config
 from engine.errors import UserError, run_cli
+from engine.files import check_output
 from engine.loss_curve import metrics_path, plot_health, plot_runs
 
 
@@ -44,6 +47,7 @@ def main(argv=None):
         raise UserError(f"--labels has {len(labels)} names for {len(runs)} runs")
     if cfg.health and len(runs) != 1:
         raise UserError("--health draws one run: give one run directory")
+    check_output(cfg.out, "--out")
     try:
         if cfg.health:
             plot_health(metrics_path(runs[0]), cfg.out, cfg.title)
