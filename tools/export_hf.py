@@ -33,6 +33,7 @@ from engine.tokenization import (
     char_tokenizer_json,
     endoftext_as_vocabulary,
     load_encoding,
+    tokenizer_from_json,
 )
 
 
@@ -88,9 +89,7 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None):
     if data.get("tokenizer") == "char":
         tokenizer, vocab = char_tokenizer_json(data["chars"]), len(data["chars"])
     elif data.get("tokenizer_json"):  # a BPE trained for the dataset: the same tokenizer.json
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(data["tokenizer_json"])
+        tokenizer = tokenizer_from_json(data["tokenizer_json"], "the checkpoint's tokenizer")
         vocab = tokenizer.get_vocab_size()
     else:
         try:
