@@ -610,11 +610,14 @@ def resume(path: str, raw_model: GPT, optimizers: list, scaler, cfg: TrainConfig
     if ema:
         if "ema" not in saved:
             raise UserError(f"{path} was trained without --ema_decay: resume without it, or start a new run")
-        ema.load_state_dict(saved["ema"])
+        try:
+            ema.load_state_dict(saved["ema"])
+        except (KeyError, RuntimeError) as e:  # names or shapes of another model: a damaged or foreign state.pt
+            raise UserError(f"{path}/state.pt: ema: {str(e).splitlines()[0][:200]}; it is not this model's") from None
     for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
         try:
             load_optimizer_state(raw_model, opt, opt_state, cfg.fsdp)
-        except (KeyError, ValueError) as e:  # e.g. a Muon run saved when MoE routers were still in Muon
+        except (KeyError, ValueError, RuntimeError) as e:  # e.g. a Muon run saved when MoE routers were in Muon
             raise UserError(
                 f"cannot resume {path}: its {type(opt).__name__} state does not fit this optimizer "
                 f"({type(e).__name__}: {str(e)[:200]}); start a new run from its weights instead"

@@ -170,3 +170,26 @@ def test_two_ranks_average_as_one_process(char_data, tmp_path, mode):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
     evals = [[r["val_loss_ema"] for r in records(d) if "val_loss_ema" in r] for d in (single, ranks)]
     assert evals[1] == pytest.approx(evals[0], rel=1e-5)
+
+
+def test_resuming_a_state_whose_average_is_another_models_is_one_line(char_data, tmp_path):
+    """A state.pt from elsewhere (its checksums rewritten to match, as a tarball's would be) whose average has other
+    shapes: one line, not a copy_ traceback."""
+    import hashlib
+    import json
+
+    out = str(tmp_path / "out")
+    train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2", "--ema_decay=0.9"))
+    path = find_checkpoint(out)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    name = next(n for n in state["ema"] if n != UPDATES)
+    state["ema"][name] = torch.zeros(3, 5)
+    torch.save(state, os.path.join(path, "state.pt"))
+    with open(os.path.join(path, "COMPLETE")) as f:
+        hashes = json.load(f)
+    with open(os.path.join(path, "state.pt"), "rb") as f:
+        hashes["state.pt"] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(path, "COMPLETE"), "w") as f:
+        json.dump(hashes, f)
+    with pytest.raises(UserError, match="state.pt: ema"):
+        train.main(args(char_data, out, "--init_from=resume", "--max_iters=4", "--ema_decay=0.9"))
