@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny model config and a tiny prepared character dataset, all on CPU."""
 
+import hashlib
+import json
 import os
 import random
 import subprocess
@@ -181,3 +183,14 @@ def small_disk(tmp_path):
     yield str(where)
     if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:  # still busy: detach it anyway
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def rehash_checkpoint(path: str) -> None:
+    """COMPLETE as save_checkpoint writes it, for a checkpoint whose files a test changed: the damage is then in the
+    content, as in a hostile or foreign checkpoint, not in transit."""
+    hashes = {}
+    for name in ("model.safetensors", "state.pt", "meta.json"):
+        with open(os.path.join(path, name), "rb") as f:
+            hashes[name] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(path, "COMPLETE"), "w") as f:
+        json.dump(hashes, f)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import rehash_checkpoint
 from safetensors import safe_open
 
 import train
@@ -235,12 +236,7 @@ def test_state_holding_code_is_refused_not_run(tmp_path, tiny_config):
     marker = tmp_path / "code-ran"
     path = save(tmp_path / "out", 5, GPT(tiny_config))
     torch.save({"iter_num": 5, "payload": _Payload(str(marker))}, os.path.join(path, "state.pt"))
-    with open(os.path.join(path, "COMPLETE")) as f:
-        hashes = json.load(f)
-    with open(os.path.join(path, "state.pt"), "rb") as f:
-        hashes["state.pt"] = hashlib.sha256(f.read()).hexdigest()
-    with open(os.path.join(path, "COMPLETE"), "w") as f:
-        json.dump(hashes, f)
+    rehash_checkpoint(path)
 
     assert find_checkpoint(str(tmp_path / "out"), log=pytest.fail) == path
     with pytest.raises(UserError, match="state.pt"):

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import rehash_checkpoint
 from safetensors.torch import load_file
 from test_distributed import CONFIG, rank_logs, records, torchrun
 from test_train import args, step_losses
@@ -175,9 +176,6 @@ def test_two_ranks_average_as_one_process(char_data, tmp_path, mode):
 def test_resuming_a_state_whose_average_is_another_models_is_one_line(char_data, tmp_path):
     """A state.pt from elsewhere (its checksums rewritten to match, as a tarball's would be) whose average has other
     shapes: one line, not a copy_ traceback."""
-    import hashlib
-    import json
-
     out = str(tmp_path / "out")
     train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2", "--ema_decay=0.9"))
     path = find_checkpoint(out)
@@ -185,11 +183,6 @@ def test_resuming_a_state_whose_average_is_another_models_is_one_line(char_data,
     name = next(n for n in state["ema"] if n != UPDATES)
     state["ema"][name] = torch.zeros(3, 5)
     torch.save(state, os.path.join(path, "state.pt"))
-    with open(os.path.join(path, "COMPLETE")) as f:
-        hashes = json.load(f)
-    with open(os.path.join(path, "state.pt"), "rb") as f:
-        hashes["state.pt"] = hashlib.sha256(f.read()).hexdigest()
-    with open(os.path.join(path, "COMPLETE"), "w") as f:
-        json.dump(hashes, f)
+    rehash_checkpoint(path)
     with pytest.raises(UserError, match="state.pt: ema"):
         train.main(args(char_data, out, "--init_from=resume", "--max_iters=4", "--ema_decay=0.9"))

@@ -5,7 +5,6 @@ The fuzz runs the readers of tests/hostile_files.py on a few hundred generated h
 run tries the same files (bench/fuzz_readers.py runs more). The cases after it pin what the fuzz found, and run the
 real entry scripts as subprocesses: exit code 2, one `error:` line naming the file, nothing changed."""
 
-import hashlib
 import json
 import os
 import pickle
@@ -16,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from conftest import rehash_checkpoint
 from hostile_files import READERS, attempt, build_world, load_base, snapshot, variants
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -79,16 +79,6 @@ def _edit_json(path, edit):
     edit(value)
     with open(path, "w") as f:
         json.dump(value, f)
-
-
-def _rehash(path: str) -> None:
-    """COMPLETE as save_checkpoint writes it: the damage is in the content, not in transit."""
-    hashes = {}
-    for name in ("model.safetensors", "state.pt", "meta.json"):
-        with open(os.path.join(path, name), "rb") as f:
-            hashes[name] = hashlib.sha256(f.read()).hexdigest()
-    with open(os.path.join(path, "COMPLETE"), "w") as f:
-        json.dump(hashes, f)
 
 
 def _checkpoint(run) -> str:
@@ -238,7 +228,7 @@ def test_sample_refuses_a_lora_base_outside_the_run(worlds, tmp_path):
     """meta.json names where the frozen base of a LoRA run is: a name beside the checkpoint, never another path."""
     run_dir = _copy(worlds, "run", tmp_path)
     _edit_json(os.path.join(_checkpoint(run_dir), "meta.json"), lambda m: m["lora"].update(base="../../../etc"))
-    _rehash(_checkpoint(run_dir))
+    rehash_checkpoint(_checkpoint(run_dir))
     before = snapshot(str(tmp_path))
     result = run("sample.py", f"--out_dir={run_dir / 'out'}", "--device=cpu", "--max_new_tokens=2")
     assert_one_line(result, "meta.json: lora.base")
