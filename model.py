@@ -90,6 +90,13 @@ class GPTConfig:
         if self.n_expert < 0 or (self.n_expert and not 1 <= self.n_expert_active <= self.n_expert):
             raise ValueError(f"n_expert_active ({self.n_expert_active}) must be in [1, n_expert ({self.n_expert})]")
 
+    @classmethod
+    def from_options(cls, options, dataset_vocab_size: int) -> "GPTConfig":
+        """The config named by the model keys of a run's options (train.py's share these names). With no vocab_size
+        there, the dataset's, rounded up to a multiple of 64: the matmuls run faster, and the extra ids never occur."""
+        fields = {name: options[name] for name in cls.__dataclass_fields__}
+        return cls(**fields | {"vocab_size": options["vocab_size"] or -(-dataset_vocab_size // 64) * 64})
+
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head

@@ -4,33 +4,37 @@
     python bench/train_speed.py config/train_gpt2.py --batch_size=32 --gradient_checkpointing=True
     python bench/train_speed.py config/train_shakespeare_char_cpu.py --device=cpu --compile=False
 
-Takes every train.py option (presets and --key=value). Synthetic data (uniform random tokens, so no data files are
+Takes every train.py option (presets and --key=value, resolved by train.py itself: engine/configurator.py
+resolve_options). Synthetic data (uniform random tokens, so no data files are
 needed), burn-in steps, then timed steps with the device synchronised at both ends. One process; the step is
 train.py's: forward and backward under autocast, gradient clipping, the optimizer(s).
 """
 
+import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python bench/x.py works too
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # python bench/x.py works too
 import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
 
 import torch
 
-from engine.configurator import parse_config
+from engine.configurator import PRINT_CONFIG, resolve_options
 from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
-from engine.optim import build_optimizers
+from engine.optim import setup_training
 from engine.runtime import peak_flops, seed_everything, setup_runtime, trace_data_dependent_shapes
-from model import GPT
-from train import TrainConfig, model_config
+from model import GPT, GPTConfig
+
+TRAIN_PY = os.path.join(ROOT, "train.py")  # whose command line and step this measures
 
 
 def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     """Time train.py's step for the config named by argv: ms_per_iter, tokens_per_sec, mfu (None without a known
     peak), peak_memory_gib (None off CUDA), params (non-embedding), tokens_per_iter."""
-    cfg = parse_config(TrainConfig, argv, usage=__doc__)
+    cfg = resolve_options(TRAIN_PY, argv)
     rt = setup_runtime(cfg.device, cfg.dtype, training=True)
     seed_everything(cfg.seed)
     # the model train.py would build: the dataset's vocabulary (rounded up to 64) unless the config sets one
@@ -39,9 +43,8 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     except UserError:
         vocab_size = 50304
         print(f"note: {cfg.data_root}/{cfg.dataset} is not prepared here; measuring GPT-2's vocabulary ({vocab_size})")
-    model = GPT(model_config(cfg, vocab_size)).to(rt.device)
-    model.recompute_every = cfg.recompute_every if cfg.gradient_checkpointing else 0
-    optimizers = build_optimizers(
+    model = GPT(GPTConfig.from_options(vars(cfg), vocab_size)).to(rt.device)
+    optimizers = setup_training(
         model,
         cfg.optimizer,
         cfg.weight_decay,
@@ -49,6 +52,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
         (cfg.beta1, cfg.beta2),
         rt.device_type,
         cfg.muon_learning_rate,
+        recompute_every=cfg.recompute_every if cfg.gradient_checkpointing else 0,
     )
     if cfg.compile:
         trace_data_dependent_shapes()  # as train.py: MoE routing compiles without a graph break
@@ -100,6 +104,12 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\noptions: every train.py option (python train.py --help)")
+        return
+    if PRINT_CONFIG in argv:  # the options that would be measured
+        print(json.dumps(vars(resolve_options(TRAIN_PY, argv))))
+        return
     r = measure(argv)
     line = (
         f"{r['params'] / 1e6:.1f}M params, {r['tokens_per_iter']:,} tokens/iter: {r['ms_per_iter']:.1f} ms/iter, "

@@ -9,20 +9,17 @@ It is written under a temporary name and renamed into place, so a crash at any m
 intact; older ones are deleted only after the new one is complete. Loading verifies the hashes and skips a
 corrupt checkpoint for the one before it, saying so. Nothing in a checkpoint is ever executed.
 
-One training run at a time writes to an out_dir: OutDirLock refuses a second writer, naming the first, and clears
-what a writer that died (kill -9, power loss) left behind.
+remove_debris clears what a writer that died (kill -9, power loss) left behind; engine/out_dir_lock.py calls it once
+it holds out_dir.
 """
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import typing
@@ -34,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from engine.configurator import coerce
 from engine.ema import UPDATES
 from engine.errors import UserError
-from engine.files import TEMPORARY, UMASK, disk_full, fresh_dir, open_nofollow, symlink_refusal, write_error
+from engine.files import TEMPORARY, UMASK, disk_full, fresh_dir
 from engine.fsdp import load_model_state
 from engine.lora import add_lora
 from engine.memory import check_fits
@@ -55,84 +52,13 @@ _NAME = re.compile(r"^ckpt-(\d+)(?:-r(\d+))?$")
 # engine/files' temporaries and checkpoints being replaced; the last two: the names older versions gave temporaries
 _DEBRIS = re.compile(rf"^(\.old-ckpt-|(\..*)?{re.escape(TEMPORARY)}|loss_curve\.png\.tmp-|metrics\.jsonl\.tmp-)")
 _FILES = ("model.safetensors", "state.pt", "meta.json")
-LOCK_NAME = ".lock"
-IN_PLACE = {"metrics.jsonl": "the run's metrics, appended to"}  # besides the lock, the files a run changes in place
-
-
-class OutDirLock:
-    """Holds out_dir for one training run: an exclusive flock on out_dir/.lock, which records the holder's pid and
-    host for the message a second writer gets. The kernel drops the flock when its process dies, however it dies, so
-    a stale lock is simply taken over. Holding the lock, the run removes the debris of dead writers: half-written
-    checkpoint and plot files, and a torn last line of metrics.jsonl. release() lets go (and removes an out_dir that
-    this lock created and nothing filled)."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-        self.created = not os.path.isdir(out_dir)
-        self.path = os.path.join(out_dir, LOCK_NAME)
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            while True:
-                fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, "the run's lock")
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    raise UserError(
-                        f"{out_dir} is in use by another training run ({_holder(self.path)}); wait for it to finish, "
-                        "or choose another --out_dir"
-                    ) from None
-                if _same_file(fd, self.path):
-                    break
-                os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
-        except OSError as e:
-            raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another --out_dir") from None
-        self.fd = fd
-        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
-        try:
-            os.ftruncate(fd, 0)
-            if os.write(fd, holder) != len(holder):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError as e:
-            self.release()
-            raise write_error(e, self.path) from None
-        for name, what in IN_PLACE.items():  # refused before anything else is touched
-            if os.path.islink(os.path.join(out_dir, name)):
-                self.release()
-                raise UserError(symlink_refusal(os.path.join(out_dir, name), what))
-        remove_debris(out_dir)
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        os.remove(self.path)  # unlinked while still locked: a writer waiting on this file retries on a new one
-        os.close(self.fd)
-        self.fd = None
-        if self.created and not os.listdir(self.out_dir):
-            os.rmdir(self.out_dir)
-
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        here, there = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-
-def _holder(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip() or "pid unknown"
-    except OSError:
-        return "pid unknown"
 
 
 def remove_debris(out_dir: str) -> None:
-    """What a writer that died left in out_dir (call holding its OutDirLock, so no live writer owns any of it):
-    temporary checkpoint directories and plot files, a checkpoint that pruning had begun to delete (COMPLETE goes
-    first, so what is left is some of its own files and nothing else; a checkpoint is renamed into place only whole),
-    and a torn last line of metrics.jsonl."""
+    """What a writer that died left in out_dir (call holding out_dir's lock, engine/out_dir_lock.py, so no live
+    writer owns any of it): temporary checkpoint directories and plot files, a checkpoint that pruning had begun to
+    delete (COMPLETE goes first, so what is left is some of its own files and nothing else; a checkpoint is renamed
+    into place only whole), and a torn last line of metrics.jsonl."""
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
         half_pruned = _NAME.match(name) and os.path.isdir(path) and set(os.listdir(path)) <= set(_FILES)  # no COMPLETE
@@ -264,6 +190,12 @@ def read_meta(path: str) -> dict:
     naming the field."""
     file = os.path.join(path, "meta.json")
     return check(CheckpointMeta, read_json(file), file)
+
+
+def checkpoint_losses(path: str) -> dict:
+    """The losses a checkpoint's evaluation measured (none for one saved on a signal)."""
+    meta = read_meta(path)
+    return {"train": meta.get("train_loss"), "val": meta.get("val_loss")}
 
 
 def verify_checkpoint(path: str) -> str | None:

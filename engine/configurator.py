@@ -6,30 +6,43 @@ Precedence: dataclass defaults < preset files (in command-line order) < --key=va
 file of `key = value` lines, run with runpy into its own dict; every public name in it must be a field.
 Values are coerced by the field's type (`--learning_rate=1` is a float, `--compile=false` a bool, `none` sets an
 Optional field to None). Unknown keys are errors that suggest the closest field names. `--help` lists every field
-with its type, default and the comment written beside it in the dataclass.
+with its type, default and the comment written beside it in the dataclass. `--print_config` resolves the config as
+a run would (the same errors) and prints it as one line of JSON instead of running:
+
+    python train.py config/train_gpt2.py --batch_size=8 --print_config
+
+resolve_options reads that line back, so a tool that takes train.py's command line (tools/sizing.py, bench/) gets
+train.py's options without importing train.py.
 """
 
 import ast
 import dataclasses
 import difflib
 import inspect
+import json
 import math
 import os
 import re
 import runpy
+import subprocess
 import sys
 import types
 import typing
 
-from engine.errors import UserError
+from engine.errors import EXIT_USER_ERROR, UserError
+
+PRINT_CONFIG = "--print_config"  # a request every parse_config script answers, like --help; never a field
 
 
 def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
-    """Build a `cls` dataclass instance from preset files and --key=value arguments in argv."""
+    """Build a `cls` dataclass instance from preset files and --key=value arguments in argv. With --print_config
+    among them, print that instance as one line of JSON and exit 0 instead (resolve_options reads it)."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(usage + "\n\n" + describe_fields(cls))
         raise SystemExit(0)
+    print_only = PRINT_CONFIG in argv
+    argv = [a for a in argv if a != PRINT_CONFIG]  # not a field: a request, like --help
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     renamed = getattr(cls, "RENAMED", {})  # old key -> its field, so presets and saved configs keep working
@@ -53,7 +66,29 @@ def parse_config(cls, argv: list[str] | None = None, usage: str = ""):
     except (ValueError, TypeError) as e:
         raise UserError(f"bad config: {e}") from None
     config.given = frozenset(values)  # the keys a preset or the command line set (the rest are defaults)
+    if print_only:
+        print(json.dumps(dataclasses.asdict(config)))
+        raise SystemExit(0)
     return config
+
+
+def resolve_options(script: str, argv: list[str]) -> types.SimpleNamespace:
+    """The options `script` resolves from argv (its presets, then --key=value), run as `script argv --print_config`
+    in a fresh interpreter (same directory and environment): its own defaults, coercion and validation, without
+    importing it. A tool that takes train.py's command line (tools/sizing.py, bench/train_speed.py, prepare/) gets
+    exactly what train.py would run with, and nothing imports an entry script (scripts -> support -> model). A bad
+    option is a UserError holding the script's own one line; any other failure (a bug) raises with its traceback."""
+    done = subprocess.run([sys.executable, script, *argv, PRINT_CONFIG], capture_output=True, text=True)
+    if done.returncode == EXIT_USER_ERROR:  # run_cli wrote the UserError as "error: <line>", last on stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise UserError(lines[-1].removeprefix("error: ") if lines else f"{script}: bad options")
+    if done.returncode != 0:  # a bug, not a bad option: its traceback, as the script printed it
+        raise RuntimeError(f"{script} {PRINT_CONFIG} exited with code {done.returncode}:\n{done.stderr}")
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    try:
+        return types.SimpleNamespace(**json.loads(lines[-1]))  # the last line: imports may have printed before it
+    except (IndexError, ValueError):
+        raise RuntimeError(f"{script} {PRINT_CONFIG} printed no JSON config:\n{done.stdout}") from None
 
 
 def load_preset(path: str) -> dict:
@@ -173,6 +208,7 @@ def describe_fields(cls) -> str:
     for f in dataclasses.fields(cls):
         head = f"  --{f.name}={f.default!r}"
         lines.append(f"{head:<40} {_type_name(hints[f.name]):<13} {comments.get(f.name, '')}".rstrip())
+    lines.append(f"{'  ' + PRINT_CONFIG:<54} print the resolved options as one line of JSON and exit")
     return "\n".join(lines)
 
 

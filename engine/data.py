@@ -445,3 +445,28 @@ class Tokenizer:
         if self.name == "char":
             return self.itos[token_id].encode("utf-8")
         return self.enc.decode_single_token_bytes(token_id)
+
+
+def check_chat_coverage(data, block_size: int, log) -> None:
+    """A chat row learns only from assistant tokens within its first block_size: refuse a train split where no
+    conversation has one, and say so when most have none (their batches train nothing) or the val split has none
+    (its evaluations have no loss)."""
+    for split in ("train", "val"):
+        first = first_targets(data, split)
+        share = float(np.mean(first <= block_size))
+        if split == "train" and share == 0:
+            raise UserError(
+                f"no conversation of {data.data_dir}'s train split has an assistant token within block_size="
+                f"{block_size} (the nearest is {first.min():,} tokens in); raise --block_size"
+            )
+        if share < 0.5:
+            log(
+                f"note: only {share:.0%} of the {split} split's conversations have an assistant token within "
+                f"block_size={block_size}; the rest teach nothing{' and evaluate to no loss' if split == 'val' else ''}"
+                f" (raise --block_size to {int(np.quantile(first, 0.5)):,} for half of them)"
+            )
+
+
+def chat_tokens_from(data) -> int:
+    """The first id of a chat dataset's template tokens: they follow the tokenizer's own vocabulary."""
+    return min(data.chat["special"].values())

@@ -72,6 +72,17 @@ def probe(model, x: torch.Tensor, autocast) -> dict:
     return record | ({"expert_load": shares} if shares else {})
 
 
+def record(
+    model, grads_before: tuple, x: torch.Tensor, iter_num: int, clipped_steps: int, autocast, sharded: bool
+) -> dict:
+    """This step's per-layer telemetry as a log record: grads_before is before_step's, x the step's last batch."""
+    norms, weights = grads_before
+    probed = probe(model, x, autocast)  # act_rms, attn_entropy and for MoE expert_load
+    ratios = update_ratios(model, weights, sharded)
+    record = {"iter": iter_num, "grad_norm": norms, "update_ratio": ratios}
+    return record | probed | {"clipped_steps": clipped_steps}
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # this rank's shard of an FSDP tensor
 

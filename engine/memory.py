@@ -3,6 +3,7 @@ al. 2022's estimate, the formulas in tools/sizing.py's docstring), and the check
 allocated, a model or a training run that cannot fit in the device's memory. Used by train.py, checkpoint.py,
 hf_interop.py and tools/sizing.py; imports only torch and the model's config."""
 
+import contextlib
 import os
 
 import torch
@@ -95,3 +96,19 @@ def check_scoring_fits(config: GPTConfig, device: str, batch_size: int, dtype_by
             f"scoring {batch_size:,} windows of {s} tokens at once needs at least {need / 2**30:,.1f} GiB, more than "
             f"the {have / 2**30:,.0f} GiB of {device}; lower --batch_size"
         )
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(device: str, batch_size: int, block_size: int):
+    """Running out of device memory is a one-line error saying which settings to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        # the CPU allocator reports running out as a plain RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise UserError(
+            f"out of memory on {device} with batch_size={batch_size}, block_size="
+            f"{block_size}; lower --batch_size (raise --gradient_accumulation_steps to keep the "
+            "tokens per step) or --block_size"
+        ) from None

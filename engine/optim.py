@@ -95,6 +95,22 @@ def build_optimizers(
     return optimizers
 
 
+def setup_training(
+    model: torch.nn.Module,
+    optimizer: str,
+    weight_decay: float,
+    learning_rate: float,
+    betas: tuple[float, float],
+    device_type: str,
+    muon_learning_rate: float | None = None,
+    recompute_every: int = 0,
+) -> list:
+    """Make `model` ready to train, as train.py and bench/train_speed.py both do: its blocks recomputed in the
+    backward pass every recompute_every-th one (0: none kept for recomputation, the default), and its optimizers."""
+    model.recompute_every = recompute_every
+    return build_optimizers(model, optimizer, weight_decay, learning_rate, betas, device_type, muon_learning_rate)
+
+
 def build_optimizer(
     model: torch.nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
 ) -> torch.optim.AdamW:
@@ -134,3 +150,10 @@ def lr_at(
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
+
+
+def set_lr(optimizers: list, scale: float) -> None:
+    """Every parameter group's learning rate: its own base rate times the schedule's scale."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale

@@ -8,8 +8,10 @@ import os
 import signal
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 
@@ -155,6 +157,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def hash_seed(*key: int) -> int:
+    """A 63-bit seed mixed from integers, so nearby keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def wrap(raw_model, compile: bool, sharded: bool, rt) -> tuple:
+    """(the model to train, the model to evaluate): torch.compile'd unless off (under FSDP its blocks already are),
+    then DDP under torchrun (not FSDP: the model is sharded in place). Evaluation needs no gradient sync: no DDP."""
+    model = raw_model
+    if compile:  # before the first compiled forward, under FSDP too (its blocks are compiled, not yet traced)
+        trace_data_dependent_shapes()
+    if compile and not sharded:
+        rt.print0("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    if rt.ddp and not sharded:
+        return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None), model
+    return model, model
 
 
 def peak_flops(rt: Runtime, override: float | None) -> float | None:

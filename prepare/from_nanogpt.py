@@ -24,11 +24,12 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import sys
-import typing
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the training code at the root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the training code at the root
 import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
 
 import numpy as np
@@ -36,20 +37,23 @@ import torch
 from token_writer import FORMAT
 from tqdm import tqdm
 
-from engine.checkpoint import OutDirLock, code_version, list_checkpoints, save_checkpoint  # noqa: E402
-from engine.configurator import coerce, parse_config  # noqa: E402
+from engine.checkpoint import code_version, list_checkpoints, save_checkpoint  # noqa: E402
+from engine.configurator import parse_config, resolve_options  # noqa: E402
 from engine.data import TokenData, load_data  # noqa: E402
 from engine.errors import UserError, run_cli  # noqa: E402
 from engine.files import write_file
 from engine.fsdp import optimizer_state  # noqa: E402
 from engine.memory import check_fits  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
+from engine.out_dir_lock import OutDirLock
 from engine.schemas import MAX_JSON_BYTES, NanoCheckpoint, NanoMetaPkl, OptimizerState, check, label, short  # noqa: E402
 from engine.tokenization import TokenizerUnavailable, chars_hash, encoding_hash, load_encoding
 from model import GPT, GPTConfig  # noqa: E402
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
 CHUNK = 1 << 24  # tokens read at a time when checking a split
+TRAIN_PY = os.path.join(ROOT, "train.py")  # whose options a converted checkpoint's train config holds
+MAX_ARGUMENT_CHARS = 4096  # a config value longer than this is no setting; Linux refuses arguments over 128 KiB
 
 
 @dataclass
@@ -160,25 +164,45 @@ def nanogpt_model_config(model_args: dict, path: str) -> GPTConfig:
     return config
 
 
-def nanogpt_train_config(nano: dict, path: str) -> dict:
-    """nanoGPT's config (its train.py's globals) in our TrainConfig's keys, nanoGPT's names being ours: each value
-    coerced to its field's type and the whole checked by TrainConfig, as a command line is."""
-    from train import TrainConfig
+def train_defaults() -> dict:
+    """train.py's options with nothing given: its defaults, as train.py itself resolves them."""
+    return vars(resolve_options(TRAIN_PY, []))
 
-    hints = typing.get_type_hints(TrainConfig)
-    config = dataclasses.asdict(TrainConfig())
-    for key in sorted(config.keys() & nano.keys()):
-        try:
-            config[key] = coerce(nano[key], hints[key], key)
-        except UserError:
-            raise UserError(
-                f"{path}: config.{key}: {short(nano[key])} is not a {getattr(hints[key], '__name__', hints[key])}"
-            ) from None
+
+def train_argument(key: str, value, default, path: str) -> str:
+    """nanoGPT's config value as `--key=value` for train.py's command line, written so that the configurator's coerce
+    reads back what it would read from the value itself (None as none, numbers by repr). A value no command line
+    carries (a list, a tensor, ...), or a non-string where train.py's default is a string, is refused here."""
+    kind = type(default).__name__ if default is not None else "number, bool or str"
+    plain = value is None or isinstance(value, (bool, int, float, str))
+    if not plain or (isinstance(default, str) and not isinstance(value, (str, type(None)))):
+        raise UserError(f"{path}: config.{key}: {short(value)} is not a {kind}")
     try:
-        TrainConfig(**config)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{path}: config: {' '.join(str(e).split())[:300]}") from None  # on one line
-    return config
+        text = "none" if value is None else value if isinstance(value, str) else repr(value)
+    except ValueError:  # an int of more digits than Python prints
+        text = None
+    if text is None or len(text) > MAX_ARGUMENT_CHARS or "\0" in text:
+        raise UserError(f"{path}: config.{key}: {short(value)} cannot be given on train.py's command line")
+    return f"--{key}={text}"
+
+
+def nanogpt_train_config(nano: dict, path: str, defaults: dict | None = None) -> dict:
+    """nanoGPT's config (its train.py's globals) as train.py's options, nanoGPT's names being ours: the keys train.py
+    knows are given to it as a command line and resolved by it, so each value is coerced to its option's type and the
+    whole checked as train.py checks a command line. defaults: train_defaults(), when the caller has them already."""
+    defaults = train_defaults() if defaults is None else defaults
+    keys = sorted(defaults.keys() & nano.keys())
+    argv = [train_argument(k, nano[k], defaults[k], path) for k in keys]
+    try:
+        return vars(resolve_options(TRAIN_PY, argv))
+    except UserError as e:
+        line = str(e)
+        wrong_type = re.fullmatch(r"(\w+)=.* (is not a .*)", line)  # the configurator's coerce: key='value' is not a
+        if wrong_type and wrong_type.group(1) in keys:
+            key = wrong_type.group(1)
+            raise UserError(f"{path}: config.{key}: {short(nano[key])} {wrong_type.group(2)}") from None
+        line = line.removeprefix("bad config: ")  # parse_config's prefix for the dataclass' own checks
+        raise UserError(f"{path}: config: {' '.join(line.split())[:300]}") from None  # on one line
 
 
 def nanogpt_weights(state: dict) -> dict:
@@ -188,8 +212,11 @@ def nanogpt_weights(state: dict) -> dict:
     return {k: v for k, v in weights.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
 
 
-def import_checkpoint(ckpt_path: str, out_dir: str, data_dir: str | None, tokenizer_dir: str | None) -> str:
-    """Convert a nanoGPT ckpt.pt into out_dir/ckpt-<iter>/ and return its path."""
+def import_checkpoint(
+    ckpt_path: str, out_dir: str, data_dir: str | None, tokenizer_dir: str | None, defaults: dict | None = None
+) -> str:
+    """Convert a nanoGPT ckpt.pt into out_dir/ckpt-<iter>/ and return its path. defaults: train_defaults(), when the
+    caller has them already."""
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -222,7 +249,7 @@ def import_checkpoint(ckpt_path: str, out_dir: str, data_dir: str | None, tokeni
     bad = next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad:
         raise UserError(f"{ckpt_path}: model.{label(bad)} holds non-finite weights (NaN or inf)")
-    train_config = nanogpt_train_config(nano, ckpt_path)  # the train config it ran with, in our keys
+    train_config = nanogpt_train_config(nano, ckpt_path, defaults)  # the train config it ran with, in our keys
 
     if os.path.exists(os.path.join(data_dir, "meta.json")):  # ours already: its meta.json checked as training does
         data = load_data(data_dir, 1, splits=())
@@ -279,14 +306,12 @@ def import_checkpoint(ckpt_path: str, out_dir: str, data_dir: str | None, tokeni
     return path
 
 
-def resume_flags(saved: dict) -> str:
-    """The --key=value that a resume of this checkpoint needs where they differ from train.py's defaults: the
-    model's shape and the data, which resuming checks (add the schedule you want: max_iters, learning_rate, ...)."""
-    from train import TrainConfig
-
-    default = dataclasses.asdict(TrainConfig())
+def resume_flags(saved: dict, defaults: dict) -> str:
+    """The --key=value that a resume of this checkpoint needs where they differ from the defaults (train_defaults(),
+    train.py's own): the model's shape and the data, which resuming checks (add the schedule you want: max_iters,
+    learning_rate, ...)."""
     keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"] + ["data_root", "dataset"]
-    return " ".join(f"--{k}={saved[k]}" for k in keys if saved.get(k) != default.get(k))
+    return " ".join(f"--{k}={saved[k]}" for k in keys if saved.get(k) != defaults.get(k))
 
 
 def checkpoint_file(path: str) -> str:
@@ -312,11 +337,13 @@ def main(argv=None):
     if cfg.ckpt:
         if not cfg.out_dir:
             raise UserError("--out_dir is needed with a checkpoint: the new run directory to write it into")
-        path = import_checkpoint(checkpoint_file(cfg.ckpt), cfg.out_dir, cfg.data_dir, cfg.tokenizer_dir)
+        defaults = train_defaults()  # resolved once: the import and the resume command both compare with them
+        path = import_checkpoint(checkpoint_file(cfg.ckpt), cfg.out_dir, cfg.data_dir, cfg.tokenizer_dir, defaults)
         with open(os.path.join(path, "meta.json")) as f:
             saved = json.load(f)["train_config"]
+        flags = resume_flags(saved, defaults)
         print(f"sample it:   python sample.py --out_dir={cfg.out_dir}")
-        print(f"continue it: python train.py --init_from=resume --out_dir={cfg.out_dir} {resume_flags(saved)}")
+        print(f"continue it: python train.py --init_from=resume --out_dir={cfg.out_dir} {flags}")
     elif cfg.data_dir:
         import_dataset(cfg.data_dir, cfg.tokenizer_dir)
     else:

@@ -36,6 +36,14 @@ def test_every_bench_script_runs_as_a_plain_script(script):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
 
 
+def test_train_speed_help_names_train_pys_options(capsys):
+    from bench import train_speed
+
+    assert train_speed.main(["--help"]) is None
+    out = capsys.readouterr().out
+    assert out.startswith(train_speed.__doc__) and "every train.py option (python train.py --help)" in out
+
+
 def test_train_speed_measures_the_model_train_py_builds(char_data, capsys):
     from bench.train_speed import measure
 

@@ -3,6 +3,7 @@ the loss as the mean over the assistant tokens of the global batch (by hand, and
 a grown vocabulary, and end to end: a tiny model fine-tuned on 20 made-up questions answers each of its training
 questions with its training answer under sample.py --chat=True --temperature=0."""
 
+import dataclasses
 import importlib
 import io
 import json
@@ -202,7 +203,7 @@ def test_the_step_loss_is_the_mean_over_the_assistant_tokens_of_the_global_batch
     torch.manual_seed(1337)
     data = load_data(os.path.join(root, "chat"), block_size=48)
     cfg = train.parse_config(train.TrainConfig, [*args, "--gradient_accumulation_steps=2"])
-    model = GPT(train.model_config(cfg, data.meta["vocab_size"])).eval()
+    model = GPT(GPTConfig.from_options(dataclasses.asdict(cfg), data.meta["vocab_size"])).eval()
     xs, ys = zip(*(chat_rows(data, "train", 4, 48, train_key(cfg.seed, 0, m)) for m in range(2)), strict=True)
     x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
     logits, _ = model(x, all_logits=True)

@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import inspect
 import io
+import json
 import os
 import runpy
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 
 import sample
 import train
-from engine.configurator import parse_config
+from engine.configurator import describe_fields, parse_config, resolve_options
 from engine.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,3 +275,35 @@ def test_a_renamed_key_still_works_in_a_preset_and_on_the_command_line(tmp_path)
     preset.write_text("checkpoint_every = 3\n")
     assert parse_config(train.TrainConfig, [str(preset)]).recompute_every == 3
     assert parse_config(train.TrainConfig, ["--checkpoint_every=2"]).recompute_every == 2
+
+
+def test_print_config_prints_the_resolved_config_as_json_and_exits_0(tmp_path, capsys):
+    preset = write(tmp_path / "p.py", "batch_size = 1\ndataset = 'p'\n")
+    with pytest.raises(SystemExit) as e:
+        parse_config(Small, [preset, "--print_config", "--vocab_size=none"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out) == dataclasses.asdict(
+        Small(batch_size=1, dataset="p", vocab_size=None)
+    )
+    with pytest.raises(UserError, match="batch_size"):  # the config is checked as a run checks it, then printed
+        parse_config(Small, ["--batch_size=abc", "--print_config"])
+    assert capsys.readouterr().out == ""
+    assert describe_fields(Small).splitlines()[-1].split()[0] == "--print_config"  # and --help says so
+
+
+def test_resolve_options_is_train_pys_own_resolution(tmp_path):
+    """A tool taking train.py's command line gets what train.py resolves: defaults < presets < --key=value, coerced
+    by train.py's own field types, without importing train.py; a bad option is train.py's own one line."""
+    preset = write(tmp_path / "p.py", "batch_size = 4\nmax_iters = 100\n")
+    argv = [preset, "--max_iters=7", "--learning_rate=1", "--vocab_size=none"]
+    got = resolve_options(os.path.join(ROOT, "train.py"), argv)
+    expected = dataclasses.asdict(parse_config(train.TrainConfig, argv))
+    assert vars(got) == expected and type(got.learning_rate) is float and got.vocab_size is None
+    assert (got.batch_size, got.max_iters) == (4, 7)
+    for bad in (["--batch_size=0"], ["--max_iters=abc"], ["--batch_sise=3"]):
+        with pytest.raises(UserError) as in_process:
+            parse_config(train.TrainConfig, bad)
+        with pytest.raises(UserError) as resolved:
+            resolve_options(os.path.join(ROOT, "train.py"), bad)
+        assert str(resolved.value) == str(in_process.value) and "\n" not in str(resolved.value)

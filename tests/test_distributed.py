@@ -110,7 +110,7 @@ def test_accumulation_not_divisible_by_ranks_is_a_one_line_error(char_data, tmp_
 
 
 def test_a_locked_out_dir_stops_every_rank_with_one_line(char_data, tmp_path):
-    from engine.checkpoint import OutDirLock
+    from engine.out_dir_lock import OutDirLock
 
     out = str(tmp_path / "out")
     holder = OutDirLock(out)  # another run writes there

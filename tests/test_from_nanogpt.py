@@ -6,6 +6,7 @@ iter_num, best_val_loss and config, the model's keys prefixed `_orig_mod.` when 
 learned positions, LayerNorm, exact GELU and tied embeddings: our GPT with mlp="gelu" is the same function, so a
 model of ours stands in for one nanoGPT trained."""
 
+import dataclasses
 import os
 import pickle
 import re
@@ -15,6 +16,7 @@ import pytest
 import torch
 from conftest import shakespeare_text
 from from_nanogpt import main as import_main
+from from_nanogpt import nanogpt_train_config, resume_flags, train_defaults
 
 import sample
 import train
@@ -197,3 +199,26 @@ def test_a_nanogpt_run_directory_stands_for_its_ckpt_pt(nano_char, tmp_path):
     for i, given in enumerate([[str(nano_char), f"--ckpt={run}"], [str(run / "ckpt.pt"), str(nano_char)]]):
         import_main([*given, f"--out_dir={tmp_path / f'out-both-{i}'}"])
         assert load_model(find_checkpoint(str(tmp_path / f"out-both-{i}")))[1]["iter_num"] == 250
+
+
+def test_a_nanogpt_config_becomes_train_pys_options_checked_by_train_py():
+    """nanoGPT's config keys that are train.py options are resolved by train.py (its defaults for the rest, its
+    coercion and validation); a value of the wrong type or out of range is one line naming the checkpoint."""
+    defaults = train_defaults()
+    assert defaults == dataclasses.asdict(train.TrainConfig())
+    nano = {"batch_size": 4, "learning_rate": 1e-3, "max_iters": 5000.0, "beta2": 0.99, "lr_decay_iters": None}
+    config = nanogpt_train_config(nano | {"nanogpt_only": [1, 2]}, "ckpt.pt", defaults)
+    expected = train.TrainConfig(batch_size=4, learning_rate=1e-3, max_iters=5000, beta2=0.99, lr_decay_iters=None)
+    assert config == dataclasses.asdict(expected) and type(config["max_iters"]) is int
+    for bad, message in [
+        ({"batch_size": "four"}, "config.batch_size: 'four' is not a valid int"),
+        ({"batch_size": [4]}, "config.batch_size: [4] is not a int"),
+        ({"device": 5}, "config.device: 5 is not a str"),
+        ({"learning_rate": float("inf")}, "config.learning_rate: inf is not a finite number"),
+        ({"batch_size": 0}, "config: batch_size must be >= 1"),
+    ]:
+        with pytest.raises(UserError, match=f"^ckpt.pt: {re.escape(message)}") as refused:
+            nanogpt_train_config(nano | bad, "ckpt.pt", defaults)
+        assert "\n" not in str(refused.value)
+    saved = defaults | {"n_layer": 2, "dataset": "nano_char"}
+    assert resume_flags(saved, defaults) == "--n_layer=2 --dataset=nano_char"

@@ -4,6 +4,7 @@ imports another in a circle."""
 
 import ast
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,3 +67,31 @@ def test_no_import_circles():
         if name not in state:
             visit(name, [])
     assert len(edges) > 20  # the walk saw the whole tree, not an empty one
+
+
+def test_no_engine_module_names_train_config():
+    """engine/ takes the values it uses, never train.py's TrainConfig, so tools can use engine/ without train.py."""
+    for name, path in our_modules().items():
+        if name.startswith("engine."):
+            source = open(path).read()
+            assert not re.search(r"\bTrainConfig\b", source), f"{path} names TrainConfig; pass it the values it uses"
+
+
+def test_no_script_imports_train_py():
+    """train.py is a leaf, as nanoGPT's is: tools that take its command line ask it (engine/configurator.py
+    resolve_options), and nothing imports it (tests aside)."""
+    importers = sorted(name for name, deps in graph().items() if "train" in deps)
+    assert importers == [], f"{', '.join(importers)} import train.py"
+
+
+def test_train_py_reads_like_nanogpt():
+    """TrainConfig first, then main() with its loop, then init_model and estimate_loss; the sizes the restructure of
+    issue 28 set: train.py at most about 550 lines, main() about 140 and its loop about 85."""
+    path = os.path.join(ROOT, "train.py")
+    tree = ast.parse(open(path).read())
+    top = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert top[:4] == ["TrainConfig", "main", "init_model", "estimate_loss"]
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    loop = next(n for n in ast.walk(main) if isinstance(n, ast.While))
+    assert len(open(path).read().splitlines()) <= 560
+    assert main.end_lineno - main.lineno + 1 <= 150 and loop.end_lineno - loop.lineno + 1 <= 95

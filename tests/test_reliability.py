@@ -17,7 +17,7 @@ from conftest import ROOT, TINY_TRAIN
 
 import sample
 import train
-from engine import checkpoint
+from engine import checkpoint, out_dir_lock, run_log
 from engine.errors import EXIT_NONFINITE, EXIT_PREEMPTED, UserError
 
 TINY = [*TINY_TRAIN, "--warmup_iters=2", "--lr_decay_iters=1000"]
@@ -235,7 +235,7 @@ def test_a_pickle_payload_in_a_checkpoint_executes_nothing(char_data, tmp_path, 
 
 def test_a_second_writer_is_refused_naming_the_first(char_data, tmp_path):
     out = str(tmp_path / "out")
-    holder = checkpoint.OutDirLock(out)  # what a running train.py holds
+    holder = out_dir_lock.OutDirLock(out)  # what a running train.py holds
     try:
         with pytest.raises(UserError, match=rf"in use by another training run \(pid {os.getpid()} on "):
             train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
@@ -243,12 +243,12 @@ def test_a_second_writer_is_refused_naming_the_first(char_data, tmp_path):
         holder.release()
     assert not os.path.exists(out) or os.listdir(out) == []  # the refused run wrote nothing
     assert train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2")) == 0
-    assert not os.path.exists(os.path.join(out, checkpoint.LOCK_NAME))  # let go at the end
+    assert not os.path.exists(os.path.join(out, out_dir_lock.LOCK_NAME))  # let go at the end
 
 
 def test_the_lock_of_a_killed_run_is_taken_over(char_data, tmp_path):
     out = str(tmp_path / "out")
-    code = f"import sys; from engine import checkpoint; checkpoint.OutDirLock({out!r}); print('locked', flush=True)"
+    code = f"import sys; from engine import out_dir_lock; out_dir_lock.OutDirLock({out!r}); print('locked', flush=True)"
     code += "; sys.stdin.read()"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdout.readline() == b"locked\n"  # the event: the lock is held
@@ -256,7 +256,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(char_data, tmp_path):
         train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2"))
     proc.kill()  # kill -9: no chance to clean up; the kernel drops the flock
     proc.wait()
-    assert os.path.exists(os.path.join(out, checkpoint.LOCK_NAME))  # the stale file is still there
+    assert os.path.exists(os.path.join(out, out_dir_lock.LOCK_NAME))  # the stale file is still there
     assert train.main(args(char_data, out, "--max_iters=2", "--eval_interval=2")) == 0
 
 
@@ -311,37 +311,37 @@ def shutil_usage(free):
 
 def test_a_metrics_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     path = str(tmp_path / "metrics.jsonl")
-    train.log_metrics(path, {"iter": 0, "loss": 1.0})
+    run_log.log_metrics(path, {"iter": 0, "loss": 1.0})
     real_write = os.write
 
     def half(fd, data):  # the disk fills up half-way through the line
         real_write(fd, data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train.os, "write", half)
+    monkeypatch.setattr(run_log.os, "write", half)
     with pytest.raises(OSError):
-        train.log_metrics(path, {"iter": 1, "loss": 2.0})
+        run_log.log_metrics(path, {"iter": 1, "loss": 2.0})
     monkeypatch.undo()
-    train.log_metrics(path, {"iter": 2, "loss": 3.0})
+    run_log.log_metrics(path, {"iter": 2, "loss": 3.0})
     assert [r["iter"] for r in metrics(str(tmp_path))] == [0, 2]
 
 
 def test_a_short_metrics_write_is_cut_back_too(tmp_path, monkeypatch):
     path = str(tmp_path / "metrics.jsonl")
-    train.log_metrics(path, {"iter": 0, "loss": 1.0})
+    run_log.log_metrics(path, {"iter": 0, "loss": 1.0})
     real_write = os.write
-    monkeypatch.setattr(train.os, "write", lambda fd, data: real_write(fd, data[:5]))  # no error, 5 bytes written
+    monkeypatch.setattr(run_log.os, "write", lambda fd, data: real_write(fd, data[:5]))  # no error, 5 bytes written
     with pytest.raises(OSError):
-        train.log_metrics(path, {"iter": 1, "loss": 2.0})
+        run_log.log_metrics(path, {"iter": 1, "loss": 2.0})
     monkeypatch.undo()
-    train.log_metrics(path, {"iter": 2, "loss": 3.0})
+    run_log.log_metrics(path, {"iter": 2, "loss": 3.0})
     assert [r["iter"] for r in metrics(str(tmp_path))] == [0, 2]
 
 
 def test_a_full_disk_for_metrics_mid_run_warns_once_and_training_goes_on(char_data, tmp_path, monkeypatch, capsys):
     """A metrics row that cannot be written must not end the run (and lose the work since the last checkpoint)."""
     out = str(tmp_path / "out")
-    real, calls = train.log_metrics, [0]
+    real, calls = run_log.log_metrics, [0]
 
     def fills_up(path, record):  # the disk is full from the 4th row to the 8th
         calls[0] += 1
@@ -349,7 +349,7 @@ def test_a_full_disk_for_metrics_mid_run_warns_once_and_training_goes_on(char_da
             raise OSError(28, "No space left on device")
         real(path, record)
 
-    monkeypatch.setattr(train, "log_metrics", fills_up)
+    monkeypatch.setattr(run_log, "log_metrics", fills_up)
     assert train.main(args(char_data, out, "--max_iters=8", "--eval_interval=4")) == 0
     assert checkpoint.read_meta(checkpoint.find_checkpoint(out))["iter_num"] == 8
     err = capsys.readouterr().err

@@ -2,6 +2,7 @@
 the model's own count for every architecture; the FLOPs and memory formulas as written in the papers."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -9,10 +10,10 @@ import torch
 
 import train
 from engine import runtime
-from engine.configurator import parse_config
+from engine.configurator import load_preset, resolve_options
 from model import GPT, GPTConfig
 from tools import sizing
-from train import TrainConfig, model_config
+from train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +36,8 @@ def test_gpt2_124m():
 
 def test_train_gpt2_preset_matches_model(capsys):
     argv = [os.path.join(ROOT, "config", "train_gpt2.py")]
-    cfg = parse_config(TrainConfig, argv)
-    config = model_config(cfg, cfg.vocab_size)
+    cfg = resolve_options(sizing.TRAIN_PY, argv)  # train.py's options, as sizing.main reads them
+    config = GPTConfig.from_options(vars(cfg), cfg.vocab_size)
     model = sizing.build_meta_model(config)
     # the preset has bias=False (TrainConfig's default) and the padded vocabulary 50304
     biases = 2 * 768 + 3 * 768 + 768 + 4 * 768 + 768  # per block: ln_1, ln_2, c_attn, c_proj, c_fc, c_proj
@@ -85,12 +86,26 @@ def test_flops_and_memory_formulas():
 
 def test_short_report_and_errors():
     cfg = TrainConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=100)
-    model = GPT(model_config(cfg, 65))
+    model = GPT(GPTConfig.from_options(dataclasses.asdict(cfg), 65))
     text = train.size_report(cfg, model)
     n = model.num_params(non_embedding=False)
     assert text.count("\n") == 1 and f"{n:,} parameters" in text and f"{40 * 4 * 16:,} tokens/iter" in text
     with pytest.raises(sizing.UserError, match="unknown --gpu"):
         sizing.gpu_peak_flops("abacus")
+
+
+def test_train_options_are_resolved_by_train_py(capsys):
+    """The train.py part of the command line is train.py's own: its preset values, its validation and error line."""
+    preset = os.path.join(ROOT, "config", "train_gpt2.py")
+    with pytest.raises(sizing.UserError, match="batch_size must be >= 1"):
+        sizing.main([preset, "--batch_size=0", "--gpu=H100"])
+    sizing.main([preset, "--n_layer=6", "--gpu=H100", "--print_config"])
+    options = json.loads(capsys.readouterr().out)
+    assert options == dataclasses.asdict(TrainConfig(**load_preset(preset) | {"n_layer": 6})) | {
+        "gpu": "H100",
+        "num_gpus": 1,
+        "mfu": 0.45,
+    }
 
 
 def test_gpu_names_are_normalised_and_cpu_is_measured():

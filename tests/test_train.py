@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import train
 from engine.checkpoint import find_checkpoint, list_checkpoints, read_meta
 from engine.errors import UserError
+from engine.fp8 import fp8_eligible
 from engine.optim import lr_at
 
 TINY = [
@@ -340,10 +341,10 @@ def test_muon_on_a_torch_without_it_is_refused(monkeypatch):
 
 def test_fp8_leaves_out_routers_odd_shapes_and_the_head():
     linear = torch.nn.Linear
-    assert train.fp8_eligible(linear(64, 256), "transformer.h.0.mlp.c_fc")
-    assert not train.fp8_eligible(linear(64, 8), "transformer.h.0.mlp.router")
-    assert not train.fp8_eligible(linear(64, 65), "transformer.h.0.attn.c_attn")  # 65 is not a multiple of 16
-    assert not train.fp8_eligible(linear(64, 64), "lm_head")
+    assert fp8_eligible(linear(64, 256), "transformer.h.0.mlp.c_fc")
+    assert not fp8_eligible(linear(64, 8), "transformer.h.0.mlp.router")
+    assert not fp8_eligible(linear(64, 65), "transformer.h.0.attn.c_attn")  # 65 is not a multiple of 16
+    assert not fp8_eligible(linear(64, 64), "lm_head")
 
 
 def test_an_optimizer_state_that_does_not_fit_is_a_one_line_error(char_data, tmp_path):

@@ -21,12 +21,13 @@ import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on,
 from safetensors import SafetensorError
 
 from engine import chat
-from engine.checkpoint import LOCK_NAME, list_checkpoints, load_newest_model
+from engine.checkpoint import list_checkpoints, load_newest_model
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.files import TEMPORARY, disk_full, staged_files
 from engine.hf_interop import EXPORT_FILES, UnsupportedModel, save_hf
 from engine.lora import merge_lora
+from engine.out_dir_lock import LOCK_NAME
 from engine.tokenization import (
     TokenizerUnavailable,
     bpe_tokenizer_json,

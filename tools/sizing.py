@@ -4,8 +4,9 @@
     python tools/sizing.py config/train_shakespeare_char.py --gpu=H100
     python tools/sizing.py config/train_gpt2.py --n_layer=24 --n_head=16 --n_embd=1024 --gpu=H100 --num_gpus=8 --mfu=0.4
 
-Takes train.py's command line (presets, then --key=value, into train.TrainConfig) plus --gpu, --num_gpus and --mfu.
-The model is built on PyTorch's meta device, so nothing is allocated and parameters are counted exactly.
+Takes train.py's command line (presets, then --key=value, resolved by train.py itself: engine/configurator.py
+resolve_options) plus --gpu, --num_gpus and --mfu. The model is built on PyTorch's meta device, so nothing is
+allocated and parameters are counted exactly.
 
 Formulas (b micro-batch, s block_size, h n_embd, a n_head, L n_layer, V vocab, N parameters):
   FLOPs per token   6N + 12·L·h·s (PaLM, Chowdhery et al. 2022, appendix B; 6N counts active weights, so an MoE
@@ -26,26 +27,30 @@ Formulas (b micro-batch, s block_size, h n_embd, a n_head, L n_layer, V vocab, N
 Memory figures are per GPU: DDP keeps a full copy of weights, gradients and optimizer state on each.
 """
 
+import dataclasses
+import json
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # python tools/x.py works too
 import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
 
 import torch
 
 from bench.train_speed import measure
-from engine.configurator import describe_fields, parse_config
+from engine.configurator import PRINT_CONFIG, describe_fields, parse_config, resolve_options
 from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
 from engine.lora import lora_params, parse_targets
 from engine.memory import activation_bytes, device_memory
 from engine.runtime import GPU_PEAK_FLOPS, pick_dtype
 from model import GPT, GPTConfig
-from train import TrainConfig, model_config
 
+TRAIN_PY = os.path.join(ROOT, "train.py")  # whose command line this takes
 CHINCHILLA_TOKENS_PER_PARAM = 20
 MEASURE_CPU_STEP_UP_TO_S = 4.0  # a CPU run's step is timed when its estimated step is at most this (5 are run)
 
@@ -128,8 +133,11 @@ def timed_cpu_step(train_argv: list[str], estimate_s: float, need_bytes: int) ->
     return measure([*train_argv, "--device=cpu", "--compile=False"], burn_in=2, steps=3)["ms_per_iter"] / 1000
 
 
-def report(cfg: TrainConfig, opts: SizingOptions, config: GPTConfig, train_argv: list[str] | None = None) -> str:
-    """The full sizing report as text; for a CPU, train_argv (train.py's command line) lets it time the step."""
+def report(
+    cfg: types.SimpleNamespace, opts: SizingOptions, config: GPTConfig, train_argv: list[str] | None = None
+) -> str:
+    """The full sizing report as text, for train.py's resolved options cfg; for a CPU, train_argv (train.py's command
+    line) lets it time the step."""
     model = build_meta_model(config)
     parts = param_counts(model)
     n = sum(parts.values())
@@ -229,14 +237,17 @@ def main(argv=None):
     mine = [a for a in argv if a.partition("=")[0] in own]
     opts = parse_config(SizingOptions, mine)
     train_argv = [a for a in argv if a not in mine]
-    cfg = parse_config(TrainConfig, train_argv)
+    cfg = resolve_options(TRAIN_PY, train_argv)
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if "gpu" not in opts.given and on_cpu:  # a run that would train on this CPU: size it for the CPU, not an A100
         opts.gpu = "cpu"
     if opts.num_gpus < 1 or not 0 < opts.mfu <= 1:
         raise UserError("--num_gpus must be >= 1 and --mfu in (0, 1]")
+    if PRINT_CONFIG in argv:  # what would be sized: train.py's options and this tool's
+        print(json.dumps(vars(cfg) | dataclasses.asdict(opts)))
+        return
     vocab_size = cfg.vocab_size or dataset_vocab_size(os.path.join(cfg.data_root, cfg.dataset))
-    print(report(cfg, opts, model_config(cfg, vocab_size), train_argv))
+    print(report(cfg, opts, GPTConfig.from_options(vars(cfg), vocab_size), train_argv))
 
 
 if __name__ == "__main__":

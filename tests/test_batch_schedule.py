@@ -12,7 +12,7 @@ from test_train import args, final_weights, records, step_losses
 
 import train
 from engine import loss_curve
-from engine.batch_warmup import BatchWarmup, done
+from engine.batch_schedule import BatchWarmup, done
 from engine.errors import UserError
 
 # 4 micro-steps of 4 x 16 tokens once warm; from 1 micro-step, over the first 1,024 tokens (8 full batches' worth)

@@ -1,4 +1,11 @@
-"""Batch-size warmup (train.py --batch_warmup_tokens): the global batch grows, in whole micro-steps of gradient
+"""The batch schedule: which token windows each micro-step of each rank reads (Batches), and how many micro-steps each
+optimizer step takes (BatchWarmup).
+
+Windows depend only on (seed, iteration, global micro-step, rollbacks so far), so a resumed run reads the batches an
+uninterrupted one reads, W ranks of M micro-steps read exactly what one process of W * M reads, and a rollback moves
+on to windows the spike never saw. Rank r takes the contiguous global micro-steps r * M onwards.
+
+Batch-size warmup (train.py --batch_warmup_tokens): the global batch grows, in whole micro-steps of gradient
 accumulation, from a small start to the configured gradient_accumulation_steps over the first N tokens, as GPT-3
 and Megatron-LM's --rampup-batch-size do (early on, small batches make the same progress per token for less compute).
 
@@ -9,8 +16,11 @@ meaning what they mean without warmup, and the run trains exactly max_iters full
 steps: the last step takes only the micro-steps that are left.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+from engine.data import get_batch, target_count, train_key
 
 DONE = 1e-9  # a run whose progress is within this of max_iters is done (progress sums fractions m / G)
 
@@ -52,3 +62,34 @@ class BatchWarmup:
 
 def done(progress: float, max_iters: int) -> bool:
     return progress >= max_iters - DONE
+
+
+class Batches:
+    """This rank's training batches: `data` in micro-batches of batch_size windows of block_size tokens."""
+
+    def __init__(self, data, batch_size: int, block_size: int, seed: int, warmup: BatchWarmup, rt):
+        self.data, self.batch_size, self.block_size, self.seed, self.warmup = data, batch_size, block_size, seed, warmup
+        self.rank, self.world_size, self.device = rt.rank, rt.world_size, rt.device
+
+    def get(self, it: int, g: int, rollbacks: int = 0):
+        """The batch (x, y) of global micro-step g of iteration it."""
+        key = train_key(self.seed, it, g, rollbacks)
+        return get_batch(self.data, "train", self.batch_size, self.block_size, key, self.device)
+
+    def first(self, loop):
+        """This rank's first batch of the step at `loop` (a LoopState): global micro-step rank * its micro-steps."""
+        per_rank = self.warmup.micro_steps(loop.tokens, loop.progress) // self.world_size
+        return self.get(loop.iter_num, self.rank * per_rank, loop.rollbacks)
+
+    def after(self, loop, micro_step: int, accum_steps: int, tokens_after: int, progress_after: float):
+        """The batch after this rank's micro_step of accum_steps: its next micro-step's, or after the last one the
+        next iteration's first (whose micro-step count follows the tokens and progress once this step is done)."""
+        if micro_step + 1 < accum_steps:
+            return self.get(loop.iter_num, self.rank * accum_steps + micro_step + 1, loop.rollbacks)
+        upcoming = dataclasses.replace(loop, iter_num=loop.iter_num + 1, tokens=tokens_after, progress=progress_after)
+        return self.first(upcoming)
+
+    def targets(self, loop, micro_steps: int) -> int:
+        """The targets the loss counts in the step's global batch, over every rank and micro-step (chat data)."""
+        keys = [train_key(self.seed, loop.iter_num, g, loop.rollbacks) for g in range(micro_steps)]
+        return sum(target_count(self.data, "train", self.batch_size, self.block_size, key) for key in keys)
