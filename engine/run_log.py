@@ -71,13 +71,13 @@ class RunLog:
         self.wandb = None
         if rt.master:
             os.makedirs(out_dir, exist_ok=True)
-            lines = "\n".join(f"{k} = {v!r}" for k, v in config.items())
-            header = "# resolved config of the last run in this directory"
-            write_file(os.path.join(out_dir, "train_config.py"), f"{header}\n{lines}\n")
             # rows past the checkpoint are logged again; a new run's file starts empty (rows there are of a run that
             # died before its first checkpoint)
             resumed = read_meta(resume_from) if resume_from else {}
             trim_metrics(self.metrics_path, resumed.get("iter_num", 0), resumed.get("rollbacks", 0))
+            lines = "\n".join(f"{k} = {v!r}" for k, v in config.items())
+            header = "# resolved config of the last run in this directory"
+            write_file(os.path.join(out_dir, "train_config.py"), f"{header}\n{lines}\n")
         if wandb_run and rt.master:  # imported only when asked for, on the master only
             try:
                 import wandb
