@@ -2,7 +2,9 @@
 
 Reading order: GPTConfig, then the blocks bottom-up (norms, positions, CausalSelfAttention, MLP, MoE, Block), then
 GPT (init, forward, generation, loading Hugging Face weights). With GPTConfig's defaults this is exactly GPT-2;
-e.g. pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False is a Llama.
+e.g. pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False is a Llama. The same
+blocks make an encoder (arch="encoder"): bidirectional attention with a padding mask and BERT's masked-language-model
+head [10]; with norm_position="post", mlp="gelu", bias=True and norm_eps=1e-12 it is exactly BERT.
 
 Shape legend used in the comments:
     B batch size, T time (sequence length), C n_embd, nh n_head, nkv n_kv_head, hs head size (C // nh),
@@ -18,6 +20,7 @@ References:
     [7] So et al. 2021, "Primer" (squared ReLU).
     [8] Ainslie et al. 2023, "GQA" (grouped-query attention); Shazeer 2019 (multi-query attention).
     [9] Fedus et al. 2021, "Switch Transformers" (load-balancing loss); Shazeer et al. 2017 (top-k routing).
+    [10] Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding".
 """
 
 import math
@@ -31,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu_tanh", "gelu", "relu", "relu2", "swiglu")
+ARCHS = ("decoder", "encoder")
 
 
 @dataclass
@@ -57,6 +61,7 @@ class GPTConfig:
     n_expert_active: int = 2  # experts each token is routed to (top-k)
     moe_shared_expert: bool = False  # one more expert that every token goes through
     moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
+    arch: str = "decoder"  # decoder: causal attention, next-token head (GPT); encoder: bidirectional, MLM head (BERT)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -76,6 +81,7 @@ class GPTConfig:
             ("norm", NORMS),
             ("mlp", MLPS),
             ("norm_position", ("pre", "post")),
+            ("arch", ARCHS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -215,6 +221,7 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.hs, eps=config.norm_eps)
             self.k_norm = nn.RMSNorm(self.hs, eps=config.norm_eps)
         self.qk_norm = config.qk_norm
+        self.causal = config.arch == "decoder"  # an encoder's queries see every key (but padding)
 
     def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None, start: int = 0):
         """x (B, T, C) at positions start..start+T-1; rope: (cos, sin) each (T, hs) or None; attn_mask: (nh or 1, T,
@@ -235,8 +242,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q, k, v, attn_mask):
-        """softmax(q k^T / sqrt(hs) + bias) v with a causal mask [2]; SDPA picks flash/memory-efficient kernels when it
-        can. Grouped-query attention shares each key/value head among n_head / n_kv_head query heads."""
+        """softmax(q k^T / sqrt(hs) + bias) v, with a causal mask [2] in a decoder; SDPA picks flash/memory-efficient
+        kernels when it can. Grouped-query attention shares each key/value head among n_head / n_kv_head query heads."""
         T = q.size(2)
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled() and k.size(2) <= 256:
             # torch's CPU flash attention runs its backward slower in bfloat16 than in float32 up to ~256 keys (4.8x
@@ -248,7 +255,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and T > 1,  # a single query (decoding) may see every key
+            is_causal=self.causal and attn_mask is None and T > 1,  # a single query (decoding) sees every key
             enable_gqa=self.n_kv_head != self.n_head,
         )  # fmt: skip
 
@@ -265,17 +272,21 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)  # (B, T, C) -> (B, T, H)
-        if self.kind == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
-        elif self.kind == "gelu":
-            h = F.gelu(h)
-        elif self.kind == "relu":
-            h = F.relu(h)
-        elif self.kind == "relu2":
-            h = F.relu(h).square()  # [7]
-        else:  # swiglu [6]: a SiLU-gated linear unit
+        if self.kind == "swiglu":  # [6]: a SiLU-gated linear unit
             h = F.silu(self.c_gate(x)) * h
+        else:
+            h = activate(self.kind, h)
         return self.dropout(self.c_proj(h))  # (B, T, H) -> (B, T, C)
+
+
+def activate(kind: str, h: torch.Tensor) -> torch.Tensor:
+    if kind == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+    if kind == "relu":
+        return F.relu(h)
+    if kind == "relu2":
+        return F.relu(h).square()  # [7]
+    return F.gelu(h)  # exact GELU (BERT's)
 
 
 class MoE(nn.Module):
@@ -347,6 +358,19 @@ class Block(nn.Module):
         return x
 
 
+class MLMHead(nn.Module):
+    """An encoder's masked-language-model head before the output layer, as BERT's [10]: dense, activation, norm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = "gelu" if config.mlp == "swiglu" else config.mlp
+        self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.norm = make_norm(config)
+
+    def forward(self, x):
+        return self.norm(activate(self.kind, self.dense(x)))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -354,12 +378,17 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
         if config.pos_embedding == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        encoder = config.arch == "encoder"
+        if encoder and config.norm_position == "post":  # BERT normalises the embeddings before the first block
+            modules["ln_e"] = make_norm(config)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         # Post-norm blocks already end in a norm; pre-norm ones need a final one.
         modules["ln_f"] = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.transformer = nn.ModuleDict(modules)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if encoder:
+            self.mlm_head = MLMHead(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=encoder)  # BERT's output layer has a bias
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2017), as GPT-2: the output projection is the token embedding matrix.
             self.transformer.wte.weight = self.lm_head.weight
@@ -411,6 +440,7 @@ class GPT(nn.Module):
         start_pos=0,
         all_logits: bool = False,
         reduction: str = "mean",
+        padding_mask=None,
     ):
         """idx (B, T) int64 token ids; targets (B, T) int64 or None, -1 marks positions to ignore.
         With kv_cache (from new_kv_cache), idx holds positions start_pos..start_pos+T-1 of the sequences, whose earlier
@@ -423,6 +453,9 @@ class GPT(nn.Module):
         normalised over a whole batch whose micro-batches hold different numbers of targets (chat: only the
         assistant's tokens count); a batch without targets then gives 0, not NaN. Without targets: logits (B, 1, V)
         for the last position only, as nanoGPT (all_logits=True: (B, T, V)), and loss None.
+
+        An encoder (arch="encoder") attends both ways and returns every position's logits; padding_mask (B, T) bool,
+        True for real tokens, keeps padding out of attention (its own positions' outputs mean nothing).
         """
         B, T = idx.size()
         static = torch.is_tensor(start_pos)
@@ -437,7 +470,12 @@ class GPT(nn.Module):
         elif self.config.pos_embedding == "sinusoidal":
             x = x + self.pos_table[pos]
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.pos_embedding == "rope" else None  # (T, hs)
-        mask = self.attention_mask(pos, kv_cache[0].k.size(2) if static else start_pos + T, start_pos, x.dtype)
+        if "ln_e" in self.transformer:
+            x = self.transformer.ln_e(x)
+        if self.config.arch == "encoder":
+            mask = self.encoder_mask(pos, padding_mask, x.dtype)
+        else:
+            mask = self.attention_mask(pos, kv_cache[0].k.size(2) if static else start_pos + T, start_pos, x.dtype)
         x = self.transformer.drop(x)
 
         # the blocks
@@ -451,7 +489,9 @@ class GPT(nn.Module):
 
         # the head, and the loss
         x = self.transformer.ln_f(x)
-        if targets is None and not all_logits:
+        if self.config.arch == "encoder":
+            x = self.mlm_head(x)
+        elif targets is None and not all_logits:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): inference needs only the next token's logits
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -477,8 +517,19 @@ class GPT(nn.Module):
             return causal_distance(pos, k_len) >= 0  # (T, k_len)
         return None
 
+    def encoder_mask(self, pos: torch.Tensor, padding_mask, dtype: torch.dtype) -> torch.Tensor | None:
+        """An encoder's attn_mask: none (every query sees every key), or with padding_mask (B, T) a (B, 1, 1, T)
+        boolean mask hiding padded keys; with ALiBi a (nh or B, ...) float bias, -slope * |distance|, both ways."""
+        keep = padding_mask[:, None, None, :] if padding_mask is not None else None
+        if self.config.pos_embedding != "alibi":
+            return keep
+        bias = -self.alibi_slopes.to(pos.device)[:, None, None] * causal_distance(pos, len(pos)).abs()  # (nh, T, T)
+        return (bias if keep is None else bias.masked_fill(~keep, float("-inf"))).to(dtype)
+
     def new_kv_cache(self, batch_size: int, length: int | None = None, dtype=None) -> list[KVCache]:
         """Empty per-layer caches for batch_size sequences of up to `length` (default block_size) positions."""
+        if self.config.arch == "encoder":
+            raise ValueError("an encoder has no KV cache: it reads the whole input at once (fill-mask, not generate)")
         param = self.lm_head.weight
         length = length or self.config.block_size
         return [
@@ -517,6 +568,9 @@ class GPT(nn.Module):
                 rows = w.data.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
                 grown[id(w)] = nn.Parameter(torch.cat([w.data, rows]).contiguous())
             module.weight = grown[id(w)]
+            if getattr(module, "bias", None) is not None:  # an encoder's output bias: the new ids at its mean
+                bias = module.bias.data
+                module.bias = nn.Parameter(torch.cat([bias, bias.mean().expand(vocab_size - old)]))
             if isinstance(module, nn.Embedding):
                 module.num_embeddings = vocab_size
             else:

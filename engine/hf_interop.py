@@ -1,8 +1,11 @@
-"""Hugging Face interop: read GPT-2 and Llama checkpoints in Hugging Face format, and write ours in it.
+"""Hugging Face interop: read GPT-2, Llama and BERT checkpoints in Hugging Face format, and write ours in it.
 
 A Hugging Face directory holds config.json and model.safetensors. GPT-2 (model_type "gpt2") stores its Linear
 layers as Conv1D with (in, out) weights, transposed here; Llama (model_type "llama") maps to the switches
-pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head, tie_embeddings. transformers is not needed.
+pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head, tie_embeddings; BERT (model_type "bert",
+BertForMaskedLM) to arch="encoder" with post-norm, an embedding norm and the MLM head, its token-type embeddings
+folded into the position embeddings (type 0: every token's type in a single-segment input). transformers is not
+needed.
 """
 
 import difflib
@@ -17,7 +20,7 @@ from engine import chat
 from engine.checkpoint import save_safetensors
 from engine.errors import UserError
 from engine.memory import check_fits
-from engine.schemas import GPT2HFConfig, LlamaHFConfig, check, read_json, short
+from engine.schemas import BertHFConfig, GPT2HFConfig, LlamaHFConfig, check, read_json, short
 from model import GPT, GPTConfig
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -81,11 +84,13 @@ def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
     file = os.path.join(directory, "config.json")
     hf = read_json(file)
     kind = hf.get("model_type") if isinstance(hf, dict) else None
-    if kind not in ("gpt2", "llama"):
-        raise UnsupportedModel(f"{name_or_dir}: model_type {short(kind)} is not supported (gpt2 and llama are)")
-    check(GPT2HFConfig if kind == "gpt2" else LlamaHFConfig, hf, file)  # types and sizes, before any arithmetic
+    readers = {"gpt2": (GPT2HFConfig, _gpt2_config), "llama": (LlamaHFConfig, _llama_config)}
+    readers["bert"] = (BertHFConfig, _bert_config)
+    if kind not in readers:
+        raise UnsupportedModel(f"{name_or_dir}: model_type {short(kind)} is not supported (gpt2, llama and bert are)")
+    check(readers[kind][0], hf, file)  # types and sizes, before any arithmetic
     try:
-        config = _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+        config = readers[kind][1](hf)
     except UnsupportedModel as e:
         raise UnsupportedModel(f"{file}: {e}") from None
     except ValueError as e:  # GPTConfig's: the sizes do not combine (n_embd not divisible by n_head, ...)
@@ -104,6 +109,8 @@ def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
     try:
         if kind == "gpt2":
             return config, _gpt2_state_dict(weights, config.n_layer)
+        if kind == "bert":
+            return config, _bert_state_dict(weights, config)
         return config, _llama_state_dict(weights, config)
     except KeyError as e:
         raise UserError(f"{path} lacks the tensor {e.args[0]} that its config.json implies") from None
@@ -217,10 +224,79 @@ def _llama_state_dict(weights: dict, config: GPTConfig) -> dict:
     return sd
 
 
+def _bert_config(hf: dict) -> GPTConfig:
+    mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}.get(
+        hf.get("hidden_act", "gelu")
+    )
+    if mlp is None:
+        raise UnsupportedModel(f"BERT hidden_act {hf.get('hidden_act')!r} is not supported")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedModel("BERT with relative position embeddings is not supported (absolute is)")
+    if hf.get("is_decoder", False):
+        raise UnsupportedModel("BERT as a decoder (is_decoder=true) is not supported: it is an encoder here")
+    return GPTConfig(
+        arch="encoder",
+        block_size=hf["max_position_embeddings"],
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"],
+        n_embd=hf["hidden_size"],
+        bias=True,
+        norm_position="post",
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        mlp=mlp,
+        mlp_hidden=hf["intermediate_size"],
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+# our name -> BERT's, per layer ({i}) and global; q, k and v are fused into c_attn
+_BERT_LAYER = {
+    "attn.c_proj": "attention.output.dense",
+    "ln_1": "attention.output.LayerNorm",
+    "mlp.c_fc": "intermediate.dense",
+    "mlp.c_proj": "output.dense",
+    "ln_2": "output.LayerNorm",
+}
+_BERT_GLOBAL = {
+    "transformer.wte": "bert.embeddings.word_embeddings",
+    "transformer.ln_e": "bert.embeddings.LayerNorm",
+    "mlm_head.dense": "cls.predictions.transform.dense",
+    "mlm_head.norm": "cls.predictions.transform.LayerNorm",
+    "lm_head": "cls.predictions.decoder",
+}
+
+
+def _bert_state_dict(weights: dict, config: GPTConfig) -> dict:
+    sd = {}
+    for ours, theirs in _BERT_GLOBAL.items():
+        for part in ("weight", "bias"):
+            if f"{theirs}.{part}" in weights:
+                sd[f"{ours}.{part}"] = weights[f"{theirs}.{part}"]
+    sd.setdefault("lm_head.bias", weights["cls.predictions.bias"])
+    if "lm_head.weight" not in sd:  # tied: the output layer is the word embedding
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    # every token is of type 0 in one segment: its type embedding is a constant, added to every position's
+    types = weights.get("bert.embeddings.token_type_embeddings.weight")
+    position = weights["bert.embeddings.position_embeddings.weight"]
+    sd["transformer.wpe.weight"] = position + types[0] if types is not None else position
+    for i in range(config.n_layer):
+        hf, ours = f"bert.encoder.layer.{i}.", f"transformer.h.{i}."
+        for our_key, their_key in _BERT_LAYER.items():
+            for part in ("weight", "bias"):
+                sd[f"{ours}{our_key}.{part}"] = weights[f"{hf}{their_key}.{part}"]
+        for part in ("weight", "bias"):
+            qkv = [weights[f"{hf}attention.self.{p}.{part}"] for p in ("query", "key", "value")]
+            sd[f"{ours}attn.c_attn.{part}"] = torch.cat(qkv, dim=0)
+    return sd
+
+
 def hf_format(config: GPTConfig) -> str:
     """Which Hugging Face layout can hold this config: "gpt2" or "llama"; UnsupportedModel, naming what each layout
     lacks, if neither."""
     c = config
+    if c.arch == "encoder":
+        raise UnsupportedModel("exporting an encoder (BertForMaskedLM) is not supported yet; it loads from BERT only")
     if c.n_expert:
         raise UnsupportedModel("Mixture of Experts models have no GPT-2 or Llama Hugging Face layout")
     gpt2 = [

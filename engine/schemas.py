@@ -364,6 +364,7 @@ class ModelConfig(Shape):
     n_expert_active: Annotated[int, Field(ge=1, le=1 << 16)] = 2
     moe_shared_expert: bool = False
     moe_aux_loss_coef: Finite = 0.01
+    arch: str = "decoder"
 
 
 def _params_listed(group: dict) -> dict:
@@ -471,6 +472,23 @@ class LlamaHFConfig(Shape):
     mlp_bias: bool = False
     rms_norm_eps: Finite = 1e-6
     tie_word_embeddings: bool = False
+
+
+class BertHFConfig(Shape):
+    """transformers' BertConfig as config.json holds it: the fields engine/hf_interop.py maps onto GPTConfig."""
+
+    max_position_embeddings: Size
+    vocab_size: Size
+    num_hidden_layers: Size
+    num_attention_heads: Size
+    hidden_size: Size
+    intermediate_size: Size
+    hidden_act: str = "gelu"
+    layer_norm_eps: Finite = 1e-12
+    type_vocab_size: Annotated[int, Field(ge=0, le=1 << 16)] = 2
+    position_embedding_type: str = "absolute"
+    tie_word_embeddings: bool = True
+    is_decoder: bool = False
 
 
 # --- task files (engine/tasks.py) ---------------------------------------------------------------------------------
