@@ -1,9 +1,11 @@
-r"""Sample text from a trained model, GPT-2, or a Hugging Face directory, with a KV cache.
+r"""Sample text from a trained model, GPT-2, or a Hugging Face directory, with a KV cache; or, from an encoder (a
+run trained with --arch=encoder), fill in each [MASK] of the prompt.
 
     python sample.py --out_dir=out-shakespeare-char                       # newest checkpoint in out_dir
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0 # greedy, prompt from a file
     python sample.py --out_dir=out --num_samples=1 --stream=True --stop='\n\n'  # print as it goes, stop at a blank line
+    python sample.py --out_dir=out-bert --start="To be, or not to [MASK]."  # an encoder: the top_k fillers
     python sample.py --help                                                # every option
 
 Options are SampleConfig's fields below, set by preset files and then --key=value. The samples of one run are
@@ -35,7 +37,7 @@ class SampleConfig:
     num_samples: int = 10  # samples to draw, as one batch
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
-    top_k: int | None = 200  # keep only the k most likely tokens; none = all
+    top_k: int | None = 200  # keep only the k most likely tokens; none = all (an encoder: fillers shown, default 5)
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p; none = all
     min_p: float | None = None  # keep tokens at least min_p times as likely as the most likely; none = all
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL's penalty); 1 = off
@@ -99,6 +101,9 @@ def main(argv=None):
 
     if cfg.chat:
         converse(cfg, model, tokenizer, rt)
+        return
+    if model.config.arch == "encoder":
+        fill_mask(cfg, model, tokenizer, rt)
         return
     prompt = read_prompt(cfg.start)
     ids = tokenizer.encode(prompt)
@@ -182,6 +187,38 @@ def converse(cfg: SampleConfig, model, tokenizer, rt) -> None:
             print(pieces.push(t), end="", flush=True)
         print(pieces.flush(), flush=True)
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+
+
+def fill_mask(cfg: SampleConfig, model, tokenizer, rt) -> None:
+    """An encoder's answer to a prompt with [MASK] in it: `[CLS] prompt [SEP]` read at once, and for each [MASK] one
+    line of the top_k most likely text tokens (never a special one) with their probabilities."""
+    if not model.special:
+        raise UserError(f"{model.source} is an encoder without its special tokens recorded; use a run of train.py")
+    prompt = read_prompt(cfg.start)
+    pieces = prompt.split("[MASK]")
+    if len(pieces) == 1:
+        raise UserError('the prompt has no [MASK] to fill in; write [MASK] where a token is missing, e.g. "to [MASK]"')
+    ids = [model.special["[CLS]"]]
+    for i, piece in enumerate(pieces):
+        ids += tokenizer.encode(piece) + ([model.special["[MASK]"]] if i < len(pieces) - 1 else [])
+    ids.append(model.special["[SEP]"])
+    if len(ids) > model.config.block_size:
+        raise UserError(
+            f"the prompt is {len(ids)} tokens with [CLS] and [SEP]; the encoder reads {model.config.block_size}"
+        )
+    print(f"filling in {len(pieces) - 1} [MASK] with {model.source}", file=sys.stderr)
+    x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None]
+    with torch.no_grad():
+        logits = model(x)[0][0].float()  # (T, V): every position's
+    text_vocab = min(model.special.values())  # the special tokens follow the text's vocabulary
+    k = min(cfg.top_k if cfg.top_k is not None and "top_k" in getattr(cfg, "given", ()) else 5, text_vocab)
+    for n, position in enumerate(i for i, t in enumerate(ids) if t == model.special["[MASK]"]):
+        probs = torch.softmax(logits[position, :text_vocab], dim=-1)
+        top = torch.topk(probs, k)
+        fillers = " | ".join(
+            f"{tokenizer.decode([t])!r} {p:.4f}" for p, t in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        )
+        print(f"[MASK] {n + 1}: {fillers}")
 
 
 def stream(steps, tokenizer, prompt: str, stops: list[str]) -> None:

@@ -35,20 +35,21 @@ from engine.checkpoint import (
     read_meta,
 )
 from engine.configurator import format_overrides, parse_config
-from engine.data import Tokenizer, chat_tokens_from, check_chat_coverage, eval_key, get_batch, load_data
+from engine.data import chat_tokens_from, check_chat_coverage, eval_key, get_batch, load_data
 from engine.ema import EMA
 from engine.errors import EXIT_NONFINITE, UserError, run_cli
 from engine.fp8 import enable_fp8
 from engine.fsdp import shard_model
 from engine.hf_interop import from_pretrained
 from engine.lora import lora_params, merge_lora, parse_targets
+from engine.masking import SPECIAL, Masking
 from engine.memory import check_fits, out_of_memory_hint
 from engine.optim import SCHEDULES, lr_at, set_lr, setup_training
 from engine.out_dir_lock import hold_out_dir
 from engine.rollback import ROLL_BACK, STOP, BadSteps
 from engine.run_log import RunLog, StepTimer
 from engine.runtime import StopSignals, hash_seed, peak_flops, seed_everything, setup_runtime, teardown_runtime, wrap
-from engine.tasks import TASKS, read_items, score
+from engine.tasks import TASKS, load_task, task_record
 from engine.train_state import TrainState, check_resumable, start_lora
 from model import GPT, GPTConfig
 
@@ -106,6 +107,8 @@ class TrainConfig:
     n_expert_active: int = 2  # experts each token is routed to (top-k)
     moe_shared_expert: bool = False  # add one expert that every token uses
     moe_aux_loss_coef: float = 0.01  # weight of the MoE load-balancing loss in the training loss
+    arch: str = "decoder"  # decoder (GPT: next-token prediction) or encoder (BERT: masked tokens, engine/masking.py)
+    mlm_probability: float = 0.15  # encoder: the share of tokens masked and predicted (BERT's 15%)
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_learning_rate: float | None = None  # Muon's peak learning rate; none = learning_rate (RMS-matched to AdamW)
@@ -164,6 +167,7 @@ class TrainConfig:
             (("eval_task_interval", "lr_decay_iters"), lambda v: v is None or v >= 1, ">= 1 or none"),
             (("spike_factor",), lambda v: v > 1, "> 1"),
             (("spike_lr_scale", "decay_fraction"), lambda v: 0 < v <= 1, "in (0, 1]"),
+            (("mlm_probability",), lambda v: 0 < v < 1, "in (0, 1)"),
             (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
             (("optimizer",), lambda v: v in ("adamw", "muon"), "adamw or muon"),
             (("lr_schedule",), lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
@@ -186,6 +190,8 @@ class TrainConfig:
             raise ValueError("fp8=True with lora_rank is not supported: train the adapters in bf16 (drop --fp8)")
         if self.fsdp and self.optimizer == "muon":
             raise ValueError("optimizer=muon needs whole matrices; use it without fsdp")
+        if self.arch == "encoder" and self.eval_task:
+            raise ValueError("eval_task scores a decoder's next-token likelihoods; an encoder (arch=encoder) has none")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
         GPTConfig.from_options(dataclasses.asdict(self), 1)  # the architecture switches, now rather than after the data
@@ -203,9 +209,12 @@ def main(argv=None):
 
     # data; out_dir belongs to this run alone until it ends; signals are polled once per step from here on
     data = load_data(os.path.join(cfg.data_root, cfg.dataset), cfg.block_size)
-    task = load_task(cfg, data) if cfg.eval_task else None  # read and checked before anything in out_dir is touched
+    task = load_task(cfg.eval_task, cfg.eval_task_file, cfg.eval_task_items, data.meta) if cfg.eval_task else None
     if data.chat and cfg.init_from != "resume" and not cfg.eval_only:  # reads every mask; block_size is fixed by now
         check_chat_coverage(data, cfg.block_size, rt.print0)
+    masking = Masking(data.meta["vocab_size"], cfg.mlm_probability) if cfg.arch == "encoder" else None  # MLM
+    if masking and data.chat:
+        raise UserError(f"{cfg.dataset} is a chat dataset, for decoders; an encoder trains on plain token files")
     oom_hint = out_of_memory_hint(rt.device, cfg.batch_size, cfg.block_size)
     with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, oom_hint, contextlib.ExitStack() as closing:
         # what the run holds (engine/train_state.py): the model (never wrapped: checkpoints hold plain names; under
@@ -223,6 +232,7 @@ def main(argv=None):
         scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
         ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None  # the weights, averaged
         run_meta = {"train_config": dataclasses.asdict(cfg), "data": data.fingerprint()}  # in every checkpoint
+        run_meta |= {"encoder": {"special": masking.special, "mlm_probability": masking.probability}} if masking else {}
         state = TrainState(raw_model, optimizers, scaler, ema, lora, rt, cfg.fsdp, cfg.out_dir, cfg.keep_last, run_meta)
         if resume_from:
             state.resume(resume_from)
@@ -233,7 +243,7 @@ def main(argv=None):
         planned = loop.iter_num + warmup.steps_left(loop.tokens, loop.progress)
         wandb_run = (cfg.wandb_project, cfg.wandb_run_name) if cfg.wandb_log else None
         log = closing.enter_context(RunLog(cfg.out_dir, rt, planned, dataclasses.asdict(cfg), resume_from, wandb_run))
-        batches = Batches(data, cfg.batch_size, cfg.block_size, cfg.seed, warmup, rt)
+        batches = Batches(data, cfg.batch_size, cfg.block_size, cfg.seed, warmup, rt, masking)
         spikes = (cfg.max_rollbacks, cfg.spike_factor, cfg.spike_window, cfg.spike_patience, cfg.spike_lr_scale)
         advice = (rt.dtype == torch.float16, cfg.grad_clip, cfg.learning_rate)  # why every step may be non-finite
         bad_steps = BadSteps(state, resume_from, cfg.max_nonfinite_steps, *spikes, *advice)  # (resume_from: see it)
@@ -251,15 +261,15 @@ def main(argv=None):
             # evaluate and checkpoint: every eval_interval and at the end; save when val improves (or always)
             last = done(loop.progress, cfg.max_iters)
             if loop.iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
-                losses = estimate_loss(eval_model, data, cfg, rt)
-                log(eval_record(loop.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt))
+                losses = estimate_loss(eval_model, data, cfg, rt, masking)
+                log(eval_record(loop.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt, masking))
                 improved = losses["val"] is not None and losses["val"] < loop.best_val_loss  # None: no targets
                 loop.best_val_loss = losses["val"] if improved else loop.best_val_loss
                 if save_wanted(cfg, loop, improved or last, bad_steps.good):
                     bad_steps.good = state.save(losses) or bad_steps.good
                 timer.restart()  # the step's time leaves out evaluation and checkpointing
             if task and (loop.iter_num % (cfg.eval_task_interval or cfg.eval_interval) == 0 or last or cfg.eval_only):
-                log(score_task(eval_model, task, cfg, rt, loop.iter_num))  # a benchmark's accuracy
+                log(task_record(eval_model, cfg.eval_task, task, cfg.batch_size, rt.autocast, loop.iter_num))
                 timer.restart()
             if cfg.eval_only or last:
                 break
@@ -272,7 +282,7 @@ def main(argv=None):
                 )
             micro_steps, tokens_after, progress_after = warmup.advance(loop.tokens, loop.progress)
             accum_steps = micro_steps // rt.world_size  # this rank's: global micro-steps rank * accum_steps onwards
-            targets = batches.targets(loop, micro_steps) if data.chat else None  # chat: the loss is their mean
+            targets = batches.targets(loop, micro_steps)  # chat, masked tokens: the loss is their mean; text: None
             loss_sum, aux_sum = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)  # aux: MoE's
             for micro_step in range(accum_steps):
                 sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
@@ -351,8 +361,9 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     resume_from = find_checkpoint(cfg.out_dir, log=rt.print0) if cfg.init_from == "resume" else None
     other_run = cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from)
     other_run = find_checkpoint(cfg.init_from, log=rt.print0) if other_run and list_checkpoints(cfg.init_from) else None
+    vocab = data.meta["vocab_size"] + (len(SPECIAL) if cfg.arch == "encoder" else 0)  # an encoder's tokens follow
     if cfg.init_from == "scratch":
-        config = GPTConfig.from_options(dataclasses.asdict(cfg), data.meta["vocab_size"])
+        config = GPTConfig.from_options(dataclasses.asdict(cfg), vocab)
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
         model = GPT(config)
     elif resume_from:
@@ -373,6 +384,8 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         rt.print0(f"starting from the weights of {other_run}")
     else:
         model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+    if model.config.arch != cfg.arch:
+        raise UserError(f"{cfg.init_from} holds an {model.config.arch}: train it with --arch={model.config.arch}")
     if not resume_from and cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     if data.chat and model.config.vocab_size < data.meta["vocab_size"]:  # room for the chat template's tokens
@@ -385,9 +398,11 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         new_rows = model.config.vocab_size - chat_tokens_from(data) if data.chat else 0  # the chat tokens' rows
         trainable += new_rows * model.config.n_embd * (1 if model.config.tie_embeddings else 2)
     check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing, trainable)
-    if model.config.vocab_size < data.meta["vocab_size"]:
+    if model.config.vocab_size < vocab:
+        specials = f" and the encoder's {len(SPECIAL)} special tokens" if cfg.arch == "encoder" else ""
         raise UserError(
             f"the model's vocab_size {model.config.vocab_size} is smaller than the dataset's {data.meta['vocab_size']}"
+            f"{specials}"
         )
     if cfg.block_size > model.config.block_size:
         raise UserError(f"block_size={cfg.block_size} exceeds the model's {model.config.block_size}")
@@ -398,30 +413,34 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg: TrainConfig, rt) -> dict[str, float | None]:
-    """Mean loss over the same eval_iters batches of each split at every evaluation, shared out across ranks."""
+def estimate_loss(model, data, cfg: TrainConfig, rt, masking=None) -> dict[str, float | None]:
+    """Mean loss over the same eval_iters batches of each split at every evaluation, shared out across ranks. An
+    encoder's is over the masked tokens (drawn from the batch number: the same at every evaluation), with the share
+    of them predicted right as "<split>_accuracy"."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        total = torch.zeros(2, device=rt.device)  # loss sum, batch count
+        total = torch.zeros(3, device=rt.device)  # loss sum, batch (or target) count, right predictions
         # every rank runs the same number of forward passes (FSDP's all-gathers need all of them); extras weigh 0
         for first in range(0, cfg.eval_iters, rt.world_size):
             k = first + rt.rank
-            x, y = get_batch(
-                data, split, cfg.batch_size, cfg.block_size, eval_key(cfg.seed, k % cfg.eval_iters), rt.device
-            )
-            weight = float(k < cfg.eval_iters)
+            key, weight = eval_key(cfg.seed, k % cfg.eval_iters), float(k < cfg.eval_iters)
+            batch = masking.batch if masking else get_batch  # an encoder's: the text masked, between [CLS] and [SEP]
+            x, y = batch(data, split, cfg.batch_size, cfg.block_size, key, rt.device)
             with rt.autocast():
-                if data.chat:  # weighted by tokens: batches hold different numbers of assistant tokens
-                    _, loss = model(x, y, reduction="sum")
+                if data.chat or masking:  # weighted by tokens: batches hold different numbers of targets
+                    logits, loss = model(x, y, reduction="sum")
                     count = (y >= 0).sum().float() * weight
                 else:
-                    _, loss = model(x, y)
+                    logits, loss = model(x, y)
                     count = torch.tensor(weight, device=rt.device)
-            total += torch.stack([loss.float() * weight, count])
+            right = ((logits.argmax(-1) == y) & (y >= 0)).sum().float() * weight if masking else torch.zeros_like(count)
+            total += torch.stack([loss.float() * weight, count, right])
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item() if total[1] > 0 else None  # chat batches with no target: no loss
+        if masking:
+            out[f"{split}_accuracy"] = (total[2] / total[1]).item() if total[1] > 0 else None
     model.train()
     return out
 
@@ -480,31 +499,16 @@ def size_report(cfg: TrainConfig, model: GPT) -> str:
     )
 
 
-def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt) -> dict:
-    """The log record of an evaluation: the losses, and with EMA on the same batches' losses of the average."""
+def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt, masking) -> dict:
+    """The log record of an evaluation: the losses (an encoder's also its masked-token accuracies), and with EMA on
+    the same batches' losses of the average."""
     record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
+    record |= {f"{split}_accuracy": losses[f"{split}_accuracy"] for split in ("train", "val") if masking}
     if ema:
         with ema.swapped_in(raw_model):
-            averaged = estimate_loss(eval_model, data, cfg, rt)
+            averaged = estimate_loss(eval_model, data, cfg, rt, masking)
         record |= {"train_loss_ema": averaged["train"], "val_loss_ema": averaged["val"]}
     return record
-
-
-def load_task(cfg: TrainConfig, data) -> tuple:
-    """(items, encode, eot_id) of the eval_task, encoded with the dataset's tokenizer."""
-    tokenizer = Tokenizer(data.meta)
-    return read_items(cfg.eval_task, cfg.eval_task_file, cfg.eval_task_items), tokenizer.encode, tokenizer.eot_id
-
-
-def score_task(model, task: tuple, cfg: TrainConfig, rt, it: int) -> dict:
-    """The eval_task's accuracies as a log record. Every rank scores every item (the same forward passes on each,
-    which FSDP's all-gathers need), so all agree without a collective."""
-    items, encode, eot_id = task
-    model.eval()
-    result, _ = score(model, items, encode, eot_id, cfg.batch_size, rt.autocast)
-    model.train()
-    name = cfg.eval_task
-    return {"iter": it, f"{name}_acc": result["acc"], f"{name}_acc_norm": result["acc_norm"], "task_items": len(items)}
 
 
 def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) -> dict | None:
@@ -531,7 +535,8 @@ def micro_step_loss(model, x, y, accum_steps: int, world_size: int, targets: int
     """One micro-step's share of the batch loss: summed over the micro-steps (and averaged over ranks by DDP) it is
     the mean over the global batch's targets. Plain text: each micro-batch's mean / accum_steps. Chat data, whose
     micro-batches hold different numbers of assistant tokens: the summed cross-entropy times world size over the
-    global batch's target count. The logits are not kept: they would stay alive into the next step."""
+    global batch's target count; the same for an encoder's masked tokens. The logits are not kept: they would stay
+    alive into the next step."""
     if targets is None:
         return model(x, y)[1] / accum_steps
     return model(x, y, reduction="sum")[1] * (world_size / max(1, targets))

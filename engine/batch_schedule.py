@@ -65,16 +65,18 @@ def done(progress: float, max_iters: int) -> bool:
 
 
 class Batches:
-    """This rank's training batches: `data` in micro-batches of batch_size windows of block_size tokens."""
+    """This rank's training batches: `data` in micro-batches of batch_size windows of block_size tokens; for an
+    encoder masked (masking: engine/masking.py's Masking, else None)."""
 
-    def __init__(self, data, batch_size: int, block_size: int, seed: int, warmup: BatchWarmup, rt):
+    def __init__(self, data, batch_size: int, block_size: int, seed: int, warmup: BatchWarmup, rt, masking=None):
         self.data, self.batch_size, self.block_size, self.seed, self.warmup = data, batch_size, block_size, seed, warmup
-        self.rank, self.world_size, self.device = rt.rank, rt.world_size, rt.device
+        self.rank, self.world_size, self.device, self.masking = rt.rank, rt.world_size, rt.device, masking
 
     def get(self, it: int, g: int, rollbacks: int = 0):
         """The batch (x, y) of global micro-step g of iteration it."""
         key = train_key(self.seed, it, g, rollbacks)
-        return get_batch(self.data, "train", self.batch_size, self.block_size, key, self.device)
+        batch = self.masking.batch if self.masking else get_batch
+        return batch(self.data, "train", self.batch_size, self.block_size, key, self.device)
 
     def first(self, loop):
         """This rank's first batch of the step at `loop` (a LoopState): global micro-step rank * its micro-steps."""
@@ -89,7 +91,13 @@ class Batches:
         upcoming = dataclasses.replace(loop, iter_num=loop.iter_num + 1, tokens=tokens_after, progress=progress_after)
         return self.first(upcoming)
 
-    def targets(self, loop, micro_steps: int) -> int:
-        """The targets the loss counts in the step's global batch, over every rank and micro-step (chat data)."""
+    def targets(self, loop, micro_steps: int) -> int | None:
+        """The targets the loss counts in the step's global batch, over every rank and micro-step, where batches hold
+        different numbers of them (chat data: the assistant's tokens; an encoder's: the masked ones); None for plain
+        text, whose every token is a target."""
+        if not (self.data.chat or self.masking):
+            return None
         keys = [train_key(self.seed, loop.iter_num, g, loop.rollbacks) for g in range(micro_steps)]
+        if self.masking:
+            return sum(self.masking.count(self.batch_size, self.block_size, key) for key in keys)
         return sum(target_count(self.data, "train", self.batch_size, self.block_size, key) for key in keys)

@@ -291,17 +291,17 @@ def get_batch(data: TokenData, split: str, batch_size: int, block_size: int, key
     -1 (ignored by the loss) wherever the mask says not to train."""
     if data.chat:
         xy = torch.from_numpy(np.stack(chat_rows(data, split, batch_size, block_size, key)))  # (2, B, T)
-        xy = _to_device(xy, device)
+        xy = to_device(xy, device)
         return xy[0], xy[1]
     tokens = data.memmap(split)  # a fresh map of the file checked at load, for this batch only
     rng = np.random.default_rng(list(key))
     offsets = rng.integers(0, len(tokens) - block_size, size=batch_size)  # every full window, the last included
     windows = np.stack([tokens[i : i + block_size + 1] for i in offsets]).astype(np.int64)  # (B, T+1)
-    xy = _to_device(torch.from_numpy(windows), device)
+    xy = to_device(torch.from_numpy(windows), device)
     return xy[:, :-1], xy[:, 1:]
 
 
-def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
     if device.startswith("cuda"):
         return t.pin_memory().to(device, non_blocking=True)  # the copy overlaps with the GPU's work
     return t.to(device)

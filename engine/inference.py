@@ -33,10 +33,11 @@ def load_for_inference(
         merge_lora(model)  # a LoRA run decodes with its adapters folded in: one matmul per layer
         average = ", EMA weights" if weights == "ema" else ""
         model.source = f"{path} (iteration {meta.get('iter_num')}, val loss {meta.get('val_loss')}{average})"
+        model.special = meta.get("encoder", {}).get("special")  # an encoder's [CLS], [SEP], [MASK], [PAD]
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
         model = from_pretrained(init_from)
-        model.source = init_from
+        model.source, model.special = init_from, None
         own = os.path.join(init_from, "tokenizer.json")
         if os.path.isfile(own):  # the directory's own tokenizer (an export of ours has one)
             tokenizer = Tokenizer({"tokenizer": "tokenizer.json", "path": own})

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from engine.data import Tokenizer
 from engine.errors import UserError
 from engine.schemas import MAX_TASK_LINE, ChoiceItem, HellaSwagRow, check, parse_json
 
@@ -152,3 +153,20 @@ def score(model, items: list[Item], encode, eot_id: int | None, batch_size: int 
         for name, pick in picks.items():
             correct[name] += pick == item.label
     return {name: c / len(items) for name, c in correct.items()} | {"items": len(items)}, per_item
+
+
+def load_task(name: str, path: str | None, limit: int | None, data_meta: dict) -> tuple:
+    """(items, encode, eot_id) of a benchmark for a run (train.py --eval_task), encoded with its dataset's tokenizer;
+    read and checked before the run touches anything."""
+    tokenizer = Tokenizer(data_meta)
+    return read_items(name, path, limit), tokenizer.encode, tokenizer.eot_id
+
+
+def task_record(model, name: str, task: tuple, batch_size: int, autocast, it: int) -> dict:
+    """A benchmark's accuracies at iteration it, as a log record. Every rank scores every item (the same forward
+    passes on each, which FSDP's all-gathers need), so all agree without a collective."""
+    items, encode, eot_id = task
+    model.eval()
+    result, _ = score(model, items, encode, eot_id, batch_size, autocast)
+    model.train()
+    return {"iter": it, f"{name}_acc": result["acc"], f"{name}_acc_norm": result["acc_norm"], "task_items": len(items)}

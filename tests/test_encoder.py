@@ -1,10 +1,20 @@
 """Encoders (arch=encoder): a BERT-style masked-language model from the same model.py. The anchor is outside our
 code: a random-weight transformers BertForMaskedLM and our import of it give the same logits, padding included."""
 
+import re
+
 import pytest
 import torch
+from test_distributed import rank_logs, torchrun
+from test_train import records
 
+import sample
+import train
+from engine.checkpoint import find_checkpoint, load_model, read_meta
+from engine.data import Tokenizer, load_data
+from engine.errors import UserError
 from engine.hf_interop import from_pretrained
+from engine.masking import Masking, special_tokens
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -65,3 +75,143 @@ def test_an_encoder_refuses_the_kv_cache_in_one_line():
     model = GPT(GPTConfig(arch="encoder", n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
     with pytest.raises(ValueError, match="an encoder has no KV cache"):
         model.new_kv_cache(1)
+
+
+def test_masking_follows_bert_80_10_10_over_many_draws():
+    """15% of the text tokens chosen, never [CLS] or [SEP]; of the chosen 80% [MASK], 10% random, 10% themselves; the
+    targets are exactly the chosen tokens. Counted over ~100k tokens: each share within 1% of BERT's."""
+    masking = Masking(text_vocab_size=1000, probability=0.15)
+    special = masking.special
+    text = torch.randint(0, 1000, (64, 200))
+    counts = torch.zeros(4)  # chosen, [MASK], random other token, kept
+    total = 0
+    for k in range(8):
+        x, y = masking.mask(text, (1, 2, k))
+        assert (x[:, 0] == special["[CLS]"]).all() and (x[:, -1] == special["[SEP]"]).all()
+        assert (y[:, 0] == -1).all() and (y[:, -1] == -1).all()
+        inner_x, inner_y = x[:, 1:-1], y[:, 1:-1]
+        chosen = inner_y >= 0
+        assert torch.equal(inner_y[chosen], text[chosen])  # the target is the original token
+        assert torch.equal(inner_x[~chosen], text[~chosen])  # nothing else changed
+        masked = inner_x == special["[MASK]"]
+        assert not (masked & ~chosen).any()
+        counts += torch.tensor(
+            [chosen.sum(), (masked & chosen).sum(), (chosen & ~masked & (inner_x != text)).sum(), 0], dtype=torch.float
+        )
+        counts[3] += (chosen & (inner_x == text)).sum()
+        total += text.numel()
+        assert masking.count(64, 202, (1, 2, k)) == int(chosen.sum())  # counted without the data
+    share = counts[0] / total
+    assert abs(share - 0.15) < 0.01
+    mask_share, random_share, kept_share = (counts[1:] / counts[0]).tolist()
+    # a random replacement can draw the token itself (1 in 1000): it counts as kept
+    assert abs(mask_share - 0.8) < 0.01 and abs(random_share - 0.1) < 0.01 and abs(kept_share - 0.1) < 0.01
+
+
+def test_the_same_key_masks_the_same_positions_and_another_key_others():
+    masking = Masking(text_vocab_size=50)
+    text = torch.randint(0, 50, (4, 30))
+    a, b, c = (masking.mask(text, key) for key in ((7, 0, 3, 1), (7, 0, 3, 1), (7, 0, 3, 2)))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+
+
+def test_the_masked_loss_is_the_mean_cross_entropy_over_the_chosen_tokens():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="encoder", n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)).eval()
+    masking = Masking(text_vocab_size=60)
+    x, y = masking.mask(torch.randint(0, 60, (3, 30)), (1, 0, 0, 0))
+    logits, loss = model(x, y)
+    chosen = (y >= 0).nonzero().tolist()
+    by_hand = [-torch.log_softmax(logits[b, t].double(), -1)[y[b, t]] for b, t in chosen]
+    assert len(chosen) > 0 and abs(loss.item() - torch.stack(by_hand).mean().item()) < 1e-5
+
+
+ENCODER = ["--arch=encoder", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32"]
+ENCODER += ["--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--dropout=0.0"]
+ENCODER += ["--gradient_accumulation_steps=2", "--learning_rate=3e-3", "--warmup_iters=2", "--eval_interval=3"]
+
+
+def losses_of(out_dir) -> dict:
+    return {r["iter"]: r["loss"] for r in records(out_dir) if "lr" in r}
+
+
+def test_an_encoder_trains_and_resumes_bit_exact(char_data, tmp_path):
+    """Masks are drawn from (seed, iteration, micro-step): a run stopped at 3 and resumed to 6 takes the uninterrupted
+    run's steps exactly. Evaluation logs the masked-token loss and accuracy; checkpoints record the special tokens."""
+    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert train.main([*run, f"--out_dir={whole}", "--max_iters=6"]) == 0
+    train.main([*run, f"--out_dir={parts}", "--max_iters=3"])
+    train.main([*run, f"--out_dir={parts}", "--max_iters=6", "--init_from=resume"])
+    assert losses_of(whole) == losses_of(parts) and len(losses_of(whole)) == 6
+    evaluations = [r for r in records(whole) if "val_loss" in r]
+    assert all(0 <= r["val_accuracy"] <= 1 and 0 <= r["train_accuracy"] <= 1 for r in evaluations)
+    meta, text_vocab = read_meta(find_checkpoint(whole)), load_data(f"{char_data}/tiny_char", 16).meta["vocab_size"]
+    assert meta["model_config"]["arch"] == "encoder" and meta["encoder"]["special"] == special_tokens(text_vocab)
+    assert meta["model_config"]["vocab_size"] >= text_vocab + 4
+
+
+@pytest.mark.slow
+def test_two_ranks_train_an_encoder_as_one_process(char_data, tmp_path):
+    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", "--max_iters=4"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    train.main([*run, f"--out_dir={single}"])
+    result = torchrun(tmp_path, *run, f"--out_dir={ddp}")
+    assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
+    ours, theirs = records(single), records(ddp)
+    assert [r["iter"] for r in ours] == [r["iter"] for r in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        for key in ("loss", "train_loss", "val_loss", "val_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["iter"], key)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eval_task=hellaswag"], "an encoder (arch=encoder) has none"),
+        (["--mlm_probability=1"], "mlm_probability must be in (0, 1)"),
+        (["--arch=bert"], "arch must be one of decoder, encoder"),
+    ],
+)
+def test_what_an_encoder_cannot_do_is_one_line(flags, message, char_data, tmp_path):
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path}/o", *flags])
+
+
+def test_a_bert_directory_trains_only_as_an_encoder(char_data, tmp_path):
+    path = tiny_bert(tmp_path)
+    run = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path}/o", f"--init_from={path}"]
+    with pytest.raises(UserError, match="holds an encoder: train it with --arch=encoder"):
+        train.main([*ENCODER[1:], *run])
+
+
+def test_fill_mask_prints_the_encoders_top_fillers_for_each_mask(char_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=3"])
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", "--start=be [MASK]ot t[MASK]", "--device=cpu", "--top_k=3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[MASK] 1", "[MASK] 2"]
+    # the same numbers straight from the model: [CLS] text [SEP], the text vocabulary's softmax at each [MASK]
+    model, meta = load_model(find_checkpoint(out))
+    tokenizer, special = Tokenizer(meta["data"]), meta["encoder"]["special"]
+    ids = [special["[CLS]"], *tokenizer.encode("be "), special["[MASK]"], *tokenizer.encode("ot t")]
+    ids += [special["[MASK]"], special["[SEP]"]]
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([ids]))[0][0]
+    for line, position in zip(lines, (4, 9), strict=True):
+        probs = torch.softmax(logits[position, : special["[CLS]"]], -1)
+        value, index = probs.max(-1)
+        assert line.split(": ", 1)[1].split(" | ")[0] == f"{tokenizer.decode([int(index)])!r} {value:.4f}"
+        assert len(line.split(" | ")) == 3
+
+
+@pytest.mark.parametrize(
+    "start, message", [("no mask here", "the prompt has no [MASK]"), ("[MASK] " * 20, "the encoder reads 16")]
+)
+def test_fill_mask_refuses_a_prompt_it_cannot_fill_in_one_line(start, message, char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=1"])
+    with pytest.raises(UserError, match=re.escape(message)):
+        sample.main([f"--out_dir={out}", f"--start={start}", "--device=cpu"])
