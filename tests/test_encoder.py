@@ -1,10 +1,12 @@
 """Encoders (arch=encoder): a BERT-style masked-language model from the same model.py. The anchor is outside our
 code: a random-weight transformers BertForMaskedLM and our import of it give the same logits, padding included."""
 
+import os
 import re
 
 import pytest
 import torch
+from test_bad_inputs import assert_user_error, run
 from test_distributed import rank_logs, torchrun
 from test_train import records
 
@@ -215,3 +217,19 @@ def test_fill_mask_refuses_a_prompt_it_cannot_fill_in_one_line(start, message, c
     train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=1"])
     with pytest.raises(UserError, match=re.escape(message)):
         sample.main([f"--out_dir={out}", f"--start={start}", "--device=cpu"])
+
+
+@pytest.mark.parametrize(
+    "tool, flags",
+    [
+        ("tools/evaluate.py", ["--text=to be or not", "--device=cpu"]),
+        ("tools/attention.py", ["--start=to be", "--png={tmp}/a.png"]),
+        ("tools/export_hf.py", ["--hf_dir={tmp}/hf"]),
+    ],
+)
+def test_the_decoder_tools_refuse_an_encoder_in_one_line(tool, flags, char_data, tmp_path):
+    out = str(tmp_path / "out")
+    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=1"])
+    result = run(tool, f"--out_dir={out}", *(f.format(tmp=tmp_path) for f in flags))
+    assert_user_error(result, "encoder")
+    assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "a.png")

@@ -174,6 +174,8 @@ def main(argv=None):
     model, tokenizer = load_for_inference(
         cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, weights=cfg.weights
     )
+    if model.config.arch == "encoder":  # its scores are of masked tokens, not of next tokens
+        raise UserError(f"{model.source} is an encoder: evaluate.py scores decoders; train.py logs its masked loss")
     model.to(rt.device)
     if cfg.task is not None:
         items = read_items(cfg.task, cfg.task_file, cfg.max_items)
