@@ -131,7 +131,11 @@ def test_sample_cli_compiled_in_bf16_equals_eager(tmp_path, capsys, fresh_dynamo
     assert fresh_dynamo["stats"]["unique_graphs"] == 3
 
 
-@pytest.mark.parametrize("switches", [[], ["--n_expert=4", "--n_expert_active=1"]], ids=["dense", "moe"])
+@pytest.mark.parametrize(
+    "switches",
+    [[], ["--n_expert=4", "--n_expert_active=1"], ["--arch=encoder"]],
+    ids=["dense", "moe", "encoder"],
+)
 def test_compiled_bf16_training_step_has_no_graph_breaks(switches, char_data, tmp_path, fresh_dynamo):
     argv = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
     argv += switches  # MoE: its routing's torch.where is traced with symbolic sizes, not a break and recompiles
