@@ -246,7 +246,7 @@ def main(argv=None):
         batches = Batches(data, cfg.batch_size, cfg.block_size, cfg.seed, warmup, rt, masking)
         spikes = (cfg.max_rollbacks, cfg.spike_factor, cfg.spike_window, cfg.spike_patience, cfg.spike_lr_scale)
         advice = (rt.dtype == torch.float16, cfg.grad_clip, cfg.learning_rate)  # why every step may be non-finite
-        bad_steps = BadSteps(state, resume_from, cfg.max_nonfinite_steps, *spikes, *advice)  # (resume_from: see it)
+        bad_steps = BadSteps(state, resume_from, cfg.max_nonfinite_steps, *spikes, *advice)  # rolls back to resume_from
         flops_per_micro_step = raw_model.flops_per_token(cfg.block_size) * micro_tokens / rt.world_size  # per GPU
         timer = StepTimer(min(MFU_WARMUP_ITERS, cfg.max_iters // 10), peak_flops(rt, cfg.peak_flops), MFU_WARMUP_ITERS)
         moe = raw_model.config.n_expert > 0

@@ -212,9 +212,10 @@ def describe_fields(cls) -> str:
     return "\n".join(lines)
 
 
-def format_config(config) -> str:
-    """The resolved config, one `key = value` per line: valid as a preset file (train.py writes it to out_dir)."""
-    return "\n".join(f"{k} = {v!r}" for k, v in dataclasses.asdict(config).items())
+def format_config(options: dict) -> str:
+    """Resolved options (dataclasses.asdict of a config), one `key = value` per line: valid as a preset file (the
+    run log writes train.py's to out_dir/train_config.py)."""
+    return "\n".join(f"{k} = {v!r}" for k, v in options.items())
 
 
 def format_overrides(config) -> str:

@@ -12,7 +12,7 @@ its first moment to its last a Ctrl-C is that line, never a traceback, a silent 
   "Exception ignored" and carry on as if Ctrl-C had not been pressed. sys.unraisablehook stops at once instead;
 - the process ends through end_process(), never through the interpreter's finalization. CPython before 3.14 ends
   every thread still running then with pthread_exit the moment it takes the GIL; with a C++ frame on its stack
-  (train.py's plot thread inside matplotlib, left drawing when an error or Ctrl-C cut main() short; gloo's worker
+  (a plot thread inside matplotlib still drawing; gloo's worker
   threads under torchrun, which DDP keeps alive past destroy_process_group, dropping the last reference to a
   tensor) the unwinding calls std::terminate: "terminate called without an active exception", SIGABRT. And a Ctrl-C
   during finalization, after Python has put back SIGINT's default action, kills the process without a word.

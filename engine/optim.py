@@ -106,7 +106,7 @@ def setup_training(
     recompute_every: int = 0,
 ) -> list:
     """Make `model` ready to train, as train.py and bench/train_speed.py both do: its blocks recomputed in the
-    backward pass every recompute_every-th one (0: none kept for recomputation, the default), and its optimizers."""
+    backward pass every recompute_every-th one (0: no recomputation, the default), and its optimizers."""
     model.recompute_every = recompute_every
     return build_optimizers(model, optimizer, weight_decay, learning_rate, betas, device_type, muon_learning_rate)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from engine import health
 from engine.checkpoint import read_meta
+from engine.configurator import format_config
 from engine.errors import UserError
 from engine.files import open_nofollow, write_file
 from engine.loss_curve import BackgroundPlot
@@ -75,9 +76,8 @@ class RunLog:
             # died before its first checkpoint)
             resumed = read_meta(resume_from) if resume_from else {}
             trim_metrics(self.metrics_path, resumed.get("iter_num", 0), resumed.get("rollbacks", 0))
-            lines = "\n".join(f"{k} = {v!r}" for k, v in config.items())
             header = "# resolved config of the last run in this directory"
-            write_file(os.path.join(out_dir, "train_config.py"), f"{header}\n{lines}\n")
+            write_file(os.path.join(out_dir, "train_config.py"), f"{header}\n{format_config(config)}\n")
         if wandb_run and rt.master:  # imported only when asked for, on the master only
             try:
                 import wandb
@@ -107,13 +107,15 @@ class RunLog:
     def __enter__(self) -> "RunLog":
         return self
 
-    def __exit__(self, *exc) -> None:  # however the run ends: the plot thread and wandb are finished before out_dir
-        self.close()  # is let go
+    def __exit__(self, kind, error, traceback) -> None:
+        """However the run ends, the plot thread and wandb finish before out_dir is let go (a second Ctrl-C interrupts
+        the wait); wandb records a run that failed or was interrupted as such, not as finished."""
+        self.close(exit_code=0 if kind is None else 130 if issubclass(kind, KeyboardInterrupt) else 1)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.plotter.join()
         if self.wandb:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
 
 
 def console_line(record: dict, max_iters: int) -> str:

@@ -1,6 +1,7 @@
 """Where and how the code runs: device (cuda -> mps -> cpu), precision, torchrun/DDP, seeding, rank-0 printing.
 
-Nothing here knows about models or data. train.py and sample.py call `setup_runtime` once.
+Nothing here knows about data; of a model, only how to wrap it to train (wrap: compiled, then DDP). train.py and
+sample.py call `setup_runtime` once.
 """
 
 import contextlib

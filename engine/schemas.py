@@ -299,8 +299,8 @@ class DataFingerprint(Shape):
 
 
 class LoraEntry(Shape):
-    """meta.json's "lora" (train.py setup_lora): the adapters, and the frozen base saved once beside the checkpoint.
-    Checkpoints before new_rows_from trained the whole embedding, named in trainable."""
+    """meta.json's "lora" (engine/train_state.py start_lora): the adapters, and the frozen base saved once beside the
+    checkpoint. Checkpoints before new_rows_from trained the whole embedding, named in trainable."""
 
     rank: Annotated[int, Field(ge=1, le=1 << 16)]
     alpha: Finite
@@ -323,7 +323,7 @@ class SavedTrainConfig(Shape):
 
 
 class CheckpointMeta(Shape):
-    """<checkpoint>/meta.json (engine/checkpoint.py save_checkpoint, train.py save). model_config is checked field by
+    """<checkpoint>/meta.json (engine/checkpoint.py save_checkpoint, TrainState.save). model_config is checked field by
     field against GPTConfig by ModelConfig."""
 
     model_config_: Annotated[dict[str, Any], Field(alias="model_config")]
@@ -405,7 +405,8 @@ def _ema_average(average: dict) -> None:
 
 
 class TrainingState(Shape):
-    """<checkpoint>/state.pt (train.py save): the optimizers, the scaler, the loop's counters, the weight average."""
+    """<checkpoint>/state.pt (engine/train_state.py TrainState.save): the optimizers, the scaler, the loop's counters,
+    the weight average."""
 
     optimizers: Annotated[list[OptimizerState], Field(max_length=8)]
     scaler: dict[str, Any]

@@ -5,7 +5,8 @@ stateful feature is one entry here (torchtitan's `Stateful` idea), not an argume
 
 state_dict() is what a checkpoint holds: "model" (the weights, written to model.safetensors; with LoRA only those that
 train, the frozen base being saved once), and the rest written to state.pt: "optimizers" (each keyed by parameter
-name, engine/fsdp.py's format, the same in every mode), "scaler", "ema" (with --ema_decay) and the LoopState fields.
+name, engine/fsdp.py's format, the same in every mode; empty for one that has not stepped yet), "scaler", "ema" (with
+--ema_decay) and the LoopState fields.
 Under FSDP it is a collective that gathers the full state on rank 0 (call it on every rank).
 """
 
@@ -34,7 +35,6 @@ from model import GPTConfig
 
 # what checkpoints saved before these options existed ran with
 BEFORE_KEYS = {"optimizer": "adamw", "lora_rank": 0, "lora_targets": "attn,mlp"}
-FRESH = {"state": {}, "param_groups": []}  # an optimizer that has not stepped yet (FSDP would make its state: a step)
 
 
 @dataclass
@@ -97,7 +97,11 @@ class TrainState:
         if self.lora:
             trained = set(self.trained())
             weights = {n: w for n, w in weights.items() if n in trained}
-        optimizers = [optimizer_state(self.model, opt, self.sharded) if opt.state else FRESH for opt in self.optimizers]
+        # an optimizer that has not stepped has no state to gather (asking FSDP for it would make it: a step)
+        optimizers = [
+            optimizer_state(self.model, opt, self.sharded) if opt.state else {"state": {}, "param_groups": []}
+            for opt in self.optimizers
+        ]
         state = {"model": weights, "optimizers": optimizers, "scaler": self.scaler.state_dict()}
         state |= {"ema": self.ema.state_dict()} if self.ema else {}  # a collective too, under FSDP
         return state | dataclasses.asdict(self.loop)
@@ -119,8 +123,8 @@ class TrainState:
                 detail = str(e).splitlines()[0][:200]
                 raise UserError(f"{source}/state.pt: ema: {detail}; it is not this model's") from None
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            if "state" in saved and not saved["state"]:  # (under FSDP from rank 0, the other ranks hold {})
-                opt.state.clear()  # fresh again: the first step makes its moments
+            if "state" in saved and not saved["state"]:  # an optimizer that had not stepped: fresh again
+                opt.state.clear()  # (under FSDP from rank 0 the other ranks hold {}, and load in the broadcast)
                 continue
             try:
                 load_optimizer_state(self.model, opt, saved, self.sharded, from_rank0=from_rank0)
@@ -138,12 +142,13 @@ class TrainState:
         """state_dict(), copied and held in memory (the weights on the CPU): the run's starting state, where a loss
         spike before the first checkpoint rolls back to. Under FSDP rank 0 holds it (restore with from_rank0)."""
         state = self.state_dict()
-        weights = {n: t.detach().to("cpu", copy=True) for n, t in state.pop("model").items()}
+        weights = state.pop("model")  # under FSDP already a fresh CPU copy, gathered on rank 0
+        weights = weights if self.sharded else {n: t.detach().to("cpu", copy=True) for n, t in weights.items()}
         return copy.deepcopy(state) | {"model": weights}
 
     def restore(self, snapshot: dict) -> None:
         """Back to a snapshot (it stays as it was: restoring twice gives the same state twice)."""
-        weights = snapshot["model"]  # copied into the parameters by load_state_dict
+        weights = dict(snapshot["model"])  # copied into the parameters; FSDP's loading replaces the dict's entries
         state = copy.deepcopy({k: v for k, v in snapshot.items() if k != "model"})
         self.load_state_dict(state | {"model": weights}, from_rank0=self.sharded)
 
@@ -198,8 +203,9 @@ def check_resumable(meta: dict, options: dict, data_meta: dict, log=print) -> No
     saved_train = meta["train_config"]
     # Every architecture key must be as the run was started (dropout may change). The keys are compared with the
     # saved train config rather than the model, so a run initialised from GPT-2 weights resumes with its command.
-    keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "dropout"]
-    differ = [f"{k} ({saved_train.get(k)} -> {options[k]})" for k in keys if saved_train.get(k) != options[k]]
+    # A checkpoint saved before a switch existed ran with its default.
+    keys = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "dropout"}
+    differ = [f"{k} ({saved_train.get(k)} -> {options[k]})" for k in keys if saved_train.get(k, keys[k]) != options[k]]
     for key in ("optimizer", "lora_rank", "lora_targets"):  # the saved optimizer state would not fit
         if saved_train.get(key, BEFORE_KEYS[key]) != options[key]:
             differ.append(f"{key} ({saved_train.get(key)} -> {options[key]})")

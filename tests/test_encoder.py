@@ -1,11 +1,13 @@
 """Encoders (arch=encoder): a BERT-style masked-language model from the same model.py. The anchor is outside our
 code: a random-weight transformers BertForMaskedLM and our import of it give the same logits, padding included."""
 
+import json
 import os
 import re
 
 import pytest
 import torch
+from conftest import rehash_checkpoint
 from test_bad_inputs import assert_user_error, run
 from test_distributed import rank_logs, torchrun
 from test_train import records
@@ -233,3 +235,20 @@ def test_the_decoder_tools_refuse_an_encoder_in_one_line(tool, flags, char_data,
     result = run(tool, f"--out_dir={out}", *(f.format(tmp=tmp_path) for f in flags))
     assert_user_error(result, "encoder")
     assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "a.png")
+
+
+def test_a_checkpoint_saved_before_arch_existed_resumes_as_a_decoder(char_data, tmp_path):
+    """Checkpoints written before the arch switch have no arch in their configs: they ran as decoders."""
+    out = str(tmp_path / "out")
+    run = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", *ENCODER[1:]]
+    train.main([*run, "--max_iters=2"])
+    path = find_checkpoint(out)
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    for config in ("model_config", "train_config"):
+        del meta[config]["arch"]
+        meta[config].pop("mlm_probability", None)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    rehash_checkpoint(path)
+    assert train.main([*run, "--max_iters=4", "--init_from=resume"]) == 0
