@@ -24,6 +24,7 @@ import torch
 from engine.configurator import PRINT_CONFIG, resolve_options
 from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
+from engine.masking import SPECIAL
 from engine.optim import setup_training
 from engine.runtime import peak_flops, seed_everything, setup_runtime, trace_data_dependent_shapes
 from model import GPT, GPTConfig
@@ -43,6 +44,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     except UserError:
         vocab_size = 50304
         print(f"note: {cfg.data_root}/{cfg.dataset} is not prepared here; measuring GPT-2's vocabulary ({vocab_size})")
+    vocab_size += len(SPECIAL) if cfg.arch == "encoder" else 0  # an encoder's special tokens follow the text's
     model = GPT(GPTConfig.from_options(vars(cfg), vocab_size)).to(rt.device)
     optimizers = setup_training(
         model,
@@ -97,6 +99,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
         "tokens_per_iter": tokens,
         "ms_per_iter": dt * 1000,
         "tokens_per_sec": tokens / dt,
+        "flops_per_iter": model.flops_per_token(cfg.block_size) * tokens,
         "mfu": model.flops_per_token(cfg.block_size) * tokens / dt / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.device_type == "cuda" else None,
     }

@@ -86,7 +86,7 @@ def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
     kind = hf.get("model_type") if isinstance(hf, dict) else None
     readers = {"gpt2": (GPT2HFConfig, _gpt2_config), "llama": (LlamaHFConfig, _llama_config)}
     readers["bert"] = (BertHFConfig, _bert_config)
-    if kind not in readers:
+    if not isinstance(kind, str) or kind not in readers:
         raise UnsupportedModel(f"{name_or_dir}: model_type {short(kind)} is not supported (gpt2, llama and bert are)")
     check(readers[kind][0], hf, file)  # types and sizes, before any arithmetic
     try:

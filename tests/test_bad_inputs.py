@@ -101,8 +101,8 @@ def world(tmp_path_factory):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(hf / "model.safetensors"))
-    (root / "bert").mkdir()
-    (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (root / "mamba").mkdir()
+    (root / "mamba" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     (root / "empty.txt").write_text("")
     (root / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     (root / "ok.txt").write_text("the king and queen")
@@ -225,7 +225,7 @@ CASES = {
     "init_from empty": (T("--init_from="), "--init_from is empty"),
     "init_from a directory without config.json": (T("--init_from={root}/data"), "has no config.json"),
     "init_from a missing directory, offline": (T("--init_from={root}/nothing/here"), "no local directory"),
-    "init_from an unsupported model type": (T("--init_from={root}/bert"), "model_type 'bert' is not supported"),
+    "init_from an unsupported model type": (T("--init_from={root}/mamba"), "model_type 'mamba' is not supported"),
     "init_from a config.json with absurd sizes": (T("--init_from={root}/hfbig"), "needs at least"),
     "sample a checkpoint with absurd sizes": (S(out="bigmeta"), "needs at least"),
     "sample a newer version's checkpoint": (S(out="newer"), "newer version of this code (model_config has attention"),

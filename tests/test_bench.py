@@ -23,6 +23,7 @@ def test_smoke_run_prints_the_whole_table(capsys):
 
 
 BENCH = ["train_speed", "sample_speed", "train_overhead", "gpu_acceptance", "tokenizer_speed", "prepare_throughput"]
+BENCH += ["encoder_speed"]
 
 
 @pytest.mark.parametrize("script", BENCH)
@@ -68,3 +69,15 @@ def test_tokenizer_speed_prints_both_rates(tmp_path, capsys):
     tokenizer_speed.main([f"--input={path}", "--bpe_vocab_size=300", "--repeat=1"])
     out = capsys.readouterr().out
     assert "trained BPE" in out and "MB/s" in out and "tokens/byte" in out
+
+
+def test_encoder_speed_times_an_encoder_next_to_the_same_decoder(char_data, capsys):
+    from bench import encoder_speed
+
+    argv = [f"--data_root={char_data}", "--dataset=tiny_char", "--device=cpu", "--compile=False", "--n_layer=1"]
+    argv += ["--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--gradient_accumulation_steps=1"]
+    encoder_speed.main([*argv, "--rounds=1", "--steps=1", "--burn_in=0"])
+    out = capsys.readouterr().out
+    assert out.startswith("decoder: ") and "\nencoder: " in out and "encoder / decoder: time " in out
+    flops = float(out.rsplit("FLOPs (PaLM count) ", 1)[1])
+    assert 1 < flops < 1.5  # the MLM head on top of the same blocks (a large share of a model this tiny)

@@ -20,6 +20,7 @@ from engine.errors import UserError
 from engine.hf_interop import from_pretrained
 from engine.masking import Masking, special_tokens
 from model import GPT, GPTConfig
+from tools import evaluate
 
 transformers = pytest.importorskip("transformers")
 
@@ -224,7 +225,6 @@ def test_fill_mask_refuses_a_prompt_it_cannot_fill_in_one_line(start, message, c
 @pytest.mark.parametrize(
     "tool, flags",
     [
-        ("tools/evaluate.py", ["--text=to be or not", "--device=cpu"]),
         ("tools/attention.py", ["--start=to be", "--png={tmp}/a.png"]),
         ("tools/export_hf.py", ["--hf_dir={tmp}/hf"]),
     ],
@@ -252,3 +252,33 @@ def test_a_checkpoint_saved_before_arch_existed_resumes_as_a_decoder(char_data, 
         json.dump(meta, f)
     rehash_checkpoint(path)
     assert train.main([*run, "--max_iters=4", "--init_from=resume"]) == 0
+
+
+def test_pseudo_perplexity_masks_each_token_in_turn(char_data, tmp_path, capsys):
+    """evaluate.py's batched, padded pseudo-log-likelihood equals one forward pass per masked token, by hand."""
+    out, text = str(tmp_path / "out"), tmp_path / "text.txt"
+    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=2"])
+    text.write_text("to be or not to be, that is the question")  # 40 characters: 3 chunks of 14
+    result = evaluate.main([f"--out_dir={out}", f"--text={text}", "--device=cpu", "--dtype=float32"])
+    assert "pseudo-perplexity" in capsys.readouterr().out
+    model, meta = load_model(find_checkpoint(out))
+    tokenizer, special = Tokenizer(meta["data"]), meta["encoder"]["special"]
+    ids = tokenizer.encode(text.read_text())
+    total = 0.0
+    for begin in range(0, len(ids), 14):
+        chunk = ids[begin : begin + 14]
+        for i in range(len(chunk)):
+            x = [special["[CLS]"], *chunk[:i], special["[MASK]"], *chunk[i + 1 :], special["[SEP]"]]
+            with torch.no_grad():
+                logits = model.eval()(torch.tensor([x]))[0][0, i + 1]
+            total += torch.log_softmax(logits.double(), -1)[chunk[i]].item()
+    assert result["pseudo_log_likelihood"] == pytest.approx(total, rel=1e-5)
+
+
+def test_masked_token_scores_of_a_split_are_the_same_every_time(char_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=2"])
+    argv = [f"--out_dir={out}", f"--tokens={char_data}/tiny_char/val.bin", "--device=cpu", "--max_tokens=2000"]
+    first, second = evaluate.main(argv), evaluate.main(argv)
+    assert first == second and 0 <= first["accuracy"] <= 1 and first["loss"] > 0
+    assert "masked-token accuracy" in capsys.readouterr().out

@@ -24,6 +24,13 @@ when the tokenizer has an end-of-text token, it is put before the text as contex
                    tokenizers.
 
 --surprisal=FILE writes one JSON line per scored token: {"token": id, "text": its text, "surprisal_bits": -log2 p}.
+
+An encoder (a run trained with --arch=encoder) has no next-token likelihoods. For --text it reports the
+pseudo-log-likelihood (Salazar et al. 2020, "Masked Language Model Scoring"): the text is read in chunks of
+block_size - 2 tokens, each as `[CLS] chunk [SEP]`, and every token of a chunk is masked in turn and scored by the
+encoder's probability of it there ([CLS] and [SEP] never are); `pseudo-perplexity` is exp of minus its mean. For
+--tokens it reports the masked-token loss and accuracy of training (engine/masking.py's 15% masks, drawn from a fixed
+seed so that two runs compare) over windows of the split.
 """
 
 import contextlib
@@ -46,6 +53,7 @@ from engine.data import Tokenizer, load_data
 from engine.errors import UserError, run_cli
 from engine.files import check_output, replacing
 from engine.inference import load_for_inference, read_text
+from engine.masking import Masking
 from engine.memory import check_scoring_fits
 from engine.runtime import setup_runtime
 from engine.tasks import TASKS, read_items, score
@@ -166,6 +174,85 @@ def chat_nll(model: GPT, tokens, mask, starts, stride: int, batch_size: int, aut
     return torch.cat(out)
 
 
+@torch.no_grad()
+def pseudo_nll(model: GPT, ids: torch.Tensor, special: dict, batch_size: int, autocast) -> torch.Tensor:
+    """Minus the pseudo-log-likelihood, in nats, of each of ids (int64, (n,)): chunks of block_size - 2 tokens read
+    as `[CLS] chunk [SEP]`, each token masked in turn (one row per token) and scored by the encoder's log-probability
+    of it there, over its whole vocabulary. Call under eval()."""
+    device, chunk = model.lm_head.weight.device, model.config.block_size - 2
+    nll = torch.empty(len(ids))
+    rows = [(begin, i) for begin in range(0, len(ids), chunk) for i in range(begin, min(begin + chunk, len(ids)))]
+    for g in range(0, len(rows), batch_size):
+        group = rows[g : g + batch_size]
+        width = max(min(begin + chunk, len(ids)) - begin for begin, _ in group) + 2
+        x = torch.full((len(group), width), special["[PAD]"], dtype=torch.long)
+        for row, (begin, i) in enumerate(group):
+            end = min(begin + chunk, len(ids))
+            x[row, : end - begin + 2] = torch.cat(
+                [torch.tensor([special["[CLS]"]]), ids[begin:end], torch.tensor([special["[SEP]"]])]
+            )
+            x[row, i - begin + 1] = special["[MASK]"]
+        with autocast():
+            logits, _ = model(x.to(device), padding_mask=(x != special["[PAD]"]).to(device))
+        at = torch.tensor([i - begin + 1 for begin, i in group], device=device)
+        scored = logits[torch.arange(len(group), device=device), at].float()  # (rows, V)
+        nll[[i for _, i in group]] = F.cross_entropy(
+            scored, ids[[i for _, i in group]].to(device), reduction="none"
+        ).cpu()
+    return nll
+
+
+@torch.no_grad()
+def masked_scores(model: GPT, tokens, masking: Masking, batch_size: int, max_tokens: int | None, autocast) -> tuple:
+    """(masked-token loss, accuracy, masked tokens scored) of training's masking over consecutive windows of tokens,
+    masks drawn from a fixed seed: the same for every model and run."""
+    device, width = model.lm_head.weight.device, model.config.block_size - 2
+    n = min(len(tokens), max_tokens or len(tokens)) // width
+    if n == 0:
+        raise UserError(f"fewer than {width} tokens: not one window of block_size - 2 to score")
+    total = torch.zeros(3)  # loss sum, count, right
+    for b, first in enumerate(range(0, n, batch_size)):
+        rows = range(first, min(first + batch_size, n))
+        text = torch.from_numpy(
+            np.stack([np.asarray(tokens[r * width : (r + 1) * width], dtype=np.int64) for r in rows])
+        )
+        x, y = masking.mask(text, (0, 2, b))
+        with autocast():
+            logits, loss = model(x.to(device), y.to(device), reduction="sum")
+        chosen = y.to(device) >= 0
+        right = (logits.argmax(-1) == y.to(device))[chosen].sum()
+        total += torch.stack([loss.float().cpu(), chosen.sum().cpu().float(), right.cpu().float()])
+    return (total[0] / total[1]).item(), (total[2] / total[1]).item(), int(total[1])
+
+
+def evaluate_encoder(cfg: EvaluateConfig, model: GPT, tokenizer, rt) -> dict:
+    """An encoder's scores: pseudo-perplexity of --text, masked-token loss and accuracy of --tokens."""
+    if cfg.task is not None or cfg.surprisal:
+        raise UserError(f"{model.source} is an encoder: --task and --surprisal score a decoder's next tokens")
+    if not model.special:
+        raise UserError(f"{model.source} is an encoder without its special tokens recorded; use a run of train.py")
+    model.eval()
+    if cfg.text is not None:
+        ids = torch.tensor(tokenizer.encode(read_text(cfg.text, "text file"))[: cfg.max_tokens], dtype=torch.long)
+        if len(ids) == 0:
+            raise UserError(f"{cfg.text} holds no text to score")
+        nll = pseudo_nll(model, ids, model.special, cfg.batch_size, rt.autocast)
+        pll = -nll.sum().item()
+        print(f"scored {len(ids):,} tokens in chunks of {model.config.block_size - 2}, each masked in turn")
+        print(f"pseudo-log-likelihood {pll:.6f} nats ({-pll / len(ids):.6f} per token)")
+        print(f"pseudo-perplexity {math.exp(-pll / len(ids)):.6f}")
+        return {"pseudo_log_likelihood": pll, "pseudo_perplexity": math.exp(-pll / len(ids))}
+    tokens, chat = read_tokens(cfg.tokens, tokenizer, cfg.tokenizer_dir)
+    if chat is not None:
+        raise UserError(f"{cfg.tokens} is a chat split, for decoders; score an encoder on plain token files")
+    masking = Masking(min(model.special.values()))
+    loss, accuracy, count = masked_scores(model, tokens, masking, cfg.batch_size, cfg.max_tokens, rt.autocast)
+    print(f"scored {count:,} masked tokens ({masking.probability:.0%} of windows of {model.config.block_size - 2})")
+    print(f"masked-token loss {loss:.6f} nats/token")
+    print(f"masked-token accuracy {accuracy:.6f}")
+    return {"loss": loss, "accuracy": accuracy}
+
+
 def main(argv=None):
     cfg = parse_config(EvaluateConfig, argv, usage=__doc__)
     if cfg.surprisal:
@@ -174,9 +261,9 @@ def main(argv=None):
     model, tokenizer = load_for_inference(
         cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, weights=cfg.weights
     )
-    if model.config.arch == "encoder":  # its scores are of masked tokens, not of next tokens
-        raise UserError(f"{model.source} is an encoder: evaluate.py scores decoders; train.py logs its masked loss")
     model.to(rt.device)
+    if model.config.arch == "encoder":  # its scores are of masked tokens, not of next tokens
+        return evaluate_encoder(cfg, model, tokenizer, rt)
     if cfg.task is not None:
         items = read_items(cfg.task, cfg.task_file, cfg.max_items)
         check_scoring_fits(model.config, rt.device, min(cfg.batch_size, 4 * len(items)), rt.dtype.itemsize)
