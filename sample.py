@@ -191,7 +191,7 @@ def converse(cfg: SampleConfig, model, tokenizer, rt) -> None:
 
 def fill_mask(cfg: SampleConfig, model, tokenizer, rt) -> None:
     """An encoder's answer to a prompt with [MASK] in it: `[CLS] prompt [SEP]` read at once, and for each [MASK] one
-    line of the top_k most likely text tokens (never a special one) with their probabilities."""
+    line of the top_k most likely text tokens (never a special one) with their probabilities under the model."""
     if not model.special:
         raise UserError(f"{model.source} is an encoder without its special tokens recorded; use a run of train.py")
     prompt = read_prompt(cfg.start)
@@ -213,8 +213,8 @@ def fill_mask(cfg: SampleConfig, model, tokenizer, rt) -> None:
     text_vocab = min(model.special.values())  # the special tokens follow the text's vocabulary
     k = min(cfg.top_k if cfg.top_k is not None and "top_k" in getattr(cfg, "given", ()) else 5, text_vocab)
     for n, position in enumerate(i for i, t in enumerate(ids) if t == model.special["[MASK]"]):
-        probs = torch.softmax(logits[position, :text_vocab], dim=-1)
-        top = torch.topk(probs, k)
+        probs = torch.softmax(logits[position], dim=-1)  # the model's distribution (transformers' fill-mask's too)
+        top = torch.topk(probs[:text_vocab], k)  # of which the text tokens: a special token fills no blank
         fillers = " | ".join(
             f"{tokenizer.decode([t])!r} {p:.4f}" for p, t in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         )

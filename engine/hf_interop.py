@@ -292,11 +292,25 @@ def _bert_state_dict(weights: dict, config: GPTConfig) -> dict:
 
 
 def hf_format(config: GPTConfig) -> str:
-    """Which Hugging Face layout can hold this config: "gpt2" or "llama"; UnsupportedModel, naming what each layout
-    lacks, if neither."""
+    """Which Hugging Face layout can hold this config: "gpt2" or "llama" for a decoder, "bert" for an encoder;
+    UnsupportedModel, naming what each layout lacks, if none."""
     c = config
     if c.arch == "encoder":
-        raise UnsupportedModel("exporting an encoder (BertForMaskedLM) is not supported yet; it loads from BERT only")
+        bert = [
+            ("pos_embedding", c.pos_embedding == "learned", "learned"),
+            ("norm", c.norm == "layernorm", "layernorm"),
+            ("norm_position", c.norm_position == "post", "post"),
+            ("mlp", c.mlp in ("gelu", "gelu_tanh", "relu"), "gelu, gelu_tanh or relu"),
+            ("n_kv_head", c.n_kv_head == c.n_head, f"n_head ({c.n_head})"),
+            ("qk_norm", not c.qk_norm, "False"),
+            ("n_expert", not c.n_expert, "0"),
+        ]
+        unmet = [f"{name}={want} (this model: {getattr(c, name)})" for name, ok, want in bert if not ok]
+        if unmet:
+            raise UnsupportedModel(
+                f"this encoder does not fit BERT's Hugging Face layout: it would need {', '.join(unmet)}"
+            )
+        return "bert"
     if c.n_expert:
         raise UnsupportedModel("Mixture of Experts models have no GPT-2 or Llama Hugging Face layout")
     gpt2 = [
@@ -347,9 +361,11 @@ def save_hf(
     config = model.config
     kind = hf_format(config)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if kind == "gpt2" and not config.bias:
-        sd |= _zero_biases(sd, config)
-    if kind == "gpt2":
+    if kind == "bert":
+        hf_config, weights = _bert_export(sd, config)
+    elif kind == "gpt2":
+        if not config.bias:
+            sd |= _zero_biases(sd, config)
         hf_config = {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
@@ -439,12 +455,62 @@ def save_hf(
             # being an ordinary vocabulary entry there (tools/export_hf.py)
             "split_special_tokens": chat_template is None,
         }
+        if kind == "bert":  # the fill-mask pipeline finds [MASK] written in the text, as sample.py does
+            tokenizer_config |= {"mask_token": "[MASK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+            tokenizer_config |= {"pad_token": "[PAD]", "split_special_tokens": False}
         if chat_template is not None:  # tokenizer.apply_chat_template renders conversations as training did
             tokenizer_config["chat_template"] = chat_template
             tokenizer_config["additional_special_tokens"] = list(chat.SPECIAL)
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(tokenizer_config, f, indent=2)
     return kind
+
+
+def _bert_export(sd: dict, config: GPTConfig) -> tuple[dict, dict]:
+    """(config.json, weights) of an encoder in BertForMaskedLM's layout: _bert_state_dict's map backwards, with
+    token-type embeddings of zeros (every token of type 0 adds nothing) and zeros for biases the model trained
+    without (BERT's layout always has them)."""
+    hf_config = {
+        "model_type": "bert",
+        "architectures": ["BertForMaskedLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "intermediate_size": config.mlp_hidden,
+        "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[config.mlp],
+        "max_position_embeddings": config.block_size,
+        "type_vocab_size": 2,
+        "layer_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "position_embedding_type": "absolute",
+    }
+    zeros = lambda name, size: sd.get(name, torch.zeros(size))  # noqa: E731
+    C = config.n_embd
+    weights = {}
+    for ours, theirs in _BERT_GLOBAL.items():
+        size = config.vocab_size if ours == "lm_head" else C
+        weights[f"{theirs}.weight"] = sd[f"{ours}.weight"]
+        if ours not in ("transformer.wte", "lm_head"):
+            weights[f"{theirs}.bias"] = zeros(f"{ours}.bias", size)
+    if config.tie_embeddings:
+        del weights["cls.predictions.decoder.weight"]
+    weights["cls.predictions.bias"] = sd["lm_head.bias"]
+    weights["bert.embeddings.position_embeddings.weight"] = sd["transformer.wpe.weight"]
+    weights["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(2, C)
+    for i in range(config.n_layer):
+        hf, ours = f"bert.encoder.layer.{i}.", f"transformer.h.{i}."
+        for our_key, their_key in _BERT_LAYER.items():
+            size = config.mlp_hidden if our_key == "mlp.c_fc" else C
+            weights[f"{hf}{their_key}.weight"] = sd[f"{ours}{our_key}.weight"]
+            weights[f"{hf}{their_key}.bias"] = zeros(f"{ours}{our_key}.bias", size)
+        q, k, v = sd[f"{ours}attn.c_attn.weight"].split(C, dim=0)
+        biases = zeros(f"{ours}attn.c_attn.bias", 3 * C).split(C)
+        for name, w, b in zip(("query", "key", "value"), (q, k, v), biases, strict=True):
+            weights[f"{hf}attention.self.{name}.weight"], weights[f"{hf}attention.self.{name}.bias"] = w, b
+    return hf_config, weights
 
 
 def _zero_biases(sd: dict, config: GPTConfig) -> dict:

@@ -17,10 +17,10 @@ import train
 from engine.checkpoint import find_checkpoint, load_model, read_meta
 from engine.data import Tokenizer, load_data
 from engine.errors import UserError
-from engine.hf_interop import from_pretrained
+from engine.hf_interop import UnsupportedModel, from_pretrained, hf_format, save_hf
 from engine.masking import Masking, special_tokens
 from model import GPT, GPTConfig
-from tools import evaluate
+from tools import evaluate, export_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -206,7 +206,7 @@ def test_fill_mask_prints_the_encoders_top_fillers_for_each_mask(char_data, tmp_
     with torch.no_grad():
         logits = model.eval()(torch.tensor([ids]))[0][0]
     for line, position in zip(lines, (4, 9), strict=True):
-        probs = torch.softmax(logits[position, : special["[CLS]"]], -1)
+        probs = torch.softmax(logits[position], -1)[: special["[CLS]"]]
         value, index = probs.max(-1)
         assert line.split(": ", 1)[1].split(" | ")[0] == f"{tokenizer.decode([int(index)])!r} {value:.4f}"
         assert len(line.split(" | ")) == 3
@@ -282,3 +282,49 @@ def test_masked_token_scores_of_a_split_are_the_same_every_time(char_data, tmp_p
     first, second = evaluate.main(argv), evaluate.main(argv)
     assert first == second and 0 <= first["accuracy"] <= 1 and first["loss"] > 0
     assert "masked-token accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_exported_encoder_is_a_bert_with_the_same_logits(bias, char_data, tmp_path):
+    """save_hf writes an encoder as BertForMaskedLM: transformers' logits equal ours (padding included), and reading
+    the export back gives the same model; biases a model trained without are written as zeros."""
+    out, hf_dir = str(tmp_path / "out"), str(tmp_path / "hf")
+    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=3"]
+    train.main([*run, "--norm_position=post", "--mlp=gelu", f"--bias={bias}"])
+    ours, _ = load_model(find_checkpoint(out))
+    assert save_hf(ours.eval(), hf_dir) == "bert"
+    theirs = transformers.BertForMaskedLM.from_pretrained(hf_dir).eval()
+    back = from_pretrained(hf_dir).eval()
+    ids = torch.randint(0, 60, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, padding_mask=mask.bool())[0]
+        again = back(ids, padding_mask=mask.bool())[0]
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max() < 1e-4 and (again[real] - got[real]).abs().max() < 1e-5
+
+
+def test_an_encoder_bert_cannot_express_is_refused_naming_what_breaks():
+    config = GPTConfig(arch="encoder", n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, norm="rmsnorm")
+    with pytest.raises(UnsupportedModel, match=r"norm=layernorm \(this model: rmsnorm\), norm_position=post"):
+        hf_format(config)
+
+
+def test_the_fill_mask_pipeline_on_an_export_agrees_with_sample_py(char_data, tmp_path, capsys):
+    """tools/export_hf.py writes the encoder and its tokenizer (special tokens, `[CLS] text [SEP]`): transformers'
+    fill-mask pipeline gives the fillers sample.py prints, with the same probabilities."""
+    out, hf_dir = str(tmp_path / "out"), str(tmp_path / "hf")
+    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=30"]
+    train.main([*run, "--norm_position=post", "--mlp=gelu", "--bias=True"])
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={hf_dir}"])
+    capsys.readouterr()
+    prompt = "be [MASK]ot t[MASK]"
+    sample.main([f"--out_dir={out}", f"--start={prompt}", "--device=cpu", "--dtype=float32", "--top_k=3"])
+    ours = [line.split(": ", 1)[1].split(" | ") for line in capsys.readouterr().out.splitlines()]
+    fill = transformers.pipeline("fill-mask", model=hf_dir, top_k=3, device="cpu")
+    theirs = fill(prompt)
+    assert len(ours) == len(theirs) == 2
+    for mine, their in zip(ours, theirs, strict=True):
+        assert [f"{r['token_str']!r} {r['score']:.4f}" for r in their] == mine

@@ -83,10 +83,12 @@ def check_hf_dir(hf_dir: str, out_dir: str, overwrite: bool) -> None:
         raise UserError(f"cannot write --hf_dir={hf_dir} (no permission or not a directory); choose another")
 
 
-def hf_tokenizer(data: dict, tokenizer_dir: str | None):
+def hf_tokenizer(data: dict, tokenizer_dir: str | None, encoder_special: dict | None = None):
     """(tokenizers.Tokenizer, ids it decodes) for the tokenizer a checkpoint's data was prepared with, the chat
     template's special tokens included (as special tokens, at the ids training gave them). <|endoftext|> is an
-    ordinary vocabulary entry, so "<|endoftext|>" written in a prompt or a message encodes as text, as in training."""
+    ordinary vocabulary entry, so "<|endoftext|>" written in a prompt or a message encodes as text, as in training.
+    An encoder's special tokens (encoder_special) are added as special tokens too, with a post-processor that reads
+    `[CLS] text [SEP]`, as training does."""
     if data.get("tokenizer") == "char":
         tokenizer, vocab = char_tokenizer_json(data["chars"]), len(data["chars"])
     elif data.get("tokenizer_json"):  # a BPE trained for the dataset: the same tokenizer.json
@@ -106,6 +108,17 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None):
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         assert all(tokenizer.token_to_id(t) == i for t, i in special.items()), "chat token ids moved"
         vocab += len(special)
+    if encoder_special:  # an encoder's [CLS], [SEP], [MASK], [PAD], and inputs built as training built them
+        from tokenizers import AddedToken
+        from tokenizers.processors import TemplateProcessing
+
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in encoder_special])
+        assert all(tokenizer.token_to_id(t) == i for t, i in encoder_special.items()), "encoder token ids moved"
+        vocab += len(encoder_special)
+        cls, sep = (("[CLS]", encoder_special["[CLS]"]), ("[SEP]", encoder_special["[SEP]"]))
+        tokenizer.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep]
+        )
     return tokenizer, vocab
 
 
@@ -114,7 +127,7 @@ def main(argv=None):
     check_hf_dir(cfg.hf_dir, cfg.out_dir, cfg.overwrite)
     path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint, weights=cfg.weights)
     merge_lora(model)  # a LoRA run exports as a plain model: its adapters folded into the weights
-    tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir)
+    tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir, meta.get("encoder", {}).get("special"))
     chatting = meta["data"].get("chat")
     eos = chatting["special"][chat.END] if chatting else meta["data"].get("eot_id")  # a reply ends at <|end|>
     try:
