@@ -328,3 +328,27 @@ def test_the_fill_mask_pipeline_on_an_export_agrees_with_sample_py(char_data, tm
     assert len(ours) == len(theirs) == 2
     for mine, their in zip(ours, theirs, strict=True):
         assert [f"{r['token_str']!r} {r['score']:.4f}" for r in their] == mine
+
+
+def test_pseudo_perplexity_equals_transformers_on_the_export(char_data, tmp_path):
+    """The pseudo-log-likelihood evaluate.py reports, computed independently by transformers' BertForMaskedLM on the
+    exported directory, with its own tokenizer building `[CLS] chunk [SEP]`."""
+    out, hf_dir, text = str(tmp_path / "out"), str(tmp_path / "hf"), tmp_path / "text.txt"
+    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=3"]
+    train.main([*run, "--norm_position=post", "--mlp=gelu", "--bias=True"])
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={hf_dir}"])
+    text.write_text("to be or not to be, that is the question")
+    ours = evaluate.main([f"--out_dir={out}", f"--text={text}", "--device=cpu", "--dtype=float32"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.BertForMaskedLM.from_pretrained(hf_dir).eval()
+    chars = text.read_text()  # one token per character: chunks of 14 characters are chunks of 14 tokens
+    total = 0.0
+    for begin in range(0, len(chars), 14):
+        x = tokenizer(chars[begin : begin + 14])["input_ids"]  # [CLS] chunk [SEP], by the tokenizer's post-processor
+        assert len(x) == len(chars[begin : begin + 14]) + 2
+        for i in range(1, len(x) - 1):
+            masked = [*x[:i], tokenizer.mask_token_id, *x[i + 1 :]]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([masked])).logits[0, i]
+            total += torch.log_softmax(logits.double(), -1)[x[i]].item()
+    assert ours["pseudo_log_likelihood"] == pytest.approx(total, rel=1e-4)
