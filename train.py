@@ -42,7 +42,7 @@ from engine.fp8 import enable_fp8
 from engine.fsdp import shard_model
 from engine.hf_interop import from_pretrained
 from engine.lora import lora_params, merge_lora, parse_targets
-from engine.masking import SPECIAL, Masking
+from engine.masking import SPECIAL, Masking, token_ids_needed
 from engine.memory import check_fits, out_of_memory_hint
 from engine.optim import SCHEDULES, lr_at, set_lr, setup_training
 from engine.out_dir_lock import hold_out_dir
@@ -361,7 +361,7 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     resume_from = find_checkpoint(cfg.out_dir, log=rt.print0) if cfg.init_from == "resume" else None
     other_run = cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from)
     other_run = find_checkpoint(cfg.init_from, log=rt.print0) if other_run and list_checkpoints(cfg.init_from) else None
-    vocab = data.meta["vocab_size"] + (len(SPECIAL) if cfg.arch == "encoder" else 0)  # an encoder's tokens follow
+    vocab = token_ids_needed(data.meta["vocab_size"], cfg.arch)  # with an encoder's special tokens
     if cfg.init_from == "scratch":
         config = GPTConfig.from_options(dataclasses.asdict(cfg), vocab)
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating

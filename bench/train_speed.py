@@ -24,7 +24,7 @@ import torch
 from engine.configurator import PRINT_CONFIG, resolve_options
 from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
-from engine.masking import SPECIAL
+from engine.masking import token_ids_needed
 from engine.optim import setup_training
 from engine.runtime import peak_flops, seed_everything, setup_runtime, trace_data_dependent_shapes
 from model import GPT, GPTConfig
@@ -44,8 +44,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     except UserError:
         vocab_size = 50304
         print(f"note: {cfg.data_root}/{cfg.dataset} is not prepared here; measuring GPT-2's vocabulary ({vocab_size})")
-    vocab_size += len(SPECIAL) if cfg.arch == "encoder" else 0  # an encoder's special tokens follow the text's
-    model = GPT(GPTConfig.from_options(vars(cfg), vocab_size)).to(rt.device)
+    model = GPT(GPTConfig.from_options(vars(cfg), token_ids_needed(vocab_size, cfg.arch))).to(rt.device)
     optimizers = setup_training(
         model,
         cfg.optimizer,

@@ -27,6 +27,11 @@ def special_tokens(text_vocab_size: int) -> dict[str, int]:
     return {name: text_vocab_size + i for i, name in enumerate(SPECIAL)}
 
 
+def token_ids_needed(text_vocab_size: int, arch: str) -> int:
+    """The ids a model of `arch` needs for a dataset of text_vocab_size: an encoder's special tokens follow."""
+    return text_vocab_size + (len(SPECIAL) if arch == "encoder" else 0)
+
+
 @dataclass(frozen=True)
 class Masking:
     text_vocab_size: int  # the dataset's vocabulary: random replacements come from it, the special ids follow it

@@ -46,6 +46,7 @@ from engine.configurator import PRINT_CONFIG, describe_fields, parse_config, res
 from engine.data import dataset_vocab_size
 from engine.errors import UserError, run_cli
 from engine.lora import lora_params, parse_targets
+from engine.masking import token_ids_needed
 from engine.memory import activation_bytes, device_memory
 from engine.runtime import GPU_PEAK_FLOPS, pick_dtype
 from model import GPT, GPTConfig
@@ -247,7 +248,7 @@ def main(argv=None):
         print(json.dumps(vars(cfg) | dataclasses.asdict(opts)))
         return
     vocab_size = cfg.vocab_size or dataset_vocab_size(os.path.join(cfg.data_root, cfg.dataset))
-    print(report(cfg, opts, GPTConfig.from_options(vars(cfg), vocab_size), train_argv))
+    print(report(cfg, opts, GPTConfig.from_options(vars(cfg), token_ids_needed(vocab_size, cfg.arch)), train_argv))
 
 
 if __name__ == "__main__":
