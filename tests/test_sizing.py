@@ -57,13 +57,15 @@ def test_train_gpt2_preset_matches_model(capsys):
         dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, qk_norm=True),
         dict(n_expert=4, n_expert_active=2, moe_shared_expert=True),
         dict(pos_embedding="alibi", norm_position="post"),
+        dict(arch="encoder", norm_position="post", bias=True),
+        dict(arch="encoder", tie_embeddings=False),
     ],
 )
 def test_parts_cover_the_model(tiny_config, switches):
     config = dataclasses.replace(tiny_config, **switches)
     parts = sizing.param_counts(sizing.build_meta_model(config))
     assert sum(parts.values()) == GPT(config).num_params(non_embedding=False)
-    assert (parts["lm_head"] == 0) == config.tie_embeddings
+    assert (parts["lm_head"] == 0) == (config.tie_embeddings and config.arch == "decoder")  # an encoder's MLM head
 
 
 def test_flops_and_memory_formulas():

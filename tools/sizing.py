@@ -82,9 +82,9 @@ def param_counts(model: GPT) -> dict[str, int]:
             part = "attention"
         elif ".mlp." in name:  # a dense MLP, or an MoE's router, experts and shared expert
             part = "mlp"
-        elif ".ln_" in name or name.startswith("transformer.ln_f."):
+        elif ".ln_" in name or name.startswith(("transformer.ln_f.", "transformer.ln_e.")):
             part = "norms"
-        elif name.startswith("lm_head."):
+        elif name.startswith(("lm_head.", "mlm_head.")):  # an encoder's MLM head and output bias: its head too
             part = "lm_head"
         else:
             raise ValueError(f"parameter {name} belongs to no part; teach param_counts about it")
