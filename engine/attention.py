@@ -15,7 +15,8 @@ from model import GPT, CausalSelfAttention, alibi_bias, apply_rope
 
 
 def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities (B, nh, T, T) of module `attn` for its input x (B, T, C) at positions 0..T-1."""
+    """Attention probabilities (B, nh, T, T) of module `attn` for its input x (B, T, C) at positions 0..T-1 (an
+    encoder's without padding: every key)."""
     B, T, _ = x.size()
     nh, nkv, hs = attn.n_head, attn.n_kv_head, attn.hs
     q, k, _ = attn.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], 2)
@@ -29,7 +30,10 @@ def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> t
     k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs): query head h reads key head h // (nh / nkv)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(hs)  # (B, nh, T, T)
     pos = torch.arange(T, device=x.device)
-    if model.config.pos_embedding == "alibi":
+    if not attn.causal:  # an encoder's: every key, with ALiBi's bias both ways
+        bias = model.encoder_mask(pos, None, torch.float32)
+        scores = scores + bias if bias is not None else scores
+    elif model.config.pos_embedding == "alibi":
         scores = scores + alibi_bias(model.alibi_slopes, pos, T)  # (nh, T, T), -inf above the diagonal
     else:
         scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))  # a key after the query: masked

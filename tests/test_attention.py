@@ -28,6 +28,9 @@ SWITCHES = {
     "moe": dict(n_expert=4, n_expert_active=2),
     "post_norm": dict(norm_position="post"),
     "llama": dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, qk_norm=True),
+    "encoder": dict(arch="encoder", norm_position="post"),  # bidirectional: health's attention entropy for encoders
+    "encoder_alibi": dict(arch="encoder", pos_embedding="alibi", n_head=4),
+    "encoder_rope_gqa": dict(arch="encoder", pos_embedding="rope", n_head=4, n_kv_head=2),
 }
 
 
@@ -53,7 +56,7 @@ def test_weights_reproduce_sdpa_output(tiny_config, name):
         B, T, C = x.shape
         assert probs.shape == (B, attn.n_head, T, T)
         assert torch.allclose(probs.sum(-1), torch.ones(B, attn.n_head, T), atol=1e-6)
-        assert (probs.triu(diagonal=1) == 0).all()  # causal: no weight on later keys
+        assert (probs.triu(diagonal=1) == 0).all() == attn.causal  # a decoder puts no weight on later keys
         v = attn.c_attn(x).split([attn.n_head * attn.hs, attn.n_kv_head * attn.hs, attn.n_kv_head * attn.hs], 2)[2]
         v = v.view(B, T, attn.n_kv_head, attn.hs).transpose(1, 2).repeat_interleave(attn.n_head // attn.n_kv_head, 1)
         y = (probs @ v).transpose(1, 2).reshape(B, T, C)

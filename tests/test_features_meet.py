@@ -103,7 +103,8 @@ RESUMED = {  # features that share the save/resume path, alone and together
     "chat+lora+ema": ["chat", "--lora_rank=2", "--ema_decay=0.8"],
     "chat+warmup+recompute": ["chat", "--batch_warmup_tokens=256", "--gradient_checkpointing=True"],
     "encoder+lora+ema+warmup": ["--arch=encoder", "--lora_rank=2", "--ema_decay=0.8", "--batch_warmup_tokens=256"],
-    "encoder+recompute+rollback": ["--arch=encoder", "--gradient_checkpointing=True", "--max_rollbacks=2"],
+    "encoder+recompute+rollback+health": ["--arch=encoder", "--gradient_checkpointing=True", "--max_rollbacks=2"]
+    + ["--health_interval=2"],
 }
 
 
