@@ -74,7 +74,7 @@ def build_world(root: str) -> dict[str, str]:
     from engine.tokenization import char_tokenizer_json, chars_hash, train_bpe
     from model import GPT, GPTConfig
 
-    worlds = {name: os.path.join(root, name) for name in ("dataset", "run", "hf_gpt2", "hf_llama", "files", "nano")}
+    worlds = {name: os.path.join(root, name) for name in ("dataset", "run", "hf_gpt2", "hf_llama", "hf_bert", "files", "nano")}
     for directory in worlds.values():
         os.makedirs(directory)
 
@@ -111,11 +111,13 @@ def build_world(root: str) -> dict[str, str]:
     meta |= {"code_version": None, "val_loss": 2.0, "train_loss": 2.1, "rollbacks": 0, "lora": lora}
     save_checkpoint(out, 3, weights, state, meta)
 
-    # Hugging Face directories in both layouts
+    # Hugging Face directories in each layout
     save_hf(GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=2, n_embd=8)), worlds["hf_gpt2"])
     llama = GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=2, n_embd=8, pos_embedding="rope")
     llama.norm, llama.mlp, llama.mlp_hidden, llama.tie_embeddings, llama.bias = "rmsnorm", "swiglu", 16, False, False
     save_hf(GPT(llama), worlds["hf_llama"])
+    bert = GPTConfig(arch="encoder", block_size=8, vocab_size=10, n_layer=1, n_head=2, n_embd=8, norm_position="post")
+    save_hf(GPT(bert), worlds["hf_bert"])
 
     # a trained BPE's tokenizer.json, a character one, and the two task files
     files = worlds["files"]
@@ -321,6 +323,7 @@ READERS = [
     Reader("checkpoint state.pt", "run", "out/ckpt-0000003/state.pt", "torch", _read_state, _use_model),
     Reader("config.json (gpt2)", "hf_gpt2", "config.json", "json", _read_hf, _use_hf),
     Reader("config.json (llama)", "hf_llama", "config.json", "json", _read_hf, _use_hf),
+    Reader("config.json (bert)", "hf_bert", "config.json", "json", _read_hf, _use_hf),
     Reader("tokenizer.json (BPE)", "files", "bpe.json", "json", _read_tokenizer("bpe.json"), _use_tokenizer),
     Reader("tokenizer.json (char)", "files", "char.json", "json", _read_tokenizer("char.json"), _use_tokenizer),
     Reader("task file (choice)", "files", "choice.jsonl", "jsonl", _read_task("choice"), _use_items),
