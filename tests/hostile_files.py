@@ -74,7 +74,9 @@ def build_world(root: str) -> dict[str, str]:
     from engine.tokenization import char_tokenizer_json, chars_hash, train_bpe
     from model import GPT, GPTConfig
 
-    worlds = {name: os.path.join(root, name) for name in ("dataset", "run", "hf_gpt2", "hf_llama", "hf_bert", "files", "nano")}
+    worlds = {
+        name: os.path.join(root, name) for name in ("dataset", "run", "hf_gpt2", "hf_llama", "hf_bert", "files", "nano")
+    }
     for directory in worlds.values():
         os.makedirs(directory)
 
