@@ -157,11 +157,13 @@ def test_an_encoder_trains_and_resumes_bit_exact(char_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_an_encoder_as_one_process(char_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_train_an_encoder_as_one_process(mode, char_data, tmp_path):
     run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", "--max_iters=4"]
+    run.append("--dtype=float32")  # as test_distributed.py: bf16 (AMX CPUs) under FSDP is mixed precision, not autocast
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     train.main([*run, f"--out_dir={single}"])
-    result = torchrun(tmp_path, *run, f"--out_dir={ddp}")
+    result = torchrun(tmp_path, *run, f"--out_dir={ddp}", f"--fsdp={mode == 'fsdp'}")
     assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
     ours, theirs = records(single), records(ddp)
     assert [r["iter"] for r in ours] == [r["iter"] for r in theirs]
