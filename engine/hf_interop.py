@@ -25,6 +25,9 @@ from model import GPT, GPTConfig
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# transformers' activation names (GPT-2's activation_function, BERT's hidden_act) -> our mlp, and back
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
 
 class UnsupportedModel(UserError, ValueError):
@@ -118,7 +121,7 @@ def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
 
 def _gpt2_config(hf: dict) -> GPTConfig:
     act = hf.get("activation_function", "gelu_new")
-    mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}.get(act)
+    mlp = ACTIVATIONS.get(act)
     if mlp is None:
         raise UnsupportedModel(f"GPT-2 activation {act!r} is not supported")
     # Attention variants that compute another function than ours. reorder_and_upcast_attn only computes the same
@@ -225,9 +228,7 @@ def _llama_state_dict(weights: dict, config: GPTConfig) -> dict:
 
 
 def _bert_config(hf: dict) -> GPTConfig:
-    mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}.get(
-        hf.get("hidden_act", "gelu")
-    )
+    mlp = ACTIVATIONS.get(hf.get("hidden_act", "gelu"))
     if mlp is None:
         raise UnsupportedModel(f"BERT hidden_act {hf.get('hidden_act')!r} is not supported")
     if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -300,7 +301,7 @@ def hf_format(config: GPTConfig) -> str:
             ("pos_embedding", c.pos_embedding == "learned", "learned"),
             ("norm", c.norm == "layernorm", "layernorm"),
             ("norm_position", c.norm_position == "post", "post"),
-            ("mlp", c.mlp in ("gelu", "gelu_tanh", "relu"), "gelu, gelu_tanh or relu"),
+            ("mlp", c.mlp in HF_ACTIVATION, "gelu, gelu_tanh or relu"),
             ("n_kv_head", c.n_kv_head == c.n_head, f"n_head ({c.n_head})"),
             ("qk_norm", not c.qk_norm, "False"),
             ("n_expert", not c.n_expert, "0"),
@@ -317,7 +318,7 @@ def hf_format(config: GPTConfig) -> str:
         ("pos_embedding", c.pos_embedding == "learned", "learned"),
         ("norm", c.norm == "layernorm", "layernorm"),
         ("norm_position", c.norm_position == "pre", "pre"),
-        ("mlp", c.mlp in ("gelu_tanh", "gelu", "relu"), "gelu_tanh, gelu or relu"),
+        ("mlp", c.mlp in HF_ACTIVATION, "gelu_tanh, gelu or relu"),
         ("n_kv_head", c.n_kv_head == c.n_head, f"n_head ({c.n_head})"),
         ("qk_norm", not c.qk_norm, "False"),
     ]
@@ -376,7 +377,7 @@ def save_hf(
             "n_layer": config.n_layer,
             "n_head": config.n_head,
             "n_inner": config.mlp_hidden,
-            "activation_function": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[config.mlp],
+            "activation_function": HF_ACTIVATION[config.mlp],
             "layer_norm_epsilon": config.norm_eps,
             "tie_word_embeddings": config.tie_embeddings,
             "resid_pdrop": 0.0,
@@ -478,7 +479,7 @@ def _bert_export(sd: dict, config: GPTConfig) -> tuple[dict, dict]:
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
         "intermediate_size": config.mlp_hidden,
-        "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[config.mlp],
+        "hidden_act": HF_ACTIVATION[config.mlp],
         "max_position_embeddings": config.block_size,
         "type_vocab_size": 2,
         "layer_norm_eps": config.norm_eps,

@@ -136,6 +136,11 @@ ENCODER += ["--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interv
 ENCODER += ["--gradient_accumulation_steps=2", "--learning_rate=3e-3", "--warmup_iters=2", "--eval_interval=3"]
 
 
+def train_encoder(char_data, out_dir, *flags: str) -> int:
+    """train.py on the tiny character data as a small encoder (ENCODER), into out_dir."""
+    return train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out_dir}", *flags])
+
+
 def losses_of(out_dir) -> dict:
     return {r["iter"]: r["loss"] for r in records(out_dir) if "lr" in r}
 
@@ -183,7 +188,7 @@ def test_two_ranks_train_an_encoder_as_one_process(mode, char_data, tmp_path):
 )
 def test_what_an_encoder_cannot_do_is_one_line(flags, message, char_data, tmp_path):
     with pytest.raises(UserError, match=re.escape(message)):
-        train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path}/o", *flags])
+        train_encoder(char_data, f"{tmp_path}/o", *flags)
 
 
 def test_a_bert_directory_trains_only_as_an_encoder(char_data, tmp_path):
@@ -195,7 +200,7 @@ def test_a_bert_directory_trains_only_as_an_encoder(char_data, tmp_path):
 
 def test_fill_mask_prints_the_encoders_top_fillers_for_each_mask(char_data, tmp_path, capsys):
     out = str(tmp_path / "out")
-    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=3"])
+    train_encoder(char_data, out, "--max_iters=3")
     capsys.readouterr()
     sample.main([f"--out_dir={out}", "--start=be [MASK]ot t[MASK]", "--device=cpu", "--top_k=3"])
     lines = capsys.readouterr().out.splitlines()
@@ -219,7 +224,7 @@ def test_fill_mask_prints_the_encoders_top_fillers_for_each_mask(char_data, tmp_
 )
 def test_fill_mask_refuses_a_prompt_it_cannot_fill_in_one_line(start, message, char_data, tmp_path):
     out = str(tmp_path / "out")
-    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=1"])
+    train_encoder(char_data, out, "--max_iters=1")
     with pytest.raises(UserError, match=re.escape(message)):
         sample.main([f"--out_dir={out}", f"--start={start}", "--device=cpu"])
 
@@ -233,7 +238,7 @@ def test_fill_mask_refuses_a_prompt_it_cannot_fill_in_one_line(start, message, c
 )
 def test_the_decoder_tools_refuse_an_encoder_in_one_line(tool, flags, char_data, tmp_path):
     out = str(tmp_path / "out")
-    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=1"])
+    train_encoder(char_data, out, "--max_iters=1")
     result = run(tool, f"--out_dir={out}", *(f.format(tmp=tmp_path) for f in flags))
     assert_user_error(result, "encoder")
     assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "a.png")
@@ -259,7 +264,7 @@ def test_a_checkpoint_saved_before_arch_existed_resumes_as_a_decoder(char_data, 
 def test_pseudo_perplexity_masks_each_token_in_turn(char_data, tmp_path, capsys):
     """evaluate.py's batched, padded pseudo-log-likelihood equals one forward pass per masked token, by hand."""
     out, text = str(tmp_path / "out"), tmp_path / "text.txt"
-    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=2"])
+    train_encoder(char_data, out, "--max_iters=2")
     text.write_text("to be or not to be, that is the question")  # 40 characters: 3 chunks of 14
     result = evaluate.main([f"--out_dir={out}", f"--text={text}", "--device=cpu", "--dtype=float32"])
     assert "pseudo-perplexity" in capsys.readouterr().out
@@ -279,7 +284,7 @@ def test_pseudo_perplexity_masks_each_token_in_turn(char_data, tmp_path, capsys)
 
 def test_masked_token_scores_of_a_split_are_the_same_every_time(char_data, tmp_path, capsys):
     out = str(tmp_path / "out")
-    train.main([*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=2"])
+    train_encoder(char_data, out, "--max_iters=2")
     argv = [f"--out_dir={out}", f"--tokens={char_data}/tiny_char/val.bin", "--device=cpu", "--max_tokens=2000"]
     first, second = evaluate.main(argv), evaluate.main(argv)
     assert first == second and 0 <= first["accuracy"] <= 1 and first["loss"] > 0
@@ -291,8 +296,7 @@ def test_an_exported_encoder_is_a_bert_with_the_same_logits(bias, char_data, tmp
     """save_hf writes an encoder as BertForMaskedLM: transformers' logits equal ours (padding included), and reading
     the export back gives the same model; biases a model trained without are written as zeros."""
     out, hf_dir = str(tmp_path / "out"), str(tmp_path / "hf")
-    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=3"]
-    train.main([*run, "--norm_position=post", "--mlp=gelu", f"--bias={bias}"])
+    train_encoder(char_data, out, "--max_iters=3", "--norm_position=post", "--mlp=gelu", f"--bias={bias}")
     ours, _ = load_model(find_checkpoint(out))
     assert save_hf(ours.eval(), hf_dir) == "bert"
     theirs = transformers.BertForMaskedLM.from_pretrained(hf_dir).eval()
@@ -318,8 +322,7 @@ def test_the_fill_mask_pipeline_on_an_export_agrees_with_sample_py(char_data, tm
     """tools/export_hf.py writes the encoder and its tokenizer (special tokens, `[CLS] text [SEP]`): transformers'
     fill-mask pipeline gives the fillers sample.py prints, with the same probabilities."""
     out, hf_dir = str(tmp_path / "out"), str(tmp_path / "hf")
-    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=30"]
-    train.main([*run, "--norm_position=post", "--mlp=gelu", "--bias=True"])
+    train_encoder(char_data, out, "--max_iters=30", "--norm_position=post", "--mlp=gelu", "--bias=True")
     export_hf.main([f"--out_dir={out}", f"--hf_dir={hf_dir}"])
     capsys.readouterr()
     prompt = "be [MASK]ot t[MASK]"
@@ -336,8 +339,7 @@ def test_pseudo_perplexity_equals_transformers_on_the_export(char_data, tmp_path
     """The pseudo-log-likelihood evaluate.py reports, computed independently by transformers' BertForMaskedLM on the
     exported directory, with its own tokenizer building `[CLS] chunk [SEP]`."""
     out, hf_dir, text = str(tmp_path / "out"), str(tmp_path / "hf"), tmp_path / "text.txt"
-    run = [*ENCODER, f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", "--max_iters=3"]
-    train.main([*run, "--norm_position=post", "--mlp=gelu", "--bias=True"])
+    train_encoder(char_data, out, "--max_iters=3", "--norm_position=post", "--mlp=gelu", "--bias=True")
     export_hf.main([f"--out_dir={out}", f"--hf_dir={hf_dir}"])
     text.write_text("to be or not to be, that is the question")
     ours = evaluate.main([f"--out_dir={out}", f"--text={text}", "--device=cpu", "--dtype=float32"])
