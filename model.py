@@ -23,8 +23,10 @@ References:
     [10] Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding".
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -62,6 +64,11 @@ class GPTConfig:
     moe_shared_expert: bool = False  # one more expert that every token goes through
     moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
     arch: str = "decoder"  # decoder: causal attention, next-token head (GPT); encoder: bidirectional, MLM head (BERT)
+    # A classifier (an encoder with labels): set by the data, not by options (FROM_DATA)
+    n_labels: int = 0  # > 0: a classification head over this many labels on [CLS] replaces the MLM head [10]
+    pad_id: int | None = None  # with n_labels: the [PAD] id; padded positions are kept out of attention
+
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("n_labels", "pad_id")
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -95,12 +102,17 @@ class GPTConfig:
             self.mlp_hidden = -(-8 * self.n_embd // 3 // 64) * 64 if self.mlp == "swiglu" else 4 * self.n_embd
         if self.n_expert < 0 or (self.n_expert and not 1 <= self.n_expert_active <= self.n_expert):
             raise ValueError(f"n_expert_active ({self.n_expert_active}) must be in [1, n_expert ({self.n_expert})]")
+        if self.n_labels < 0 or (self.n_labels and self.arch != "encoder"):
+            raise ValueError(f"n_labels ({self.n_labels}) must be 0, or > 0 for an encoder (arch=encoder)")
+        if self.n_labels and not (self.pad_id is not None and 0 <= self.pad_id < self.vocab_size):
+            raise ValueError(f"a classifier (n_labels > 0) needs a pad_id among its {self.vocab_size} ids")
 
     @classmethod
     def from_options(cls, options, dataset_vocab_size: int) -> "GPTConfig":
-        """The config named by the model keys of a run's options (train.py's share these names). With no vocab_size
-        there, the dataset's, rounded up to a multiple of 64: the matmuls run faster, and the extra ids never occur."""
-        fields = {name: options[name] for name in cls.__dataclass_fields__}
+        """The config named by the model keys of a run's options (train.py's share these names; FROM_DATA's keep their
+        defaults). With no vocab_size there, the dataset's, rounded up to a multiple of 64: the matmuls run faster,
+        and the extra ids never occur."""
+        fields = {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name not in cls.FROM_DATA}
         return cls(**fields | {"vocab_size": options["vocab_size"] or -(-dataset_vocab_size // 64) * 64})
 
     @property
@@ -371,6 +383,20 @@ class MLMHead(nn.Module):
         return self.norm(activate(self.kind, self.dense(x)))
 
 
+class ClassifierHead(nn.Module):
+    """A classifier's head on [CLS]'s final state, as BERT's [10]: the pooler (dense, tanh), dropout, then a linear
+    layer to the labels' logits."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+        self.out = nn.Linear(config.n_embd, config.n_labels)
+
+    def forward(self, x):
+        return self.out(self.drop(torch.tanh(self.dense(x))))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -386,10 +412,13 @@ class GPT(nn.Module):
         # Post-norm blocks already end in a norm; pre-norm ones need a final one.
         modules["ln_f"] = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.transformer = nn.ModuleDict(modules)
-        if encoder:
+        if config.n_labels:  # a classifier: labels from [CLS], no token logits
+            self.classifier = ClassifierHead(config)
+        elif encoder:
             self.mlm_head = MLMHead(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=encoder)  # BERT's output layer has a bias
-        if config.tie_embeddings:
+        if not config.n_labels:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=encoder)  # BERT's output layer has a bias
+        if config.tie_embeddings and not config.n_labels:
             # Weight tying (Press & Wolf 2017), as GPT-2: the output projection is the token embedding matrix.
             self.transformer.wte.weight = self.lm_head.weight
         # Position tables are recomputed, not saved: they are functions of the config.
@@ -455,7 +484,9 @@ class GPT(nn.Module):
         for the last position only, as nanoGPT (all_logits=True: (B, T, V)), and loss None.
 
         An encoder (arch="encoder") attends both ways and returns every position's logits; padding_mask (B, T) bool,
-        True for real tokens, keeps padding out of attention (its own positions' outputs mean nothing).
+        True for real tokens, keeps padding out of attention (its own positions' outputs mean nothing). A classifier
+        (n_labels > 0) returns the labels' logits (B, n_labels), read from [CLS]'s position (the first); its targets
+        are (B,) label ids, and its padding (pad_id) is masked without a padding_mask.
         """
         B, T = idx.size()
         static = torch.is_tensor(start_pos)
@@ -473,6 +504,8 @@ class GPT(nn.Module):
         if "ln_e" in self.transformer:
             x = self.transformer.ln_e(x)
         if self.config.arch == "encoder":
+            if padding_mask is None and self.config.n_labels:  # a classifier's batches are padded texts
+                padding_mask = idx != self.config.pad_id
             mask = self.encoder_mask(pos, padding_mask, x.dtype)
         else:
             mask = self.attention_mask(pos, kv_cache[0].k.size(2) if static else start_pos + T, start_pos, x.dtype)
@@ -489,15 +522,18 @@ class GPT(nn.Module):
 
         # the head, and the loss
         x = self.transformer.ln_f(x)
-        if self.config.arch == "encoder":
-            x = self.mlm_head(x)
+        if self.config.n_labels:
+            logits = self.classifier(x[:, 0])  # (B, n_labels)
+        elif self.config.arch == "encoder":
+            logits = self.lm_head(self.mlm_head(x))  # (B, T, V)
         elif targets is None and not all_logits:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): inference needs only the next token's logits
-        logits = self.lm_head(x)  # (B, T, V)
+        else:
+            logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             flat = targets.reshape(-1)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=-1, reduction=reduction)
+            loss = F.cross_entropy(logits.reshape(flat.numel(), -1).float(), flat, ignore_index=-1, reduction=reduction)
             if self.config.n_expert and self.training:  # evaluation reports the cross-entropy alone
                 scale = (flat >= 0).sum() if reduction == "sum" else 1
                 loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss() * scale
@@ -552,6 +588,20 @@ class GPT(nn.Module):
         for name in ("pos_table", "rope_cos", "rope_sin"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name)[:block_size].clone())
+
+    def to_classifier(self, n_labels: int, pad_id: int):
+        """Make a pretrained encoder a classifier over n_labels (fine-tuning, as BERT's [10]): its MLM head and output
+        layer go, a new classification head comes (initialised as GPT-2's Linear layers); the blocks and embeddings
+        stay. A classifier given other labels gets a new head too."""
+        if self.config.arch != "encoder":
+            raise ValueError("only an encoder (arch=encoder) becomes a classifier")
+        for name in ("mlm_head", "lm_head", "classifier"):
+            if hasattr(self, name):
+                delattr(self, name)  # a tied embedding keeps its own weight
+        self.config.n_labels, self.config.pad_id = n_labels, pad_id
+        device = self.transformer.wte.weight.device
+        self.classifier = ClassifierHead(self.config).to(device)
+        self.classifier.apply(self._init_weights)
 
     def grow_vocab(self, vocab_size: int):
         """Add token ids up to vocab_size (e.g. a chat template's special tokens past GPT-2's 50257). The new rows

@@ -1,11 +1,12 @@
 r"""Sample text from a trained model, GPT-2, or a Hugging Face directory, with a KV cache; or, from an encoder (a
-run trained with --arch=encoder), fill in each [MASK] of the prompt.
+run trained with --arch=encoder), fill in each [MASK] of the prompt; or, from a classifier, label the text.
 
     python sample.py --out_dir=out-shakespeare-char                       # newest checkpoint in out_dir
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
     python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0 # greedy, prompt from a file
     python sample.py --out_dir=out --num_samples=1 --stream=True --stop='\n\n'  # print as it goes, stop at a blank line
     python sample.py --out_dir=out-bert --start="To be, or not to [MASK]."  # an encoder: the top_k fillers
+    python sample.py --out_dir=out-reviews --start=FILE:reviews.txt        # a classifier: a label for each line
     python sample.py --help                                                # every option
 
 Options are SampleConfig's fields below, set by preset files and then --key=value. The samples of one run are
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import chat
+from engine.classify import encoder_rows
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
 from engine.generate import Decoder, Sampling, StreamDecoder, cut_at_stop
@@ -101,6 +103,9 @@ def main(argv=None):
 
     if cfg.chat:
         converse(cfg, model, tokenizer, rt)
+        return
+    if model.config.n_labels:
+        classify(cfg, model, tokenizer, rt)
         return
     if model.config.arch == "encoder":
         fill_mask(cfg, model, tokenizer, rt)
@@ -210,15 +215,38 @@ def fill_mask(cfg: SampleConfig, model, tokenizer, rt) -> None:
     x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None]
     with torch.no_grad():
         logits = model(x)[0][0].float()  # (T, V): every position's
-    text_vocab = min(model.special.values())  # the special tokens follow the text's vocabulary
-    k = min(cfg.top_k if cfg.top_k is not None and "top_k" in getattr(cfg, "given", ()) else 5, text_vocab)
+    text = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)  # the ids a blank may take: text's
+    text[: tokenizer.vocab_size] = True
+    text[list(model.special.values())] = False  # a special token fills no blank (nor does padding of the vocabulary)
+    k = min(cfg.top_k if cfg.top_k is not None and "top_k" in getattr(cfg, "given", ()) else 5, int(text.sum()))
     for n, position in enumerate(i for i, t in enumerate(ids) if t == model.special["[MASK]"]):
         probs = torch.softmax(logits[position], dim=-1)  # the model's distribution (transformers' fill-mask's too)
-        top = torch.topk(probs[:text_vocab], k)  # of which the text tokens: a special token fills no blank
+        top = torch.topk(probs.masked_fill(~text, -1.0), k)
         fillers = " | ".join(
             f"{tokenizer.decode([t])!r} {p:.4f}" for p, t in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         )
         print(f"[MASK] {n + 1}: {fillers}")
+
+
+def classify(cfg: SampleConfig, model, tokenizer, rt, batch_size: int = 64) -> None:
+    """A classifier's answer: for --start, or for each line of --start=FILE:, one line `label<TAB>probability` (the
+    most likely label; a blank input line gets a blank output line). Each text is read as `[CLS] text [SEP]`, as in
+    training; one longer than the model reads is cut, and said on stderr."""
+    if not (model.special and model.labels):
+        raise UserError(f"{model.source} is a classifier without its labels or special tokens recorded")
+    texts = read_prompt(cfg.start).splitlines() if cfg.start.startswith("FILE:") else [cfg.start]
+    ids = [tokenizer.encode(text) if text.strip() else [] for text in texts]
+    print(f"labelling {len(texts)} text(s) with {model.source}", file=sys.stderr)
+    cut = sum(len(i) > model.config.block_size - 2 for i in ids)
+    if cut:
+        print(f"note: {cut} text(s) longer than {model.config.block_size - 2} tokens are cut there", file=sys.stderr)
+    for first in range(0, len(texts), batch_size):
+        rows = encoder_rows(ids[first : first + batch_size], model.special, model.config.block_size).to(rt.device)
+        with torch.no_grad():
+            probs = torch.softmax(model(rows)[0].float(), dim=-1)  # (B, n_labels)
+        best, label = probs.max(dim=-1)
+        for n, (p, k) in enumerate(zip(best.tolist(), label.tolist(), strict=True)):
+            print(f"{model.labels[k]}\t{p:.4f}" if texts[first + n].strip() else "")
 
 
 def stream(steps, tokenizer, prompt: str, stops: list[str]) -> None:

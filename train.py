@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from engine import health
-from engine.batch_schedule import Batches, BatchWarmup, done
+from engine.batch_schedule import Batches, BatchWarmup, check_process_count, done
 from engine.checkpoint import (
     checkpoint_name,
     find_checkpoint,
@@ -34,6 +34,7 @@ from engine.checkpoint import (
     load_model,
     read_meta,
 )
+from engine.classify import encoder_objective
 from engine.configurator import format_overrides, parse_config
 from engine.data import chat_tokens_from, check_chat_coverage, eval_key, get_batch, load_data
 from engine.ema import EMA
@@ -42,7 +43,7 @@ from engine.fp8 import enable_fp8
 from engine.fsdp import shard_model
 from engine.hf_interop import from_pretrained
 from engine.lora import lora_params, merge_lora, parse_targets
-from engine.masking import SPECIAL, Masking, token_ids_needed
+from engine.masking import SPECIAL, token_ids_needed
 from engine.memory import check_fits, out_of_memory_hint
 from engine.optim import SCHEDULES, lr_at, set_lr, setup_training
 from engine.out_dir_lock import hold_out_dir
@@ -107,7 +108,7 @@ class TrainConfig:
     n_expert_active: int = 2  # experts each token is routed to (top-k)
     moe_shared_expert: bool = False  # add one expert that every token uses
     moe_aux_loss_coef: float = 0.01  # weight of the MoE load-balancing loss in the training loss
-    arch: str = "decoder"  # decoder (GPT: next-token prediction) or encoder (BERT: masked tokens, engine/masking.py)
+    arch: str = "decoder"  # decoder (GPT: next tokens) or encoder (BERT: masked tokens; labels on classification data)
     mlm_probability: float = 0.15  # encoder: the share of tokens masked and predicted (BERT's 15%)
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
@@ -201,7 +202,7 @@ def main(argv=None):
     # config and runtime: presets and --key=value, then device, dtype and the torchrun process group
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, training=True)
-    check_process_count(cfg, rt)
+    check_process_count(cfg.gradient_accumulation_steps, cfg.batch_warmup_start, rt)
     micro_tokens = cfg.batch_size * cfg.block_size  # a step takes gradient_accumulation_steps global micro-steps
     start = cfg.batch_warmup_start or rt.world_size  # (fewer during batch warmup)
     warmup = BatchWarmup(cfg.gradient_accumulation_steps, start, cfg.batch_warmup_tokens, micro_tokens, cfg.max_iters)
@@ -212,15 +213,13 @@ def main(argv=None):
     task = load_task(cfg.eval_task, cfg.eval_task_file, cfg.eval_task_items, data.meta) if cfg.eval_task else None
     if data.chat and cfg.init_from != "resume" and not cfg.eval_only:  # reads every mask; block_size is fixed by now
         check_chat_coverage(data, cfg.block_size, rt.print0)
-    masking = Masking(data.meta["vocab_size"], cfg.mlm_probability) if cfg.arch == "encoder" else None  # MLM
-    if masking and data.chat:
-        raise UserError(f"{cfg.dataset} is a chat dataset, for decoders; an encoder trains on plain token files")
+    objective = encoder_objective(cfg.arch, data, cfg.mlm_probability)  # an encoder's: masked or labelled
     oom_hint = out_of_memory_hint(rt.device, cfg.batch_size, cfg.block_size)
     with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, oom_hint, contextlib.ExitStack() as closing:
         # what the run holds (engine/train_state.py): the model (never wrapped: checkpoints hold plain names; under
         # FSDP sharded in place), its optimizers, the float16 loss scaler, the average, the LoRA record, the counters
         seed_everything(cfg.seed)
-        raw_model, resume_from = init_model(cfg, rt, data)
+        raw_model, resume_from = init_model(cfg, rt, data, objective)
         lora = setup_lora(cfg, rt, raw_model, data, resume_from)  # None without LoRA
         if cfg.fp8:
             enable_fp8(raw_model, rt.device)
@@ -232,7 +231,9 @@ def main(argv=None):
         scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
         ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None  # the weights, averaged
         run_meta = {"train_config": dataclasses.asdict(cfg), "data": data.fingerprint()}  # in every checkpoint
-        run_meta |= {"encoder": {"special": masking.special, "mlm_probability": masking.probability}} if masking else {}
+        run_meta |= (
+            {"encoder": {"special": objective.special, "mlm_probability": cfg.mlm_probability}} if objective else {}
+        )
         state = TrainState(raw_model, optimizers, scaler, ema, lora, rt, cfg.fsdp, cfg.out_dir, cfg.keep_last, run_meta)
         if resume_from:
             state.resume(resume_from)
@@ -243,7 +244,7 @@ def main(argv=None):
         planned = loop.iter_num + warmup.steps_left(loop.tokens, loop.progress)
         wandb_run = (cfg.wandb_project, cfg.wandb_run_name) if cfg.wandb_log else None
         log = closing.enter_context(RunLog(cfg.out_dir, rt, planned, dataclasses.asdict(cfg), resume_from, wandb_run))
-        batches = Batches(data, cfg.batch_size, cfg.block_size, cfg.seed, warmup, rt, masking)
+        batches = Batches(data, cfg.batch_size, cfg.block_size, cfg.seed, warmup, rt, objective)
         spikes = (cfg.max_rollbacks, cfg.spike_factor, cfg.spike_window, cfg.spike_patience, cfg.spike_lr_scale)
         advice = (rt.dtype == torch.float16, cfg.grad_clip, cfg.learning_rate)  # why every step may be non-finite
         bad_steps = BadSteps(state, resume_from, cfg.max_nonfinite_steps, *spikes, *advice)  # rolls back to resume_from
@@ -261,8 +262,8 @@ def main(argv=None):
             # evaluate and checkpoint: every eval_interval and at the end; save when val improves (or always)
             last = done(loop.progress, cfg.max_iters)
             if loop.iter_num % cfg.eval_interval == 0 or last or cfg.eval_only:
-                losses = estimate_loss(eval_model, data, cfg, rt, masking)
-                log(eval_record(loop.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt, masking))
+                losses = estimate_loss(eval_model, data, cfg, rt, objective)
+                log(eval_record(loop.iter_num, losses, eval_model, raw_model, ema, data, cfg, rt, objective))
                 improved = losses["val"] is not None and losses["val"] < loop.best_val_loss  # None: no targets
                 loop.best_val_loss = losses["val"] if improved else loop.best_val_loss
                 if save_wanted(cfg, loop, improved or last, bad_steps.good):
@@ -282,7 +283,7 @@ def main(argv=None):
                 )
             micro_steps, tokens_after, progress_after = warmup.advance(loop.tokens, loop.progress)
             accum_steps = micro_steps // rt.world_size  # this rank's: global micro-steps rank * accum_steps onwards
-            targets = batches.targets(loop, micro_steps)  # chat, masked tokens: the loss is their mean; text: None
+            targets = batches.targets(loop, micro_steps)  # chat, masked tokens, labels: the loss's count; text: None
             loss_sum, aux_sum = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)  # aux: MoE's
             for micro_step in range(accum_steps):
                 sync = micro_step == accum_steps - 1 or not rt.ddp  # gradients cross ranks on the last one only
@@ -348,10 +349,11 @@ def main(argv=None):
     return exit_code
 
 
-def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
+def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | None]:
     """The model on rt.device, in one pass: pick the source (scratch, out_dir's checkpoint with init_from=resume,
     whose path is returned too, another run's weights, GPT-2 or a Hugging Face directory); build or load it; resize it
-    for the chat tokens or a cropped block_size; check once that it fits; move it to the device."""
+    for the chat tokens or a cropped block_size, or give it a classification head for the dataset's labels; check
+    once that it fits; move it to the device."""
     if cfg.init_from != "resume" and list_checkpoints(cfg.out_dir):  # a new run's rows and checkpoints would
         raise UserError(  # join that run's (eval_only too: a random model's row)
             f"{cfg.out_dir} already holds checkpoints; {'evaluate' if cfg.eval_only else 'continue'} them with "
@@ -361,9 +363,12 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
     resume_from = find_checkpoint(cfg.out_dir, log=rt.print0) if cfg.init_from == "resume" else None
     other_run = cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from)
     other_run = find_checkpoint(cfg.init_from, log=rt.print0) if other_run and list_checkpoints(cfg.init_from) else None
-    vocab = token_ids_needed(data.meta["vocab_size"], cfg.arch)  # with an encoder's special tokens
+    vocab = token_ids_needed(data.meta["vocab_size"], cfg.arch, data.meta.get("tokenizer_json"))  # an encoder's too
+    labels = data.classify["labels"] if data.classify else None
     if cfg.init_from == "scratch":
         config = GPTConfig.from_options(dataclasses.asdict(cfg), vocab)
+        if labels:  # a classifier trained from scratch
+            config = dataclasses.replace(config, n_labels=len(labels), pad_id=objective.special["[PAD]"])
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
         model = GPT(config)
     elif resume_from:
@@ -372,6 +377,7 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         rt.print0(f"resuming from {resume_from}")
     elif other_run:  # another run's weights, a fresh start
         model, meta = load_model(other_run, cfg.dropout)
+        model.labels = (meta["data"].get("classify") or {}).get("labels")  # a classifier's
         if meta.get("lora"):  # that run's model is its base with the adapters: folded in, a plain GPT again
             merge_lora(model)
         model.requires_grad_(True)  # this run trains what its own flags say (setup_lora freezes for LoRA)
@@ -386,6 +392,11 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
     if model.config.arch != cfg.arch:
         raise UserError(f"{cfg.init_from} holds an {model.config.arch}: train it with --arch={model.config.arch}")
+    if model.config.n_labels and not labels:
+        raise UserError(f"{cfg.init_from} holds a classifier: fine-tune it on labelled texts (prepare/classify.py)")
+    if labels and not resume_from and getattr(model, "labels", None) != labels:  # (an encoder's MLM head, or others)
+        model.to_classifier(len(labels), objective.special["[PAD]"])
+        rt.print0(f"a new classification head for the {len(labels)} labels of {cfg.dataset}")
     if not resume_from and cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     if data.chat and model.config.vocab_size < data.meta["vocab_size"]:  # room for the chat template's tokens
@@ -397,6 +408,7 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
         trainable = lora_params(model, cfg.lora_rank, parse_targets(cfg.lora_targets))
         new_rows = model.config.vocab_size - chat_tokens_from(data) if data.chat else 0  # the chat tokens' rows
         trainable += new_rows * model.config.n_embd * (1 if model.config.tie_embeddings else 2)
+        trainable += sum(p.numel() for p in model.classifier.parameters()) if labels else 0  # a new head trains
     check_fits(model.config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing, trainable)
     if model.config.vocab_size < vocab:
         specials = f" and the encoder's {len(SPECIAL)} special tokens" if cfg.arch == "encoder" else ""
@@ -413,10 +425,10 @@ def init_model(cfg: TrainConfig, rt, data) -> tuple[GPT, str | None]:
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg: TrainConfig, rt, masking=None) -> dict[str, float | None]:
+def estimate_loss(model, data, cfg: TrainConfig, rt, objective=None) -> dict[str, float | None]:
     """Mean loss over the same eval_iters batches of each split at every evaluation, shared out across ranks. An
-    encoder's is over the masked tokens (drawn from the batch number: the same at every evaluation), with the share
-    of them predicted right as "<split>_accuracy"."""
+    encoder's (objective: its Masking or Labelled) is over the masked tokens (drawn from the batch number: the same at
+    every evaluation) or the labels, with the share of them predicted right as "<split>_accuracy"."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -425,34 +437,26 @@ def estimate_loss(model, data, cfg: TrainConfig, rt, masking=None) -> dict[str, 
         for first in range(0, cfg.eval_iters, rt.world_size):
             k = first + rt.rank
             key, weight = eval_key(cfg.seed, k % cfg.eval_iters), float(k < cfg.eval_iters)
-            batch = masking.batch if masking else get_batch  # an encoder's: the text masked, between [CLS] and [SEP]
+            batch = objective.batch if objective else get_batch  # an encoder's: `[CLS] text [SEP]`, masked or labelled
             x, y = batch(data, split, cfg.batch_size, cfg.block_size, key, rt.device)
             with rt.autocast():
-                if data.chat or masking:  # weighted by tokens: batches hold different numbers of targets
+                if data.chat or objective:  # weighted by targets: batches hold different numbers of them
                     logits, loss = model(x, y, reduction="sum")
                     count = (y >= 0).sum().float() * weight
                 else:
                     logits, loss = model(x, y)
                     count = torch.tensor(weight, device=rt.device)
-            right = ((logits.argmax(-1) == y) & (y >= 0)).sum().float() * weight if masking else torch.zeros_like(count)
+            right = (
+                ((logits.argmax(-1) == y) & (y >= 0)).sum().float() * weight if objective else torch.zeros_like(count)
+            )
             total += torch.stack([loss.float() * weight, count, right])
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item() if total[1] > 0 else None  # chat batches with no target: no loss
-        if masking:
+        if objective:
             out[f"{split}_accuracy"] = (total[2] / total[1]).item() if total[1] > 0 else None
     model.train()
     return out
-
-
-def check_process_count(cfg: TrainConfig, rt) -> None:
-    """gradient_accumulation_steps is global: it must split evenly over the processes, and so must every step of
-    batch warmup."""
-    for name in ("gradient_accumulation_steps", "batch_warmup_start"):
-        value = getattr(cfg, name)
-        if value is not None and value % rt.world_size != 0:
-            teardown_runtime(rt)  # every rank stops here, together
-            raise UserError(f"{name}={value} is not divisible by the {rt.world_size} processes; make it a multiple")
 
 
 def print_settings(cfg: TrainConfig, rt, warmup: BatchWarmup) -> None:
@@ -499,14 +503,14 @@ def size_report(cfg: TrainConfig, model: GPT) -> str:
     )
 
 
-def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt, masking) -> dict:
-    """The log record of an evaluation: the losses (an encoder's also its masked-token accuracies), and with EMA on
-    the same batches' losses of the average."""
+def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt, objective) -> dict:
+    """The log record of an evaluation: the losses (an encoder's also its accuracies: of masked tokens or labels),
+    and with EMA on the same batches' losses of the average."""
     record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
-    record |= {f"{split}_accuracy": losses[f"{split}_accuracy"] for split in ("train", "val") if masking}
+    record |= {f"{split}_accuracy": losses[f"{split}_accuracy"] for split in ("train", "val") if objective}
     if ema:
         with ema.swapped_in(raw_model):
-            averaged = estimate_loss(eval_model, data, cfg, rt, masking)
+            averaged = estimate_loss(eval_model, data, cfg, rt, objective)
         record |= {"train_loss_ema": averaged["train"], "val_loss_ema": averaged["val"]}
     return record
 

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 
 from engine.data import get_batch, target_count, train_key
+from engine.errors import UserError
+from engine.runtime import teardown_runtime
 
 DONE = 1e-9  # a run whose progress is within this of max_iters is done (progress sums fractions m / G)
 
@@ -60,22 +62,34 @@ class BatchWarmup:
         return steps + max(0, math.ceil(self.max_iters - progress - DONE))
 
 
+def check_process_count(gradient_accumulation_steps: int, batch_warmup_start: int | None, rt) -> None:
+    """gradient_accumulation_steps is global: it must split evenly over the processes, and so must every step of
+    batch warmup."""
+    for name, value in (
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("batch_warmup_start", batch_warmup_start),
+    ):
+        if value is not None and value % rt.world_size != 0:
+            teardown_runtime(rt)  # every rank stops here, together
+            raise UserError(f"{name}={value} is not divisible by the {rt.world_size} processes; make it a multiple")
+
+
 def done(progress: float, max_iters: int) -> bool:
     return progress >= max_iters - DONE
 
 
 class Batches:
-    """This rank's training batches: `data` in micro-batches of batch_size windows of block_size tokens; for an
-    encoder masked (masking: engine/masking.py's Masking, else None)."""
+    """This rank's training batches: `data` in micro-batches of batch_size windows of block_size tokens; an encoder's
+    masked or labelled (objective: engine/masking.py's Masking or engine/classify.py's Labelled; else None)."""
 
-    def __init__(self, data, batch_size: int, block_size: int, seed: int, warmup: BatchWarmup, rt, masking=None):
+    def __init__(self, data, batch_size: int, block_size: int, seed: int, warmup: BatchWarmup, rt, objective=None):
         self.data, self.batch_size, self.block_size, self.seed, self.warmup = data, batch_size, block_size, seed, warmup
-        self.rank, self.world_size, self.device, self.masking = rt.rank, rt.world_size, rt.device, masking
+        self.rank, self.world_size, self.device, self.objective = rt.rank, rt.world_size, rt.device, objective
 
     def get(self, it: int, g: int, rollbacks: int = 0):
         """The batch (x, y) of global micro-step g of iteration it."""
         key = train_key(self.seed, it, g, rollbacks)
-        batch = self.masking.batch if self.masking else get_batch
+        batch = self.objective.batch if self.objective else get_batch
         return batch(self.data, "train", self.batch_size, self.block_size, key, self.device)
 
     def first(self, loop):
@@ -93,11 +107,11 @@ class Batches:
 
     def targets(self, loop, micro_steps: int) -> int | None:
         """The targets the loss counts in the step's global batch, over every rank and micro-step, where batches hold
-        different numbers of them (chat data: the assistant's tokens; an encoder's: the masked ones); None for plain
-        text, whose every token is a target."""
-        if not (self.data.chat or self.masking):
+        different numbers of them (chat data: the assistant's tokens; an encoder's: the masked ones, or its labels);
+        None for plain text, whose every token is a target."""
+        if not (self.data.chat or self.objective):
             return None
         keys = [train_key(self.seed, loop.iter_num, g, loop.rollbacks) for g in range(micro_steps)]
-        if self.masking:
-            return sum(self.masking.count(self.batch_size, self.block_size, key) for key in keys)
+        if self.objective:
+            return sum(self.objective.count(self.batch_size, self.block_size, key) for key in keys)
         return sum(target_count(self.data, "train", self.batch_size, self.block_size, key) for key in keys)

@@ -6,6 +6,8 @@ A dataset is a directory data/<name>/ written by a prepare/ script:
                           "chars" (char tokenizer only), "splits": {split: {"file", "tokens", "sha256"}}, "source"}
 meta.json is written last, so a directory without it was never finished. nanoGPT's meta.pkl is never unpickled.
 A chat split adds "mask_file" and "starts_file" with their "mask_sha256" and "starts_sha256" (prepare/chat.py).
+A classification dataset (prepare/classify.py) has "classify": {"labels": [...]}, and each split a "starts_file"
+(where each text begins) and a "labels_file" (int64, one label index per text), with their sha256.
 
 load_data checks meta.json itself (engine/schemas.py DatasetMeta), then every file against it (size, ids, recorded
 sha256), and keeps the files open: batches are read through memmaps of those open files, so a dataset prepared again
@@ -49,7 +51,7 @@ from engine.tokenization import (
 
 FULL_CHECK_BYTES = 512 << 20  # token files up to this size have every id checked at load (about 0.1 s)
 HASH_CHECK_BYTES = 64 << 20  # and up to this size their sha256 too
-PARTS = {"file": "sha256", "mask_file": "mask_sha256", "starts_file": "starts_sha256"}  # a split's files, their hashes
+PARTS = {"file": "sha256", "mask_file": "mask_sha256", "starts_file": "starts_sha256", "labels_file": "labels_sha256"}
 
 
 @dataclass
@@ -92,9 +94,15 @@ class TokenData:
         """A chat dataset's template and special tokens (prepare/chat.py), or None for plain text."""
         return self.meta.get("chat")
 
+    @property
+    def classify(self) -> dict | None:
+        """A classification dataset's labels (prepare/classify.py), or None."""
+        return self.meta.get("classify")
+
     def split_path(self, split: str, part: str = "file") -> str:
         """The split's token file, or with part="mask_file" / "starts_file" a chat split's loss mask (uint8, one per
-        token: 1 = trained on) and conversation starts (int64, one per conversation plus the end)."""
+        token: 1 = trained on) and conversation starts (int64, one per conversation plus the end); "labels_file" a
+        classification split's labels (int64, one per text; its texts' starts are its starts_file)."""
         return os.path.join(self.data_dir, self.meta["splits"][split][part])
 
     def file(self, split: str, part: str = "file") -> BinaryIO:
@@ -113,12 +121,12 @@ class TokenData:
     def memmap(self, split: str, part: str = "file") -> np.ndarray:
         """A read-only np.memmap of the split's open file, to drop after use: token ids, or the mask (uint8) or the
         conversation starts (int64). The mapping keeps the file that was opened, even once it is replaced by path."""
-        dtype = {"file": self.dtype, "mask_file": np.uint8, "starts_file": np.int64}[part]
+        dtype = {"file": self.dtype, "mask_file": np.uint8, "starts_file": np.int64, "labels_file": np.int64}[part]
         return np.memmap(self.file(split, part), dtype=dtype, mode="r")
 
     def fingerprint(self) -> dict:
         """What a checkpoint records about the data it was trained on, enough to rebuild its Tokenizer."""
-        keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "chat", "source")
+        keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "chat", "classify", "source")
         keys += ("tokenizer_json",)  # a trained BPE's whole tokenizer.json: the checkpoint decodes without the data
         return {k: self.meta.get(k) for k in keys} | {"data_dir": self.data_dir}
 
@@ -172,7 +180,7 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
             if split not in meta["splits"]:
                 raise UserError(f"{meta_path} has no {split!r} split; re-run the prepare script")
             tokens = meta["splits"][split]["tokens"]
-            if not data.chat and tokens < block_size + 1:  # what meta.json says is already too little
+            if not (data.chat or data.classify) and tokens < block_size + 1:  # what meta.json says is too little
                 raise UserError(
                     f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = "
                     f"{block_size + 1}; lower --block_size or prepare more data"
@@ -180,6 +188,8 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
             check_file(data, split, "file", tokens * itemsize, f"{tokens} {meta['dtype']} tokens")
             if data.chat:
                 check_chat_split(data, split)
+            if data.classify:
+                check_classify_split(data, split)
             check_tokens(data, split)
     except BaseException:
         data.close()
@@ -200,7 +210,7 @@ def check_file(data: TokenData, split: str, part: str, size: int | None, holding
     and the sha256 meta.json records for it when the file is small enough to hash in well under a second. Returns the
     file's size."""
     path = data.split_path(split, part)
-    rerun = "re-run the prepare script" if part == "file" else "re-run prepare/chat.py"
+    rerun = "re-run the prepare script" if part == "file" or data.classify else "re-run prepare/chat.py"
     try:
         found = os.fstat(data.file(split, part).fileno()).st_size
     except FileNotFoundError:
@@ -223,13 +233,7 @@ def check_chat_split(data: TokenData, split: str) -> None:
     info = data.meta["splits"][split]
     if not {"mask_file", "starts_file"} <= info.keys():
         raise UserError(f"the {split} split of {data.data_dir} has no mask or starts file; re-run prepare/chat.py")
-    starts_size = check_file(data, split, "starts_file", None)
-    path = data.split_path(split, "starts_file")
-    starts = data.memmap(split, "starts_file") if starts_size >= 16 and starts_size % 8 == 0 else None
-    if starts is None or starts[0] != 0 or starts[-1] != info["tokens"]:
-        raise UserError(f"{path} does not run from 0 to the split's {info['tokens']} tokens; re-run prepare/chat.py")
-    if np.any(np.diff(starts) <= 0):
-        raise UserError(f"{path} holds an empty conversation; re-run prepare/chat.py")
+    check_starts(data, split, "conversation", "re-run prepare/chat.py")
     path = data.split_path(split, "mask_file")
     check_file(data, split, "mask_file", info["tokens"], f"one byte for each of {info['tokens']} tokens")
     mask = data.memmap(split, "mask_file")
@@ -242,6 +246,37 @@ def check_chat_split(data: TokenData, split: str) -> None:
     if None not in (ones, info.get("trained_tokens")) and ones != info["trained_tokens"]:
         raise UserError(
             f"{path} trains on {ones} tokens, meta.json says {info['trained_tokens']}; re-run prepare/chat.py"
+        )
+
+
+def check_starts(data: TokenData, split: str, what: str, rerun: str) -> np.ndarray:
+    """A split's starts file runs from 0 to its token count, rising (no empty `what`), and matches its recorded
+    sha256 (check_file); returned."""
+    info = data.meta["splits"][split]
+    starts_size = check_file(data, split, "starts_file", None)
+    path = data.split_path(split, "starts_file")
+    starts = data.memmap(split, "starts_file") if starts_size >= 16 and starts_size % 8 == 0 else None
+    if starts is None or starts[0] != 0 or starts[-1] != info["tokens"]:
+        raise UserError(f"{path} does not run from 0 to the split's {info['tokens']} tokens; {rerun}")
+    if np.any(np.diff(starts) <= 0):
+        raise UserError(f"{path} holds an empty {what}; {rerun}")
+    return starts
+
+
+def check_classify_split(data: TokenData, split: str) -> None:
+    """A classification split's starts (check_starts) and one label per text, each an index of meta.json's labels:
+    a label out of range would be a device-side assert on CUDA, halfway through a run."""
+    info, rerun = data.meta["splits"][split], "re-run prepare/classify.py"
+    if not {"labels_file", "starts_file"} <= info.keys():
+        raise UserError(f"the {split} split of {data.data_dir} has no labels or starts file; {rerun}")
+    texts = len(check_starts(data, split, "text", rerun)) - 1
+    check_file(data, split, "labels_file", texts * 8, f"one int64 label for each of {texts} texts")
+    labels, n_labels = data.memmap(split, "labels_file"), len(data.classify["labels"])
+    bad = np.flatnonzero((labels < 0) | (labels >= n_labels))
+    if len(bad):
+        raise UserError(
+            f"{data.split_path(split, 'labels_file')} holds label {int(labels[bad[0]])} for text {bad[0]}, not one "
+            f"of the {n_labels} labels; the file is damaged: {rerun}"
         )
 
 

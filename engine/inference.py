@@ -13,6 +13,7 @@ from engine.data import Tokenizer
 from engine.errors import UserError
 from engine.hf_interop import from_pretrained
 from engine.lora import merge_lora
+from engine.masking import own_special_tokens
 from model import GPT
 
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "eot_id": 50256}
@@ -34,13 +35,17 @@ def load_for_inference(
         average = ", EMA weights" if weights == "ema" else ""
         model.source = f"{path} (iteration {meta.get('iter_num')}, val loss {meta.get('val_loss')}{average})"
         model.special = meta.get("encoder", {}).get("special")  # an encoder's [CLS], [SEP], [MASK], [PAD]
+        model.labels = (meta["data"].get("classify") or {}).get("labels")  # a classifier's, in index order
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
     else:
         model = from_pretrained(init_from)
         model.source, model.special = init_from, None
+        model.labels = getattr(model, "labels", None)  # a classifier's (config.json's id2label)
         own = os.path.join(init_from, "tokenizer.json")
         if os.path.isfile(own):  # the directory's own tokenizer (an export of ours has one)
             tokenizer = Tokenizer({"tokenizer": "tokenizer.json", "path": own})
+            if model.config.arch == "encoder":  # its [CLS], [SEP], [MASK], [PAD] (BERT's, or an export's)
+                model.special = own_special_tokens(read_text(own, "tokenizer file"))
         else:
             tokenizer = Tokenizer(GPT2_TOKENIZER, tokenizer_dir)
     return model.eval(), tokenizer

@@ -98,7 +98,7 @@ def add_lora(
         setattr(parent, attr, LoRALinear(layer, rank, alpha))
     if new_rows_from is not None:
         rows = {}  # by the weight, so a tied embedding and lm_head share their rows
-        for parent, attr in ((model.transformer, "wte"), (model, "lm_head")):
+        for parent, attr in embedding_layers(model):
             layer = getattr(parent, attr)
             if id(layer.weight) not in rows:
                 rows[id(layer.weight)] = nn.Parameter(layer.weight.detach()[new_rows_from:].clone())
@@ -111,7 +111,7 @@ def add_lora(
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, in place: the model becomes a plain GPT with the same outputs."""
     merged_rows = {}  # by the rows, so a tied embedding and lm_head stay one parameter
-    for parent, attr in ((model.transformer, "wte"), (model, "lm_head")):
+    for parent, attr in embedding_layers(model):
         layer = getattr(parent, attr)
         if isinstance(layer, NewRows):
             if id(layer.rows) not in merged_rows:
@@ -133,6 +133,11 @@ def merge_lora(model: nn.Module) -> None:
                     )
                     merged.bias = module.bias
                 setattr(parent, name, merged.to(module.weight.device))
+
+
+def embedding_layers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of the token embedding and the output layer (a classifier has none)."""
+    return [(model.transformer, "wte")] + ([(model, "lm_head")] if hasattr(model, "lm_head") else [])
 
 
 def lora_params(model: nn.Module, rank: int, targets: tuple[str, ...]) -> int:

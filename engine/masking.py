@@ -8,10 +8,12 @@ or stays itself (10%). The loss is the cross-entropy at the chosen positions. Ev
 what an uninterrupted one masks, and W ranks mask what one process masks.
 
 The special tokens take the ids after the text's vocabulary (special_tokens): for GPT-2's BPE 50257 to 50260, inside
-the padded 50304; for a character vocabulary or our own BPE the next four ids. The model's vocabulary holds them.
+the padded 50304; for a character vocabulary or our own BPE the next four ids. A tokenizer.json that has all four
+itself (BERT's WordPiece vocabularies) keeps its own ids. The model's vocabulary holds them.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,24 +24,38 @@ SPECIAL = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen tokens: [MASK], a random token; the rest stay themselves
 
 
-def special_tokens(text_vocab_size: int) -> dict[str, int]:
-    """The encoder's special tokens: the ids after the text's vocabulary, in SPECIAL's order."""
-    return {name: text_vocab_size + i for i, name in enumerate(SPECIAL)}
+def special_tokens(text_vocab_size: int, tokenizer_json: str | None = None) -> dict[str, int]:
+    """The encoder's special tokens, in SPECIAL's order: a tokenizer.json's own when it has all four
+    (tokenizer_json: its text, as a dataset's meta records it), else the ids after the text's vocabulary."""
+    return own_special_tokens(tokenizer_json) or {name: text_vocab_size + i for i, name in enumerate(SPECIAL)}
 
 
-def token_ids_needed(text_vocab_size: int, arch: str) -> int:
-    """The ids a model of `arch` needs for a dataset of text_vocab_size: an encoder's special tokens follow."""
-    return text_vocab_size + (len(SPECIAL) if arch == "encoder" else 0)
+def own_special_tokens(tokenizer_json: str | None) -> dict[str, int] | None:
+    """A tokenizer.json's [CLS], [SEP], [MASK] and [PAD] ids when it has all four as added tokens, else None."""
+    if not tokenizer_json:
+        return None
+    added = {t.get("content"): t.get("id") for t in json.loads(tokenizer_json).get("added_tokens") or ()}
+    if all(isinstance(added.get(name), int) for name in SPECIAL):
+        return {name: added[name] for name in SPECIAL}
+    return None
+
+
+def token_ids_needed(text_vocab_size: int, arch: str, tokenizer_json: str | None = None) -> int:
+    """The ids a model of `arch` needs for a dataset of text_vocab_size: an encoder's special tokens too."""
+    if arch != "encoder":
+        return text_vocab_size
+    return max(text_vocab_size, 1 + max(special_tokens(text_vocab_size, tokenizer_json).values()))
 
 
 @dataclass(frozen=True)
 class Masking:
-    text_vocab_size: int  # the dataset's vocabulary: random replacements come from it, the special ids follow it
+    text_vocab_size: int  # the dataset's vocabulary: random replacements come from it
     probability: float = 0.15  # mlm_probability
+    special: dict[str, int] = field(default=None)  # none = special_tokens(text_vocab_size): the ids after it
 
-    @property
-    def special(self) -> dict[str, int]:
-        return special_tokens(self.text_vocab_size)
+    def __post_init__(self):
+        if self.special is None:
+            object.__setattr__(self, "special", special_tokens(self.text_vocab_size))
 
     def draws(self, key: tuple[int, ...], shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """(chosen, replacement draw, random ids) for `shape` text tokens, from the key alone."""

@@ -124,12 +124,12 @@ def console_line(record: dict, max_iters: int) -> str:
     if "val_loss" in record:
         line = f"step {record['iter']}: train loss {loss_text(record['train_loss'])}, val loss "
         line += loss_text(record["val_loss"])
-        if "val_accuracy" in record:  # an encoder's: the share of masked tokens predicted right
+        if "val_accuracy" in record:  # an encoder's: the share of masked tokens (or labels) predicted right
             accuracy = [
                 f"{record[f'{s}_accuracy']:.4f}" if record[f"{s}_accuracy"] is not None else "n/a"
                 for s in ("train", "val")
             ]
-            line += f" (masked tokens predicted: train {accuracy[0]}, val {accuracy[1]})"
+            line += f" (accuracy: train {accuracy[0]}, val {accuracy[1]})"
         if "val_loss_ema" in record:
             train_ema, val_ema = loss_text(record["train_loss_ema"]), loss_text(record["val_loss_ema"])
             line += f" (EMA weights: train loss {train_ema}, val loss {val_ema})"

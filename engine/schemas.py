@@ -203,6 +203,20 @@ class ChatEntry(Shape):
         return self
 
 
+class ClassifyEntry(Shape):
+    """A classification dataset's labels (prepare/classify.py), in label-index order: distinct, and at least two."""
+
+    labels: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(min_length=2, max_length=1 << 16)
+    ]
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: lists a label twice")
+        return self
+
+
 class SplitEntry(Shape):
     file: PlainName
     tokens: Count
@@ -213,6 +227,8 @@ class SplitEntry(Shape):
     starts_file: PlainName = Field(default=None)
     mask_sha256: Sha256 | None = None
     starts_sha256: Sha256 | None = None
+    labels_file: PlainName = Field(default=None)  # classification splits
+    labels_sha256: Sha256 | None = None
 
 
 def _ids_in_vocabulary(vocab_size: int | None, eot_id: int | None, chat_entry: ChatEntry | None) -> None:
@@ -253,6 +269,7 @@ class DatasetMeta(Shape):
     eot_id: TokenId | None = None
     chars: str | None = None
     chat: ChatEntry | None = None
+    classify: ClassifyEntry | None = None
     source: str | None = None
     special_tokens: list[Text] | None = None
     splits: Annotated[dict[str, SplitEntry], Field(max_length=64)]
@@ -263,6 +280,8 @@ class DatasetMeta(Shape):
         if self.vocab_size > {"uint16": 2**16, "uint32": 2**32}[self.dtype]:
             raise ValueError(f"vocab_size: {self.vocab_size} does not fit {self.dtype}")
         _ids_in_vocabulary(self.vocab_size, self.eot_id, self.chat)
+        if self.chat and self.classify:
+            raise ValueError("chat and classify: a dataset is conversations or labelled texts, not both")
         if self.tokenizer == "char":
             _char_vocabulary(self.chars, self.vocab_size, self.chat)
             if len(set(self.chars)) != len(self.chars):  # prepare lists each once: the ids of one would differ
@@ -284,6 +303,7 @@ class DataFingerprint(Shape):
     eot_id: TokenId | None = None
     chars: str | None = None
     chat: ChatEntry | None = None
+    classify: ClassifyEntry | None = None
     source: str | None = None
     tokenizer_json: Annotated[str, Field(max_length=MAX_TOKENIZER_BYTES)] | None = None  # checked when it is built
     data_dir: str | None = None
@@ -365,6 +385,8 @@ class ModelConfig(Shape):
     moe_shared_expert: bool = False
     moe_aux_loss_coef: Finite = 0.01
     arch: str = "decoder"
+    n_labels: Annotated[int, Field(ge=0, le=1 << 16)] = 0
+    pad_id: Annotated[int, Field(ge=0, le=2**32)] | None = None
 
 
 def _params_listed(group: dict) -> dict:

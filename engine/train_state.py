@@ -204,7 +204,7 @@ def check_resumable(meta: dict, options: dict, data_meta: dict, log=print) -> No
     # Every architecture key must be as the run was started (dropout may change). The keys are compared with the
     # saved train config rather than the model, so a run initialised from GPT-2 weights resumes with its command.
     # A checkpoint saved before a switch existed ran with its default.
-    keys = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "dropout"}
+    keys = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in ("dropout", *GPTConfig.FROM_DATA)}
     differ = [f"{k} ({saved_train.get(k)} -> {options[k]})" for k in keys if saved_train.get(k, keys[k]) != options[k]]
     for key in ("optimizer", "lora_rank", "lora_targets"):  # the saved optimizer state would not fit
         if saved_train.get(key, BEFORE_KEYS[key]) != options[key]:
@@ -213,7 +213,7 @@ def check_resumable(meta: dict, options: dict, data_meta: dict, log=print) -> No
         differ.append(f"dataset ({saved_train.get('dataset')} -> {options['dataset']})")
     if saved_train.get("ema_decay", 0.0) and not options["ema_decay"]:  # its weight average would be dropped
         differ.append(f"ema_decay ({saved_train['ema_decay']} -> 0: the checkpoint keeps a weight average)")
-    for key in ("tokenizer", "tokenizer_hash", "vocab_size"):
+    for key in ("tokenizer", "tokenizer_hash", "vocab_size", "classify"):  # (classify: a classifier's labels)
         if meta["data"].get(key) != data_meta.get(key):
             differ.append(f"data {key} ({meta['data'].get(key)} -> {data_meta.get(key)})")
     if differ:
@@ -231,12 +231,14 @@ def start_lora(
     """Freeze the model and add rank-`rank` adapters to its `targets` layers, and return what
     every checkpoint of the run records about them. The frozen base is written once, by the master, to
     out_dir/lora-base-<its sha256>/, which the checkpoints name. On chat data the chat tokens' rows of the token
-    embedding (and of an untied lm_head), ids new_rows_from on, train too: they are new to the base model."""
+    embedding (and of an untied lm_head), ids new_rows_from on, train too: they are new to the base model; so does a
+    classifier's head (as PEFT's modules_to_save)."""
     lora = {"rank": rank, "alpha": alpha, "targets": list(parse_targets(targets))}
-    lora |= {"trainable": [], "new_rows_from": new_rows_from, "base_from": base_from}
+    head = [name for name, _ in model.named_parameters() if name.startswith("classifier.")]
+    lora |= {"trainable": head, "new_rows_from": new_rows_from, "base_from": base_from}
     if rt.master:
         lora |= save_lora_base(out_dir, model)
-    add_lora(model, rank, alpha, tuple(lora["targets"]), new_rows_from=new_rows_from)
+    add_lora(model, rank, alpha, tuple(lora["targets"]), tuple(head), new_rows_from=new_rows_from)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     embedding = (
         f" (the embedding rows of the chat tokens, ids {new_rows_from} on, included)"

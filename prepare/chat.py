@@ -12,7 +12,6 @@ a token is trained on: the assistant's turns), {train,val}.starts.bin (int64 con
 meta.json, which records the template and the special tokens' ids. `--val_fraction` holds out whole conversations.
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
 
 import numpy as np
-from token_writer import DatasetWriter, check_source_file, fail
+from table import read_columns
+from token_writer import DatasetWriter, fail
 from tqdm import tqdm
 
 from engine import chat
@@ -66,51 +66,10 @@ class ChatConfig:
 
 def read_rows(args: ChatConfig) -> tuple[list, str]:
     """(rows, source): each row's messages, from a local file or the hub."""
-    local = os.path.isfile(args.input)
-    if local and args.input.lower().endswith((".jsonl", ".json")):
-        check_source_file(args.input)  # before a parser sees it: one line for bytes that would crash one
-    if local and args.input.endswith(".jsonl"):  # read here, so errors name the line
-        rows = []
-        with open(args.input, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except ValueError as e:
-                        fail(f"{args.input}:{n}: not valid JSON ({e}); fix or remove that line")
-                    rows.append(row.get(args.messages_column) if isinstance(row, dict) else row)
-        return rows, f"local file {args.input}"
-    import datasets
-
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    try:
-        if local:
-            builder = {".json": "json", ".parquet": "parquet"}.get(os.path.splitext(args.input)[1].lower())
-            if builder is None:
-                fail(f"{args.input}: give a .jsonl, .json or .parquet file")
-            ds = datasets.load_dataset(builder, data_files=args.input, split="train", cache_dir=args.cache_dir)
-            source = f"local file {args.input}"
-        else:
-            ds = datasets.load_dataset(args.input, args.config, split=args.split, cache_dir=args.cache_dir)
-            source = f"hub dataset {args.input}" + (f" ({args.config})" if args.config else "") + f", {args.split}"
-    except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
-        fail(f"could not read {args.input}: {str(e).splitlines()[0][:300]}")
-    if args.messages_column not in ds.column_names:
-        fail(f"no column {args.messages_column!r} in {args.input} (columns: {', '.join(ds.column_names)})")
-    try:
-        return list(ds[args.messages_column]), source  # (a lazy column: its strings are decoded here)
-    except UnicodeDecodeError:  # a Parquet file or a hub dataset may hold any bytes: name the first such row
-        bad = next(n for n in range(len(ds)) if not _decodes(ds, n))
-        fail(f"row {bad + 1} of {args.input} is not UTF-8 text; convert it, e.g. iconv -t UTF-8")
-
-
-def _decodes(ds, n: int) -> bool:
-    """Whether row n of the dataset holds only UTF-8 strings."""
-    try:
-        ds[n]
-    except UnicodeDecodeError:
-        return False
-    return True
+    if os.path.isfile(args.input) and os.path.splitext(args.input)[1].lower() not in (".jsonl", ".json", ".parquet"):
+        fail(f"{args.input}: give a .jsonl, .json or .parquet file")
+    columns, source = read_columns(args.input, [args.messages_column], args.config, args.split, args.cache_dir)
+    return columns[args.messages_column], source
 
 
 def make_tokenizer(args: ChatConfig, conversations: list[list[dict]]):

@@ -12,7 +12,7 @@ from test_train import args, final_weights, records, step_losses
 
 import train
 from engine import loss_curve
-from engine.batch_schedule import BatchWarmup, done
+from engine.batch_schedule import BatchWarmup, check_process_count, done
 from engine.errors import UserError
 
 # 4 micro-steps of 4 x 16 tokens once warm; from 1 micro-step, over the first 1,024 tokens (8 full batches' worth)
@@ -96,7 +96,9 @@ def test_batch_warmup_settings_are_checked_in_one_line(char_data, tmp_path):
         train.main(args(char_data, str(tmp_path / "b"), "--batch_warmup_tokens=-1"))
     cfg = train.TrainConfig(gradient_accumulation_steps=4, batch_warmup_start=1, batch_warmup_tokens=10)
     with pytest.raises(UserError, match="batch_warmup_start=1 is not divisible by the 2 processes"):
-        train.check_process_count(cfg, SimpleNamespace(world_size=2, ddp=False))
+        check_process_count(
+            cfg.gradient_accumulation_steps, cfg.batch_warmup_start, SimpleNamespace(world_size=2, ddp=False)
+        )
 
 
 @pytest.mark.slow

@@ -245,7 +245,7 @@ def evaluate_encoder(cfg: EvaluateConfig, model: GPT, tokenizer, rt) -> dict:
     tokens, chat = read_tokens(cfg.tokens, tokenizer, cfg.tokenizer_dir)
     if chat is not None:
         raise UserError(f"{cfg.tokens} is a chat split, for decoders; score an encoder on plain token files")
-    masking = Masking(min(model.special.values()))
+    masking = Masking(tokenizer.vocab_size, special=model.special)
     loss, accuracy, count = masked_scores(model, tokens, masking, cfg.batch_size, cfg.max_tokens, rt.autocast)
     print(f"scored {count:,} masked tokens ({masking.probability:.0%} of windows of {model.config.block_size - 2})")
     print(f"masked-token loss {loss:.6f} nats/token")
