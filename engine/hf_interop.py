@@ -71,6 +71,9 @@ def from_pretrained(name_or_dir: str, override_args: dict | None = None) -> GPT:
     config, state_dict = load_hf(name_or_dir)
     config.dropout = override_args.get("dropout", 0.0)
     model = GPT(config)
+    model.labels = (
+        bert_labels(read_json(os.path.join(resolve(name_or_dir), "config.json"))) if config.n_labels else None
+    )
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # names or shapes that config.json does not imply
@@ -235,7 +238,17 @@ def _bert_config(hf: dict) -> GPTConfig:
         raise UnsupportedModel("BERT with relative position embeddings is not supported (absolute is)")
     if hf.get("is_decoder", False):
         raise UnsupportedModel("BERT as a decoder (is_decoder=true) is not supported: it is an encoder here")
+    labels = {}
+    if "BertForSequenceClassification" in (hf.get("architectures") or ()):  # a classifier: one label per text
+        labels = bert_labels(hf)
+        if len(labels) < 2 or hf.get("problem_type") not in (None, "single_label_classification"):
+            raise UnsupportedModel(
+                f"BertForSequenceClassification with {len(labels)} label(s), problem_type "
+                f"{hf.get('problem_type')!r}: only single-label classification over 2 or more labels is supported"
+            )
+        labels = {"n_labels": len(labels), "pad_id": hf.get("pad_token_id") or 0}
     return GPTConfig(
+        **labels,
         arch="encoder",
         block_size=hf["max_position_embeddings"],
         vocab_size=hf["vocab_size"],
@@ -249,6 +262,13 @@ def _bert_config(hf: dict) -> GPTConfig:
         mlp_hidden=hf["intermediate_size"],
         tie_embeddings=hf.get("tie_word_embeddings", True),
     )
+
+
+def bert_labels(hf: dict) -> list[str]:
+    """A BertForSequenceClassification config's labels in index order: id2label's (transformers' default names,
+    LABEL_0..., when it has none)."""
+    id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 # our name -> BERT's, per layer ({i}) and global; q, k and v are fused into c_attn
@@ -265,6 +285,8 @@ _BERT_GLOBAL = {
     "mlm_head.dense": "cls.predictions.transform.dense",
     "mlm_head.norm": "cls.predictions.transform.LayerNorm",
     "lm_head": "cls.predictions.decoder",
+    "classifier.dense": "bert.pooler.dense",  # a classifier's head (BertForSequenceClassification)
+    "classifier.out": "classifier",
 }
 
 
@@ -274,9 +296,10 @@ def _bert_state_dict(weights: dict, config: GPTConfig) -> dict:
         for part in ("weight", "bias"):
             if f"{theirs}.{part}" in weights:
                 sd[f"{ours}.{part}"] = weights[f"{theirs}.{part}"]
-    sd.setdefault("lm_head.bias", weights["cls.predictions.bias"])
-    if "lm_head.weight" not in sd:  # tied: the output layer is the word embedding
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    if not config.n_labels:
+        sd.setdefault("lm_head.bias", weights["cls.predictions.bias"])
+        if "lm_head.weight" not in sd:  # tied: the output layer is the word embedding
+            sd["lm_head.weight"] = sd["transformer.wte.weight"]
     # every token is of type 0 in one segment: its type embedding is a constant, added to every position's
     types = weights.get("bert.embeddings.token_type_embeddings.weight")
     position = weights["bert.embeddings.position_embeddings.weight"]
@@ -351,6 +374,7 @@ def save_hf(
     tokenizer=None,
     tokenizer_vocab: int | None = None,
     chat_template: str | None = None,
+    labels: list[str] | None = None,
 ) -> str:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors) in the GPT-2 or Llama layout
     that transformers.AutoModelForCausalLM loads. eos_token_id is the end-of-text token, if the vocabulary has one
@@ -358,12 +382,13 @@ def save_hf(
     `tokenizers.Tokenizer` of tokenizer_vocab ids, is written beside it (tokenizer.json), so AutoTokenizer and
     pipeline() work; generation_config.json suppresses the ids past it (a vocabulary rounded up for speed), as
     sample.py never samples them. A model without biases is written in the GPT-2 layout with zero biases, which
-    computes the same function. Returns the layout."""
+    computes the same function. A classifier's labels (index order) become config.json's id2label. Returns the
+    layout."""
     config = model.config
     kind = hf_format(config)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if kind == "bert":
-        hf_config, weights = _bert_export(sd, config)
+        hf_config, weights = _bert_export(sd, config, labels)
     elif kind == "gpt2":
         if not config.bias:
             sd |= _zero_biases(sd, config)
@@ -467,13 +492,13 @@ def save_hf(
     return kind
 
 
-def _bert_export(sd: dict, config: GPTConfig) -> tuple[dict, dict]:
-    """(config.json, weights) of an encoder in BertForMaskedLM's layout: _bert_state_dict's map backwards, with
-    token-type embeddings of zeros (every token of type 0 adds nothing) and zeros for biases the model trained
-    without (BERT's layout always has them)."""
+def _bert_export(sd: dict, config: GPTConfig, labels: list[str] | None = None) -> tuple[dict, dict]:
+    """(config.json, weights) of an encoder in BertForMaskedLM's layout, or a classifier (with its labels) in
+    BertForSequenceClassification's: _bert_state_dict's map backwards, with token-type embeddings of zeros (every
+    token of type 0 adds nothing) and zeros for biases the model trained without (BERT's layout always has them)."""
     hf_config = {
         "model_type": "bert",
-        "architectures": ["BertForMaskedLM"],
+        "architectures": ["BertForSequenceClassification" if config.n_labels else "BertForMaskedLM"],
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "num_hidden_layers": config.n_layer,
@@ -492,13 +517,19 @@ def _bert_export(sd: dict, config: GPTConfig) -> tuple[dict, dict]:
     C = config.n_embd
     weights = {}
     for ours, theirs in _BERT_GLOBAL.items():
-        size = config.vocab_size if ours == "lm_head" else C
+        if f"{ours}.weight" not in sd:  # a classifier's MLM head, an MLM model's classifier
+            continue
         weights[f"{theirs}.weight"] = sd[f"{ours}.weight"]
         if ours not in ("transformer.wte", "lm_head"):
-            weights[f"{theirs}.bias"] = zeros(f"{ours}.bias", size)
-    if config.tie_embeddings:
-        del weights["cls.predictions.decoder.weight"]
-    weights["cls.predictions.bias"] = sd["lm_head.bias"]
+            weights[f"{theirs}.bias"] = zeros(f"{ours}.bias", sd[f"{ours}.weight"].size(0))
+    if config.n_labels:
+        names = labels or [f"LABEL_{i}" for i in range(config.n_labels)]
+        hf_config |= {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+        hf_config |= {"pad_token_id": config.pad_id, "problem_type": "single_label_classification"}
+    else:
+        if config.tie_embeddings:
+            del weights["cls.predictions.decoder.weight"]
+        weights["cls.predictions.bias"] = sd["lm_head.bias"]
     weights["bert.embeddings.position_embeddings.weight"] = sd["transformer.wpe.weight"]
     weights["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(2, C)
     for i in range(config.n_layer):

@@ -512,6 +512,19 @@ class BertHFConfig(Shape):
     position_embedding_type: str = "absolute"
     tie_word_embeddings: bool = True
     is_decoder: bool = False
+    architectures: Annotated[list[Text], Field(max_length=16)] | None = None
+    id2label: Annotated[dict[str, Annotated[str, Field(max_length=1000)]], Field(max_length=1 << 16)] | None = None
+    num_labels: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
+    problem_type: Text | None = None
+    pad_token_id: TokenId | None = None
+
+    @model_validator(mode="after")
+    def _labels_numbered(self):
+        if self.id2label is not None and sorted(self.id2label) != sorted(str(i) for i in range(len(self.id2label))):
+            raise ValueError("id2label: its keys should number the labels 0, 1, 2, ... (as strings)")
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id: {self.pad_token_id} is outside the vocabulary of {self.vocab_size}")
+        return self
 
 
 # --- task files (engine/tasks.py) ---------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ pseudo-log-likelihood (Salazar et al. 2020, "Masked Language Model Scoring"): th
 block_size - 2 tokens, each as `[CLS] chunk [SEP]`, and every token of a chunk is masked in turn and scored by the
 encoder's probability of it there ([CLS] and [SEP] never are); `pseudo-perplexity` is exp of minus its mean. For
 --tokens it reports the masked-token loss and accuracy of training (engine/masking.py's 15% masks, drawn from a fixed
-seed so that two runs compare) over windows of the split.
+seed so that two runs compare) over windows of the split. A classifier (fine-tuned on prepare/classify.py's labelled
+texts) is scored on every text of such a split, --tokens=data/<name>/val.bin: loss, accuracy and each label's count.
 """
 
 import contextlib
@@ -48,6 +49,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from engine.classify import encoder_rows, texts_of
 from engine.configurator import parse_config
 from engine.data import Tokenizer, load_data
 from engine.errors import UserError, run_cli
@@ -146,6 +148,16 @@ def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
 def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None):
     """(tokens, chat): the tokens of a prepared split, e.g. data/x/val.bin, checked against the model's tokenizer,
     and for a chat split (prepare/chat.py) its (mask, conversation starts), else None."""
+    checked, split = read_split(path, tokenizer, tokenizer_dir)
+    tokens = checked.memmap(split)
+    if not checked.chat:
+        return tokens, None
+    return tokens, (np.array(checked.memmap(split, "mask_file")), np.array(checked.memmap(split, "starts_file")))
+
+
+def read_split(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None):
+    """(the dataset, checked, and the name of its split whose token file `path` is), the split prepared with the
+    model's tokenizer."""
     data_dir, file = os.path.split(path)
     data = load_data(data_dir or ".", 1, splits=())
     split = next((s for s, info in data.meta["splits"].items() if info["file"] == file), None)
@@ -157,10 +169,7 @@ def read_tokens(path: str, tokenizer: Tokenizer, tokenizer_dir: str | None):
     other_bpe = theirs.name == "tokenizer.json" and len(hashes) > 1  # two trained BPEs of one name, not the same
     if theirs.name != tokenizer.name or getattr(theirs, "itos", None) != getattr(tokenizer, "itos", None) or other_bpe:
         raise UserError(f"{path} was tokenized with {theirs.name}, not the model's {tokenizer.name} vocabulary")
-    tokens = checked.memmap(split)
-    if not checked.chat:
-        return tokens, None
-    return tokens, (np.array(checked.memmap(split, "mask_file")), np.array(checked.memmap(split, "starts_file")))
+    return checked, split
 
 
 def chat_nll(model: GPT, tokens, mask, starts, stride: int, batch_size: int, autocast) -> torch.Tensor:
@@ -225,12 +234,49 @@ def masked_scores(model: GPT, tokens, masking: Masking, batch_size: int, max_tok
     return (total[0] / total[1]).item(), (total[2] / total[1]).item(), int(total[1])
 
 
+@torch.no_grad()
+def label_scores(model: GPT, data, split: str, batch_size: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each text's label log-probabilities (N, n_labels), its true label (N,)) over every text of a classification
+    split, in order, each read as `[CLS] text [SEP]` as in training."""
+    n, device = len(data.memmap(split, "starts_file")) - 1, model.transformer.wte.weight.device
+    out = []
+    for first in tqdm(range(0, n, batch_size), desc="labelling", unit="batch"):
+        texts = texts_of(data, split, range(first, min(n, first + batch_size)))
+        with autocast():
+            logits = model(encoder_rows(texts, model.special, model.config.block_size).to(device))[0]
+        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out), torch.from_numpy(np.array(data.memmap(split, "labels_file")))
+
+
+def evaluate_classifier(cfg: EvaluateConfig, model: GPT, tokenizer, rt) -> dict:
+    """A classifier's scores on every text of a classification split: loss and accuracy, and each label's recall."""
+    if cfg.tokens is None:
+        raise UserError("a classifier is scored on labelled texts: --tokens=data/<name>/val.bin (prepare/classify.py)")
+    data, split = read_split(cfg.tokens, tokenizer, cfg.tokenizer_dir)
+    if not data.classify or data.classify["labels"] != model.labels:
+        raise UserError(f"{cfg.tokens} is not labelled with the classifier's labels ({', '.join(model.labels)})")
+    logp, labels = label_scores(model.eval(), data, split, cfg.batch_size, rt.autocast)
+    loss = F.nll_loss(logp, labels).item()
+    right = logp.argmax(-1) == labels
+    print(f"scored {len(labels):,} texts of {cfg.tokens}")
+    print(f"loss {loss:.6f} nats/text")
+    print(f"accuracy {right.float().mean().item():.6f}")
+    recall = {}
+    for k, name in enumerate(model.labels):
+        of = labels == k
+        recall[name] = right[of].float().mean().item() if of.any() else None
+        print(f"  {name}: {int(of.sum()):,} texts, {int(right[of].sum()):,} right")
+    return {"loss": loss, "accuracy": right.float().mean().item(), "recall": recall}
+
+
 def evaluate_encoder(cfg: EvaluateConfig, model: GPT, tokenizer, rt) -> dict:
     """An encoder's scores: pseudo-perplexity of --text, masked-token loss and accuracy of --tokens."""
     if cfg.task is not None or cfg.surprisal:
         raise UserError(f"{model.source} is an encoder: --task and --surprisal score a decoder's next tokens")
     if not model.special:
         raise UserError(f"{model.source} is an encoder without its special tokens recorded; use a run of train.py")
+    if model.config.n_labels:
+        return evaluate_classifier(cfg, model, tokenizer, rt)
     model.eval()
     if cfg.text is not None:
         ids = torch.tensor(tokenizer.encode(read_text(cfg.text, "text file"))[: cfg.max_tokens], dtype=torch.long)

@@ -1,4 +1,5 @@
-"""Export a trained checkpoint as a Hugging Face directory that transformers.AutoModelForCausalLM loads.
+"""Export a trained checkpoint as a Hugging Face directory that transformers.AutoModelForCausalLM loads (an encoder:
+AutoModelForMaskedLM, a classifier: AutoModelForSequenceClassification).
 
     python tools/export_hf.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
     python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('hf-shakespeare-char')"
@@ -114,7 +115,7 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None, encoder_special: dict | 
 
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in encoder_special])
         assert all(tokenizer.token_to_id(t) == i for t, i in encoder_special.items()), "encoder token ids moved"
-        vocab += len(encoder_special)
+        vocab = max(vocab, 1 + max(encoder_special.values()))  # (BERT's WordPiece has them in its vocabulary)
         cls, sep = (("[CLS]", encoder_special["[CLS]"]), ("[SEP]", encoder_special["[SEP]"]))
         tokenizer.post_processor = TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep]
@@ -132,7 +133,9 @@ def main(argv=None):
     eos = chatting["special"][chat.END] if chatting else meta["data"].get("eot_id")  # a reply ends at <|end|>
     try:
         with staged_files(cfg.hf_dir) as staging:  # all files written, then renamed in: a failure changes nothing
-            layout = save_hf(model, staging, eos, tokenizer, vocab, chat.jinja_template() if chatting else None)
+            template = chat.jinja_template() if chatting else None
+            labels = (meta["data"].get("classify") or {}).get("labels")  # a classifier's
+            layout = save_hf(model, staging, eos, tokenizer, vocab, template, labels)
     except UnsupportedModel as e:
         raise UserError(f"cannot export {path}: {e}") from None
     except (RuntimeError, SafetensorError) as e:  # safetensors' word for a failed write
