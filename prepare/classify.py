@@ -137,12 +137,19 @@ def main(argv=None):
     if unseen:
         fail(f"validation rows hold label(s) the training rows never do: {', '.join(unseen[:5])}; add training rows")
     encode, tokenizer, tokenizer_json = make_tokenizer(args, texts)
+    if tokenizer["tokenizer"] == "char":  # a reused character vocabulary may lack some: named before any work
+        n, missing = next(
+            ((n, set(t) - set(tokenizer["chars"])) for n, t in enumerate(texts) if set(t) - set(tokenizer["chars"])),
+            (0, None),
+        )
+        if missing:
+            fail(
+                f"text {n + 1} ({texts[n][:40]!r}) holds {''.join(sorted(missing))!r}, not in the character vocabulary "
+                f"of {args.tokenizer}; use --tokenizer=char (and pretrain on such text) or another tokenizer"
+            )
     ids = []
     for n, text in enumerate(tqdm(texts, desc="tokenizing", unit="text")):
-        try:
-            ids.append(np.asarray(encode(text), dtype=np.int64))
-        except UserError as e:  # a character outside a reused character vocabulary
-            fail(f"text {n + 1} ({text[:40]!r}...): {e}; use --tokenizer=char or another tokenizer")
+        ids.append(np.asarray(encode(text), dtype=np.int64))
         if len(ids[-1]) == 0:
             fail(f"text {n + 1} ({text[:40]!r}) encodes to no tokens; drop it")
     index = {name: i for i, name in enumerate(names)}
