@@ -70,12 +70,16 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-@pytest.fixture
-def labelled(char_data, tmp_path):
+def prepare_labelled(char_data: str, tmp_path) -> str:
     """A classification dataset of tiny_char's characters: data root char_data, dataset "labelled"."""
     source = write_jsonl(tmp_path / "labelled.jsonl", labelled_rows())
     prepare_classify.main([f"--input={source}", f"--tokenizer={char_data}/tiny_char", f"--out={char_data}/labelled"])
     return char_data
+
+
+@pytest.fixture
+def labelled(char_data, tmp_path):
+    return prepare_labelled(char_data, tmp_path)
 
 
 def train_classifier(data_root, out_dir, *flags: str) -> int:

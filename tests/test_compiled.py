@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_classify import prepare_labelled
 from test_generate import GREEDY, samples
 from torch._dynamo.utils import counters
 
@@ -133,13 +134,15 @@ def test_sample_cli_compiled_in_bf16_equals_eager(tmp_path, capsys, fresh_dynamo
 
 @pytest.mark.parametrize(
     "switches",
-    [[], ["--n_expert=4", "--n_expert_active=1"], ["--arch=encoder"]],
-    ids=["dense", "moe", "encoder"],
+    [[], ["--n_expert=4", "--n_expert_active=1"], ["--arch=encoder"], ["--arch=encoder", "--dataset=labelled"]],
+    ids=["dense", "moe", "encoder", "classifier"],
 )
 def test_compiled_bf16_training_step_has_no_graph_breaks(switches, char_data, tmp_path, fresh_dynamo):
+    if "--dataset=labelled" in switches:  # a classifier: padded rows, its padding mask made from the ids
+        prepare_labelled(char_data, tmp_path)
     argv = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
-    argv += switches  # MoE: its routing's torch.where is traced with symbolic sizes, not a break and recompiles
     argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=1"]
+    argv += switches  # MoE: its routing's torch.where is traced with symbolic sizes, not a break and recompiles
     argv += ["--gradient_accumulation_steps=2", "--max_iters=3", "--eval_interval=3", "--compile=True"]
     argv += ["--dtype=bfloat16", "--warmup_iters=1"]
     assert train.main(argv) == 0

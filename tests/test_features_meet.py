@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_chat import COLORS, THINGS, prepare
+from test_classify import prepare_labelled
 from test_distributed import CONFIG, records
 from test_train import args
 
@@ -105,14 +106,20 @@ RESUMED = {  # features that share the save/resume path, alone and together
     "encoder+lora+ema+warmup": ["--arch=encoder", "--lora_rank=2", "--ema_decay=0.8", "--batch_warmup_tokens=256"],
     "encoder+recompute+rollback+health": ["--arch=encoder", "--gradient_checkpointing=True", "--max_rollbacks=2"]
     + ["--health_interval=2"],
+    "classifier+lora+ema+warmup": ["labelled", "--arch=encoder", "--lora_rank=2", "--ema_decay=0.8"]
+    + ["--batch_warmup_tokens=512"],
+    "classifier+recompute+rollback+health": ["labelled", "--arch=encoder", "--gradient_checkpointing=True"]
+    + ["--max_rollbacks=2", "--health_interval=2"],
 }
 
 
 @pytest.mark.parametrize("case", RESUMED)
 def test_features_together_resume_bit_exact_and_their_checkpoints_load(case, char_data, tmp_path):
-    flags = [f for f in RESUMED[case] if f != "chat"]
+    flags = [f for f in RESUMED[case] if f not in ("chat", "labelled")]
     if "chat" in RESUMED[case]:
         data = [f"--data_root={prepare(tmp_path)}", "--dataset=chat", "--block_size=48"]
+    elif "labelled" in RESUMED[case]:  # a classifier (tests/test_classify.py's labelled texts)
+        data = [f"--data_root={prepare_labelled(char_data, tmp_path)}", "--dataset=labelled", "--block_size=64"]
     else:
         data = [f"--data_root={char_data}", "--dataset=tiny_char"]
     run = [*CONFIG, *data, "--gradient_accumulation_steps=2", "--eval_interval=3", *flags]
