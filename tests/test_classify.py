@@ -332,3 +332,54 @@ def test_evaluate_scores_every_text_of_a_split(labelled, tmp_path, capsys):
     assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), abs=1e-4)
     with pytest.raises(UserError, match=re.escape("a classifier is scored on labelled texts")):
         evaluate.main([f"--out_dir={out}", f"--text={tmp_path}/none.txt", "--device=cpu"])
+
+
+# --- a Hugging Face BERT with its own WordPiece tokenizer ------------------------------------------------------------
+
+
+def tiny_wordpiece_bert(tmp_path) -> str:
+    """A random-weight BertForMaskedLM directory with a WordPiece tokenizer.json trained here (lowercasing, as
+    bert-base-uncased's), its [PAD], [CLS], [SEP], [MASK] inside its vocabulary: what a user downloads."""
+    from conftest import shakespeare_text
+    from tokenizers import BertWordPieceTokenizer
+
+    path = tmp_path / "wordpiece-bert"
+    path.mkdir()
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(shakespeare_text(50_000).splitlines(), vocab_size=300, special_tokens=special)
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(path)
+    return str(path)
+
+
+def test_a_hugging_face_bert_fine_tunes_on_labels_with_its_own_wordpiece_tokenizer(labelled, tmp_path, capsys):
+    bert = tiny_wordpiece_bert(tmp_path)
+    source = write_jsonl(tmp_path / "rows.jsonl", labelled_rows())
+    prepare_classify.main([f"--input={source}", f"--tokenizer={bert}/tokenizer.json", f"--out={labelled}/wp"])
+    data = load_data(f"{labelled}/wp", 32)
+    own = {"[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "[PAD]": 0}  # the tokenizer's ids, not ids after its vocabulary
+    assert special_tokens(data.meta["vocab_size"], data.meta["tokenizer_json"]) == own
+    out, hf = str(tmp_path / "out"), str(tmp_path / "hf")
+    run = [*ENCODER, f"--data_root={labelled}", "--dataset=wp", f"--out_dir={out}", "--block_size=32"]
+    assert train.main([*run, f"--init_from={bert}", "--max_iters=2"]) == 0
+    meta = read_meta(find_checkpoint(out))
+    assert meta["encoder"]["special"] == own and meta["model_config"]["vocab_size"] == data.meta["vocab_size"]
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", "--start=What say you?", "--device=cpu", "--dtype=float32"])
+    label, p = capsys.readouterr().out.strip().split("\t")
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={hf}"])
+    theirs = transformers.pipeline("text-classification", model=hf, device="cpu")("What say you?")[0]
+    assert theirs["label"] == label and abs(theirs["score"] - float(p)) < 1e-3
+    capsys.readouterr()
+    sample.main([f"--init_from={bert}", "--start=to be or not to [MASK]", "--device=cpu", "--dtype=float32"])
+    assert capsys.readouterr().out.startswith("[MASK] 1: ")  # the directory's own [MASK] is found
