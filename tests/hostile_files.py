@@ -75,7 +75,8 @@ def build_world(root: str) -> dict[str, str]:
     from model import GPT, GPTConfig
 
     worlds = {
-        name: os.path.join(root, name) for name in ("dataset", "run", "hf_gpt2", "hf_llama", "hf_bert", "files", "nano")
+        name: os.path.join(root, name)
+        for name in ("dataset", "labelled", "run", "hf_gpt2", "hf_llama", "hf_bert", "hf_classifier", "files", "nano")
     }
     for directory in worlds.values():
         os.makedirs(directory)
@@ -85,6 +86,7 @@ def build_world(root: str) -> dict[str, str]:
     vocab = len(CHARS) + len(special)
     chat_meta = {"template": chat.TEMPLATE, "special": special}
     _write_dataset(os.path.join(worlds["dataset"], "data", "tiny"), vocab, chat_meta)
+    _write_labelled(os.path.join(worlds["labelled"], "data", "tiny"))
 
     # a LoRA run on that data with a weight average: meta.json with lora and chat, state.pt with ema
     torch.manual_seed(0)
@@ -120,6 +122,9 @@ def build_world(root: str) -> dict[str, str]:
     save_hf(GPT(llama), worlds["hf_llama"])
     bert = GPTConfig(arch="encoder", block_size=8, vocab_size=10, n_layer=1, n_head=2, n_embd=8, norm_position="post")
     save_hf(GPT(bert), worlds["hf_bert"])
+    classifier = GPT(bert)
+    classifier.to_classifier(3, 9)
+    save_hf(classifier, worlds["hf_classifier"], labels=["no", "yes", "maybe"])
 
     # a trained BPE's tokenizer.json, a character one, and the two task files
     files = worlds["files"]
@@ -195,6 +200,41 @@ def _write_dataset(directory: str, vocab: int, chat_meta: dict) -> None:
 def _checkpoint(directory: str) -> str:
     out = os.path.join(directory, "out")
     return os.path.join(out, next(n for n in sorted(os.listdir(out)) if n.startswith("ckpt-")))
+
+
+def _write_labelled(directory: str) -> None:
+    """A classification dataset as prepare/classify.py writes it: 3 texts per split, their starts and labels."""
+    import numpy as np
+
+    from engine.tokenization import chars_hash
+
+    os.makedirs(directory)
+    splits = {}
+    for split in ("train", "val"):
+        arrays = {"file": np.array([1, 2, 3, 4, 5, 6, 7], np.uint16), "starts_file": np.array([0, 2, 5, 7], np.int64)}
+        arrays["labels_file"] = np.array([0, 2, 1], np.int64)
+        entry = {"tokens": 7, "documents": 3}
+        for part, array in arrays.items():
+            entry[part] = f"{split}.bin" if part == "file" else f"{split}.{part.removesuffix('_file')}.bin"
+            array.tofile(os.path.join(directory, entry[part]))
+            digest = hashlib.sha256(array.tobytes()).hexdigest()
+            entry[{"file": "sha256", "starts_file": "starts_sha256", "labels_file": "labels_sha256"}[part]] = digest
+        splits[split] = entry
+    meta = {"format": "nanogpt-tokens/1", "tokenizer": "char", "tokenizer_hash": chars_hash(CHARS)}
+    meta |= {"vocab_size": len(CHARS), "eot_id": None, "chars": CHARS, "dtype": "uint16", "source": "test"}
+    meta |= {"classify": {"labels": ["no", "yes", "maybe"]}, "splits": splits}
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def _use_labelled(data) -> None:
+    from engine.classify import encoder_objective
+
+    labelled = encoder_objective("encoder", data, 0.15)
+    for split in ("train", "val"):
+        x, y = labelled.batch(data, split, 2, 8, (0, 0, 1, 2), "cpu")
+        assert (y >= 0).all() and (y < len(data.classify["labels"])).all()
+    data.close()
 
 
 def _read_dataset(directory: str):
@@ -326,6 +366,8 @@ READERS = [
     Reader("config.json (gpt2)", "hf_gpt2", "config.json", "json", _read_hf, _use_hf),
     Reader("config.json (llama)", "hf_llama", "config.json", "json", _read_hf, _use_hf),
     Reader("config.json (bert)", "hf_bert", "config.json", "json", _read_hf, _use_hf),
+    Reader("config.json (bert classifier)", "hf_classifier", "config.json", "json", _read_hf, _use_hf),
+    Reader("dataset meta.json (classify)", "labelled", "data/tiny/meta.json", "json", _read_dataset, _use_labelled),
     Reader("tokenizer.json (BPE)", "files", "bpe.json", "json", _read_tokenizer("bpe.json"), _use_tokenizer),
     Reader("tokenizer.json (char)", "files", "char.json", "json", _read_tokenizer("char.json"), _use_tokenizer),
     Reader("task file (choice)", "files", "choice.jsonl", "jsonl", _read_task("choice"), _use_items),
