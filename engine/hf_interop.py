@@ -4,8 +4,9 @@ A Hugging Face directory holds config.json and model.safetensors. GPT-2 (model_t
 layers as Conv1D with (in, out) weights, transposed here; Llama (model_type "llama") maps to the switches
 pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head, tie_embeddings; BERT (model_type "bert",
 BertForMaskedLM) to arch="encoder" with post-norm, an embedding norm and the MLM head, its token-type embeddings
-folded into the position embeddings (type 0: every token's type in a single-segment input). transformers is not
-needed.
+folded into the position embeddings (type 0: every token's type in a single-segment input);
+BertForSequenceClassification to a classifier (n_labels, its pooler and classifier as our ClassifierHead, id2label
+as the labels). transformers is not needed.
 """
 
 import difflib

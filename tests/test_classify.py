@@ -383,3 +383,27 @@ def test_a_hugging_face_bert_fine_tunes_on_labels_with_its_own_wordpiece_tokeniz
     capsys.readouterr()
     sample.main([f"--init_from={bert}", "--start=to be or not to [MASK]", "--device=cpu", "--dtype=float32"])
     assert capsys.readouterr().out.startswith("[MASK] 1: ")  # the directory's own [MASK] is found
+
+
+def test_the_order_recipe_labels_lines_as_written_or_shuffled_and_holds_out_unseen_text(char_data, tmp_path):
+    import shakespeare_char_order
+
+    vocabulary, out = f"{char_data}/tiny_char", str(tmp_path / "order")
+    shakespeare_char_order.main([f"--vocabulary={vocabulary}", f"--out={out}", "--n_train=40", "--n_val=10"])
+    data = load_data(out, 64)
+    assert (
+        data.classify["labels"] == ["real", "shuffled"] and data.meta["chars"] == load_data(vocabulary, 8).meta["chars"]
+    )
+    text = open(f"{vocabulary}/input.txt", encoding="utf-8").read()
+    cut = int(len(text) * 0.9)
+    lines = {line.strip() for line in text.splitlines()}
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        rows = [json.loads(line) for line in open(f"{out}/{split}.jsonl", encoding="utf-8")]
+        assert {r["label"] for r in rows} == {"real", "shuffled"}
+        for r in rows:
+            if r["label"] == "real":
+                assert r["text"] in part  # validation lines come from the text's last 10%, never trained on
+            else:
+                assert r["text"] not in lines and any(
+                    sorted(r["text"].split()) == sorted(line.split()) for line in lines
+                )
