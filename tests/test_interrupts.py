@@ -91,7 +91,9 @@ def entry_scripts() -> list[str]:
     scripts = ["train.py", "sample.py"]
     for folder in ("tools", "prepare", "bench"):
         scripts += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, folder, "*.py")))
-    return [s for s in scripts if os.path.basename(s) not in ("__init__.py", "token_writer.py")]
+    return [
+        s for s in scripts if os.path.basename(s) not in ("__init__.py", "token_writer.py", "table.py")
+    ]  # (modules)
 
 
 def run(tmp_path, argv: list[str], env: dict, **popen) -> subprocess.Popen:
