@@ -21,6 +21,8 @@ References:
     [8] Ainslie et al. 2023, "GQA" (grouped-query attention); Shazeer 2019 (multi-query attention).
     [9] Fedus et al. 2021, "Switch Transformers" (load-balancing loss); Shazeer et al. 2017 (top-k routing).
     [10] Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding".
+    [11] Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer" (T5:
+         relative-position buckets, unscaled attention, the encoder-decoder's layout); Shazeer 2020 [6] (gated GELU).
 """
 
 import dataclasses
@@ -33,10 +35,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu_tanh", "gelu", "relu", "relu2", "swiglu")
-ARCHS = ("decoder", "encoder")
+MLPS = ("gelu_tanh", "gelu", "relu", "relu2", "swiglu", "geglu")
+GATED = ("swiglu", "geglu")  # MLPs whose hidden layer is gated: act(gate(x)) * fc(x)
+ARCHS = ("decoder", "encoder", "encoder_decoder")
 
 
 @dataclass
@@ -49,12 +52,12 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2; False is a little better and faster
     # Architecture switches; the defaults are GPT-2.
-    pos_embedding: str = "learned"  # learned, sinusoidal [2], rope [3], alibi [4] or none
+    pos_embedding: str = "learned"  # learned, sinusoidal [2], rope [3], alibi [4], t5 (bucketed bias [11]) or none
     rope_theta: float = 10000.0  # RoPE base frequency
     norm: str = "layernorm"  # layernorm or rmsnorm [5]
     norm_position: str = "pre"  # pre (GPT-2) or post (the original Transformer's Add & Norm [2])
     norm_eps: float = 1e-5
-    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2), gelu (exact), relu, relu2 [7] or swiglu [6]
+    mlp: str = "gelu_tanh"  # gelu_tanh (GPT-2), gelu (exact), relu, relu2 [7], swiglu [6] or geglu (T5 v1.1 [11])
     mlp_hidden: int | None = None  # MLP hidden size; None = 4 * n_embd (swiglu: 8/3 * n_embd, rounded up to 64)
     n_kv_head: int | None = None  # key/value heads; None = n_head, 1 = multi-query, between = grouped-query [8]
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
@@ -64,11 +67,16 @@ class GPTConfig:
     moe_shared_expert: bool = False  # one more expert that every token goes through
     moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
     arch: str = "decoder"  # decoder: causal attention, next-token head (GPT); encoder: bidirectional, MLM head (BERT)
+    # encoder_decoder (T5 [11]): an encoder stack of n_layer blocks, a decoder of n_dec_layer cross-attending to it
+    n_dec_layer: int | None = None  # encoder_decoder: the decoder's blocks; None = n_layer
+    rel_buckets: int = 32  # pos_embedding=t5: buckets of relative position, each a learned bias per head
+    rel_max_distance: int = 128  # pos_embedding=t5: distances from this on share the last bucket
+    attn_scale: bool = True  # divide attention scores by sqrt(hs); False is T5's (the scale is in its init)
     # A classifier (an encoder with labels): set by the data, not by options (FROM_DATA)
     n_labels: int = 0  # > 0: a classification head over this many labels on [CLS] replaces the MLM head [10]
     pad_id: int | None = None  # with n_labels: the [PAD] id; padded positions are kept out of attention
 
-    FROM_DATA: ClassVar[tuple[str, ...]] = ("n_labels", "pad_id")
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("n_labels", "pad_id")  # (set from the dataset's special tokens)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -99,13 +107,19 @@ class GPTConfig:
         if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rope needs an even head size (n_embd // n_head)")
         if self.mlp_hidden is None:
-            self.mlp_hidden = -(-8 * self.n_embd // 3 // 64) * 64 if self.mlp == "swiglu" else 4 * self.n_embd
+            self.mlp_hidden = -(-8 * self.n_embd // 3 // 64) * 64 if self.mlp in GATED else 4 * self.n_embd
+        if self.n_dec_layer is None:
+            self.n_dec_layer = self.n_layer
+        if self.n_dec_layer < 1 or self.rel_buckets < 2 or self.rel_max_distance < self.rel_buckets:
+            raise ValueError("n_dec_layer must be >= 1, rel_buckets >= 2 and rel_max_distance >= rel_buckets")
         if self.n_expert < 0 or (self.n_expert and not 1 <= self.n_expert_active <= self.n_expert):
             raise ValueError(f"n_expert_active ({self.n_expert_active}) must be in [1, n_expert ({self.n_expert})]")
         if self.n_labels < 0 or (self.n_labels and self.arch != "encoder"):
             raise ValueError(f"n_labels ({self.n_labels}) must be 0, or > 0 for an encoder (arch=encoder)")
-        if self.n_labels and not (self.pad_id is not None and 0 <= self.pad_id < self.vocab_size):
-            raise ValueError(f"a classifier (n_labels > 0) needs a pad_id among its {self.vocab_size} ids")
+        if (self.n_labels or self.arch == "encoder_decoder") and not (
+            self.pad_id is not None and 0 <= self.pad_id < self.vocab_size
+        ):  # (an encoder-decoder's is also the decoder's start token, as T5's)
+            raise ValueError(f"a classifier or an encoder-decoder needs a pad_id among its {self.vocab_size} ids")
 
     @classmethod
     def from_options(cls, options, dataset_vocab_size: int) -> "GPTConfig":
@@ -193,6 +207,25 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.T
     return bias.masked_fill(distance < 0, float("-inf"))
 
 
+def t5_buckets(relative: torch.Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bucket of each relative position, key minus query [11]: half the buckets (of each direction, when
+    bidirectional) hold one small distance each, the rest distances growing logarithmically up to max_distance, past
+    which all share the last. Causally, a later key (which is never attended to) falls in bucket 0."""
+    if bidirectional:
+        n_buckets //= 2
+        buckets, distance = (relative > 0).long() * n_buckets, relative.abs()
+    else:
+        buckets, distance = torch.zeros_like(relative), (-relative).clamp(min=0)
+    exact = n_buckets // 2
+    far = (
+        exact
+        + (
+            torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (n_buckets - exact)
+        ).long()
+    )
+    return buckets + torch.where(distance < exact, distance, far.clamp(max=n_buckets - 1))
+
+
 class KVCache:
     """One layer's keys and values, pre-allocated for `length` positions: (B, nkv, length, hs) each. The prompt is
     written in one prefill, then one position per decoding step.
@@ -205,6 +238,7 @@ class KVCache:
         shape = (batch_size, config.n_kv_head, length, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cross = None  # an encoder-decoder's: the encoder output's keys and values, computed once per request
 
     def update(self, start, k, v):
         """Store k, v (B, nkv, T, hs) at positions start..start+T-1; return the keys and values to attend to."""
@@ -220,25 +254,48 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """Multi-head attention: causal self-attention (a decoder's), bidirectional (an encoder's, causal=False), or with
+    cross=True an encoder-decoder's cross-attention: queries from the decoder, keys and values from the encoder's
+    output."""
+
+    def __init__(self, config: GPTConfig, causal: bool = True, cross: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_size
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        # q, k and v for all heads in one matmul: nh query heads, then nkv key heads, then nkv value heads
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hs, bias=config.bias)
+        kv = 2 * config.n_kv_head * self.hs
+        if cross:  # queries from x, keys and values from the memory: two matmuls
+            self.c_q = nn.Linear(config.n_embd, config.n_head * self.hs, bias=config.bias)
+            self.c_kv = nn.Linear(config.n_embd, kv, bias=config.bias)
+        else:  # q, k and v for all heads in one matmul: nh query heads, then nkv key heads, then nkv value heads
+            self.c_attn = nn.Linear(config.n_embd, config.n_head * self.hs + kv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(self.hs, eps=config.norm_eps)
             self.k_norm = nn.RMSNorm(self.hs, eps=config.norm_eps)
         self.qk_norm = config.qk_norm
-        self.causal = config.arch == "decoder"  # an encoder's queries see every key (but padding)
+        self.causal = causal  # an encoder's queries see every key (but padding)
+        self.cross = cross
+        self.scale = None if config.attn_scale else 1.0  # None: SDPA's 1/sqrt(hs)
 
-    def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None, start: int = 0, memory=None):
         """x (B, T, C) at positions start..start+T-1; rope: (cos, sin) each (T, hs) or None; attn_mask: (nh or 1, T,
-        start+T) additive or boolean mask, or None for plain causal attention; cache: this layer's KVCache."""
+        start+T) additive or boolean mask, or None for plain causal attention; cache: this layer's KVCache. Cross-
+        attention: memory (B, S, C), the encoder's output, whose keys and values a cache keeps (cache.cross)."""
         B, T, C = x.size()
+        if self.cross:
+            q = self.c_q(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+            if cache is None or cache.cross is None:
+                k, v = self.c_kv(memory).split(self.n_kv_head * self.hs, 2)
+                k, v = (t.view(B, -1, self.n_kv_head, self.hs).transpose(1, 2) for t in (k, v))  # (B, nkv, S, hs)
+                if cache is not None:
+                    cache.cross = (k, v)
+            k, v = cache.cross if cache is not None else (k, v)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            y = self.attend(q, k, v, attn_mask)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], 2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -268,6 +325,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and attn_mask is None and T > 1,  # a single query (decoding) sees every key
+            scale=self.scale,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # fmt: skip
 
@@ -277,7 +335,7 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = config.mlp
         self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        if config.mlp == "swiglu":
+        if config.mlp in GATED:
             self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -286,6 +344,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, C) -> (B, T, H)
         if self.kind == "swiglu":  # [6]: a SiLU-gated linear unit
             h = F.silu(self.c_gate(x)) * h
+        elif self.kind == "geglu":  # [6, 11]: GELU-gated (the tanh GELU, as T5 v1.1)
+            h = F.gelu(self.c_gate(x), approximate="tanh") * h
         else:
             h = activate(self.kind, h)
         return self.dropout(self.c_proj(h))  # (B, T, H) -> (B, T, C)
@@ -351,21 +411,29 @@ class MoE(nn.Module):
 
 class Block(nn.Module):
     """Transformer block. Pre-norm [1]: x + attn(ln(x)), then x + mlp(ln(x)). Post-norm [2]: ln(x + attn(x)), then
-    ln(x + mlp(x))."""
+    ln(x + mlp(x)). An encoder-decoder's decoder blocks (cross=True) cross-attend to the encoder's output (memory)
+    between the two, the same way [2, 11]."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, causal: bool | None = None, cross: bool = False):
         super().__init__()
         self.post_norm = config.norm_position == "post"
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, causal=config.arch == "decoder" if causal is None else causal)
+        if cross:
+            self.ln_c = make_norm(config)
+            self.cross = CausalSelfAttention(config, causal=False, cross=True)
         self.ln_2 = make_norm(config)
         self.mlp = MoE(config) if config.n_expert else MLP(config)
 
-    def forward(self, x, rope=None, attn_mask=None, cache=None, start=0):
+    def forward(self, x, rope=None, attn_mask=None, cache=None, start=0, memory=None, memory_mask=None):
         if self.post_norm:
             x = self.ln_1(x + self.attn(x, rope, attn_mask, cache, start))
+            if memory is not None:
+                x = self.ln_c(x + self.cross(x, None, memory_mask, cache, memory=memory))
             return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), rope, attn_mask, cache, start)
+        if memory is not None:
+            x = x + self.cross(self.ln_c(x), None, memory_mask, cache, memory=memory)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -407,11 +475,19 @@ class GPT(nn.Module):
         encoder = config.arch == "encoder"
         if encoder and config.norm_position == "post":  # BERT normalises the embeddings before the first block
             modules["ln_e"] = make_norm(config)
+        if config.pos_embedding == "t5":  # a learned bias per bucket and head, shared by the stack's layers [11]
+            modules["rel_bias"] = nn.Embedding(config.rel_buckets, config.n_head)
         modules["drop"] = nn.Dropout(config.dropout)
-        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])  # (an encoder-decoder's encoder)
         # Post-norm blocks already end in a norm; pre-norm ones need a final one.
         modules["ln_f"] = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.transformer = nn.ModuleDict(modules)
+        if config.arch == "encoder_decoder":  # the decoder stack: the same blocks, causal, cross-attending [2, 11]
+            decoder = {k: v for k, v in modules.items() if k in ("wpe", "rel_bias")}  # positions of its own
+            decoder = {k: nn.Embedding(v.num_embeddings, v.embedding_dim) for k, v in decoder.items()}
+            decoder["h"] = nn.ModuleList([Block(config, causal=True, cross=True) for _ in range(config.n_dec_layer)])
+            decoder["ln_f"] = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+            self.decoder = nn.ModuleDict(decoder)
         if config.n_labels:  # a classifier: labels from [CLS], no token logits
             self.classifier = ClassifierHead(config)
         elif encoder:
@@ -487,20 +563,26 @@ class GPT(nn.Module):
         True for real tokens, keeps padding out of attention (its own positions' outputs mean nothing). A classifier
         (n_labels > 0) returns the labels' logits (B, n_labels), read from [CLS]'s position (the first); its targets
         are (B,) label ids, and its padding (pad_id) is masked without a padding_mask.
+
+        An encoder-decoder (arch="encoder_decoder") reads idx as the source (padded with pad_id) and targets (B, T) as
+        the target, -1 after its end: the decoder's input is the target shifted right after a start token (pad_id, as
+        T5's), teacher forcing. Returns every target position's logits and the loss. Inference runs encode() once,
+        then decode() step by step.
         """
+        if self.config.arch == "encoder_decoder":
+            if targets is None:
+                raise ValueError("an encoder-decoder's forward takes targets; generate with encode() and decode()")
+            memory, keep = self.encode(idx, padding_mask)
+            logits = self.decode(self.shift_right(targets), memory, keep)
+            return logits, self.loss(logits, targets, reduction)
         B, T = idx.size()
         static = torch.is_tensor(start_pos)
         if not static and start_pos + T > self.config.block_size:
             raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
         pos = start_pos + torch.arange(T, device=idx.device)  # (T,) the positions of idx's tokens
 
-        # embed the tokens, then the positions: added to the embeddings, or given to attention (rope, alibi)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.config.pos_embedding == "learned":
-            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
-        elif self.config.pos_embedding == "sinusoidal":
-            x = x + self.pos_table[pos]
-        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.pos_embedding == "rope" else None  # (T, hs)
+        # embed the tokens, then the positions: added to the embeddings, or given to attention (rope, alibi, t5)
+        x, rope = self.embed(idx, pos, self.transformer)  # (B, T, C), and RoPE's (cos, sin) or None
         if "ln_e" in self.transformer:
             x = self.transformer.ln_e(x)
         if self.config.arch == "encoder":
@@ -512,13 +594,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
 
         # the blocks
-        for i, block in enumerate(self.transformer.h):
-            if self.recompute_every and self.training and i % self.recompute_every == 0:
-                # Gradient checkpointing: keep only the block's input and recompute its activations in the backward
-                # pass (Chen et al. 2016); the RNG state is replayed, so dropout masks are the same.
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, mask, kv_cache[i] if kv_cache else None, start_pos)
+        x = self.blocks(self.transformer.h, x, rope, mask, kv_cache, start_pos)
 
         # the head, and the loss
         x = self.transformer.ln_f(x)
@@ -530,18 +606,89 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): inference needs only the next token's logits
         else:
             logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            flat = targets.reshape(-1)
-            loss = F.cross_entropy(logits.reshape(flat.numel(), -1).float(), flat, ignore_index=-1, reduction=reduction)
-            if self.config.n_expert and self.training:  # evaluation reports the cross-entropy alone
-                scale = (flat >= 0).sum() if reduction == "sum" else 1
-                loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss() * scale
-        return logits, loss
+        return logits, self.loss(logits, targets, reduction) if targets is not None else None
 
-    def attention_mask(self, pos: torch.Tensor, k_len: int, start_pos, dtype: torch.dtype) -> torch.Tensor | None:
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor, stack: nn.ModuleDict) -> tuple[torch.Tensor, tuple | None]:
+        """(the tokens' embeddings with their positions added (B, T, C), RoPE's (cos, sin) each (T, hs) or None), for
+        the tokens idx at positions pos of `stack` (self.transformer, or an encoder-decoder's self.decoder, whose
+        learned positions are its own)."""
+        x = self.transformer.wte(idx)  # (B, T, C): one token embedding for every stack, and the output layer's
+        if self.config.pos_embedding == "learned":
+            x = x + stack.wpe(pos)  # (T, C) broadcast over B
+        elif self.config.pos_embedding == "sinusoidal":
+            x = x + self.pos_table[pos]
+        return x, (self.rope_cos[pos], self.rope_sin[pos]) if self.config.pos_embedding == "rope" else None
+
+    def blocks(self, blocks, x, rope, mask, kv_cache=None, start_pos=0, memory=None, memory_mask=None):
+        """x through `blocks` (a stack's nn.ModuleList), each with its KV cache when decoding."""
+        for i, block in enumerate(blocks):
+            if self.recompute_every and self.training and i % self.recompute_every == 0:
+                # Gradient checkpointing: keep only the block's input and recompute its activations in the backward
+                # pass (Chen et al. 2016); the RNG state is replayed, so dropout masks are the same.
+                x = checkpoint(block, x, rope, mask, None, 0, memory, memory_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, kv_cache[i] if kv_cache else None, start_pos, memory, memory_mask)
+        return x
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The cross-entropy of logits (B, T, V), or a classifier's (B, n_labels), against targets (B, T) or (B,),
+        -1 ignored; in training plus moe_aux_loss_coef times the MoE load-balancing loss (scaled by the target
+        count when summing)."""
+        flat = targets.reshape(-1)
+        loss = F.cross_entropy(logits.reshape(flat.numel(), -1).float(), flat, ignore_index=-1, reduction=reduction)
+        if self.config.n_expert and self.training:  # evaluation reports the cross-entropy alone
+            scale = (flat >= 0).sum() if reduction == "sum" else 1
+            loss = loss + self.config.moe_aux_loss_coef * self.moe_aux_loss() * scale
+        return loss
+
+    def encode(self, idx: torch.Tensor, padding_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """An encoder-decoder's encoder over the source idx (B, S): (its output (B, S, C), the decoder's memory; and
+        which positions are real tokens (B, S) bool: padding_mask, or idx != pad_id)."""
+        keep = idx != self.config.pad_id if padding_mask is None else padding_mask
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x, rope = self.embed(idx, pos, self.transformer)
+        mask = self.encoder_mask(pos, keep, x.dtype)
+        x = self.blocks(self.transformer.h, self.transformer.drop(x), rope, mask)
+        return self.transformer.ln_f(x), keep
+
+    def decode(self, idx, memory, keep, kv_cache: list[KVCache] | None = None, start_pos=0) -> torch.Tensor:
+        """An encoder-decoder's decoder: logits (B, T, V) of the target tokens idx (B, T) at positions start_pos..
+        (as forward's, with a KV cache from new_kv_cache: its cross-attention keys and values are computed from
+        memory once, at the first call), attending to memory (B, S, C) where keep (B, S) is True."""
+        T, static = idx.size(1), torch.is_tensor(start_pos)
+        if not static and start_pos + T > self.config.block_size:
+            raise ValueError(f"target length {start_pos + T} exceeds block_size {self.config.block_size}")
+        pos = start_pos + torch.arange(T, device=idx.device)
+        x, rope = self.embed(idx, pos, self.decoder)
+        k_len = kv_cache[0].k.size(2) if static else start_pos + T
+        mask = self.attention_mask(pos, k_len, start_pos, x.dtype, self.decoder)
+        x = self.blocks(
+            self.decoder.h, self.transformer.drop(x), rope, mask, kv_cache, start_pos, memory, keep[:, None, None, :]
+        )
+        x = self.decoder.ln_f(x)
+        if self.config.tie_embeddings:  # T5 [11]: the tied output layer reads the state scaled by d_model^-0.5
+            x = x * self.config.n_embd**-0.5
+        return self.lm_head(x)
+
+    def shift_right(self, targets: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for targets (B, T): a start token (pad_id), then all but the last target (-1: pad_id)."""
+        start = torch.full_like(targets[:, :1], self.config.pad_id)
+        shifted = torch.cat([start, targets[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted < 0, self.config.pad_id)
+
+    def relative_bias(self, table: nn.Embedding, pos: torch.Tensor, k_len: int, bidirectional: bool) -> torch.Tensor:
+        """T5's attention bias [11], (nh, T, k_len), for queries at positions pos over keys 0..k_len-1."""
+        relative = -causal_distance(pos, k_len).long()  # key minus query
+        buckets = t5_buckets(relative, bidirectional, self.config.rel_buckets, self.config.rel_max_distance)
+        return table(buckets).permute(2, 0, 1)
+
+    def attention_mask(
+        self, pos: torch.Tensor, k_len: int, start_pos, dtype: torch.dtype, stack: nn.ModuleDict | None = None
+    ) -> torch.Tensor | None:
         """The attn_mask every block's attention gets, for queries at positions pos (from start_pos) over k_len keys:
         - ALiBi: a (nh, T, k_len) float bias, -slope * distance, with -inf on later keys (the causal mask in it);
+        - T5's: its bucketed bias (nh, T, k_len) (stack's table: self.transformer's or self.decoder's), -inf on
+          later keys;
         - a static-shape KV cache (start_pos a tensor): a (T, k_len) boolean causal mask, True = may attend, which
           also hides the buffer's unfilled slots;
         - queries after cached keys (start_pos > 0 and T > 1, a chunked prefill): the same mask, offset by start_pos;
@@ -549,17 +696,24 @@ class GPT(nn.Module):
           query, which may see every cached key."""
         if self.config.pos_embedding == "alibi":
             return alibi_bias(self.alibi_slopes, pos, k_len).to(dtype)
+        if self.config.pos_embedding == "t5":
+            bias = self.relative_bias((stack or self.transformer).rel_bias, pos, k_len, bidirectional=False)
+            return bias.masked_fill(causal_distance(pos, k_len) < 0, float("-inf")).to(dtype)
         if torch.is_tensor(start_pos) or (start_pos > 0 and len(pos) > 1):
             return causal_distance(pos, k_len) >= 0  # (T, k_len)
         return None
 
     def encoder_mask(self, pos: torch.Tensor, padding_mask, dtype: torch.dtype) -> torch.Tensor | None:
         """An encoder's attn_mask: none (every query sees every key), or with padding_mask (B, T) a (B, 1, 1, T)
-        boolean mask hiding padded keys; with ALiBi a (nh or B, ...) float bias, -slope * |distance|, both ways."""
+        boolean mask hiding padded keys; with ALiBi a (nh or B, ...) float bias, -slope * |distance|, both ways; with
+        T5's positions its bias, both ways."""
         keep = padding_mask[:, None, None, :] if padding_mask is not None else None
-        if self.config.pos_embedding != "alibi":
+        if self.config.pos_embedding == "t5":
+            bias = self.relative_bias(self.transformer.rel_bias, pos, len(pos), bidirectional=True)  # (nh, T, T)
+        elif self.config.pos_embedding == "alibi":
+            bias = -self.alibi_slopes.to(pos.device)[:, None, None] * causal_distance(pos, len(pos)).abs()  # (nh, T, T)
+        else:
             return keep
-        bias = -self.alibi_slopes.to(pos.device)[:, None, None] * causal_distance(pos, len(pos)).abs()  # (nh, T, T)
         return (bias if keep is None else bias.masked_fill(~keep, float("-inf"))).to(dtype)
 
     def new_kv_cache(self, batch_size: int, length: int | None = None, dtype=None) -> list[KVCache]:
@@ -568,13 +722,12 @@ class GPT(nn.Module):
             raise ValueError("an encoder has no KV cache: it reads the whole input at once (fill-mask, not generate)")
         param = self.lm_head.weight
         length = length or self.config.block_size
-        return [
-            KVCache(batch_size, self.config, length, param.device, dtype or param.dtype) for _ in self.transformer.h
-        ]
+        blocks = self.decoder.h if self.config.arch == "encoder_decoder" else self.transformer.h
+        return [KVCache(batch_size, self.config, length, param.device, dtype or param.dtype) for _ in blocks]
 
     def moe_aux_loss(self) -> torch.Tensor:
         """Mean load-balancing loss of the MoE layers in the last forward (0 without MoE)."""
-        losses = [block.mlp.aux_loss for block in self.transformer.h if isinstance(block.mlp, MoE)]
+        losses = [module.aux_loss for module in self.modules() if isinstance(module, MoE)]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def crop_block_size(self, block_size: int):
@@ -582,9 +735,9 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
-        if "wpe" in self.transformer:
-            # clone: a view would keep (and make safetensors refuse) the whole original table
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].clone())
+        for stack in (self.transformer, getattr(self, "decoder", {})):
+            if "wpe" in stack:  # clone: a view would keep (and make safetensors refuse) the whole original table
+                stack.wpe.weight = nn.Parameter(stack.wpe.weight[:block_size].clone())
         for name in ("pos_table", "rope_cos", "rope_sin"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name)[:block_size].clone())

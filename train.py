@@ -48,7 +48,7 @@ from engine.memory import check_fits, out_of_memory_hint
 from engine.optim import SCHEDULES, lr_at, set_lr, setup_training
 from engine.out_dir_lock import hold_out_dir
 from engine.rollback import ROLL_BACK, STOP, BadSteps
-from engine.run_log import RunLog, StepTimer
+from engine.run_log import RunLog, StepTimer, size_report
 from engine.runtime import StopSignals, hash_seed, peak_flops, seed_everything, setup_runtime, teardown_runtime, wrap
 from engine.tasks import TASKS, load_task, task_record
 from engine.train_state import TrainState, check_resumable, start_lora
@@ -108,8 +108,12 @@ class TrainConfig:
     n_expert_active: int = 2  # experts each token is routed to (top-k)
     moe_shared_expert: bool = False  # add one expert that every token uses
     moe_aux_loss_coef: float = 0.01  # weight of the MoE load-balancing loss in the training loss
-    arch: str = "decoder"  # decoder (GPT: next tokens) or encoder (BERT: masked tokens; labels on classification data)
+    arch: str = "decoder"  # decoder (GPT), encoder (BERT: masked tokens, or labels) or encoder_decoder (T5: pairs)
     mlm_probability: float = 0.15  # encoder: the share of tokens masked and predicted (BERT's 15%)
+    n_dec_layer: int | None = None  # encoder_decoder: the decoder's blocks; none = n_layer
+    rel_buckets: int = 32  # pos_embedding=t5: relative-position buckets (T5's bias, one per bucket and head)
+    rel_max_distance: int = 128  # pos_embedding=t5: distances from this on share the last bucket
+    attn_scale: bool = True  # scale attention scores by 1/sqrt(head size); False as T5 (the scale is in its init)
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_learning_rate: float | None = None  # Muon's peak learning rate; none = learning_rate (RMS-matched to AdamW)
@@ -420,7 +424,8 @@ def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | N
         raise UserError(f"block_size={cfg.block_size} exceeds the model's {model.config.block_size}")
     model.to(rt.device)
     rt.print0(f"model: {model.num_params() / 1e6:.2f}M parameters")
-    rt.print0(size_report(cfg, model))
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    rt.print0(size_report(model, tokens_per_iter, cfg.block_size, cfg.max_iters))
     return model, resume_from
 
 
@@ -488,19 +493,6 @@ def print_settings(cfg: TrainConfig, rt, warmup: BatchWarmup) -> None:
             f"{cfg.lr_schedule} schedule has decayed (continue with --init_from=resume --max_iters={decay_iters}, "
             "or leave lr_decay_iters out to decay by max_iters)"
         )
-
-
-def size_report(cfg: TrainConfig, model: GPT) -> str:
-    """Two lines for the start-up: parameters, tokens and FLOPs per iteration, and the data budget against
-    Chinchilla's 20 tokens per parameter (Hoffmann et al. 2022). tools/sizing.py has the whole picture before a run."""
-    n = model.num_params(non_embedding=False)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
-    planned = cfg.max_iters * tokens_per_iter
-    return (
-        f"sizing: {n:,} parameters, {tokens_per_iter:,} tokens/iter, {flops_per_iter:.3g} FLOPs/iter (6N + 12LCT)\n"
-        f"sizing: {planned:,} tokens planned = {planned / n:.1f} per parameter (Chinchilla-optimal: 20)"
-    )
 
 
 def eval_record(it: int, losses: dict, eval_model, raw_model: GPT, ema, data, cfg: TrainConfig, rt, objective) -> dict:

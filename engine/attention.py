@@ -1,9 +1,9 @@
 """Attention probabilities recomputed from a model's own modules. The model computes attention inside SDPA, which never
 returns them, so attention_weights() captures each attention module's input with a forward pre-hook and forms
-softmax(q k^T / sqrt(hs) + mask) with that module's c_attn, QK-norm, RoPE tables or ALiBi bias, key heads repeated
-for grouped-query attention exactly as SDPA's enable_gqa does. tests/test_attention.py checks that these weights
-times the values reproduce the model's attention output for every architecture switch. tools/attention.py draws
-them; engine/health.py takes their entropy.
+softmax(q k^T / sqrt(hs) + mask) with that module's c_attn, QK-norm, RoPE tables or ALiBi or T5 bias, key heads
+repeated for grouped-query attention exactly as SDPA's enable_gqa does. tests/test_attention.py checks that these
+weights times the values reproduce the model's attention output for every architecture switch. tools/attention.py
+draws them; engine/health.py takes their entropy.
 """
 
 import math
@@ -11,7 +11,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from model import GPT, CausalSelfAttention, alibi_bias, apply_rope
+from model import GPT, CausalSelfAttention, apply_rope
 
 
 def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -28,14 +28,16 @@ def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> t
         rope = (model.rope_cos[:T], model.rope_sin[:T])  # each (T, hs)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs): query head h reads key head h // (nh / nkv)
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(hs)  # (B, nh, T, T)
+    scale = 1 / math.sqrt(hs) if attn.scale is None else attn.scale  # (T5's attention is unscaled)
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, nh, T, T)
     pos = torch.arange(T, device=x.device)
-    if not attn.causal:  # an encoder's: every key, with ALiBi's bias both ways
+    if not attn.causal:  # an encoder's: every key, with ALiBi's or T5's bias both ways
         bias = model.encoder_mask(pos, None, torch.float32)
-        scores = scores + bias if bias is not None else scores
-    elif model.config.pos_embedding == "alibi":
-        scores = scores + alibi_bias(model.alibi_slopes, pos, T)  # (nh, T, T), -inf above the diagonal
-    else:
+    else:  # ALiBi's or T5's bias (nh, T, T), -inf above the diagonal; else none
+        bias = model.attention_mask(pos, T, 0, torch.float32)
+    if bias is not None:
+        scores = scores + bias
+    elif attn.causal:
         scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))  # a key after the query: masked
     return F.softmax(scores, dim=-1)
 

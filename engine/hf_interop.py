@@ -21,7 +21,7 @@ from engine import chat
 from engine.checkpoint import save_safetensors
 from engine.errors import UserError
 from engine.memory import check_fits
-from engine.schemas import BertHFConfig, GPT2HFConfig, LlamaHFConfig, check, read_json, short
+from engine.schemas import BertHFConfig, GPT2HFConfig, LlamaHFConfig, T5HFConfig, check, read_json, short
 from model import GPT, GPTConfig
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -92,9 +92,11 @@ def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
     hf = read_json(file)
     kind = hf.get("model_type") if isinstance(hf, dict) else None
     readers = {"gpt2": (GPT2HFConfig, _gpt2_config), "llama": (LlamaHFConfig, _llama_config)}
-    readers["bert"] = (BertHFConfig, _bert_config)
+    readers |= {"bert": (BertHFConfig, _bert_config), "t5": (T5HFConfig, _t5_config)}
     if not isinstance(kind, str) or kind not in readers:
-        raise UnsupportedModel(f"{name_or_dir}: model_type {short(kind)} is not supported (gpt2, llama and bert are)")
+        raise UnsupportedModel(
+            f"{name_or_dir}: model_type {short(kind)} is not supported (gpt2, llama, bert and t5 are)"
+        )
     check(readers[kind][0], hf, file)  # types and sizes, before any arithmetic
     try:
         config = readers[kind][1](hf)
@@ -118,6 +120,8 @@ def load_hf(name_or_dir: str) -> tuple[GPTConfig, dict]:
             return config, _gpt2_state_dict(weights, config.n_layer)
         if kind == "bert":
             return config, _bert_state_dict(weights, config)
+        if kind == "t5":
+            return config, _t5_state_dict(weights, config)
         return config, _llama_state_dict(weights, config)
     except KeyError as e:
         raise UserError(f"{path} lacks the tensor {e.args[0]} that its config.json implies") from None
@@ -316,10 +320,147 @@ def _bert_state_dict(weights: dict, config: GPTConfig) -> dict:
     return sd
 
 
+def _t5_config(hf: dict) -> GPTConfig:
+    """T5 (original: ReLU MLP, tied output scaled by d_model^-0.5) and T5 v1.1 (gated GELU, untied output)."""
+    ff = hf.get("feed_forward_proj", "relu")
+    mlp = {"relu": "relu", "gated-gelu": "geglu"}.get(ff)
+    if mlp is None:
+        raise UnsupportedModel(f"T5 feed_forward_proj {ff!r} is not supported (relu and gated-gelu are)")
+    if hf["d_kv"] * hf["num_heads"] != hf["d_model"]:
+        raise UnsupportedModel(
+            f"T5 with d_kv * num_heads ({hf['d_kv']} * {hf['num_heads']}) != d_model is not supported"
+        )
+    tie = hf.get("tie_word_embeddings", True)
+    if hf.get("scale_decoder_outputs", tie) != tie:
+        raise UnsupportedModel("T5 whose output scale (scale_decoder_outputs) differs from its weight tying")
+    return GPTConfig(
+        arch="encoder_decoder",
+        block_size=hf.get("n_positions") or 512,  # T5 has no position table: the longest input we will build
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_layers"],
+        n_dec_layer=hf.get("num_decoder_layers") or hf["num_layers"],
+        n_head=hf["num_heads"],
+        n_embd=hf["d_model"],
+        bias=False,
+        pos_embedding="t5",
+        rel_buckets=hf.get("relative_attention_num_buckets", 32),
+        rel_max_distance=hf.get("relative_attention_max_distance", 128),
+        attn_scale=False,
+        norm="rmsnorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        mlp=mlp,
+        mlp_hidden=hf["d_ff"],
+        tie_embeddings=tie,
+        pad_id=hf.get("pad_token_id") or 0,
+    )
+
+
+# our name -> T5's, per layer ({i}): the encoder's blocks, the decoder's (with cross-attention); MLPs by kind
+_T5_SELF = {"ln_1": "layer.0.layer_norm", "attn.c_proj": "layer.0.SelfAttention.o"}
+_T5_CROSS = {"ln_c": "layer.1.layer_norm", "cross.c_q": "layer.1.EncDecAttention.q"}
+_T5_CROSS |= {"cross.c_proj": "layer.1.EncDecAttention.o"}
+_T5_MLP = {"relu": {"c_fc": "wi", "c_proj": "wo"}, "geglu": {"c_gate": "wi_0", "c_fc": "wi_1", "c_proj": "wo"}}
+_T5_GLOBAL = {"transformer.ln_f": "encoder.final_layer_norm", "decoder.ln_f": "decoder.final_layer_norm"}
+_T5_GLOBAL |= {
+    "transformer.rel_bias": "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+    "decoder.rel_bias": "decoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+}
+
+
+def _t5_names(config: GPTConfig) -> dict[str, str]:
+    """Every weight's name, ours -> T5's, but the fused attention projections (c_attn, c_kv) and the embeddings."""
+    names = {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in _T5_GLOBAL.items()}
+    for stack, n, cross in (("transformer", config.n_layer, False), ("decoder", config.n_dec_layer, True)):
+        hf_stack = "encoder" if stack == "transformer" else "decoder"
+        mlp_layer = 2 if cross else 1
+        for i in range(n):
+            layers = _T5_SELF | (_T5_CROSS if cross else {}) | {"ln_2": f"layer.{mlp_layer}.layer_norm"}
+            layers |= {f"mlp.{o}": f"layer.{mlp_layer}.DenseReluDense.{t}" for o, t in _T5_MLP[config.mlp].items()}
+            for ours, theirs in layers.items():
+                names[f"{stack}.h.{i}.{ours}.weight"] = f"{hf_stack}.block.{i}.{theirs}.weight"
+    return names
+
+
+def _t5_state_dict(weights: dict, config: GPTConfig) -> dict:
+    sd = {ours: weights[theirs] for ours, theirs in _t5_names(config).items()}
+    sd["transformer.wte.weight"] = weights["shared.weight"]
+    sd["lm_head.weight"] = weights["shared.weight"] if config.tie_embeddings else weights["lm_head.weight"]
+    for stack, n in (("encoder", config.n_layer), ("decoder", config.n_dec_layer)):
+        ours = "transformer" if stack == "encoder" else "decoder"
+        for i in range(n):
+            attn = f"{stack}.block.{i}.layer.0.SelfAttention."
+            sd[f"{ours}.h.{i}.attn.c_attn.weight"] = torch.cat([weights[f"{attn}{p}.weight"] for p in "qkv"])
+            if stack == "decoder":
+                cross = f"{stack}.block.{i}.layer.1.EncDecAttention."
+                sd[f"decoder.h.{i}.cross.c_kv.weight"] = torch.cat([weights[f"{cross}{p}.weight"] for p in "kv"])
+    return sd
+
+
+def _t5_export(sd: dict, config: GPTConfig) -> tuple[dict, dict]:
+    """(config.json, weights) of an encoder-decoder in T5ForConditionalGeneration's layout: _t5_state_dict's map
+    backwards."""
+    hf_config = {
+        "model_type": "t5",
+        "architectures": ["T5ForConditionalGeneration"],
+        "vocab_size": config.vocab_size,
+        "d_model": config.n_embd,
+        "d_kv": config.head_size,
+        "d_ff": config.mlp_hidden,
+        "num_layers": config.n_layer,
+        "num_decoder_layers": config.n_dec_layer,
+        "num_heads": config.n_head,
+        "relative_attention_num_buckets": config.rel_buckets,
+        "relative_attention_max_distance": config.rel_max_distance,
+        "dropout_rate": 0.0,
+        "layer_norm_epsilon": config.norm_eps,
+        "feed_forward_proj": {"relu": "relu", "geglu": "gated-gelu"}[config.mlp],
+        "tie_word_embeddings": config.tie_embeddings,
+        "scale_decoder_outputs": config.tie_embeddings,
+        "is_encoder_decoder": True,
+        "pad_token_id": config.pad_id,
+        "decoder_start_token_id": config.pad_id,
+        "n_positions": config.block_size,
+    }
+    weights = {theirs: sd[ours] for ours, theirs in _t5_names(config).items()}
+    weights["shared.weight"] = sd["transformer.wte.weight"]
+    if not config.tie_embeddings:
+        weights["lm_head.weight"] = sd["lm_head.weight"]
+    C, kv = config.n_embd, config.n_kv_head * config.head_size
+    for stack, n in (("encoder", config.n_layer), ("decoder", config.n_dec_layer)):
+        ours = "transformer" if stack == "encoder" else "decoder"
+        for i in range(n):
+            attn = f"{stack}.block.{i}.layer.0.SelfAttention."
+            for p, w in zip("qkv", sd[f"{ours}.h.{i}.attn.c_attn.weight"].split([C, kv, kv]), strict=True):
+                weights[f"{attn}{p}.weight"] = w
+            if stack == "decoder":
+                cross = f"{stack}.block.{i}.layer.1.EncDecAttention."
+                for p, w in zip("kv", sd[f"decoder.h.{i}.cross.c_kv.weight"].split(kv), strict=True):
+                    weights[f"{cross}{p}.weight"] = w
+    return hf_config, weights
+
+
 def hf_format(config: GPTConfig) -> str:
     """Which Hugging Face layout can hold this config: "gpt2" or "llama" for a decoder, "bert" for an encoder;
     UnsupportedModel, naming what each layout lacks, if none."""
     c = config
+    if c.arch == "encoder_decoder":
+        t5 = [
+            ("pos_embedding", c.pos_embedding == "t5", "t5"),
+            ("norm", c.norm == "rmsnorm", "rmsnorm"),
+            ("norm_position", c.norm_position == "pre", "pre"),
+            ("mlp", c.mlp in ("relu", "geglu"), "relu or geglu"),
+            ("bias", not c.bias, "False"),
+            ("attn_scale", not c.attn_scale, "False"),
+            ("n_kv_head", c.n_kv_head == c.n_head, f"n_head ({c.n_head})"),
+            ("qk_norm", not c.qk_norm, "False"),
+            ("n_expert", not c.n_expert, "0"),
+        ]
+        unmet = [f"{name}={want} (this model: {getattr(c, name)})" for name, ok, want in t5 if not ok]
+        if unmet:
+            raise UnsupportedModel(
+                f"this encoder-decoder does not fit T5's Hugging Face layout: it would need {', '.join(unmet)}"
+            )
+        return "t5"
     if c.arch == "encoder":
         bert = [
             ("pos_embedding", c.pos_embedding == "learned", "learned"),
@@ -390,6 +531,8 @@ def save_hf(
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if kind == "bert":
         hf_config, weights = _bert_export(sd, config, labels)
+    elif kind == "t5":
+        hf_config, weights = _t5_export(sd, config)
     elif kind == "gpt2":
         if not config.bias:
             sd |= _zero_biases(sd, config)

@@ -212,3 +212,15 @@ def trim_metrics(path: str, iter_num: int, rollbacks: int = 0) -> None:
     kept = [line for line in lines if _kept(line, iter_num, rollbacks)]
     if len(kept) != len(lines):
         write_file(path, "".join(kept), kept="the untrimmed file")
+
+
+def size_report(model, tokens_per_iter: int, block_size: int, max_iters: int) -> str:
+    """Two lines for train.py's start-up: parameters, tokens and FLOPs per iteration, and the data budget against
+    Chinchilla's 20 tokens per parameter (Hoffmann et al. 2022). tools/sizing.py has the whole picture before a run."""
+    n = model.num_params(non_embedding=False)
+    flops_per_iter = model.flops_per_token(block_size) * tokens_per_iter
+    planned = max_iters * tokens_per_iter
+    return (
+        f"sizing: {n:,} parameters, {tokens_per_iter:,} tokens/iter, {flops_per_iter:.3g} FLOPs/iter (6N + 12LCT)\n"
+        f"sizing: {planned:,} tokens planned = {planned / n:.1f} per parameter (Chinchilla-optimal: 20)"
+    )

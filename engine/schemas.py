@@ -385,6 +385,10 @@ class ModelConfig(Shape):
     moe_shared_expert: bool = False
     moe_aux_loss_coef: Finite = 0.01
     arch: str = "decoder"
+    n_dec_layer: Size | None = None
+    rel_buckets: Annotated[int, Field(ge=2, le=1 << 16)] = 32
+    rel_max_distance: Annotated[int, Field(ge=2, le=1 << 24)] = 128
+    attn_scale: bool = True
     n_labels: Annotated[int, Field(ge=0, le=1 << 16)] = 0
     pad_id: Annotated[int, Field(ge=0, le=2**32)] | None = None
 
@@ -495,6 +499,34 @@ class LlamaHFConfig(Shape):
     mlp_bias: bool = False
     rms_norm_eps: Finite = 1e-6
     tie_word_embeddings: bool = False
+
+
+class T5HFConfig(Shape):
+    """transformers' T5Config as config.json holds it: the fields engine/hf_interop.py maps onto GPTConfig."""
+
+    vocab_size: Size
+    d_model: Size
+    d_kv: Size
+    d_ff: Size
+    num_layers: Size
+    num_decoder_layers: Size | None = None
+    num_heads: Size
+    relative_attention_num_buckets: Annotated[int, Field(ge=2, le=1 << 16)] = 32
+    relative_attention_max_distance: Annotated[int, Field(ge=2, le=1 << 24)] = 128
+    layer_norm_epsilon: Finite = 1e-6
+    feed_forward_proj: Text = "relu"
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool | None = None
+    pad_token_id: TokenId | None = None
+    n_positions: Size | None = None
+
+    @model_validator(mode="after")
+    def _buckets_fit(self):
+        if self.relative_attention_max_distance < self.relative_attention_num_buckets:
+            raise ValueError("relative_attention_max_distance: smaller than relative_attention_num_buckets")
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id: {self.pad_token_id} is outside the vocabulary of {self.vocab_size}")
+        return self
 
 
 class BertHFConfig(Shape):

@@ -31,6 +31,8 @@ SWITCHES = {
     "encoder": dict(arch="encoder", norm_position="post"),  # bidirectional: health's attention entropy for encoders
     "encoder_alibi": dict(arch="encoder", pos_embedding="alibi", n_head=4),
     "encoder_rope_gqa": dict(arch="encoder", pos_embedding="rope", n_head=4, n_kv_head=2),
+    "t5_unscaled": dict(pos_embedding="t5", attn_scale=False, n_head=4, rel_buckets=8, rel_max_distance=16),
+    "encoder_t5": dict(arch="encoder", pos_embedding="t5", attn_scale=False, n_head=4),
 }
 
 

@@ -30,6 +30,7 @@ SWITCHES = [
     {"pos_embedding": "none", "qk_norm": True},
     {"n_kv_head": 1, "norm_position": "post", "mlp": "relu2"},
     {"n_expert": 4, "n_expert_active": 2, "moe_shared_expert": True},
+    {"pos_embedding": "t5", "attn_scale": False, "mlp": "geglu", "rel_buckets": 8, "rel_max_distance": 12},
 ]
 
 

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-import train
 from engine import runtime
 from engine.configurator import load_preset, resolve_options
+from engine.run_log import size_report
 from model import GPT, GPTConfig
 from tools import sizing
 from train import TrainConfig
@@ -89,7 +89,7 @@ def test_flops_and_memory_formulas():
 def test_short_report_and_errors():
     cfg = TrainConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=100)
     model = GPT(GPTConfig.from_options(dataclasses.asdict(cfg), 65))
-    text = train.size_report(cfg, model)
+    text = size_report(model, 40 * 4 * 16, cfg.block_size, cfg.max_iters)
     n = model.num_params(non_embedding=False)
     assert text.count("\n") == 1 and f"{n:,} parameters" in text and f"{40 * 4 * 16:,} tokens/iter" in text
     with pytest.raises(sizing.UserError, match="unknown --gpu"):

@@ -40,6 +40,10 @@ SWITCHES = {
     "llama": dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False),
     "alibi_mqa_qk_norm": dict(pos_embedding="alibi", n_kv_head=1, qk_norm=True),
     "rope_swiglu_moe": dict(pos_embedding="rope", mlp="swiglu", n_expert=4, n_expert_active=2, bias=False),
+    "t5_positions": dict(pos_embedding="t5", rel_buckets=8, rel_max_distance=16),
+    "geglu": dict(mlp="geglu"),
+    "unscaled_attention": dict(attn_scale=False),
+    "t5_layout_decoder": dict(pos_embedding="t5", norm="rmsnorm", mlp="geglu", attn_scale=False, bias=False),
 }
 
 
@@ -168,7 +172,7 @@ def test_rmsnorm_is_x_over_root_mean_square_times_gain():
     torch.testing.assert_close(ln(x), expected)
 
 
-@pytest.mark.parametrize("mlp", ["gelu_tanh", "gelu", "relu", "relu2", "swiglu"])
+@pytest.mark.parametrize("mlp", ["gelu_tanh", "gelu", "relu", "relu2", "swiglu", "geglu"])
 def test_mlp_is_the_papers_formula(mlp):
     model = randomize_(GPT(make_config(mlp=mlp)))
     m = model.transformer.h[0].mlp
@@ -183,6 +187,8 @@ def test_mlp_is_the_papers_formula(mlp):
     if mlp == "swiglu":  # [6]: (Swish(x W_gate) * x W_up) W_down
         gate = x @ m.c_gate.weight.T + m.c_gate.bias
         hidden = gate * torch.sigmoid(gate) * up
+    elif mlp == "geglu":  # [6], T5 v1.1: (GELU(x W_gate) * x W_up) W_down, GELU's tanh form
+        hidden = act["gelu_tanh"](x @ m.c_gate.weight.T + m.c_gate.bias) * up
     else:
         hidden = act[mlp](up)
     expected = hidden @ m.c_proj.weight.T + m.c_proj.bias
@@ -546,7 +552,7 @@ def test_swiglu_hidden_size_is_two_thirds_of_4c_rounded_up_to_64():
         (dict(pos_embedding="xpos"), "pos_embedding"),
         (dict(norm="batchnorm"), "norm"),
         (dict(norm_position="sandwich"), "norm_position"),
-        (dict(mlp="geglu"), "mlp"),
+        (dict(mlp="reglu"), "mlp"),
         (dict(n_head=4, n_kv_head=3), "n_kv_head"),
         (dict(n_head=4, n_kv_head=0), "n_kv_head"),
         (dict(n_head=4, n_kv_head=8), "n_kv_head"),
