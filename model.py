@@ -122,12 +122,12 @@ class GPTConfig:
             raise ValueError(f"a classifier or an encoder-decoder needs a pad_id among its {self.vocab_size} ids")
 
     @classmethod
-    def from_options(cls, options, dataset_vocab_size: int) -> "GPTConfig":
-        """The config named by the model keys of a run's options (train.py's share these names; FROM_DATA's keep their
-        defaults). With no vocab_size there, the dataset's, rounded up to a multiple of 64: the matmuls run faster,
-        and the extra ids never occur."""
+    def from_options(cls, options, dataset_vocab_size: int, **from_data) -> "GPTConfig":
+        """The config named by the model keys of a run's options (train.py's share these names), with FROM_DATA's
+        from the dataset (from_data). With no vocab_size there, the dataset's, rounded up to a multiple of 64: the
+        matmuls run faster, and the extra ids never occur."""
         fields = {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name not in cls.FROM_DATA}
-        return cls(**fields | {"vocab_size": options["vocab_size"] or -(-dataset_vocab_size // 64) * 64})
+        return cls(**fields | from_data | {"vocab_size": options["vocab_size"] or -(-dataset_vocab_size // 64) * 64})
 
     @property
     def head_size(self) -> int:
@@ -724,6 +724,10 @@ class GPT(nn.Module):
         length = length or self.config.block_size
         blocks = self.decoder.h if self.config.arch == "encoder_decoder" else self.transformer.h
         return [KVCache(batch_size, self.config, length, param.device, dtype or param.dtype) for _ in blocks]
+
+    def all_blocks(self) -> list[Block]:
+        """Every block: an encoder-decoder's decoder blocks after its encoder's."""
+        return [*self.transformer.h, *(self.decoder.h if hasattr(self, "decoder") else ())]
 
     def moe_aux_loss(self) -> torch.Tensor:
         """Mean load-balancing loss of the MoE layers in the last forward (0 without MoE)."""

@@ -1,5 +1,6 @@
 r"""Sample text from a trained model, GPT-2, or a Hugging Face directory, with a KV cache; or, from an encoder (a
-run trained with --arch=encoder), fill in each [MASK] of the prompt; or, from a classifier, label the text.
+run trained with --arch=encoder), fill in each [MASK] of the prompt; from a classifier, label the text; from an
+encoder-decoder, transduce the source.
 
     python sample.py --out_dir=out-shakespeare-char                       # newest checkpoint in out_dir
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import chat
+from engine import chat, seq2seq
 from engine.classify import encoder_rows
 from engine.configurator import parse_config
 from engine.errors import UserError, run_cli
-from engine.generate import Decoder, Sampling, StreamDecoder, cut_at_stop
+from engine.generate import Decoder, Sampling, StreamDecoder, cut_at_stop, transduce
 from engine.inference import load_for_inference, read_prompt
 from engine.memory import check_sampling_fits
 from engine.runtime import seed_everything, setup_runtime
@@ -106,6 +107,9 @@ def main(argv=None):
         return
     if model.config.n_labels:
         classify(cfg, model, tokenizer, rt)
+        return
+    if model.config.arch == "encoder_decoder":
+        transduce_lines(cfg, model, tokenizer, rt)
         return
     if model.config.arch == "encoder":
         fill_mask(cfg, model, tokenizer, rt)
@@ -247,6 +251,27 @@ def classify(cfg: SampleConfig, model, tokenizer, rt, batch_size: int = 64) -> N
         best, label = probs.max(dim=-1)
         for n, (p, k) in enumerate(zip(best.tolist(), label.tolist(), strict=True)):
             print(f"{model.labels[k]}\t{p:.4f}" if texts[first + n].strip() else "")
+
+
+def transduce_lines(cfg: SampleConfig, model, tokenizer, rt, batch_size: int = 64) -> None:
+    """An encoder-decoder's output for --start, or one line for each line of --start=FILE: (a blank one for a blank
+    one): each source read as `source </s>`, encoded once, its output decoded with the KV and cross-attention caches
+    up to </s> or max_new_tokens, with the sampling controls."""
+    if not model.special:
+        raise UserError(f"{model.source} is an encoder-decoder without its <pad> and </s> recorded")
+    texts = read_prompt(cfg.start).splitlines() if cfg.start.startswith("FILE:") else [cfg.start]
+    end, pad = model.special["</s>"], model.special["<pad>"]
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    print(f"transducing {len(texts)} source(s) with {model.source}", file=sys.stderr)
+    for first in range(0, len(texts), batch_size):
+        sources = [tokenizer.encode(text) for text in texts[first : first + batch_size]]
+        rows = seq2seq.rows(sources, end, pad, model.config.block_size).to(rt.device)
+        steps = transduce(model, rows, cfg.max_new_tokens, sampling, end, generator, cfg.kv_cache, tokenizer.vocab_size)
+        outputs = torch.cat(list(steps), dim=1).tolist()
+        for text, output in zip(texts[first : first + batch_size], outputs, strict=True):
+            ids = [t for t in output[: output.index(end) if end in output else None] if t != pad]
+            print(tokenizer.decode(ids) if text.strip() else "")
 
 
 def stream(steps, tokenizer, prompt: str, stops: list[str]) -> None:

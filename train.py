@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from engine import health
-from engine.batch_schedule import Batches, BatchWarmup, check_process_count, done
+from engine.batch_schedule import Batches, BatchWarmup, batch_objective, check_process_count, done
 from engine.checkpoint import (
     checkpoint_name,
     find_checkpoint,
@@ -34,7 +34,6 @@ from engine.checkpoint import (
     load_model,
     read_meta,
 )
-from engine.classify import encoder_objective
 from engine.configurator import format_overrides, parse_config
 from engine.data import chat_tokens_from, check_chat_coverage, eval_key, get_batch, load_data
 from engine.ema import EMA
@@ -195,11 +194,13 @@ class TrainConfig:
             raise ValueError("fp8=True with lora_rank is not supported: train the adapters in bf16 (drop --fp8)")
         if self.fsdp and self.optimizer == "muon":
             raise ValueError("optimizer=muon needs whole matrices; use it without fsdp")
-        if self.arch == "encoder" and self.eval_task:
-            raise ValueError("eval_task scores a decoder's next-token likelihoods; an encoder (arch=encoder) has none")
+        if self.arch != "decoder" and self.eval_task:
+            raise ValueError(f"eval_task scores a decoder's next-token likelihoods; arch={self.arch} has none")
+        if self.arch == "encoder_decoder" and self.health_interval:
+            raise ValueError("health_interval is not supported for arch=encoder_decoder yet")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-        GPTConfig.from_options(dataclasses.asdict(self), 1)  # the architecture switches, now rather than after the data
+        GPTConfig.from_options(dataclasses.asdict(self), 1, pad_id=0)  # the switches now rather than after the data
 
 
 def main(argv=None):
@@ -217,7 +218,7 @@ def main(argv=None):
     task = load_task(cfg.eval_task, cfg.eval_task_file, cfg.eval_task_items, data.meta) if cfg.eval_task else None
     if data.chat and cfg.init_from != "resume" and not cfg.eval_only:  # reads every mask; block_size is fixed by now
         check_chat_coverage(data, cfg.block_size, rt.print0)
-    objective = encoder_objective(cfg.arch, data, cfg.mlm_probability)  # an encoder's: masked or labelled
+    objective = batch_objective(cfg.arch, data, cfg.mlm_probability)  # masked, labelled, pairs; a decoder's: None
     oom_hint = out_of_memory_hint(rt.device, cfg.batch_size, cfg.block_size)
     with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, oom_hint, contextlib.ExitStack() as closing:
         # what the run holds (engine/train_state.py): the model (never wrapped: checkpoints hold plain names; under
@@ -370,9 +371,8 @@ def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | N
     vocab = token_ids_needed(data.meta["vocab_size"], cfg.arch, data.meta.get("tokenizer_json"))  # an encoder's too
     labels = data.classify["labels"] if data.classify else None
     if cfg.init_from == "scratch":
-        config = GPTConfig.from_options(dataclasses.asdict(cfg), vocab)
-        if labels:  # a classifier trained from scratch
-            config = dataclasses.replace(config, n_labels=len(labels), pad_id=objective.special["[PAD]"])
+        pad = {"pad_id": objective.special["<pad>" if data.seq2seq else "[PAD]"]} if labels or data.seq2seq else {}
+        config = GPTConfig.from_options(dataclasses.asdict(cfg), vocab, **pad, n_labels=len(labels or ()))
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
         model = GPT(config)
     elif resume_from:

@@ -44,7 +44,7 @@ def measure(argv: list[str], burn_in: int = 10, steps: int = 20) -> dict:
     except UserError:
         vocab_size = 50304
         print(f"note: {cfg.data_root}/{cfg.dataset} is not prepared here; measuring GPT-2's vocabulary ({vocab_size})")
-    model = GPT(GPTConfig.from_options(vars(cfg), token_ids_needed(vocab_size, cfg.arch))).to(rt.device)
+    model = GPT(GPTConfig.from_options(vars(cfg), token_ids_needed(vocab_size, cfg.arch), pad_id=0)).to(rt.device)
     optimizers = setup_training(
         model,
         cfg.optimizer,

@@ -20,9 +20,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from engine import masking
+from engine.classify import Labelled
 from engine.data import get_batch, target_count, train_key
 from engine.errors import UserError
+from engine.masking import Masking
 from engine.runtime import teardown_runtime
+from engine.seq2seq import Pairs
 
 DONE = 1e-9  # a run whose progress is within this of max_iters is done (progress sums fractions m / G)
 
@@ -72,6 +76,27 @@ def check_process_count(gradient_accumulation_steps: int, batch_warmup_start: in
         if value is not None and value % rt.world_size != 0:
             teardown_runtime(rt)  # every rank stops here, together
             raise UserError(f"{name}={value} is not divisible by the {rt.world_size} processes; make it a multiple")
+
+
+def batch_objective(arch: str, data, mlm_probability: float) -> Masking | Labelled | Pairs | None:
+    """What train.py's batches are for `arch` on `data`: None for a decoder (token windows, or chat's conversations);
+    an encoder's masked text (engine/masking.py) on token files, or labelled texts (engine/classify.py) on a
+    classification dataset; an encoder-decoder's pairs (engine/seq2seq.py). Data of the wrong kind is one line."""
+    name = data.data_dir
+    if data.classify and arch != "encoder":
+        raise UserError(f"{name} is a classification dataset: fine-tune an encoder on it (--arch=encoder)")
+    if data.seq2seq and arch != "encoder_decoder":
+        raise UserError(f"{name} holds source-target pairs: train an encoder-decoder on it (--arch=encoder_decoder)")
+    if arch == "decoder":
+        return None
+    if data.chat:
+        raise UserError(f"{name} is a chat dataset, for decoders; an {arch.replace('_', '-')} cannot train on it")
+    if arch == "encoder_decoder":
+        if not data.seq2seq:
+            raise UserError(f"{name} holds no pairs: an encoder-decoder trains on prepare/seq2seq.py's datasets")
+        return Pairs(data, data.seq2seq["special"])
+    special = masking.special_tokens(data.meta["vocab_size"], data.meta.get("tokenizer_json"))
+    return Labelled(special) if data.classify else Masking(data.meta["vocab_size"], mlm_probability, special)
 
 
 def done(progress: float, max_iters: int) -> bool:

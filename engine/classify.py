@@ -15,8 +15,6 @@ import numpy as np
 import torch
 
 from engine.data import TokenData, to_device
-from engine.errors import UserError
-from engine.masking import Masking, special_tokens
 
 
 def encoder_rows(texts: list, special: dict[str, int], block_size: int) -> torch.Tensor:
@@ -52,17 +50,3 @@ class Labelled:
     def count(self, batch_size: int, block_size: int, key: tuple[int, ...]) -> int:
         """Every text of a batch has its label: batch_size targets."""
         return batch_size
-
-
-def encoder_objective(arch: str, data: TokenData, mlm_probability: float) -> Masking | Labelled | None:
-    """What train.py's batches are for `arch` on `data`: an encoder's masked text (engine/masking.py) on token files,
-    labelled texts on a classification dataset; None for a decoder. Data of the wrong kind is one line."""
-    name = data.data_dir
-    if arch != "encoder":
-        if data.classify:
-            raise UserError(f"{name} is a classification dataset: fine-tune an encoder on it (--arch=encoder)")
-        return None
-    if data.chat:
-        raise UserError(f"{name} is a chat dataset, for decoders; an encoder trains on plain token files")
-    special = special_tokens(data.meta["vocab_size"], data.meta.get("tokenizer_json"))
-    return Labelled(special) if data.classify else Masking(data.meta["vocab_size"], mlm_probability, special)

@@ -8,6 +8,8 @@ meta.json is written last, so a directory without it was never finished. nanoGPT
 A chat split adds "mask_file" and "starts_file" with their "mask_sha256" and "starts_sha256" (prepare/chat.py).
 A classification dataset (prepare/classify.py) has "classify": {"labels": [...]}, and each split a "starts_file"
 (where each text begins) and a "labels_file" (int64, one label index per text), with their sha256.
+A seq2seq dataset (prepare/seq2seq.py) has "seq2seq": {"special": {"<pad>", "</s>"}}, and each split, besides its
+sources (file, starts_file), a "target_file" and "target_starts_file" with "target_tokens" and their sha256.
 
 load_data checks meta.json itself (engine/schemas.py DatasetMeta), then every file against it (size, ids, recorded
 sha256), and keeps the files open: batches are read through memmaps of those open files, so a dataset prepared again
@@ -52,6 +54,7 @@ from engine.tokenization import (
 FULL_CHECK_BYTES = 512 << 20  # token files up to this size have every id checked at load (about 0.1 s)
 HASH_CHECK_BYTES = 64 << 20  # and up to this size their sha256 too
 PARTS = {"file": "sha256", "mask_file": "mask_sha256", "starts_file": "starts_sha256", "labels_file": "labels_sha256"}
+PARTS |= {"target_file": "target_sha256", "target_starts_file": "target_starts_sha256"}  # a seq2seq split's targets
 
 
 @dataclass
@@ -95,6 +98,11 @@ class TokenData:
         return self.meta.get("chat")
 
     @property
+    def seq2seq(self) -> dict | None:
+        """A seq2seq dataset's special tokens (prepare/seq2seq.py), or None."""
+        return self.meta.get("seq2seq")
+
+    @property
     def classify(self) -> dict | None:
         """A classification dataset's labels (prepare/classify.py), or None."""
         return self.meta.get("classify")
@@ -121,12 +129,15 @@ class TokenData:
     def memmap(self, split: str, part: str = "file") -> np.ndarray:
         """A read-only np.memmap of the split's open file, to drop after use: token ids, or the mask (uint8) or the
         conversation starts (int64). The mapping keeps the file that was opened, even once it is replaced by path."""
-        dtype = {"file": self.dtype, "mask_file": np.uint8, "starts_file": np.int64, "labels_file": np.int64}[part]
+        dtype = {"file": self.dtype, "mask_file": np.uint8, "starts_file": np.int64, "labels_file": np.int64}
+        dtype = dtype | {"target_file": self.dtype, "target_starts_file": np.int64}
+        dtype = dtype[part]
         return np.memmap(self.file(split, part), dtype=dtype, mode="r")
 
     def fingerprint(self) -> dict:
         """What a checkpoint records about the data it was trained on, enough to rebuild its Tokenizer."""
-        keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "chat", "classify", "source")
+        keys = ("tokenizer", "tokenizer_hash", "vocab_size", "dtype", "eot_id", "chars", "chat", "classify", "seq2seq")
+        keys += ("source",)
         keys += ("tokenizer_json",)  # a trained BPE's whole tokenizer.json: the checkpoint decodes without the data
         return {k: self.meta.get(k) for k in keys} | {"data_dir": self.data_dir}
 
@@ -180,7 +191,7 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
             if split not in meta["splits"]:
                 raise UserError(f"{meta_path} has no {split!r} split; re-run the prepare script")
             tokens = meta["splits"][split]["tokens"]
-            if not (data.chat or data.classify) and tokens < block_size + 1:  # what meta.json says is too little
+            if not (data.chat or data.classify or data.seq2seq) and tokens < block_size + 1:  # too little
                 raise UserError(
                     f"the {split} split of {data_dir} has {tokens} tokens, fewer than block_size + 1 = "
                     f"{block_size + 1}; lower --block_size or prepare more data"
@@ -190,6 +201,8 @@ def load_data(data_dir: str, block_size: int, splits=("train", "val")) -> TokenD
                 check_chat_split(data, split)
             if data.classify:
                 check_classify_split(data, split)
+            if data.seq2seq:
+                check_seq2seq_split(data, split)
             check_tokens(data, split)
     except BaseException:
         data.close()
@@ -210,7 +223,7 @@ def check_file(data: TokenData, split: str, part: str, size: int | None, holding
     and the sha256 meta.json records for it when the file is small enough to hash in well under a second. Returns the
     file's size."""
     path = data.split_path(split, part)
-    rerun = "re-run the prepare script" if part == "file" or data.classify else "re-run prepare/chat.py"
+    rerun = "re-run the prepare script" if part == "file" or not data.chat else "re-run prepare/chat.py"
     try:
         found = os.fstat(data.file(split, part).fileno()).st_size
     except FileNotFoundError:
@@ -249,15 +262,16 @@ def check_chat_split(data: TokenData, split: str) -> None:
         )
 
 
-def check_starts(data: TokenData, split: str, what: str, rerun: str) -> np.ndarray:
-    """A split's starts file runs from 0 to its token count, rising (no empty `what`), and matches its recorded
-    sha256 (check_file); returned."""
+def check_starts(data: TokenData, split: str, what: str, rerun: str, part: str = "starts_file") -> np.ndarray:
+    """A split's starts file (part: a seq2seq split's target_starts_file too) runs from 0 to its token count,
+    rising (no empty `what`), and matches its recorded sha256 (check_file); returned."""
     info = data.meta["splits"][split]
-    starts_size = check_file(data, split, "starts_file", None)
-    path = data.split_path(split, "starts_file")
-    starts = data.memmap(split, "starts_file") if starts_size >= 16 and starts_size % 8 == 0 else None
-    if starts is None or starts[0] != 0 or starts[-1] != info["tokens"]:
-        raise UserError(f"{path} does not run from 0 to the split's {info['tokens']} tokens; {rerun}")
+    total = info["target_tokens"] if part == "target_starts_file" else info["tokens"]
+    starts_size = check_file(data, split, part, None)
+    path = data.split_path(split, part)
+    starts = data.memmap(split, part) if starts_size >= 16 and starts_size % 8 == 0 else None
+    if starts is None or starts[0] != 0 or starts[-1] != total:
+        raise UserError(f"{path} does not run from 0 to the split's {total} tokens; {rerun}")
     if np.any(np.diff(starts) <= 0):
         raise UserError(f"{path} holds an empty {what}; {rerun}")
     return starts
@@ -280,16 +294,29 @@ def check_classify_split(data: TokenData, split: str) -> None:
         )
 
 
-def check_tokens(data: TokenData, split: str) -> None:
+def check_seq2seq_split(data: TokenData, split: str) -> None:
+    """A seq2seq split's sources and targets: their starts (check_starts), as many of one as of the other, and the
+    target tokens' ids (check_tokens checks the sources')."""
+    info, rerun = data.meta["splits"][split], "re-run prepare/seq2seq.py"
+    if not {"starts_file", "target_file", "target_starts_file", "target_tokens"} <= info.keys():
+        raise UserError(f"the {split} split of {data.data_dir} has no target or starts file; {rerun}")
+    sources = len(check_starts(data, split, "source", rerun)) - 1
+    check_file(data, split, "target_file", info["target_tokens"] * data.dtype.itemsize, "the target tokens")
+    if len(check_starts(data, split, "target", rerun, "target_starts_file")) - 1 != sources:
+        raise UserError(f"the {split} split of {data.data_dir} has not as many targets as sources; {rerun}")
+    check_tokens(data, split, "target_file")
+
+
+def check_tokens(data: TokenData, split: str, part: str = "file") -> None:
     """A token file that is damaged (a bad disk, a copy cut short and padded) is refused at load, not halfway through
     a run (or as a device-side assert on CUDA): every id is checked against the vocabulary (first_at_or_above); its
     size and sha256 are check_file's."""
-    tokens, vocab_size = data.memmap(split), data.meta["vocab_size"]
+    tokens, vocab_size = data.memmap(split, part), data.meta["vocab_size"]
     at = first_at_or_above(tokens, vocab_size)
     if at is not None:
         raise UserError(
-            f"{data.split_path(split)} holds token id {int(tokens[at])} at position {at}, outside the vocabulary of "
-            f"{vocab_size}; the file is damaged: re-run the prepare script"
+            f"{data.split_path(split, part)} holds token id {int(tokens[at])} at position {at}, outside the vocabulary "
+            f"of {vocab_size}; the file is damaged: re-run the prepare script"
         )
 
 
@@ -403,7 +430,7 @@ class Tokenizer:
         self.eot_id = meta.get("eot_id")
         # a chat dataset's special tokens (engine/chat.py): ids past the base vocabulary, which text never encodes to
         self.chat = meta.get("chat")
-        self.special = dict(self.chat["special"]) if self.chat else {}
+        self.special = dict((self.chat or meta.get("seq2seq") or {}).get("special", {}))  # (seq2seq: <pad>, </s>)
         self.special_by_id = {i: token for token, i in self.special.items()}
         if self.name == "tokenizer.json":  # a trained BPE (its JSON in meta), or a Hugging Face directory's own
             text, where = meta.get("tokenizer_json"), "the tokenizer.json recorded with the data"
@@ -434,8 +461,8 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Ids 0..vocab_size-1 decode; a model's vocabulary may be larger (rounded up for speed), never smaller."""
-        if self.name == "tokenizer.json":
-            return self.hf.get_vocab_size()
+        if self.name == "tokenizer.json":  # (special tokens past its own: a seq2seq dataset's)
+            return max(self.hf.get_vocab_size(), 1 + max(self.special.values(), default=-1))
         return (len(self.itos) if self.name == "char" else self.enc.n_vocab) + len(self.special)
 
     def encode(self, text: str) -> list[int]:

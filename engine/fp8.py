@@ -25,6 +25,7 @@ def fp8_eligible(module: torch.nn.Module, name: str) -> bool:
     """Which Linear layers train in FP8: those in the blocks whose dimensions are multiples of 16 (FP8 matmuls need
     them), except MoE routers (their choice is kept in float32). lm_head and the embeddings stay in bf16, where FP8
     hurts accuracy most."""
-    if not isinstance(module, torch.nn.Linear) or not name.startswith("transformer.h.") or name.endswith("router"):
+    blocks = name.startswith(("transformer.h.", "decoder.h."))
+    if not isinstance(module, torch.nn.Linear) or not blocks or name.endswith("router"):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0

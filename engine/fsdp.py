@@ -25,7 +25,7 @@ def shard_model(
 
     mesh = init_device_mesh(device_type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
+    for block in model.all_blocks():
         if compile:
             block.compile()  # in place (keeps parameter names): the module's call runs a compiled forward
         fully_shard(block, mesh=mesh, mp_policy=policy)

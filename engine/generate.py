@@ -175,6 +175,39 @@ def extend(
     return torch.cat([idx, *steps], dim=1)
 
 
+@torch.no_grad()
+def transduce(
+    model,
+    source: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling,
+    end: int,
+    generator=None,
+    kv_cache: bool = True,
+    vocab_size: int | None = None,
+):
+    """An encoder-decoder's output for source rows (B, S) (padded with its pad_id): the source is encoded once, then
+    the decoder yields (B, 1) tokens one step at a time from its start token (pad_id), with its self-attention KV
+    cache and the cross-attention keys and values computed at the first step (kv_cache=False: every step reads the
+    whole output so far, uncached, the reference the cache must equal). A row that has produced `end` goes on with
+    `end`; the steps stop when every row has, after max_new_tokens, or at block_size. Call under model.eval()."""
+    memory, keep = model.encode(source)
+    out = torch.full((source.size(0), 1), model.config.pad_id, dtype=torch.long, device=source.device)
+    cache = model.new_kv_cache(source.size(0)) if kv_cache else None
+    done = torch.zeros(source.size(0), dtype=torch.bool, device=source.device)
+    for t in range(min(max_new_tokens, model.config.block_size)):
+        if kv_cache:
+            logits = model.decode(out[:, -1:], memory, keep, cache, t)[:, -1, :vocab_size]
+        else:
+            logits = model.decode(out, memory, keep)[:, -1, :vocab_size]
+        token = next_token(logits, sampling, out[:, 1:], generator).masked_fill(done[:, None], end)
+        out = torch.cat([out, token], dim=1)
+        done |= token[:, 0] == end
+        yield token
+        if done.all():
+            return
+
+
 class StreamDecoder:
     """Turns token ids into text pieces as they arrive, never splitting a UTF-8 character that a BPE token cut
     in two: bytes are decoded incrementally and held back until the character is complete."""

@@ -68,11 +68,13 @@ def parse_targets(targets: str) -> tuple[str, ...]:
 
 
 def targeted(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) of every Linear layer the targets name in the blocks (MoE routers left out)."""
+    """(parent, attribute, layer) of every Linear layer the targets name in the blocks (MoE routers left out; an
+    encoder-decoder's cross-attention is "attn" too)."""
     found = []
-    for block in model.transformer.h:
-        for target in targets:
-            part = getattr(block, target)
+    for block in model.all_blocks():
+        parts = [getattr(block, target) for target in targets]
+        parts += [block.cross] if "attn" in targets and hasattr(block, "cross") else []
+        for part in parts:
             for name, module in part.named_modules():
                 if isinstance(module, nn.Linear) and not name.endswith("router"):
                     parent_name, _, attr = name.rpartition(".")

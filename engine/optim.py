@@ -62,7 +62,7 @@ def build_optimizers(
         muon_params = [
             p
             for n, p in params.items()
-            if p.dim() == 2 and n.startswith("transformer.h.") and not n.endswith("router.weight")
+            if p.dim() == 2 and n.startswith(("transformer.h.", "decoder.h.")) and not n.endswith("router.weight")
         ]
     else:
         raise ValueError(f"unknown optimizer {name!r}; use adamw or muon")

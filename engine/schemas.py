@@ -217,6 +217,18 @@ class ClassifyEntry(Shape):
         return self
 
 
+class Seq2SeqEntry(Shape):
+    """A seq2seq dataset's special tokens (engine/seq2seq.py): <pad> and </s>, two ids."""
+
+    special: dict[str, TokenId]
+
+    @model_validator(mode="after")
+    def _both(self):
+        if set(self.special) != {"<pad>", "</s>"} or len(set(self.special.values())) != 2:
+            raise ValueError("special: should give <pad> and </s> two ids")
+        return self
+
+
 class SplitEntry(Shape):
     file: PlainName
     tokens: Count
@@ -229,6 +241,11 @@ class SplitEntry(Shape):
     starts_sha256: Sha256 | None = None
     labels_file: PlainName = Field(default=None)  # classification splits
     labels_sha256: Sha256 | None = None
+    target_file: PlainName = Field(default=None)  # seq2seq splits: the targets (the sources are file, starts_file)
+    target_starts_file: PlainName = Field(default=None)
+    target_tokens: Count | None = None
+    target_sha256: Sha256 | None = None
+    target_starts_sha256: Sha256 | None = None
 
 
 def _ids_in_vocabulary(vocab_size: int | None, eot_id: int | None, chat_entry: ChatEntry | None) -> None:
@@ -246,14 +263,15 @@ def _ids_in_vocabulary(vocab_size: int | None, eot_id: int | None, chat_entry: C
         raise ValueError(f"chat.special: should be the last {len(chat.SPECIAL)} ids of the vocabulary, in order")
 
 
-def _char_vocabulary(chars: str | None, vocab_size: int | None, chat_entry: ChatEntry | None) -> None:
-    """A character vocabulary, with the chat tokens, makes up the whole vocabulary: an id past it would not decode."""
+def _char_vocabulary(chars: str | None, vocab_size: int | None, *entries) -> None:
+    """A character vocabulary, with the chat or seq2seq tokens (entries: ChatEntry or Seq2SeqEntry, or None), makes
+    up the whole vocabulary: an id past it would not decode."""
     if chars is None:
         raise ValueError("chars: required for the char tokenizer")
-    specials = len(chat_entry.special) if chat_entry else 0
+    specials = sum(len(entry.special) for entry in entries if entry)
     if vocab_size is not None and vocab_size != len(chars) + specials:
         raise ValueError(
-            f"vocab_size: {vocab_size}, but chars holds {len(chars)} characters and chat {specials} tokens"
+            f"vocab_size: {vocab_size}, but chars holds {len(chars)} characters and {specials} special tokens"
         )
 
 
@@ -270,6 +288,7 @@ class DatasetMeta(Shape):
     chars: str | None = None
     chat: ChatEntry | None = None
     classify: ClassifyEntry | None = None
+    seq2seq: Seq2SeqEntry | None = None
     source: str | None = None
     special_tokens: list[Text] | None = None
     splits: Annotated[dict[str, SplitEntry], Field(max_length=64)]
@@ -280,10 +299,13 @@ class DatasetMeta(Shape):
         if self.vocab_size > {"uint16": 2**16, "uint32": 2**32}[self.dtype]:
             raise ValueError(f"vocab_size: {self.vocab_size} does not fit {self.dtype}")
         _ids_in_vocabulary(self.vocab_size, self.eot_id, self.chat)
-        if self.chat and self.classify:
-            raise ValueError("chat and classify: a dataset is conversations or labelled texts, not both")
+        if sum(x is not None for x in (self.chat, self.classify, self.seq2seq)) > 1:
+            raise ValueError("chat, classify, seq2seq: a dataset is conversations, labelled texts or pairs: one")
+        for token, i in self.seq2seq.special.items() if self.seq2seq else ():
+            if i >= self.vocab_size:
+                raise ValueError(f"seq2seq.special.{token}: {i} is outside the vocabulary of {self.vocab_size}")
         if self.tokenizer == "char":
-            _char_vocabulary(self.chars, self.vocab_size, self.chat)
+            _char_vocabulary(self.chars, self.vocab_size, self.chat, self.seq2seq)
             if len(set(self.chars)) != len(self.chars):  # prepare lists each once: the ids of one would differ
                 raise ValueError("chars: lists a character twice")
         return self
@@ -304,6 +326,7 @@ class DataFingerprint(Shape):
     chars: str | None = None
     chat: ChatEntry | None = None
     classify: ClassifyEntry | None = None
+    seq2seq: Seq2SeqEntry | None = None
     source: str | None = None
     tokenizer_json: Annotated[str, Field(max_length=MAX_TOKENIZER_BYTES)] | None = None  # checked when it is built
     data_dir: str | None = None
@@ -312,7 +335,7 @@ class DataFingerprint(Shape):
     def _consistent(self):
         _ids_in_vocabulary(self.vocab_size, self.eot_id, self.chat)
         if self.tokenizer == "char":
-            _char_vocabulary(self.chars, self.vocab_size, self.chat)
+            _char_vocabulary(self.chars, self.vocab_size, self.chat, self.seq2seq)
         if self.tokenizer == "tokenizer.json" and not self.tokenizer_json:
             raise ValueError("tokenizer_json: required for a tokenizer.json tokenizer")
         return self

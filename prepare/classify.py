@@ -117,6 +117,20 @@ def make_tokenizer(args: ClassifyConfig, texts: list[str]) -> tuple:
     return Tokenizer(info, args.tokenizer_dir).encode, info, None
 
 
+def check_characters(tokenizer: dict, texts: list[str], name: str) -> None:
+    """A reused character vocabulary may lack some of the texts' characters: the first text that holds one is named,
+    before any work."""
+    if tokenizer["tokenizer"] != "char":
+        return
+    known = set(tokenizer["chars"])
+    for n, text in enumerate(texts):
+        if not set(text) <= known:
+            fail(
+                f"text {n + 1} ({text[:40]!r}) holds {''.join(sorted(set(text) - known))!r}, not in the character "
+                f"vocabulary of {name}; use --tokenizer=char (and pretrain on such text) or another tokenizer"
+            )
+
+
 def main(argv=None):
     args = parse_config(ClassifyConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     texts, labels, source = read_labelled(args, args.input)
@@ -137,16 +151,7 @@ def main(argv=None):
     if unseen:
         fail(f"validation rows hold label(s) the training rows never do: {', '.join(unseen[:5])}; add training rows")
     encode, tokenizer, tokenizer_json = make_tokenizer(args, texts)
-    if tokenizer["tokenizer"] == "char":  # a reused character vocabulary may lack some: named before any work
-        n, missing = next(
-            ((n, set(t) - set(tokenizer["chars"])) for n, t in enumerate(texts) if set(t) - set(tokenizer["chars"])),
-            (0, None),
-        )
-        if missing:
-            fail(
-                f"text {n + 1} ({texts[n][:40]!r}) holds {''.join(sorted(missing))!r}, not in the character vocabulary "
-                f"of {args.tokenizer}; use --tokenizer=char (and pretrain on such text) or another tokenizer"
-            )
+    check_characters(tokenizer, texts, args.tokenizer)
     ids = []
     for n, text in enumerate(tqdm(texts, desc="tokenizing", unit="text")):
         ids.append(np.asarray(encode(text), dtype=np.int64))

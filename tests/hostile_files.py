@@ -228,9 +228,9 @@ def _write_labelled(directory: str) -> None:
 
 
 def _use_labelled(data) -> None:
-    from engine.classify import encoder_objective
+    from engine.batch_schedule import batch_objective
 
-    labelled = encoder_objective("encoder", data, 0.15)
+    labelled = batch_objective("encoder", data, 0.15)
     for split in ("train", "val"):
         x, y = labelled.batch(data, split, 2, 8, (0, 0, 1, 2), "cpu")
         assert (y >= 0).all() and (y < len(data.classify["labels"])).all()

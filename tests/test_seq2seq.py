@@ -3,10 +3,23 @@ transformers T5ForConditionalGeneration models of both layouts (original T5: ReL
 GELU, untied) and our import of them give the same logits, padding included; our export loads back in transformers
 with the same logits; the decoder's KV and cross-attention caches equal the uncached forward."""
 
+import json
+import re
+
 import pytest
 import torch
+from test_bad_inputs import assert_user_error, run
+from test_distributed import rank_logs, torchrun
+from test_encoder import losses_of
+from test_train import records
 
+import sample
+import train
+from engine.checkpoint import find_checkpoint, read_meta
+from engine.data import load_data
+from engine.errors import UserError
 from engine.hf_interop import UnsupportedModel, from_pretrained, hf_format, save_hf
+from engine.seq2seq import Pairs, pairs_of
 from model import GPT, GPTConfig, t5_buckets
 
 transformers = pytest.importorskip("transformers")
@@ -123,3 +136,134 @@ def test_the_decoders_caches_equal_the_uncached_forward(static, tmp_path):
             start = torch.tensor(t) if static else t
             steps.append(model.decode(target[:, t : t + 1], memory, keep, cache, start))
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+# --- data and training -------------------------------------------------------------------------------------------
+
+
+def write_pairs(path, pairs) -> str:
+    path.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def reverse_data(tmp_path):
+    """data root with "reverse": prepare/reverse.py's task, small."""
+    import reverse
+
+    reverse.main([f"--out={tmp_path}/data/reverse", "--n_train=300", "--n_val=20"])
+    return str(tmp_path / "data")
+
+
+def test_prepare_writes_sources_and_targets_in_order(reverse_data):
+    data = load_data(f"{reverse_data}/reverse", 16)
+    special = data.seq2seq["special"]
+    assert special == {"<pad>": 26, "</s>": 27} and data.meta["vocab_size"] == 28  # after the 26 letters
+    rows = [json.loads(line) for line in open(f"{reverse_data}/reverse/val.jsonl", encoding="utf-8")]
+    sources, targets = pairs_of(data, "val", range(len(rows)))
+    decode = lambda ids: "".join(data.meta["chars"][i] for i in ids)  # noqa: E731
+    assert [decode(s) for s in sources] == [r["source"] for r in rows]
+    assert [decode(t) for t in targets] == [r["target"] for r in rows] == [r["source"][::-1] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ([("a", "b"), ("", "c")], "row 2 of"),
+        ([("a", "b"), ("c", None)], "has no text in column 'target'"),
+        ([("a", "b")], "a train and a val split need at least 2"),
+    ],
+)
+def test_bad_pairs_are_one_line_and_leave_nothing(pairs, message, tmp_path):
+    source = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    result = run("prepare/seq2seq.py", f"--input={source}", f"--out={tmp_path}/out", "--tokenizer=char")
+    assert_user_error(result, message)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_a_batch_is_source_end_padded_and_target_end_then_ignored(reverse_data):
+    data = load_data(f"{reverse_data}/reverse", 16)
+    pairs = Pairs(data, data.seq2seq["special"])
+    x, y = pairs.batch(data, "train", 6, 10, (5, 0, 1, 0), "cpu")
+    sources, targets = pairs_of(data, "train", pairs.picks("train", 6, (5, 0, 1, 0)))
+    for r in range(6):
+        src, tgt = [*sources[r][:9].tolist(), 27], [*targets[r][:9].tolist(), 27]
+        assert x[r].tolist() == src + [26] * (10 - len(src)) and y[r].tolist() == tgt + [-1] * (10 - len(tgt))
+    assert pairs.count(6, 10, (5, 0, 1, 0)) == int((y >= 0).sum())
+
+
+def test_the_loss_is_the_mean_cross_entropy_over_the_target_tokens(reverse_data):
+    data = load_data(f"{reverse_data}/reverse", 16)
+    config = GPTConfig(arch="encoder_decoder", block_size=16, vocab_size=28, n_layer=1, n_head=2, n_embd=16, pad_id=26)
+    model = GPT(config).eval()
+    x, y = Pairs(data, data.seq2seq["special"]).batch(data, "train", 4, 16, (1,), "cpu")
+    logits, loss = model(x, y)
+    decoder_input = torch.cat([torch.full((4, 1), 26), y[:, :-1].clamp(min=0).masked_fill(y[:, :-1] < 0, 26)], 1)
+    memory, keep = model.encode(x)
+    assert torch.allclose(model.decode(decoder_input, memory, keep), logits)  # teacher forcing, shifted right
+    chosen = (y >= 0).nonzero().tolist()
+    by_hand = torch.stack([-torch.log_softmax(logits[b, t].double(), -1)[y[b, t]] for b, t in chosen]).mean()
+    assert abs(loss.item() - by_hand.item()) < 1e-5
+
+
+SEQ2SEQ = ["--arch=encoder_decoder", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32"]
+SEQ2SEQ += ["--block_size=16", "--batch_size=8", "--eval_iters=2", "--log_interval=1", "--dropout=0.0", "--bias=False"]
+SEQ2SEQ += ["--gradient_accumulation_steps=2", "--learning_rate=3e-3", "--warmup_iters=2", "--eval_interval=3"]
+SEQ2SEQ += ["--pos_embedding=t5", "--norm=rmsnorm", "--mlp=geglu", "--attn_scale=False", "--tie_embeddings=False"]
+
+
+def train_seq2seq(data_root, out_dir, *flags: str) -> int:
+    return train.main([*SEQ2SEQ, f"--data_root={data_root}", "--dataset=reverse", f"--out_dir={out_dir}", *flags])
+
+
+def test_an_encoder_decoder_trains_and_resumes_bit_exact(reverse_data, tmp_path):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert train_seq2seq(reverse_data, whole, "--max_iters=6") == 0
+    train_seq2seq(reverse_data, parts, "--max_iters=3")
+    train_seq2seq(reverse_data, parts, "--max_iters=6", "--init_from=resume")
+    assert losses_of(whole) == losses_of(parts) and len(losses_of(whole)) == 6
+    meta = read_meta(find_checkpoint(whole))
+    assert meta["model_config"]["arch"] == "encoder_decoder" and meta["model_config"]["pad_id"] == 26
+    assert meta["encoder"]["special"] == {"<pad>": 26, "</s>": 27}
+    assert all(0 <= r["val_accuracy"] <= 1 for r in records(whole) if "val_loss" in r)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_an_encoder_decoder_as_one_process(reverse_data, tmp_path):
+    run_ = [*SEQ2SEQ, f"--data_root={reverse_data}", "--dataset=reverse", "--max_iters=4", "--dtype=float32"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    train.main([*run_, f"--out_dir={single}"])
+    result = torchrun(tmp_path, *run_, f"--out_dir={ddp}")
+    assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
+    for a, b in zip(records(single), records(ddp), strict=True):
+        for key in ("loss", "train_loss", "val_loss", "val_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["iter"], key)
+
+
+@pytest.mark.parametrize(
+    "flags, data, message",
+    [
+        (["--arch=encoder_decoder"], "tiny_char", "holds no pairs: an encoder-decoder trains on"),
+        (["--arch=decoder"], "reverse", "holds source-target pairs: train an encoder-decoder"),
+        (["--health_interval=2"], "reverse", "health_interval is not supported for arch=encoder_decoder"),
+    ],
+)
+def test_what_an_encoder_decoder_cannot_do_is_one_line(flags, data, message, reverse_data, char_data, tmp_path):
+    root = reverse_data if data == "reverse" else char_data
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main([*SEQ2SEQ, f"--data_root={root}", f"--dataset={data}", f"--out_dir={tmp_path}/o", *flags])
+
+
+def test_sample_transduces_each_line_and_the_caches_change_nothing(reverse_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train_seq2seq(reverse_data, out, "--max_iters=3")
+    (tmp_path / "src.txt").write_text("abcd\n\nzyxwvu\n", encoding="utf-8")
+    base = [f"--out_dir={out}", f"--start=FILE:{tmp_path}/src.txt", "--device=cpu", "--dtype=float32"]
+    printed = {}
+    for cache in (True, False):
+        capsys.readouterr()
+        sample.main([*base, "--temperature=0", f"--kv_cache={cache}", "--max_new_tokens=12"])
+        printed[cache] = capsys.readouterr().out.splitlines()
+    assert printed[True] == printed[False] and len(printed[True]) == 3 and printed[True][1] == ""
+    assert all(set(line) <= set("abcdefghijklmnopqrstuvwxyz") for line in printed[True])

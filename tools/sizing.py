@@ -248,7 +248,11 @@ def main(argv=None):
         print(json.dumps(vars(cfg) | dataclasses.asdict(opts)))
         return
     vocab_size = cfg.vocab_size or dataset_vocab_size(os.path.join(cfg.data_root, cfg.dataset))
-    print(report(cfg, opts, GPTConfig.from_options(vars(cfg), token_ids_needed(vocab_size, cfg.arch)), train_argv))
+    print(
+        report(
+            cfg, opts, GPTConfig.from_options(vars(cfg), token_ids_needed(vocab_size, cfg.arch), pad_id=0), train_argv
+        )
+    )
 
 
 if __name__ == "__main__":
