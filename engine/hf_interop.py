@@ -598,6 +598,7 @@ def save_hf(
     # GPT-2 begins documents with its end-of-text token; a chat model's conversations begin with a role token
     bos = eos_token_id if kind == "gpt2" and chat_template is None else None
     hf_config |= {"bos_token_id": bos, "eos_token_id": eos_token_id}
+    pad = config.pad_id if kind == "t5" else eos_token_id  # T5's decoder starts at <pad>
     os.makedirs(directory, exist_ok=True)
     save_safetensors(
         {k: v.contiguous() for k, v in weights.items()},
@@ -606,7 +607,8 @@ def save_hf(
     )
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config | {"torch_dtype": "float32"}, f, indent=2)
-    generation = {"bos_token_id": bos, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+    generation = {"bos_token_id": bos, "eos_token_id": eos_token_id, "pad_token_id": pad}
+    generation |= {"decoder_start_token_id": config.pad_id} if kind == "t5" else {}
     if tokenizer_vocab is not None and tokenizer_vocab < config.vocab_size:
         generation["suppress_tokens"] = list(range(tokenizer_vocab, config.vocab_size))
     with open(os.path.join(directory, "generation_config.json"), "w") as f:
@@ -625,6 +627,8 @@ def save_hf(
             # being an ordinary vocabulary entry there (tools/export_hf.py)
             "split_special_tokens": chat_template is None,
         }
+        if kind == "t5":
+            tokenizer_config |= {"pad_token": tokenizer.id_to_token(config.pad_id), "split_special_tokens": False}
         if kind == "bert":  # the fill-mask pipeline finds [MASK] written in the text, as sample.py does
             tokenizer_config |= {"mask_token": "[MASK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
             tokenizer_config |= {"pad_token": "[PAD]", "split_special_tokens": False}

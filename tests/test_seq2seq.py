@@ -21,6 +21,7 @@ from engine.errors import UserError
 from engine.hf_interop import UnsupportedModel, from_pretrained, hf_format, save_hf
 from engine.seq2seq import Pairs, pairs_of
 from model import GPT, GPTConfig, t5_buckets
+from tools import export_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -267,3 +268,19 @@ def test_sample_transduces_each_line_and_the_caches_change_nothing(reverse_data,
         printed[cache] = capsys.readouterr().out.splitlines()
     assert printed[True] == printed[False] and len(printed[True]) == 3 and printed[True][1] == ""
     assert all(set(line) <= set("abcdefghijklmnopqrstuvwxyz") for line in printed[True])
+
+
+def test_an_exported_run_generates_in_transformers_what_sample_prints(reverse_data, tmp_path, capsys):
+    out, hf = str(tmp_path / "out"), str(tmp_path / "hf")
+    train_seq2seq(reverse_data, out, "--max_iters=6", "--learning_rate=1e-2")
+    sources = ["abcdefg", "qwerty", "zz"]
+    (tmp_path / "src.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", f"--start=FILE:{tmp_path}/src.txt", "--temperature=0", "--device=cpu"])
+    ours = capsys.readouterr().out.splitlines()
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={hf}"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf).eval()
+    batch = tokenizer(sources, return_tensors="pt", padding=True)  # each source then </s>, padded with <pad>
+    generated = model.generate(**batch, do_sample=False, max_new_tokens=16)
+    assert tokenizer.batch_decode(generated, skip_special_tokens=True) == ours

@@ -109,7 +109,17 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None, encoder_special: dict | 
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         assert all(tokenizer.token_to_id(t) == i for t, i in special.items()), "chat token ids moved"
         vocab += len(special)
-    if encoder_special:  # an encoder's [CLS], [SEP], [MASK], [PAD], and inputs built as training built them
+    if data.get("seq2seq"):  # an encoder-decoder's <pad> and </s>, and sources read as `source </s>` as in training
+        from tokenizers import AddedToken
+        from tokenizers.processors import TemplateProcessing
+
+        special = data["seq2seq"]["special"]
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        assert all(tokenizer.token_to_id(t) == i for t, i in special.items()), "seq2seq token ids moved"
+        vocab = max(vocab, 1 + max(special.values()))
+        end = ("</s>", special["</s>"])
+        tokenizer.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[end])
+    if encoder_special and not data.get("seq2seq"):  # an encoder's [CLS], [SEP], [MASK], [PAD], as in training
         from tokenizers import AddedToken
         from tokenizers.processors import TemplateProcessing
 
@@ -131,6 +141,8 @@ def main(argv=None):
     tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir, meta.get("encoder", {}).get("special"))
     chatting = meta["data"].get("chat")
     eos = chatting["special"][chat.END] if chatting else meta["data"].get("eot_id")  # a reply ends at <|end|>
+    if meta["data"].get("seq2seq"):  # an encoder-decoder's output ends at </s>
+        eos = meta["data"]["seq2seq"]["special"]["</s>"]
     try:
         with staged_files(cfg.hf_dir) as staging:  # all files written, then renamed in: a failure changes nothing
             template = chat.jinja_template() if chatting else None
