@@ -76,8 +76,9 @@ def build_optimizers(
     if muon_params:
         # "match_rms_adamw" scales Muon's orthogonalised update to AdamW's typical size (Liu et al. 2025, Moonshot),
         # so Muon can share AdamW's learning rate.
-        qkv_rows = {
-            id(m.c_attn.weight): [m.n_head * m.hs, m.n_kv_head * m.hs, m.n_kv_head * m.hs]
+        qkv_rows = {  # fused projections: q|k|v, and a cross-attention's k|v, each orthogonalised on its own
+            id(m.c_kv.weight if m.cross else m.c_attn.weight): [m.n_head * m.hs] * (not m.cross)
+            + [m.n_kv_head * m.hs] * 2
             for m in model.modules()
             if isinstance(m, CausalSelfAttention)
         }

@@ -134,12 +134,22 @@ def test_sample_cli_compiled_in_bf16_equals_eager(tmp_path, capsys, fresh_dynamo
 
 @pytest.mark.parametrize(
     "switches",
-    [[], ["--n_expert=4", "--n_expert_active=1"], ["--arch=encoder"], ["--arch=encoder", "--dataset=labelled"]],
-    ids=["dense", "moe", "encoder", "classifier"],
+    [
+        [],
+        ["--n_expert=4", "--n_expert_active=1"],
+        ["--arch=encoder"],
+        ["--arch=encoder", "--dataset=labelled"],
+        ["--arch=encoder_decoder", "--dataset=reverse", "--pos_embedding=t5", "--mlp=geglu", "--attn_scale=False"],
+    ],
+    ids=["dense", "moe", "encoder", "classifier", "encoder_decoder"],
 )
 def test_compiled_bf16_training_step_has_no_graph_breaks(switches, char_data, tmp_path, fresh_dynamo):
     if "--dataset=labelled" in switches:  # a classifier: padded rows, its padding mask made from the ids
         prepare_labelled(char_data, tmp_path)
+    if "--dataset=reverse" in switches:  # an encoder-decoder: pairs, T5's bias in both stacks, cross-attention
+        import reverse
+
+        reverse.main([f"--out={char_data}/reverse", "--n_train=100", "--n_val=10"])
     argv = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
     argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=1"]
     argv += switches  # MoE: its routing's torch.where is traced with symbolic sizes, not a break and recompiles

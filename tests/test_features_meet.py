@@ -110,16 +110,25 @@ RESUMED = {  # features that share the save/resume path, alone and together
     + ["--batch_warmup_tokens=512"],
     "classifier+recompute+rollback+health": ["labelled", "--arch=encoder", "--gradient_checkpointing=True"]
     + ["--max_rollbacks=2", "--health_interval=2"],
+    "seq2seq+lora+ema+warmup": ["pairs", "--arch=encoder_decoder", "--pos_embedding=t5", "--lora_rank=2"]
+    + ["--ema_decay=0.8", "--batch_warmup_tokens=256"],
+    "seq2seq+recompute+rollback+muon": ["pairs", "--arch=encoder_decoder", "--gradient_checkpointing=True"]
+    + ["--max_rollbacks=2", "--optimizer=muon"],
 }
 
 
 @pytest.mark.parametrize("case", RESUMED)
 def test_features_together_resume_bit_exact_and_their_checkpoints_load(case, char_data, tmp_path):
-    flags = [f for f in RESUMED[case] if f not in ("chat", "labelled")]
+    flags = [f for f in RESUMED[case] if f not in ("chat", "labelled", "pairs")]
     if "chat" in RESUMED[case]:
         data = [f"--data_root={prepare(tmp_path)}", "--dataset=chat", "--block_size=48"]
     elif "labelled" in RESUMED[case]:  # a classifier (tests/test_classify.py's labelled texts)
         data = [f"--data_root={prepare_labelled(char_data, tmp_path)}", "--dataset=labelled", "--block_size=64"]
+    elif "pairs" in RESUMED[case]:  # an encoder-decoder (prepare/reverse.py's pairs)
+        import reverse
+
+        reverse.main([f"--out={char_data}/reverse", "--n_train=100", "--n_val=10"])
+        data = [f"--data_root={char_data}", "--dataset=reverse", "--block_size=16"]
     else:
         data = [f"--data_root={char_data}", "--dataset=tiny_char"]
     run = [*CONFIG, *data, "--gradient_accumulation_steps=2", "--eval_interval=3", *flags]
@@ -140,6 +149,7 @@ def test_features_together_resume_bit_exact_and_their_checkpoints_load(case, cha
     for weights in ("raw", "ema") if ema else ("raw",):  # as sample.py, tools/evaluate.py and export_hf.py load
         model, _ = load_model(b, weights=weights)
         x = torch.zeros(1, 8, dtype=torch.long)
-        adapted = model.eval()(x)[0]
+        inputs = (x, x) if model.config.arch == "encoder_decoder" else (x,)  # (an encoder-decoder's: a target too)
+        adapted = model.eval()(*inputs)[0]
         merge_lora(model)
-        torch.testing.assert_close(model(x)[0], adapted, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(*inputs)[0], adapted, atol=1e-5, rtol=1e-5)

@@ -230,11 +230,12 @@ def test_an_encoder_decoder_trains_and_resumes_bit_exact(reverse_data, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_ranks_train_an_encoder_decoder_as_one_process(reverse_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_train_an_encoder_decoder_as_one_process(mode, reverse_data, tmp_path):
     run_ = [*SEQ2SEQ, f"--data_root={reverse_data}", "--dataset=reverse", "--max_iters=4", "--dtype=float32"]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     train.main([*run_, f"--out_dir={single}"])
-    result = torchrun(tmp_path, *run_, f"--out_dir={ddp}")
+    result = torchrun(tmp_path, *run_, f"--out_dir={ddp}", f"--fsdp={mode == 'fsdp'}")
     assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))
     for a, b in zip(records(single), records(ddp), strict=True):
         for key in ("loss", "train_loss", "val_loss", "val_accuracy"):
