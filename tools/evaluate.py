@@ -32,6 +32,10 @@ encoder's probability of it there ([CLS] and [SEP] never are); `pseudo-perplexit
 --tokens it reports the masked-token loss and accuracy of training (engine/masking.py's 15% masks, drawn from a fixed
 seed so that two runs compare) over windows of the split. A classifier (fine-tuned on prepare/classify.py's labelled
 texts) is scored on every text of such a split, --tokens=data/<name>/val.bin: loss, accuracy and each label's count.
+
+An encoder-decoder is scored on test pairs, --pairs=FILE (JSON lines {"source": ..., "target": ...}): each source's
+greedy prediction, `exact match` (the share equal to the reference), `chrF` (character n-gram F-score, sacreBLEU's
+default) and the target tokens' loss; --predictions=FILE writes each source, reference and prediction.
 """
 
 import contextlib
@@ -39,6 +43,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python tools/x.py works too
@@ -49,11 +54,13 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from engine import seq2seq
 from engine.classify import encoder_rows, texts_of
 from engine.configurator import parse_config
 from engine.data import Tokenizer, load_data
 from engine.errors import UserError, run_cli
 from engine.files import check_output, replacing
+from engine.generate import Sampling, transduce
 from engine.inference import load_for_inference, read_text
 from engine.masking import Masking
 from engine.memory import check_scoring_fits
@@ -69,6 +76,9 @@ class EvaluateConfig:
     checkpoint: str = "latest"  # which checkpoint in out_dir: latest or best (lowest val loss)
     text: str | None = None  # a UTF-8 text file to score
     tokens: str | None = None  # or a prepared token file, e.g. data/shakespeare_char/val.bin (its meta.json beside it)
+    pairs: str | None = None  # or an encoder-decoder's test pairs: a JSONL file of {"source": ..., "target": ...}
+    predictions: str | None = None  # with pairs: write each source, reference and prediction to this JSONL file
+    max_new_tokens: int = 256  # with pairs: the longest prediction, in tokens
     task: str | None = None  # or a multiple-choice benchmark: hellaswag, or choice (context, choices, label)
     task_file: str | None = None  # the task's JSONL (hellaswag: the dataset's rows; none = the hub's validation split)
     max_items: int | None = None  # score only the first this many task items; none = all
@@ -82,8 +92,10 @@ class EvaluateConfig:
     weights: str = "raw"  # raw, or ema: the moving average of a run trained with --ema_decay
 
     def __post_init__(self):
-        if sum(x is not None for x in (self.text, self.tokens, self.task)) != 1:
-            raise ValueError("give exactly one of --text=FILE, --tokens=FILE and --task=hellaswag|choice")
+        if sum(x is not None for x in (self.text, self.tokens, self.task, self.pairs)) != 1:
+            raise ValueError("give exactly one of --text=FILE, --tokens=FILE, --pairs=FILE and --task=hellaswag|choice")
+        if self.predictions is not None and self.pairs is None:
+            raise ValueError("--predictions needs --pairs=FILE (an encoder-decoder's test pairs)")
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.task_file is not None and self.task is None:
@@ -299,15 +311,96 @@ def evaluate_encoder(cfg: EvaluateConfig, model: GPT, tokenizer, rt) -> dict:
     return {"loss": loss, "accuracy": accuracy}
 
 
+def chrf(hypotheses: list[str], references: list[str], order: int = 6, beta: float = 2.0) -> float:
+    """chrF (Popović 2015, "chrF: character n-gram F-score for automatic MT evaluation") as sacreBLEU computes it by
+    default: character n-grams of orders 1..order with whitespace removed, matched within each pair (clipped counts;
+    none of an order whose reference has none) and summed over the corpus; precision and recall averaged over the
+    orders both sides have n-grams of; their F-beta (beta 2: recall counts twice), times 100."""
+    totals = [[0, 0, 0] for _ in range(order)]  # per order: hypothesis n-grams, reference n-grams, matches
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        h, r = "".join(hypothesis.split()), "".join(reference.split())
+        for n, total in enumerate(totals, 1):
+            hc, rc = (Counter(t[i : i + n] for i in range(len(t) - n + 1)) for t in (h, r))
+            if rc:  # (a pair whose reference has no n-gram of this order adds none of the hypothesis's)
+                total[0], total[1], total[2] = (
+                    total[0] + hc.total(),
+                    total[1] + rc.total(),
+                    total[2] + (hc & rc).total(),
+                )
+    kept = [(m / nh, m / nr) for nh, nr, m in totals if nh > 0 and nr > 0]
+    if not kept:
+        return 0.0
+    precision, recall = (sum(x) / len(kept) for x in zip(*kept, strict=True))
+    if precision + recall == 0:
+        return 0.0
+    return 100 * (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
+
+
+def evaluate_pairs(cfg: EvaluateConfig, model: GPT, tokenizer, rt) -> dict:
+    """An encoder-decoder on test pairs: each source's greedy prediction (up to </s>), the exact-match share and chrF
+    against the references, and the target tokens' loss under teacher forcing (</s> included)."""
+    if model.config.arch != "encoder_decoder" or not model.special:
+        raise UserError(f"--pairs scores an encoder-decoder's predictions; {model.source} is not one of our runs'")
+    rows = [json.loads(line) for line in read_text(cfg.pairs, "pairs file").splitlines() if line.strip()]
+    bad = next(
+        (
+            n
+            for n, r in enumerate(rows, 1)
+            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("source", "target"))
+        ),
+        None,
+    )
+    if bad is not None or not rows:
+        raise UserError(f'{cfg.pairs}: line {bad or 1} is not a JSON object with string "source" and "target"')
+    end, pad, block = model.special["</s>"], model.special["<pad>"], model.config.block_size
+    predictions, nll, count = [], 0.0, 0
+    model.eval()
+    for first in tqdm(range(0, len(rows), cfg.batch_size), desc="transducing", unit="batch"):
+        batch = rows[first : first + cfg.batch_size]
+        source = seq2seq.rows([tokenizer.encode(r["source"]) for r in batch], end, pad, block).to(rt.device)
+        target = seq2seq.rows([tokenizer.encode(r["target"]) for r in batch], end, -1, block).to(rt.device)
+        with torch.no_grad(), rt.autocast():
+            nll += model(source, target, reduction="sum")[1].item()
+            steps = transduce(
+                model, source, cfg.max_new_tokens, Sampling(temperature=0), end, vocab_size=tokenizer.vocab_size
+            )
+            outputs = torch.cat(list(steps), dim=1).tolist()
+        count += int((target >= 0).sum())
+        for output in outputs:
+            predictions.append(
+                tokenizer.decode([t for t in output[: output.index(end) if end in output else None] if t != pad])
+            )
+    references = [r["target"] for r in rows]
+    exact = sum(p == r for p, r in zip(predictions, references, strict=True)) / len(rows)
+    score, loss = chrf(predictions, references), nll / count
+    print(f"scored {len(rows):,} pairs of {cfg.pairs} (greedy predictions)")
+    print(f"exact match {exact:.6f}")
+    print(f"chrF {score:.4f}")
+    print(f"loss {loss:.6f} nats/target token")
+    if cfg.predictions:
+        with replacing(cfg.predictions) as f:  # whole or not at all
+            for row, prediction in zip(rows, predictions, strict=True):
+                line = {"source": row["source"], "reference": row["target"], "prediction": prediction}
+                f.write((json.dumps(line) + "\n").encode("utf-8"))
+        print(f"wrote each source, reference and prediction to {cfg.predictions}")
+    return {"exact_match": exact, "chrf": score, "loss": loss, "predictions": predictions}
+
+
 def main(argv=None):
     cfg = parse_config(EvaluateConfig, argv, usage=__doc__)
     if cfg.surprisal:
         check_output(cfg.surprisal, "--surprisal", inputs=(cfg.text, cfg.tokens))
+    if cfg.predictions:
+        check_output(cfg.predictions, "--predictions", inputs=(cfg.pairs,))
     rt = setup_runtime(cfg.device, cfg.dtype)
     model, tokenizer = load_for_inference(
         cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir, weights=cfg.weights
     )
     model.to(rt.device)
+    if cfg.pairs is not None or model.config.arch == "encoder_decoder":
+        if cfg.pairs is None:
+            raise UserError(f"{model.source} is an encoder-decoder: score it on test pairs, --pairs=FILE")
+        return evaluate_pairs(cfg, model, tokenizer, rt)
     if model.config.arch == "encoder":  # its scores are of masked tokens, not of next tokens
         return evaluate_encoder(cfg, model, tokenizer, rt)
     if cfg.task is not None:
