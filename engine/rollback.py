@@ -4,8 +4,9 @@ After every optimizer step BadSteps.judge gives one verdict: carry on, roll back
 - A step whose gradient norm is not finite was skipped (by train.py, or under float16 by the loss scaler). After
   max_nonfinite_steps of them in a row the run stops, with advice drawn from what it saw.
 - A bad step is a non-finite one, or one whose loss exceeds spike_factor times the median of the last spike_window
-  good steps' losses. spike_patience bad steps in a row make a spike: the run rolls back to the newest good state
-  (the newest checkpoint it saved or resumed, else its starting state, held in memory), with the learning rate
+  good steps' losses and that median by MIN_SPIKE_RISE nats (near a loss of 0, a batch at several times the median
+  is noise, not a divergence). spike_patience bad steps in a row make a spike: the run rolls back to the newest good
+  state (the newest checkpoint it saved or resumed, else its starting state, held in memory), with the learning rate
   scaled by spike_lr_scale and new data windows (the windows depend on the rollback count), as PaLM skipped the
   batches around a spike. After max_rollbacks rollbacks a spike stops the run. max_rollbacks=0 turns this off.
 The spike detector's window and bad-step count are part of the loop state (engine/train_state.py), so a resumed run
@@ -17,6 +18,8 @@ import statistics
 
 from engine.checkpoint import checkpoint_losses
 from engine.train_state import TrainState
+
+MIN_SPIKE_RISE = 0.1  # nats above the median a spike's loss rises at least
 
 CARRY_ON, ROLL_BACK, STOP = "carry on", "roll back", "stop"
 
@@ -79,7 +82,7 @@ class BadSteps:
         ones do not, so a divergence cannot become its own reference."""
         loop = state.loop
         reference = statistics.median(loop.recent_losses) if loop.recent_losses else math.inf
-        if finite and math.isfinite(loss) and loss <= self.spike_factor * reference:
+        if finite and math.isfinite(loss) and loss <= max(self.spike_factor * reference, reference + MIN_SPIKE_RISE):
             loop.recent_losses = (loop.recent_losses + [loss])[-self.spike_window :]
             loop.bad_steps = 0
             return False

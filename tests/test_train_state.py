@@ -132,3 +132,15 @@ def test_bad_steps_give_one_verdict_per_step_and_roll_back_to_the_start(tmp_path
     assert bad.judge(state, float("nan"), False, False) == CARRY_ON  # non-finite: skipped, counted
     assert bad.judge(state, float("nan"), False, False) == STOP  # a spike after max_rollbacks rollbacks
     assert state.loop.skipped_steps == 2 and "a loss spike after 1 rollbacks" in bad.stop_line
+
+
+def test_a_loss_near_zero_that_doubles_is_noise_not_a_spike(tmp_path):
+    """A run that has all but solved its task (the reverse recipe, at loss 0.002) sees batches at 5x the median that
+    are noise in absolute terms: they must not roll it back, while a real jump still does."""
+    state = build("plain", str(tmp_path))
+    bad = BadSteps(state, None, 2, 3, 4.0, 10, 2, 0.5, False, 1.0, 1e-2)
+    for loss in (0.002, 0.003, 0.002, 0.0025):
+        assert bad.judge(state, loss, True, False) == CARRY_ON
+    for _ in range(3):
+        assert bad.judge(state, 0.0132, True, False) == CARRY_ON  # 5x the median, but 0.011 nats above it
+    assert bad.judge(state, 1.5, True, False) == CARRY_ON and bad.judge(state, 1.5, True, False) == ROLL_BACK
