@@ -42,7 +42,7 @@ from engine.fp8 import enable_fp8
 from engine.fsdp import shard_model
 from engine.hf_interop import from_pretrained
 from engine.lora import lora_params, merge_lora, parse_targets
-from engine.masking import SPECIAL, token_ids_needed
+from engine.masking import SPECIAL
 from engine.memory import check_fits, out_of_memory_hint
 from engine.optim import SCHEDULES, lr_at, set_lr, setup_training
 from engine.out_dir_lock import hold_out_dir
@@ -113,6 +113,9 @@ class TrainConfig:
     rel_buckets: int = 32  # pos_embedding=t5: relative-position buckets (T5's bias, one per bucket and head)
     rel_max_distance: int = 128  # pos_embedding=t5: distances from this on share the last bucket
     attn_scale: bool = True  # scale attention scores by 1/sqrt(head size); False as T5 (the scale is in its init)
+    objective: str | None = (
+        None  # encoder_decoder: span_corruption (T5's) on plain token files; none = a dataset's pairs
+    )
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_learning_rate: float | None = None  # Muon's peak learning rate; none = learning_rate (RMS-matched to AdamW)
@@ -176,6 +179,7 @@ class TrainConfig:
             (("optimizer",), lambda v: v in ("adamw", "muon"), "adamw or muon"),
             (("lr_schedule",), lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             (("eval_task",), lambda v: v is None or v in TASKS, f"one of {', '.join(TASKS)}"),
+            (("objective",), lambda v: v in (None, "span_corruption"), "span_corruption or none"),
         ):
             for name in names:
                 if not ok(getattr(self, name)):
@@ -196,6 +200,8 @@ class TrainConfig:
             raise ValueError("optimizer=muon needs whole matrices; use it without fsdp")
         if self.arch != "decoder" and self.eval_task:
             raise ValueError(f"eval_task scores a decoder's next-token likelihoods; arch={self.arch} has none")
+        if self.objective and self.arch != "encoder_decoder":
+            raise ValueError("objective=span_corruption pretrains an encoder-decoder: add --arch=encoder_decoder")
         if self.arch == "encoder_decoder" and self.health_interval:
             raise ValueError("health_interval is not supported for arch=encoder_decoder yet")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
@@ -218,7 +224,7 @@ def main(argv=None):
     task = load_task(cfg.eval_task, cfg.eval_task_file, cfg.eval_task_items, data.meta) if cfg.eval_task else None
     if data.chat and cfg.init_from != "resume" and not cfg.eval_only:  # reads every mask; block_size is fixed by now
         check_chat_coverage(data, cfg.block_size, rt.print0)
-    objective = batch_objective(cfg.arch, data, cfg.mlm_probability)  # masked, labelled, pairs; a decoder's: None
+    objective = batch_objective(cfg.arch, data, cfg.mlm_probability, cfg.objective)  # a decoder's: None
     oom_hint = out_of_memory_hint(rt.device, cfg.batch_size, cfg.block_size)
     with hold_out_dir(cfg.out_dir, rt), StopSignals() as stop, oom_hint, contextlib.ExitStack() as closing:
         # what the run holds (engine/train_state.py): the model (never wrapped: checkpoints hold plain names; under
@@ -368,10 +374,11 @@ def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | N
     resume_from = find_checkpoint(cfg.out_dir, log=rt.print0) if cfg.init_from == "resume" else None
     other_run = cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from)
     other_run = find_checkpoint(cfg.init_from, log=rt.print0) if other_run and list_checkpoints(cfg.init_from) else None
-    vocab = token_ids_needed(data.meta["vocab_size"], cfg.arch, data.meta.get("tokenizer_json"))  # an encoder's too
+    vocab = max(data.meta["vocab_size"], 1 + max(objective.special.values()) if objective else 0)  # with its specials
     labels = data.classify["labels"] if data.classify else None
     if cfg.init_from == "scratch":
-        pad = {"pad_id": objective.special["<pad>" if data.seq2seq else "[PAD]"]} if labels or data.seq2seq else {}
+        padded = labels or cfg.arch == "encoder_decoder"  # a classifier's [PAD], an encoder-decoder's <pad>
+        pad = {"pad_id": objective.special.get("<pad>", objective.special.get("[PAD]"))} if padded else {}
         config = GPTConfig.from_options(dataclasses.asdict(cfg), vocab, **pad, n_labels=len(labels or ()))
         check_fits(config, rt.device, cfg.batch_size, shards, cfg.gradient_checkpointing)  # before allocating
         model = GPT(config)

@@ -20,13 +20,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from engine import masking
+from engine import masking, seq2seq
 from engine.classify import Labelled
 from engine.data import get_batch, target_count, train_key
 from engine.errors import UserError
 from engine.masking import Masking
 from engine.runtime import teardown_runtime
-from engine.seq2seq import Pairs
+from engine.seq2seq import Pairs, SpanCorruption
 
 DONE = 1e-9  # a run whose progress is within this of max_iters is done (progress sums fractions m / G)
 
@@ -78,10 +78,11 @@ def check_process_count(gradient_accumulation_steps: int, batch_warmup_start: in
             raise UserError(f"{name}={value} is not divisible by the {rt.world_size} processes; make it a multiple")
 
 
-def batch_objective(arch: str, data, mlm_probability: float) -> Masking | Labelled | Pairs | None:
+def batch_objective(arch: str, data, mlm_probability: float, objective: str | None = None):
     """What train.py's batches are for `arch` on `data`: None for a decoder (token windows, or chat's conversations);
     an encoder's masked text (engine/masking.py) on token files, or labelled texts (engine/classify.py) on a
-    classification dataset; an encoder-decoder's pairs (engine/seq2seq.py). Data of the wrong kind is one line."""
+    classification dataset; an encoder-decoder's pairs (engine/seq2seq.py), or with objective="span_corruption" T5's
+    corrupted spans of token files. Data of the wrong kind is one line."""
     name = data.data_dir
     if data.classify and arch != "encoder":
         raise UserError(f"{name} is a classification dataset: fine-tune an encoder on it (--arch=encoder)")
@@ -91,6 +92,10 @@ def batch_objective(arch: str, data, mlm_probability: float) -> Masking | Labell
         return None
     if data.chat:
         raise UserError(f"{name} is a chat dataset, for decoders; an {arch.replace('_', '-')} cannot train on it")
+    if objective == "span_corruption":
+        if data.seq2seq or data.classify:
+            raise UserError(f"{name} is not plain text: span_corruption pretrains on token files (prepare/text.py)")
+        return SpanCorruption(seq2seq.special_tokens(data.meta["vocab_size"], data.meta.get("tokenizer_json"), True))
     if arch == "encoder_decoder":
         if not data.seq2seq:
             raise UserError(f"{name} holds no pairs: an encoder-decoder trains on prepare/seq2seq.py's datasets")

@@ -23,7 +23,7 @@ def test_smoke_run_prints_the_whole_table(capsys):
 
 
 BENCH = ["train_speed", "sample_speed", "train_overhead", "gpu_acceptance", "tokenizer_speed", "prepare_throughput"]
-BENCH += ["encoder_speed"]
+BENCH += ["encoder_speed", "seq2seq_speed"]
 
 
 @pytest.mark.parametrize("script", BENCH)
@@ -81,3 +81,13 @@ def test_encoder_speed_times_an_encoder_next_to_the_same_decoder(char_data, caps
     assert out.startswith("decoder: ") and "\nencoder: " in out and "encoder / decoder: time " in out
     flops = float(out.rsplit("FLOPs (PaLM count) ", 1)[1])
     assert 1 < flops < 1.5  # the MLM head on top of the same blocks (a large share of a model this tiny)
+
+
+def test_seq2seq_speed_times_the_cached_and_uncached_decoder(capsys):
+    from bench import seq2seq_speed
+
+    flags = ["--batch_sizes=1,2", "--source_tokens=6", "--new_tokens=5", "--n_layer=1", "--n_embd=16", "--n_head=2"]
+    rows = seq2seq_speed.main([*flags, "--vocab_size=50"])
+    out = capsys.readouterr().out
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["cached"] > 0 and r["uncached"] > 0 for r in rows)
+    assert "| batch | cached tok/s | uncached tok/s | cached / uncached |" in out

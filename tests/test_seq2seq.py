@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import seq2seq as prepare_seq2seq
 import torch
 from test_bad_inputs import assert_user_error, run
 from test_distributed import rank_logs, torchrun
@@ -20,7 +21,7 @@ from engine.checkpoint import find_checkpoint, load_model, read_meta
 from engine.data import load_data
 from engine.errors import UserError
 from engine.hf_interop import UnsupportedModel, from_pretrained, hf_format, save_hf
-from engine.seq2seq import Pairs, pairs_of
+from engine.seq2seq import Pairs, SpanCorruption, pairs_of, span_lengths
 from model import GPT, GPTConfig, t5_buckets
 from tools import evaluate, export_hf
 
@@ -322,3 +323,88 @@ def test_evaluate_scores_test_pairs_and_writes_predictions(reverse_data, tmp_pat
     assert result["loss"] == pytest.approx(by_hand, rel=1e-5)
     with pytest.raises(UserError, match="score it on test pairs, --pairs=FILE"):
         evaluate.main([f"--out_dir={out}", f"--text={pairs}", "--device=cpu"])
+
+
+def tiny_t5_with_tokenizer(tmp_path) -> str:
+    """A random-weight T5 (v1.1 layout) directory with a SentencePiece-style Unigram tokenizer.json trained here, whose
+    <pad> and </s> are ids 0 and 1 as in T5's own vocabulary: what a user downloads."""
+    from conftest import shakespeare_text
+    from tokenizers import SentencePieceUnigramTokenizer
+
+    path = tmp_path / "t5-own-tokenizer"
+    path.mkdir()
+    tokenizer = SentencePieceUnigramTokenizer()
+    lines = [line.lower() for line in shakespeare_text(60_000).splitlines() if line]
+    tokenizer.train_from_iterator(lines, vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = transformers.T5Config(
+        vocab_size=tokenizer.get_vocab_size(), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(path)
+    return str(path)
+
+
+def test_a_hugging_face_t5_fine_tunes_on_pairs_with_its_own_tokenizer(tmp_path, capsys):
+    t5 = tiny_t5_with_tokenizer(tmp_path)
+    words = ["to be or not to be", "the king is dead", "all the world is a stage", "what light through yonder"]
+    pairs = [(w, " ".join(reversed(w.split()))) for w in words] * 3
+    source = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    prepare_seq2seq.main([f"--input={source}", f"--tokenizer={t5}/tokenizer.json", f"--out={tmp_path}/data/words"])
+    data = load_data(f"{tmp_path}/data/words", 16)
+    assert data.seq2seq["special"] == {"<pad>": 0, "</s>": 1} and data.meta["vocab_size"] == 150  # its own ids
+    out = str(tmp_path / "out")
+    run_ = [*SEQ2SEQ, f"--data_root={tmp_path}/data", "--dataset=words", f"--out_dir={out}", "--block_size=32"]
+    assert train.main([*run_, f"--init_from={t5}", "--max_iters=2"]) == 0
+    model, meta = load_model(find_checkpoint(out))
+    assert meta["encoder"]["special"] == {"<pad>": 0, "</s>": 1} and model.config.pad_id == 0
+    capsys.readouterr()
+    sample.main(
+        [f"--out_dir={out}", "--start=the king is dead", "--temperature=0", "--device=cpu", "--max_new_tokens=8"]
+    )
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+# --- span corruption: pretraining without pairs ------------------------------------------------------------------
+
+
+def test_span_corruption_hides_15_percent_in_spans_and_the_target_gives_them_back():
+    special = seq2seq.special_tokens(100, sentinels=True)
+    corruption = SpanCorruption(special)
+    windows = torch.randint(0, 100, (8, 63))
+    sources, targets = corruption.corrupt(windows, (3, 0, 7, 1))
+    sentinels = {special[f"<extra_id_{i}>"] for i in range(100)}
+    _, _, noise, spans = span_lengths(63, (3, 0, 7, 1), 8)
+    assert noise == round(63 * 0.15) and spans == round(noise / 3)
+    for window, source, target in zip(windows.tolist(), sources.tolist(), targets.tolist(), strict=True):
+        assert source[-1] == target[-1] == special["</s>"]
+        hidden, span = {}, None
+        for t in target[:-1]:  # each sentinel, then the tokens it hides
+            span = t if t in sentinels else span
+            hidden.setdefault(span, []).extend([] if t in sentinels else [t])
+        rebuilt = [x for t in source[:-1] for x in (hidden[t] if t in sentinels else [t])]
+        assert rebuilt == window  # the source with every span put back is the text
+        assert sum(t in sentinels for t in source) == spans and all(len(v) >= 1 for v in hidden.values())
+    again = corruption.corrupt(windows, (3, 0, 7, 1))
+    other = corruption.corrupt(windows, (3, 0, 7, 2))
+    assert torch.equal(again[0], sources) and not torch.equal(other[0], sources)  # drawn from the key alone
+
+
+def test_span_corruption_pretrains_on_token_files_and_resumes_bit_exact(char_data, tmp_path):
+    run_ = [*SEQ2SEQ, f"--data_root={char_data}", "--dataset=tiny_char", "--objective=span_corruption"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert train.main([*run_, f"--out_dir={whole}", "--max_iters=6"]) == 0
+    train.main([*run_, f"--out_dir={parts}", "--max_iters=3"])
+    train.main([*run_, f"--out_dir={parts}", "--max_iters=6", "--init_from=resume"])
+    assert losses_of(whole) == losses_of(parts) and len(losses_of(whole)) == 6
+    meta = read_meta(find_checkpoint(whole))
+    text_vocab = load_data(f"{char_data}/tiny_char", 16).meta["vocab_size"]
+    assert meta["encoder"]["special"]["<extra_id_0>"] == text_vocab + 2
+    assert meta["model_config"]["vocab_size"] >= text_vocab + 102
+    data = load_data(f"{char_data}/tiny_char", 16)
+    corruption = SpanCorruption(meta["encoder"]["special"])
+    x, y = corruption.batch(data, "train", 4, 16, (1, 0, 0, 0), "cpu")
+    assert corruption.count(4, 16, (1, 0, 0, 0)) == int((y >= 0).sum())
+    with pytest.raises(UserError, match="add --arch=encoder_decoder"):
+        train.main([*run_[1:], f"--out_dir={tmp_path}/o"])
