@@ -113,9 +113,7 @@ class TrainConfig:
     rel_buckets: int = 32  # pos_embedding=t5: relative-position buckets (T5's bias, one per bucket and head)
     rel_max_distance: int = 128  # pos_embedding=t5: distances from this on share the last bucket
     attn_scale: bool = True  # scale attention scores by 1/sqrt(head size); False as T5 (the scale is in its init)
-    objective: str | None = (
-        None  # encoder_decoder: span_corruption (T5's) on plain token files; none = a dataset's pairs
-    )
+    objective: str | None = None  # encoder_decoder: span_corruption (T5's) on token files; none = pairs data
     # optimizer
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_learning_rate: float | None = None  # Muon's peak learning rate; none = learning_rate (RMS-matched to AdamW)
