@@ -267,7 +267,9 @@ def transduce_lines(cfg: SampleConfig, model, tokenizer, rt, batch_size: int = 6
     for first in range(0, len(texts), batch_size):
         sources = [tokenizer.encode(text) for text in texts[first : first + batch_size]]
         rows = seq2seq.rows(sources, end, pad, model.config.block_size).to(rt.device)
-        steps = transduce(model, rows, cfg.max_new_tokens, sampling, end, generator, cfg.kv_cache, tokenizer.vocab_size)
+        steps = transduce(
+            model, rows, cfg.max_new_tokens, sampling, end, generator, cfg.kv_cache, tokenizer.vocab_size, cfg.compile
+        )
         outputs = torch.cat(list(steps), dim=1).tolist()
         for text, output in zip(texts[first : first + batch_size], outputs, strict=True):
             ids = [t for t in output[: output.index(end) if end in output else None] if t != pad]

@@ -185,22 +185,28 @@ def transduce(
     generator=None,
     kv_cache: bool = True,
     vocab_size: int | None = None,
+    compile: bool = False,
 ):
     """An encoder-decoder's output for source rows (B, S) (padded with its pad_id): the source is encoded once, then
     the decoder yields (B, 1) tokens one step at a time from its start token (pad_id), with its self-attention KV
     cache and the cross-attention keys and values computed at the first step (kv_cache=False: every step reads the
-    whole output so far, uncached, the reference the cache must equal). A row that has produced `end` goes on with
-    `end`; the steps stop when every row has, after max_new_tokens, or at block_size. Call under model.eval()."""
+    whole output so far, uncached, the reference the cache must equal). compile=True runs the steps after the first
+    through torch.compile with static shapes (the position a tensor, the cache read whole under its mask): one graph
+    whatever the length, as Decoder's. A row that has produced `end` goes on with `end`; the steps stop when every
+    row has, after max_new_tokens, or at block_size. Call under model.eval()."""
     memory, keep = model.encode(source)
     out = torch.full((source.size(0), 1), model.config.pad_id, dtype=torch.long, device=source.device)
     cache = model.new_kv_cache(source.size(0)) if kv_cache else None
+    step = torch.compile(model.decode, dynamic=False) if compile and kv_cache else model.decode
     done = torch.zeros(source.size(0), dtype=torch.bool, device=source.device)
     for t in range(min(max_new_tokens, model.config.block_size)):
-        if kv_cache:
-            logits = model.decode(out[:, -1:], memory, keep, cache, t)[:, -1, :vocab_size]
+        if not kv_cache:
+            logits = model.decode(out, memory, keep)
+        elif t == 0 or step is model.decode:  # the first step fills the cross-attention cache, eagerly
+            logits = model.decode(out[:, -1:], memory, keep, cache, t)
         else:
-            logits = model.decode(out, memory, keep)[:, -1, :vocab_size]
-        token = next_token(logits, sampling, out[:, 1:], generator).masked_fill(done[:, None], end)
+            logits = step(out[:, -1:].clone(), memory, keep, cache, torch.tensor(t, device=source.device))
+        token = next_token(logits[:, -1, :vocab_size], sampling, out[:, 1:], generator).masked_fill(done[:, None], end)
         out = torch.cat([out, token], dim=1)
         done |= token[:, 0] == end
         yield token

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 import sample
 import train
 from engine.checkpoint import save_checkpoint
-from engine.generate import Decoder
+from engine.generate import Decoder, transduce
 from engine.runtime import trace_data_dependent_shapes
 from model import GPT, GPTConfig
 
@@ -194,3 +194,29 @@ def test_compiled_moe_routes_in_one_graph_and_equals_eager(fresh_dynamo):
     assert len(loads) > 1, loads  # the token counts per expert did change between calls
     assert not fresh_dynamo["graph_break"], dict(fresh_dynamo["graph_break"])
     assert fresh_dynamo["stats"]["unique_graphs"] == 1, dict(fresh_dynamo["stats"])
+
+
+def test_compiled_bf16_seq2seq_decoding_is_one_graph_and_equals_eager(fresh_dynamo):
+    """An encoder-decoder's steps after the first (which fills the cross-attention cache) run through one compiled
+    graph with static shapes, whatever the length, and choose the eager path's tokens."""
+    config = GPTConfig(
+        arch="encoder_decoder", block_size=24, vocab_size=40, n_layer=2, n_head=4, n_embd=32, bias=False,
+        pos_embedding="t5", attn_scale=False, norm="rmsnorm", mlp="geglu", tie_embeddings=False, pad_id=0,
+        rel_buckets=8, rel_max_distance=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():  # larger weights than the init, so greedy choices are not near-ties
+        for p in model.parameters():
+            p.mul_(4) if p.dim() > 1 else None
+    source = torch.randint(2, 40, (3, 10), generator=torch.Generator().manual_seed(1))
+    source[1, 7:] = 0  # a padded source
+    eager = torch.cat(list(transduce(model, source, 20, GREEDY, end=-1)), dim=1)
+    compiled = torch.cat(list(transduce(model, source, 20, GREEDY, end=-1, compile=True)), dim=1)
+    assert torch.equal(compiled, eager) and compiled.shape == (3, 20)  # float32: the same tokens
+    torch._dynamo.reset()
+    fresh_dynamo.clear()
+    model = model.to(torch.bfloat16)  # bf16 (inductor's fusions round otherwise than eager: near-ties may differ)
+    compiled = torch.cat(list(transduce(model, source, 20, GREEDY, end=-1, compile=True)), dim=1)
+    assert compiled.shape == (3, 20) and (compiled == eager).float().mean() > 0.5
+    assert not fresh_dynamo["graph_break"] and fresh_dynamo["stats"]["unique_graphs"] == 1
