@@ -256,24 +256,38 @@ def classify(cfg: SampleConfig, model, tokenizer, rt, batch_size: int = 64) -> N
 def transduce_lines(cfg: SampleConfig, model, tokenizer, rt, batch_size: int = 64) -> None:
     """An encoder-decoder's output for --start, or one line for each line of --start=FILE: (a blank one for a blank
     one): each source read as `source </s>`, encoded once, its output decoded with the KV and cross-attention caches
-    up to </s> or max_new_tokens, with the sampling controls."""
+    up to </s> or max_new_tokens, with the sampling controls, cut at the first --stop string; with --stream printed as
+    it comes, one source at a time."""
     if not model.special:
         raise UserError(f"{model.source} is an encoder-decoder without its <pad> and </s> recorded")
     texts = read_prompt(cfg.start).splitlines() if cfg.start.startswith("FILE:") else [cfg.start]
-    end, pad = model.special["</s>"], model.special["<pad>"]
+    end, pad, stops = model.special["</s>"], model.special["<pad>"], parse_stops(cfg.stop)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
     print(f"transducing {len(texts)} source(s) with {model.source}", file=sys.stderr)
+    batch_size = 1 if cfg.stream else batch_size
     for first in range(0, len(texts), batch_size):
         sources = [tokenizer.encode(text) for text in texts[first : first + batch_size]]
         rows = seq2seq.rows(sources, end, pad, model.config.block_size).to(rt.device)
         steps = transduce(
             model, rows, cfg.max_new_tokens, sampling, end, generator, cfg.kv_cache, tokenizer.vocab_size, cfg.compile
         )
+        if cfg.stream:  # whole UTF-8 characters only, holding back what could begin a stop string
+            pieces, text, shown = StreamDecoder(tokenizer.token_bytes), "", 0
+            hold = max((len(stop) for stop in stops), default=1) - 1
+            for token in (t for t in (step[0, 0].item() for step in steps) if t != pad):
+                text, stopped = cut_at_stop(text + pieces.push(token) if token != end else text, stops)
+                safe = len(text) if stopped or token == end else max(shown, len(text) - hold)
+                print(text[shown:safe], end="", flush=True)
+                shown = safe
+                if stopped or token == end:
+                    break
+            print(flush=True)
+            continue
         outputs = torch.cat(list(steps), dim=1).tolist()
         for text, output in zip(texts[first : first + batch_size], outputs, strict=True):
             ids = [t for t in output[: output.index(end) if end in output else None] if t != pad]
-            print(tokenizer.decode(ids) if text.strip() else "")
+            print(cut_at_stop(tokenizer.decode(ids), stops)[0] if text.strip() else "")
 
 
 def stream(steps, tokenizer, prompt: str, stops: list[str]) -> None:

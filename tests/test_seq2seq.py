@@ -408,3 +408,22 @@ def test_span_corruption_pretrains_on_token_files_and_resumes_bit_exact(char_dat
     assert corruption.count(4, 16, (1, 0, 0, 0)) == int((y >= 0).sum())
     with pytest.raises(UserError, match="add --arch=encoder_decoder"):
         train.main([*run_[1:], f"--out_dir={tmp_path}/o"])
+
+
+def test_streaming_and_stop_strings_give_the_printed_outputs(reverse_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train_seq2seq(reverse_data, out, "--max_iters=6", "--learning_rate=1e-2")
+    (tmp_path / "src.txt").write_text("abcdefg\nqwerty\n", encoding="utf-8")
+    base = [f"--out_dir={out}", f"--start=FILE:{tmp_path}/src.txt", "--device=cpu", "--temperature=0"]
+    printed = {}
+    for name, flags in (("plain", []), ("stream", ["--stream=True", "--num_samples=1"])):
+        capsys.readouterr()
+        sample.main([*base, *flags])
+        printed[name] = capsys.readouterr().out.splitlines()
+    assert printed["stream"] == printed["plain"] and len(printed["plain"]) == 2
+    stop = printed["plain"][0][1:2]  # a stop string cuts each output before its first occurrence, streamed or not
+    assert stop and any(stop in line for line in printed["plain"])
+    for flags in ([], ["--stream=True", "--num_samples=1"]):
+        capsys.readouterr()
+        sample.main([*base, f"--stop={stop}", *flags])
+        assert capsys.readouterr().out.splitlines() == [line.split(stop)[0] for line in printed["plain"]]
