@@ -37,6 +37,7 @@ from engine.tokenization import (
     read_tokenizer_json,
     tiktoken_manifest,
     tokenizer_json_hash,
+    train_bpe,
 )
 
 
@@ -105,8 +106,11 @@ def make_tokenizer(args: ClassifyConfig, texts: list[str]) -> tuple:
         info = {"tokenizer": "char", "tokenizer_hash": chars_hash(chars), "vocab_size": len(chars), "eot_id": None}
         info["chars"] = chars
         return Tokenizer(info).encode, info, None
-    if name.endswith(".json"):
-        text, tokenizer = read_tokenizer_json(name)
+    if name == "bpe" or name.endswith(".json"):  # a byte-level BPE trained on these texts, or one to reuse
+        tokenizer = (
+            train_bpe(texts, getattr(args, "bpe_vocab_size", 8192), length=len(texts)) if name == "bpe" else None
+        )
+        text, tokenizer = (tokenizer.to_str(), tokenizer) if tokenizer else read_tokenizer_json(name)
         info = {"tokenizer": "tokenizer.json", "tokenizer_file": "tokenizer.json"}
         info |= {"tokenizer_hash": tokenizer_json_hash(text), "vocab_size": tokenizer.get_vocab_size(), "eot_id": None}
         return Tokenizer(info | {"tokenizer_json": text}).encode, info, text

@@ -6,11 +6,11 @@
 
 One source and one target per row of a local .jsonl, .json, .parquet or .csv file, or of a hub dataset; a row
 without both is named by its number. Validation rows are --val_input's, or a random --val_fraction of the input.
---tokenizer: gpt2 (or another tiktoken encoding), char (a new character vocabulary of these texts), a
-tokenizer.json (a Hugging Face T5 directory's, whose <pad> and </s> are used), or a prepared dataset's directory
-(its tokenizer reused). Writes <out>/{train,val}.bin and .starts.bin (the sources, one after another, and where each
-starts), {train,val}.target.bin and .target_starts.bin (the targets), and meta.json with the <pad> and </s> ids
-(engine/seq2seq.py).
+--tokenizer: gpt2 (or another tiktoken encoding), char (a new character vocabulary of these texts), bpe (a byte-level
+BPE of --bpe_vocab_size trained on them), a tokenizer.json (a Hugging Face T5 directory's, whose <pad> and </s> are
+used), or a prepared dataset's directory (its tokenizer reused). Writes <out>/{train,val}.bin and .starts.bin (the
+sources, one after another, and where each starts), {train,val}.target.bin and .target_starts.bin (the targets), and
+meta.json with the <pad> and </s> ids (engine/seq2seq.py).
 """
 
 import os
@@ -41,7 +41,8 @@ class Seq2SeqConfig:
     val_fraction: float = 0.1  # without val_input: the share of pairs held out for validation (at least one)
     config: str | None = None  # hub dataset configuration name
     split: str = "train"  # split to read (hub datasets)
-    tokenizer: str = "gpt2"  # gpt2 or another tiktoken encoding, char, a tokenizer.json, or a prepared dataset's dir
+    tokenizer: str = "gpt2"  # gpt2 or another tiktoken encoding, char, bpe (train one), a tokenizer.json, a dataset dir
+    bpe_vocab_size: int = 8192  # with tokenizer=bpe: the trained vocabulary's size, <|endoftext|> included
     tokenizer_dir: str | None = None  # directory with GPT-2's vocab.bpe and encoder.json (offline)
     seed: int = 2357  # seed of the random validation split
     cache_dir: str | None = None  # datasets cache directory (default: datasets' own)
@@ -53,6 +54,8 @@ class Seq2SeqConfig:
             raise ValueError("--out is needed: the dataset directory, e.g. --out=data/pairs")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.tokenizer == "bpe" and not 257 <= self.bpe_vocab_size <= 2**20:
+            raise ValueError(f"--bpe_vocab_size must be in 257..1048576, got {self.bpe_vocab_size}")
 
 
 def read_pairs(args: Seq2SeqConfig, path: str) -> tuple[list[str], list[str], str]:

@@ -18,7 +18,7 @@ import sample
 import train
 from engine import seq2seq
 from engine.checkpoint import find_checkpoint, load_model, read_meta
-from engine.data import load_data
+from engine.data import Tokenizer, load_data
 from engine.errors import UserError
 from engine.hf_interop import UnsupportedModel, from_pretrained, hf_format, save_hf
 from engine.seq2seq import Pairs, SpanCorruption, pairs_of, span_lengths
@@ -427,3 +427,23 @@ def test_streaming_and_stop_strings_give_the_printed_outputs(reverse_data, tmp_p
         capsys.readouterr()
         sample.main([*base, f"--stop={stop}", *flags])
         assert capsys.readouterr().out.splitlines() == [line.split(stop)[0] for line in printed["plain"]]
+
+
+def test_pairs_from_a_csv_with_a_trained_bpe_decode_back(tmp_path):
+    rows = [("the cat sat", "le chat"), ("a dog ran", "un chien"), ("to be or not", "être ou pas")] * 4
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("en,fr\n" + "".join(f"{s},{t}\n" for s, t in rows), encoding="utf-8")
+    flags = [f"--input={csv}", "--source_column=en", "--target_column=fr", "--tokenizer=bpe", "--bpe_vocab_size=300"]
+    prepare_seq2seq.main([*flags, f"--out={tmp_path}/d", "--val_fraction=0.25"])
+    data = load_data(f"{tmp_path}/d", 8)
+    tokenizer = Tokenizer(data.meta)
+    text_vocab = data.meta["vocab_size"] - 2  # (a corpus this small trains fewer than 300 ids)
+    assert data.seq2seq["special"] == {"<pad>": text_vocab, "</s>": text_vocab + 1}
+    assert tokenizer.vocab_size == text_vocab + 2 and data.meta["tokenizer"] == "tokenizer.json"
+    for split in ("train", "val"):
+        n = data.meta["splits"][split]["documents"]
+        sources, targets = pairs_of(data, split, range(n))
+        decoded = {
+            (tokenizer.decode(s.tolist()), tokenizer.decode(t.tolist())) for s, t in zip(sources, targets, strict=True)
+        }
+        assert decoded <= set(rows) and len(decoded) >= 1
