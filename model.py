@@ -110,8 +110,8 @@ class GPTConfig:
             self.mlp_hidden = -(-8 * self.n_embd // 3 // 64) * 64 if self.mlp in GATED else 4 * self.n_embd
         if self.n_dec_layer is None:
             self.n_dec_layer = self.n_layer
-        if self.n_dec_layer < 1 or self.rel_buckets < 2 or self.rel_max_distance < self.rel_buckets:
-            raise ValueError("n_dec_layer must be >= 1, rel_buckets >= 2 and rel_max_distance >= rel_buckets")
+        if self.n_dec_layer < 1 or self.rel_buckets < 4 or self.rel_max_distance < self.rel_buckets:
+            raise ValueError("n_dec_layer must be >= 1, rel_buckets >= 4 and rel_max_distance >= rel_buckets")
         if self.n_expert < 0 or (self.n_expert and not 1 <= self.n_expert_active <= self.n_expert):
             raise ValueError(f"n_expert_active ({self.n_expert_active}) must be in [1, n_expert ({self.n_expert})]")
         if self.n_labels < 0 or (self.n_labels and self.arch != "encoder"):
@@ -531,8 +531,9 @@ class GPT(nn.Module):
         position embeddings, and the token embeddings too when they are not tied to lm_head (a tied matrix is also
         the output layer's weight, so it stays). Tied token embeddings count once."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
+        for stack in (self.transformer, getattr(self, "decoder", {})):
+            if non_embedding and "wpe" in stack:
+                n -= stack.wpe.weight.numel()
         if non_embedding and not self.config.tie_embeddings:
             n -= self.transformer.wte.weight.numel()
         return n
@@ -791,4 +792,5 @@ class GPT(nn.Module):
         if cfg.n_expert:
             per_expert = sum(p.numel() for p in self.transformer.h[0].mlp.experts[0].parameters())
             n -= cfg.n_layer * per_expert * (cfg.n_expert - cfg.n_expert_active)
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        layers = cfg.n_layer + (2 * cfg.n_dec_layer if cfg.arch == "encoder_decoder" else 0)  # (cross-attention too)
+        return 6 * n + 12 * layers * cfg.n_embd * seq_len

@@ -406,6 +406,12 @@ def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | N
     if labels and not resume_from and getattr(model, "labels", None) != labels:  # (an encoder's MLM head, or others)
         model.to_classifier(len(labels), objective.special["[PAD]"])
         rt.print0(f"a new classification head for the {len(labels)} labels of {cfg.dataset}")
+    pad = objective.special.get("<pad>", objective.special.get("[PAD]")) if objective else None
+    if model.config.pad_id not in (None, pad):  # another tokenizer's ids: the data was not prepared with it
+        raise UserError(
+            f"{cfg.init_from} pads with id {model.config.pad_id}, {cfg.dataset} with {pad}: prepare the data with the "
+            "model's tokenizer"
+        )
     if not resume_from and cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     if data.chat and model.config.vocab_size < data.meta["vocab_size"]:  # room for the chat template's tokens
@@ -525,9 +531,8 @@ def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) 
 
 
 def save_wanted(cfg: TrainConfig, loop, better: bool, good: str | None) -> bool:
-    """Whether an evaluation's state is saved: when val improved or the run ends (or always, with
-    always_save_checkpoint), past iteration 0, unless it is on disk already (the run resumed or rolled back to this
-    very state, good: under FSDP a save would gather it all again)."""
+    """Whether an evaluation's state is saved: when val improved or the run ends (or always, always_save_checkpoint),
+    past iteration 0, unless on disk already (resumed or rolled back to, good: FSDP would gather it all again)."""
     here = os.path.join(cfg.out_dir, checkpoint_name(loop.iter_num, loop.rollbacks))
     return (better or cfg.always_save_checkpoint) and loop.iter_num > 0 and not cfg.eval_only and good != here
 
@@ -544,8 +549,7 @@ def micro_step_loss(model, x, y, accum_steps: int, world_size: int, targets: int
 
 
 def scheduled_lr(cfg: TrainConfig, it: float) -> float:
-    """The learning rate at iteration it (full batches' worth), from the config's schedule (lr_decay_iters defaults
-    to max_iters)."""
+    """The learning rate at iteration it (full batches' worth), from the schedule (lr_decay_iters none: max_iters)."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     schedule = {"schedule": cfg.lr_schedule, "decay_fraction": cfg.decay_fraction, "decay_lr": cfg.decay_lr}
     return lr_at(it, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr, **schedule)

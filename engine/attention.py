@@ -14,9 +14,9 @@ from torch.nn import functional as F
 from model import GPT, CausalSelfAttention, apply_rope
 
 
-def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor, padding_mask=None) -> torch.Tensor:
     """Attention probabilities (B, nh, T, T) of module `attn` for its input x (B, T, C) at positions 0..T-1 (an
-    encoder's without padding: every key)."""
+    encoder's over every key but, with padding_mask (B, T) bool, the padding)."""
     B, T, _ = x.size()
     nh, nkv, hs = attn.n_head, attn.n_kv_head, attn.hs
     q, k, _ = attn.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], 2)
@@ -32,7 +32,9 @@ def layer_attention(model: GPT, attn: CausalSelfAttention, x: torch.Tensor) -> t
     scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, nh, T, T)
     pos = torch.arange(T, device=x.device)
     if not attn.causal:  # an encoder's: every key, with ALiBi's or T5's bias both ways
-        bias = model.encoder_mask(pos, None, torch.float32)
+        bias = model.encoder_mask(pos, padding_mask, torch.float32)
+        if bias is not None and bias.dtype == torch.bool:  # padding hidden: as -inf scores
+            bias = torch.zeros((), device=x.device).masked_fill(~bias, float("-inf"))
     else:  # ALiBi's or T5's bias (nh, T, T), -inf above the diagonal; else none
         bias = model.attention_mask(pos, T, 0, torch.float32)
     if bias is not None:
@@ -56,7 +58,8 @@ def attention_weights(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     finally:
         for hook in hooks:
             hook.remove()
-    return [layer_attention(model, block.attn, x) for block, x in zip(model.transformer.h, inputs, strict=True)]
+    keep = idx != model.config.pad_id if model.config.n_labels else None  # a classifier masks its padding
+    return [layer_attention(model, b.attn, x, keep) for b, x in zip(model.transformer.h, inputs, strict=True)]
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

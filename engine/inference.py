@@ -37,6 +37,9 @@ def load_for_inference(
         model.special = meta.get("encoder", {}).get("special")  # an encoder's [CLS], [SEP], [MASK], [PAD]
         model.labels = (meta["data"].get("classify") or {}).get("labels")  # a classifier's, in index order
         tokenizer = Tokenizer(meta["data"], tokenizer_dir)
+        if model.config.arch == "encoder_decoder" and model.special:  # span corruption's <pad>, </s>, sentinels
+            tokenizer.special |= model.special  # (ids after the text's: decoded by name, and sampled)
+            tokenizer.special_by_id = {i: token for token, i in tokenizer.special.items()}
     else:
         model = from_pretrained(init_from)
         model.source, model.special = init_from, None

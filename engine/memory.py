@@ -26,11 +26,12 @@ def estimate_params(c: GPTConfig) -> int:
     """The parameter count from the config alone, without building anything (biases and norm gains left out: a
     fraction of a percent). What check_fits needs for a config too big to build even on the meta device."""
     attention = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_size + c.n_embd * c.n_embd
-    expert = c.n_embd * c.mlp_hidden * (3 if c.mlp == "swiglu" else 2)
+    expert = c.n_embd * c.mlp_hidden * (3 if c.mlp in ("swiglu", "geglu") else 2)
     mlp = expert * (c.n_expert + int(c.moe_shared_expert)) + c.n_embd * c.n_expert if c.n_expert else expert
     embeddings = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
     positions = c.block_size * c.n_embd if c.pos_embedding == "learned" else 0
-    return c.n_layer * (attention + mlp) + embeddings + positions
+    decoder = c.n_dec_layer * (2 * attention + mlp) + positions if c.arch == "encoder_decoder" else 0  # + cross
+    return c.n_layer * (attention + mlp) + embeddings + positions + decoder
 
 
 def device_memory(device: str) -> int | None:

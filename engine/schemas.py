@@ -409,7 +409,7 @@ class ModelConfig(Shape):
     moe_aux_loss_coef: Finite = 0.01
     arch: str = "decoder"
     n_dec_layer: Size | None = None
-    rel_buckets: Annotated[int, Field(ge=2, le=1 << 16)] = 32
+    rel_buckets: Annotated[int, Field(ge=4, le=1 << 16)] = 32
     rel_max_distance: Annotated[int, Field(ge=2, le=1 << 24)] = 128
     attn_scale: bool = True
     n_labels: Annotated[int, Field(ge=0, le=1 << 16)] = 0
@@ -534,7 +534,7 @@ class T5HFConfig(Shape):
     num_layers: Size
     num_decoder_layers: Size | None = None
     num_heads: Size
-    relative_attention_num_buckets: Annotated[int, Field(ge=2, le=1 << 16)] = 32
+    relative_attention_num_buckets: Annotated[int, Field(ge=4, le=1 << 16)] = 32
     relative_attention_max_distance: Annotated[int, Field(ge=2, le=1 << 24)] = 128
     layer_norm_epsilon: Finite = 1e-6
     feed_forward_proj: Text = "relu"

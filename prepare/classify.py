@@ -84,7 +84,7 @@ def read_labelled(args: ClassifyConfig, path: str) -> tuple[list[str], list[str]
 
 def label_order(labels: set[str]) -> list[str]:
     """The label set in index order: numbers as numbers ("2" before "10"), other labels alphabetically."""
-    numeric = all(label.lstrip("-").isdigit() for label in labels)
+    numeric = all(label.lstrip("-").isascii() and label.lstrip("-").isdigit() for label in labels)
     return sorted(labels, key=int) if numeric else sorted(labels)
 
 
@@ -100,6 +100,9 @@ def make_tokenizer(args: ClassifyConfig, texts: list[str]) -> tuple:
         info = {k: meta[k] for k in keys if meta.get(k) is not None}
         if meta.get("chat"):
             fail(f"--tokenizer={name} is a chat dataset; name the plain-text dataset the encoder was trained on")
+        special = sorted((meta.get("seq2seq") or {}).get("special", {}).values())  # a seq2seq dataset's <pad>, </s>
+        if special and special == list(range(meta["vocab_size"] - len(special), meta["vocab_size"])):
+            info["vocab_size"] -= len(special)  # the ids it added after the text's: this dataset adds its own
         return Tokenizer(meta, args.tokenizer_dir).encode, info, meta.get("tokenizer_json")
     if name == "char":
         chars = "".join(sorted(set("".join(texts))))

@@ -407,3 +407,18 @@ def test_the_order_recipe_labels_lines_as_written_or_shuffled_and_holds_out_unse
                 assert r["text"] not in lines and any(
                     sorted(r["text"].split()) == sorted(line.split()) for line in lines
                 )
+
+
+def test_attention_telemetry_of_a_classifier_leaves_its_padding_out():
+    from engine.attention import attention_weights
+
+    torch.manual_seed(0)
+    model = tiny_classifier()
+    x = encoder_rows([[1, 2, 3], list(range(1, 20))], {"[CLS]": 66, "[SEP]": 67, "[MASK]": 68, "[PAD]": 69}, 24)
+    for weights in attention_weights(model, x):  # what health telemetry's attention entropy reads
+        assert (weights * (x == 69)[:, None, None, :]).sum() == 0 and torch.allclose(weights.sum(-1), torch.ones(()))
+
+
+def test_labels_that_only_look_like_numbers_sort_as_text():
+    assert prepare_classify.label_order({"2", "10", "-1"}) == ["-1", "2", "10"]
+    assert prepare_classify.label_order({"²", "1"}) == ["1", "²"]  # "²".isdigit(), but int("²") fails

@@ -23,7 +23,7 @@ from engine.errors import UserError
 from engine.hf_interop import UnsupportedModel, from_pretrained, hf_format, save_hf
 from engine.seq2seq import Pairs, SpanCorruption, pairs_of, span_lengths
 from model import GPT, GPTConfig, t5_buckets
-from tools import evaluate, export_hf
+from tools import evaluate, export_hf, sizing
 
 transformers = pytest.importorskip("transformers")
 
@@ -447,3 +447,52 @@ def test_pairs_from_a_csv_with_a_trained_bpe_decode_back(tmp_path):
             (tokenizer.decode(s.tolist()), tokenizer.decode(t.tolist())) for s, t in zip(sources, targets, strict=True)
         }
         assert decoded <= set(rows) and len(decoded) >= 1
+
+
+# --- found in review: where encoder-decoders met the rest ------------------------------------------------------
+
+
+def test_a_span_corruption_run_samples_exports_and_sizes(char_data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    run_ = [*SEQ2SEQ, f"--data_root={char_data}", "--dataset=tiny_char", "--objective=span_corruption"]
+    train.main([*run_, f"--out_dir={out}", "--max_iters=2"])
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", "--start=To be", "--temperature=0", "--device=cpu", "--max_new_tokens=6"])
+    assert len(capsys.readouterr().out.splitlines()) == 1  # </s> and the sentinels are sampled and decoded by name
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={tmp_path}/hf"])  # crashed: taken for an encoder's [CLS]...
+    tokenizer = transformers.AutoTokenizer.from_pretrained(f"{tmp_path}/hf")
+    assert (
+        tokenizer.convert_tokens_to_ids("<extra_id_0>")
+        == read_meta(find_checkpoint(out))["encoder"]["special"]["<extra_id_0>"]
+    )
+    model, _ = load_model(find_checkpoint(out))
+    assert sum(sizing.param_counts(model).values()) == model.num_params(non_embedding=False)
+
+
+def test_a_config_too_large_in_its_decoder_is_refused_before_anything_is_built():
+    from engine.memory import check_fits
+
+    config = GPTConfig(arch="encoder_decoder", block_size=8, vocab_size=64, n_layer=1, n_dec_layer=100_000, n_head=4,
+                       n_embd=256, pad_id=0)  # fmt: skip
+    with pytest.raises(UserError):
+        check_fits(config, "cpu")
+    with pytest.raises(ValueError, match="rel_buckets >= 4"):
+        GPTConfig(pos_embedding="t5", rel_buckets=2)
+
+
+def test_bad_pairs_files_and_other_tokenizers_are_one_line(reverse_data, tmp_path):
+    out = str(tmp_path / "out")
+    train_seq2seq(reverse_data, out, "--max_iters=1")
+    for content, message in (('{"source": "ab", "target": "ba"}\n{oops\n', ":2: not valid JSON"), ("[1]\n", ":1: not")):
+        (tmp_path / "p.jsonl").write_text(content, encoding="utf-8")
+        with pytest.raises(UserError, match=message):
+            evaluate.main([f"--out_dir={out}", f"--pairs={tmp_path}/p.jsonl", "--device=cpu"])
+    # pairs prepared with a seq2seq dataset's tokenizer keep its ids; a model of another tokenizer is refused
+    pairs = write_pairs(tmp_path / "more.jsonl", [("abc", "cba"), ("xyz", "zyx"), ("qq", "qq")])
+    prepare_seq2seq.main([f"--input={pairs}", f"--tokenizer={reverse_data}/reverse", f"--out={reverse_data}/more"])
+    assert load_data(f"{reverse_data}/more", 8).seq2seq["special"] == {"<pad>": 26, "</s>": 27}
+    t5 = tiny_t5_with_tokenizer(tmp_path)
+    with pytest.raises(UserError, match="pads with id 0, more with 26: prepare the data with the model's tokenizer"):
+        train.main(
+            [*SEQ2SEQ, f"--data_root={reverse_data}", "--dataset=more", f"--out_dir={tmp_path}/o", f"--init_from={t5}"]
+        )

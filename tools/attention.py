@@ -96,8 +96,8 @@ def main(argv=None):
     for path in (cfg.png, npy):
         check_output(path, "--png")
     model, tokenizer = load_for_inference(cfg.init_from, cfg.out_dir, cfg.checkpoint, cfg.tokenizer_dir)
-    if model.config.arch == "encoder":  # its attention is not causal: the recomputation here is
-        raise UserError(f"{model.source} is an encoder: attention.py draws a decoder's causal attention")
+    if model.config.arch != "decoder":  # an encoder's attention is not causal, an encoder-decoder's has two stacks
+        raise UserError(f"{model.source} is an {model.config.arch}: attention.py draws a decoder's causal attention")
     text = read_prompt(cfg.start)
     ids = tokenizer.encode(text)
     if not ids:

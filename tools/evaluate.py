@@ -336,22 +336,25 @@ def chrf(hypotheses: list[str], references: list[str], order: int = 6, beta: flo
     return 100 * (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
 
 
+PAIR_KEYS = ("source", "target")  # a --pairs line's
+
+
 def evaluate_pairs(cfg: EvaluateConfig, model: GPT, tokenizer, rt) -> dict:
     """An encoder-decoder on test pairs: each source's greedy prediction (up to </s>), the exact-match share and chrF
     against the references, and the target tokens' loss under teacher forcing (</s> included)."""
     if model.config.arch != "encoder_decoder" or not model.special:
         raise UserError(f"--pairs scores an encoder-decoder's predictions; {model.source} is not one of our runs'")
-    rows = [json.loads(line) for line in read_text(cfg.pairs, "pairs file").splitlines() if line.strip()]
-    bad = next(
-        (
-            n
-            for n, r in enumerate(rows, 1)
-            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("source", "target"))
-        ),
-        None,
-    )
-    if bad is not None or not rows:
-        raise UserError(f'{cfg.pairs}: line {bad or 1} is not a JSON object with string "source" and "target"')
+    rows = []
+    for n, line in enumerate(read_text(cfg.pairs, "pairs file").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError as e:
+            raise UserError(f"{cfg.pairs}:{n}: not valid JSON ({e}); fix or remove that line") from None
+        if row is not None and not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in PAIR_KEYS)):
+            raise UserError(f'{cfg.pairs}:{n}: not a JSON object with string "source" and "target"')
+        rows += [row] if row is not None else []
+    if not rows:
+        raise UserError(f"{cfg.pairs} holds no pairs")
     end, pad, block = model.special["</s>"], model.special["<pad>"], model.config.block_size
     predictions, nll, count = [], 0.0, 0
     model.eval()

@@ -119,7 +119,7 @@ def hf_tokenizer(data: dict, tokenizer_dir: str | None, encoder_special: dict | 
         vocab = max(vocab, 1 + max(special.values()))
         end = ("</s>", special["</s>"])
         tokenizer.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[end])
-    if encoder_special and not data.get("seq2seq"):  # an encoder's [CLS], [SEP], [MASK], [PAD], as in training
+    if encoder_special:  # an encoder's [CLS], [SEP], [MASK], [PAD], and inputs built as training built them
         from tokenizers import AddedToken
         from tokenizers.processors import TemplateProcessing
 
@@ -138,11 +138,14 @@ def main(argv=None):
     check_hf_dir(cfg.hf_dir, cfg.out_dir, cfg.overwrite)
     path, model, meta = load_newest_model(cfg.out_dir, cfg.checkpoint, weights=cfg.weights)
     merge_lora(model)  # a LoRA run exports as a plain model: its adapters folded into the weights
-    tokenizer, vocab = hf_tokenizer(meta["data"], cfg.tokenizer_dir, meta.get("encoder", {}).get("special"))
+    special, data = meta.get("encoder", {}).get("special"), meta["data"]
+    if model.config.arch == "encoder_decoder" and special:  # <pad>, </s> (and span corruption's sentinels)
+        data = data | {"seq2seq": {"special": special}}
+    tokenizer, vocab = hf_tokenizer(data, cfg.tokenizer_dir, special if model.config.arch == "encoder" else None)
     chatting = meta["data"].get("chat")
     eos = chatting["special"][chat.END] if chatting else meta["data"].get("eot_id")  # a reply ends at <|end|>
-    if meta["data"].get("seq2seq"):  # an encoder-decoder's output ends at </s>
-        eos = meta["data"]["seq2seq"]["special"]["</s>"]
+    if data.get("seq2seq"):  # an encoder-decoder's output ends at </s>
+        eos = data["seq2seq"]["special"]["</s>"]
     try:
         with staged_files(cfg.hf_dir) as staging:  # all files written, then renamed in: a failure changes nothing
             template = chat.jinja_template() if chatting else None

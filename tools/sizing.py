@@ -76,15 +76,15 @@ def param_counts(model: GPT) -> dict[str, int]:
     for name, p in model.named_parameters():
         if name.startswith("transformer.wte."):
             part = "embeddings"
-        elif name.startswith("transformer.wpe."):
-            part = "position"
-        elif ".attn." in name:  # c_attn, c_proj and the QK-norm weights
+        elif name.startswith(("transformer.wpe.", "decoder.wpe.", "transformer.rel_bias.", "decoder.rel_bias.")):
+            part = "position"  # (learned tables; T5's bias buckets)
+        elif ".attn." in name or ".cross." in name:  # c_attn, c_proj and the QK-norm weights; cross-attention's
             part = "attention"
         elif ".mlp." in name:  # a dense MLP, or an MoE's router, experts and shared expert
             part = "mlp"
-        elif ".ln_" in name or name.startswith(("transformer.ln_f.", "transformer.ln_e.")):
+        elif ".ln_" in name or name.startswith(("transformer.ln_f.", "transformer.ln_e.", "decoder.ln_f.")):
             part = "norms"
-        elif name.startswith(("lm_head.", "mlm_head.")):  # an encoder's MLM head and output bias: its head too
+        elif name.startswith(("lm_head.", "mlm_head.", "classifier.")):  # an MLM head, a classifier's: heads too
             part = "lm_head"
         else:
             raise ValueError(f"parameter {name} belongs to no part; teach param_counts about it")
