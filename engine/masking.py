@@ -12,13 +12,13 @@ the padded 50304; for a character vocabulary or our own BPE the next four ids. A
 itself (BERT's WordPiece vocabularies) keeps its own ids. The model's vocabulary holds them.
 """
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from engine.data import get_batch, to_device
+from engine.tokenization import added_token_ids, special_token_ids
 
 SPECIAL = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen tokens: [MASK], a random token; the rest stay themselves
@@ -27,17 +27,12 @@ MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen tokens: [MASK], a random to
 def special_tokens(text_vocab_size: int, tokenizer_json: str | None = None) -> dict[str, int]:
     """The encoder's special tokens, in SPECIAL's order: a tokenizer.json's own when it has all four
     (tokenizer_json: its text, as a dataset's meta records it), else the ids after the text's vocabulary."""
-    return own_special_tokens(tokenizer_json) or {name: text_vocab_size + i for i, name in enumerate(SPECIAL)}
+    return special_token_ids(SPECIAL, text_vocab_size, tokenizer_json)
 
 
 def own_special_tokens(tokenizer_json: str | None) -> dict[str, int] | None:
     """A tokenizer.json's [CLS], [SEP], [MASK] and [PAD] ids when it has all four as added tokens, else None."""
-    if not tokenizer_json:
-        return None
-    added = {t.get("content"): t.get("id") for t in json.loads(tokenizer_json).get("added_tokens") or ()}
-    if all(isinstance(added.get(name), int) for name in SPECIAL):
-        return {name: added[name] for name in SPECIAL}
-    return None
+    return added_token_ids(tokenizer_json, SPECIAL)
 
 
 def token_ids_needed(text_vocab_size: int, arch: str, tokenizer_json: str | None = None) -> int:

@@ -18,13 +18,13 @@ sentinel followed by the span it hides, then </s>. The spans are drawn from the 
 encoder's batches. The 100 sentinels take the ids after <pad> and </s> (or a tokenizer.json's own <extra_id_N>).
 """
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.data import TokenData, get_batch, to_device
+from engine.tokenization import special_token_ids
 
 SPECIAL = ("<pad>", "</s>")
 SENTINELS = tuple(f"<extra_id_{i}>" for i in range(100))  # span corruption's, as T5's
@@ -34,12 +34,7 @@ NOISE_DENSITY, MEAN_SPAN = 0.15, 3.0  # T5's span corruption: the share of token
 def special_tokens(text_vocab_size: int, tokenizer_json: str | None = None, sentinels: bool = False) -> dict[str, int]:
     """<pad> and </s> (and with sentinels the 100 <extra_id_N>): a tokenizer.json's own when it has them all as added
     tokens (T5's), else the ids after the text's vocabulary, in that order."""
-    names = SPECIAL + (SENTINELS if sentinels else ())
-    if tokenizer_json:
-        added = {t.get("content"): t.get("id") for t in json.loads(tokenizer_json).get("added_tokens") or ()}
-        if all(isinstance(added.get(name), int) for name in names):
-            return {name: added[name] for name in names}
-    return {name: text_vocab_size + i for i, name in enumerate(names)}
+    return special_token_ids(SPECIAL + (SENTINELS if sentinels else ()), text_vocab_size, tokenizer_json)
 
 
 def rows(sequences: list, end: int, fill: int, block_size: int) -> torch.Tensor:

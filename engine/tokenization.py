@@ -217,6 +217,21 @@ def tokenizer_from_json(text: str, where: str):
         raise UserError(f"{where}: the tokenizers library cannot load it ({detail})") from None
 
 
+def added_token_ids(tokenizer_json: str | None, names) -> dict[str, int] | None:
+    """A tokenizer.json's (its text's) ids of the tokens `names` when it has every one of them as an added token (BERT's
+    [CLS]..., T5's <pad>...), else None."""
+    if not tokenizer_json:
+        return None
+    added = {t.get("content"): t.get("id") for t in json.loads(tokenizer_json).get("added_tokens") or ()}
+    return {name: added[name] for name in names} if all(isinstance(added.get(n), int) for n in names) else None
+
+
+def special_token_ids(names, text_vocab_size: int, tokenizer_json: str | None = None) -> dict[str, int]:
+    """The ids of the special tokens `names`: a tokenizer.json's own when it has them all, else the ids after the
+    text's vocabulary, in order."""
+    return added_token_ids(tokenizer_json, names) or {name: text_vocab_size + i for i, name in enumerate(names)}
+
+
 def read_tokenizer_json(path: str) -> tuple[str, object]:
     """(the text, the `tokenizers.Tokenizer`) of the tokenizer.json file at `path`, checked as tokenizer_from_json."""
     text = read_text(path, MAX_TOKENIZER_BYTES)

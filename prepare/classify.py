@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
 
 import numpy as np
-from table import read_columns
+from table import read_columns, split_rows
 from token_writer import DatasetWriter, fail
 from tqdm import tqdm
 
@@ -141,16 +141,12 @@ def check_characters(tokenizer: dict, texts: list[str], name: str) -> None:
 def main(argv=None):
     args = parse_config(ClassifyConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     texts, labels, source = read_labelled(args, args.input)
+    n, n_val = len(texts), None
     if args.val_input is not None:
         val_texts, val_labels, val_source = read_labelled(args, args.val_input)
-        rows = {"train": list(range(len(texts))), "val": list(range(len(texts), len(texts) + len(val_texts)))}
         texts, labels, source = texts + val_texts, labels + val_labels, f"{source}; validation: {val_source}"
-    else:
-        if len(texts) < 2:
-            fail(f"{args.input} holds {len(texts)} row(s); a train and a val split need at least 2")
-        order = np.random.default_rng(args.seed).permutation(len(texts))
-        n_val = max(1, round(len(texts) * args.val_fraction))
-        rows = {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist())}
+        n_val = len(val_texts)
+    rows = split_rows(n, n_val, args.val_fraction, args.seed, args.input, "row(s)")
     names = label_order(set(labels[i] for i in rows["train"]))
     if len(names) < 2:
         fail(f"the training rows hold {len(names)} label(s) ({', '.join(names)}); a classifier needs at least 2")

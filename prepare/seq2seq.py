@@ -22,7 +22,7 @@ import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on,
 
 import numpy as np
 from classify import check_characters, make_tokenizer
-from table import read_columns
+from table import read_columns, split_rows
 from token_writer import DatasetWriter, fail
 from tqdm import tqdm
 
@@ -72,16 +72,12 @@ def read_pairs(args: Seq2SeqConfig, path: str) -> tuple[list[str], list[str], st
 def main(argv=None):
     args = parse_config(Seq2SeqConfig, sys.argv[1:] if argv is None else argv, usage=__doc__)
     sources, targets, source = read_pairs(args, args.input)
+    n, n_val = len(sources), None
     if args.val_input is not None:
         val_sources, val_targets, val_source = read_pairs(args, args.val_input)
-        rows = {"train": list(range(len(sources))), "val": list(range(len(sources), len(sources) + len(val_sources)))}
         sources, targets, source = sources + val_sources, targets + val_targets, f"{source}; validation: {val_source}"
-    else:
-        if len(sources) < 2:
-            fail(f"{args.input} holds {len(sources)} pair(s); a train and a val split need at least 2")
-        order = np.random.default_rng(args.seed).permutation(len(sources))
-        n_val = max(1, round(len(sources) * args.val_fraction))
-        rows = {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist())}
+        n_val = len(val_sources)
+    rows = split_rows(n, n_val, args.val_fraction, args.seed, args.input, "pair(s)")
     encode, tokenizer, tokenizer_json = make_tokenizer(args, sources + targets)
     check_characters(tokenizer, sources + targets, args.tokenizer)
     special = seq2seq.special_tokens(tokenizer["vocab_size"], tokenizer_json)

@@ -5,6 +5,7 @@ it (token_writer.fail), never a traceback."""
 import json
 import os
 
+import numpy as np
 from token_writer import check_source_file, fail
 
 BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}  # read with `datasets` (.jsonl is read here)
@@ -62,3 +63,15 @@ def _decodes(ds, n: int) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def split_rows(n: int, n_val_input: int | None, val_fraction: float, seed: int, path: str, what: str) -> dict:
+    """{"train": row numbers, "val": row numbers}: the n input rows, then the n_val_input rows read from --val_input;
+    without those a random val_fraction of the input (at least one row; `what` names the rows in the error)."""
+    if n_val_input is not None:
+        return {"train": list(range(n)), "val": list(range(n, n + n_val_input))}
+    if n < 2:
+        fail(f"{path} holds {n} {what}; a train and a val split need at least 2")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_fraction))
+    return {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist())}
