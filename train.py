@@ -27,13 +27,7 @@ import torch.distributed as dist
 
 from engine import health
 from engine.batch_schedule import Batches, BatchWarmup, batch_objective, check_process_count, done
-from engine.checkpoint import (
-    checkpoint_name,
-    find_checkpoint,
-    list_checkpoints,
-    load_model,
-    read_meta,
-)
+from engine.checkpoint import checkpoint_name, find_checkpoint, is_sharded, list_checkpoints, load_model, read_meta
 from engine.configurator import format_overrides, parse_config
 from engine.data import chat_tokens_from, check_chat_coverage, eval_key, get_batch, load_data
 from engine.ema import EMA
@@ -145,6 +139,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more compute
     recompute_every: int = 1  # with gradient_checkpointing: recompute every k-th block (1 = all)
     fsdp: bool = False  # under torchrun: shard model, gradients and optimizer state (FSDP2) instead of DDP
+    async_save: bool = True  # fsdp: each rank writes its checkpoint shards in the background while training goes on
     fp8: bool = False  # FP8 matmuls in the Linear layers (torchao; NVIDIA GPUs with compute capability 8.9+)
     seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
     max_nonfinite_steps: int = 10  # stop (exit code 3) after this many non-finite steps in a row; 0 never stops
@@ -243,7 +238,8 @@ def main(argv=None):
         run_meta |= (
             {"encoder": {"special": objective.special, "mlm_probability": cfg.mlm_probability}} if objective else {}
         )
-        state = TrainState(raw_model, optimizers, scaler, ema, lora, rt, cfg.fsdp, cfg.out_dir, cfg.keep_last, run_meta)
+        saving = (cfg.out_dir, cfg.keep_last, run_meta, cfg.async_save)  # where, how many, what beside, how
+        state = closing.enter_context(TrainState(raw_model, optimizers, scaler, ema, lora, rt, cfg.fsdp, *saving))
         if resume_from:
             state.resume(resume_from)
         loop = state.loop  # iteration, tokens, best val loss, rollbacks...
@@ -382,7 +378,8 @@ def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | N
         model = GPT(config)
     elif resume_from:
         check_resumable(read_meta(resume_from), dataclasses.asdict(cfg), data.meta, log=rt.print0)
-        model, _ = load_model(resume_from, cfg.dropout)
+        own = None if cfg.fsdp and is_sharded(resume_from) else "raw"  # FSDP: each rank reads its shards, later
+        model, _ = load_model(resume_from, cfg.dropout, weights=own)
         rt.print0(f"resuming from {resume_from}")
     elif other_run:  # another run's weights, a fresh start
         model, meta = load_model(other_run, cfg.dropout)

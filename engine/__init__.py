@@ -18,7 +18,8 @@ ema            the moving average of the weights
 attention      attention probabilities recomputed from the model's own modules
 health         per-layer training telemetry
 optim          AdamW / Muon parameter groups and the LR schedules
-fsdp           FSDP2 sharding and full state dicts
+fsdp           FSDP2 sharding and its state dicts (each rank's shards, or whole)
+sharded_checkpoint  every rank's shards written and read with torch.distributed.checkpoint, its index read safely
 checkpoint     the only reader and writer of checkpoints
 out_dir_lock   one training run per out_dir, across all its ranks
 train_state    what a run holds (model, optimizers, scaler, EMA, counters, LoRA), saved and restored as one

@@ -5,6 +5,10 @@ A checkpoint is a directory out_dir/ckpt-<iter>/ (ckpt-<iter>-r<n> once the run 
     state.pt            optimizer, GradScaler and loop state; plain tensors and numbers, loaded with weights_only=True
     meta.json           model config, train config, data fingerprint, iteration and val loss, for humans and tools
     COMPLETE            sha256 of each file above, written last
+A sharded run's (FSDP) holds shards/ instead of model.safetensors: every rank's pieces of the weights, optimizer
+moments and weight average (engine/sharded_checkpoint.py), written by each rank in the background while training
+goes on (ShardedSave), state.pt keeping the rest; readers in one process put the pieces together (load_weights,
+load_state), and a sharded run reads its own pieces alone, on any number of ranks.
 It is written under a temporary name and renamed into place, so a crash at any moment leaves earlier checkpoints
 intact; older ones are deleted only after the new one is complete. Loading verifies the hashes and skips a
 corrupt checkpoint for the one before it, saying so. Nothing in a checkpoint is ever executed.
@@ -21,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 import typing
 
@@ -46,6 +51,7 @@ from engine.schemas import (
     read_json,
     short,
 )
+from engine.sharded_checkpoint import SHARDS, read_shards, shard_shapes, write_shards
 from model import GPT, GPTConfig
 
 _NAME = re.compile(r"^ckpt-(\d+)(?:-r(\d+))?$")
@@ -61,7 +67,9 @@ def remove_debris(out_dir: str) -> None:
     into place only whole), and a torn last line of metrics.jsonl."""
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
-        half_pruned = _NAME.match(name) and os.path.isdir(path) and set(os.listdir(path)) <= set(_FILES)  # no COMPLETE
+        half_pruned = (
+            _NAME.match(name) and os.path.isdir(path) and set(os.listdir(path)) <= {*_FILES, SHARDS}
+        )  # no COMPLETE
         if (_DEBRIS.match(name) or half_pruned) and not os.path.islink(path):
             _remove(path)
     metrics = os.path.join(out_dir, "metrics.jsonl")
@@ -129,25 +137,44 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict,
         tmp = fresh_dir(out_dir, f"{TEMPORARY}{name}-")  # ours alone: nothing planted there in advance is written to
         weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
         save_safetensors(_unique(weights), os.path.join(tmp, "model.safetensors"))
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta | {"iter_num": iter_num, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
-        hashes = {}
-        for name in _FILES:
-            _fsync(os.path.join(tmp, name))
-            hashes[name] = _sha256(os.path.join(tmp, name))
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            json.dump(hashes, f, indent=2)
-        _fsync(os.path.join(tmp, "COMPLETE"))
+        _write_state(tmp, state, meta, iter_num)
+        _seal(tmp, _FILES)
     except (OSError, RuntimeError, SafetensorError) as e:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-        if not disk_full(e, out_dir):
-            raise
-        raise UserError(
-            f"disk full at {out_dir}: checkpoint {iter_num} not written, the previous checkpoint is kept; free space "
-            "and continue with --init_from=resume"
-        ) from None
+        raise _save_error(e, out_dir, iter_num) from None
+    return _install(tmp, out_dir, name)
+
+
+def _write_state(tmp: str, state: dict, meta: dict, iter_num: int) -> None:
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta | {"iter_num": iter_num, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
+
+
+def _seal(tmp: str, names) -> None:
+    """fsync and hash each of the files `names` in `tmp`, then write COMPLETE, their hashes, last."""
+    hashes = {}
+    for name in names:
+        _fsync(os.path.join(tmp, name))
+        hashes[name] = _sha256(os.path.join(tmp, name))
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        json.dump(hashes, f, indent=2)
+    _fsync(os.path.join(tmp, "COMPLETE"))
+
+
+def _save_error(e: BaseException, out_dir: str, iter_num: int) -> BaseException:
+    if not disk_full(e, out_dir):
+        return e
+    return UserError(
+        f"disk full at {out_dir}: checkpoint {iter_num} not written, the previous checkpoint is kept; free space "
+        "and continue with --init_from=resume"
+    )
+
+
+def _install(tmp: str, out_dir: str, name: str) -> str:
+    """Rename the sealed directory `tmp` into place as out_dir/name (a corrupt one there is replaced)."""
+    final = os.path.join(out_dir, name)
     old = None
     if os.path.exists(final):
         old = os.path.join(out_dir, f".old-{name}-{os.getpid()}")  # a corrupt one: replace it
@@ -157,6 +184,59 @@ def save_checkpoint(out_dir: str, iter_num: int, model, state: dict, meta: dict,
     if old:
         _remove(old)
     return final
+
+
+class ShardedSave:
+    """A sharded checkpoint (engine/sharded_checkpoint.py) being written: every rank writes its shards of `tensors`
+    into one temporary directory, in the background when asynchronous; then rank 0 alone (DCP's own index is
+    written only after every rank's shards are) seals it with COMPLETE, renames it into place and prunes. A
+    collective: every rank constructs it with the same arguments (state and meta matter on rank 0 only). wait()
+    returns the checkpoint's path once it is in place, or raises what went wrong (the temporary directory gone, the
+    previous checkpoints untouched)."""
+
+    def __init__(self, out_dir, iter_num, rollbacks, tensors, state, meta, rt, group, asynchronous, keep_last):
+        self.out_dir, self.iter_num, self.keep_last = out_dir, iter_num, keep_last
+        self.name, self.master, self.error = checkpoint_name(iter_num, rollbacks), rt.master, None
+        self.sealed = threading.Event()
+        tmp = None
+        try:
+            if rt.master:
+                os.makedirs(out_dir, exist_ok=True)
+                tmp = fresh_dir(out_dir, f"{TEMPORARY}{self.name}-")
+                _write_state(tmp, state, meta, iter_num)
+        except OSError as e:
+            self.error = _save_error(e, out_dir, iter_num)
+        # every rank learns where to write, or that rank 0 could not begin
+        where = [tmp if self.error is None else None]
+        torch.distributed.broadcast_object_list(where, src=0)
+        self.tmp = where[0]
+        if self.tmp is None:
+            self.error = self.error or UserError(f"checkpoint {iter_num} not written: rank 0 could not begin it")
+            self.sealed.set()
+            return
+        self.future = write_shards(os.path.join(self.tmp, SHARDS), tensors, group, asynchronous)
+        self.future.add_done_callback(self._finish)  # (in the writing thread, or here when already done)
+
+    def _finish(self, future) -> None:
+        try:
+            future.result()
+            if self.master:
+                shards = [f"{SHARDS}/{f}" for f in sorted(os.listdir(os.path.join(self.tmp, SHARDS)))]
+                _seal(self.tmp, ("state.pt", "meta.json", *shards))
+                _install(self.tmp, self.out_dir, self.name)
+                prune_checkpoints(self.out_dir, self.keep_last)
+        except BaseException as e:  # noqa: BLE001 (handed to wait(), on the training thread)
+            if self.master:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self.error = _save_error(e, self.out_dir, self.iter_num)
+        finally:
+            self.sealed.set()
+
+    def wait(self) -> str:
+        self.sealed.wait()
+        if self.error is not None:
+            raise self.error
+        return os.path.join(self.out_dir, self.name)
 
 
 def _unique(weights: dict) -> dict:
@@ -192,6 +272,11 @@ def read_meta(path: str) -> dict:
     return check(CheckpointMeta, read_json(file), file)
 
 
+def is_sharded(path: str) -> bool:
+    """Whether checkpoint `path` was written by a sharded run (its tensors in shards/, not model.safetensors)."""
+    return os.path.isdir(os.path.join(path, SHARDS)) and not os.path.islink(os.path.join(path, SHARDS))
+
+
 def checkpoint_losses(path: str) -> dict:
     """The losses a checkpoint's evaluation measured (none for one saved on a signal)."""
     meta = read_meta(path)
@@ -202,7 +287,11 @@ def verify_checkpoint(path: str) -> str | None:
     """None when every file matches its hash in COMPLETE, else what is wrong."""
     try:
         hashes = read_json(os.path.join(path, "COMPLETE"))
-        for name in _FILES:
+        sharded = is_sharded(path)
+        names = ("state.pt", "meta.json", f"{SHARDS}/.metadata") if sharded else _FILES
+        if sharded:  # every file of the shards listed, and nothing listed outside the checkpoint
+            names += tuple(f"{SHARDS}/{f}" for f in os.listdir(os.path.join(path, SHARDS)) if f != ".metadata")
+        for name in names:
             if _sha256(os.path.join(path, name)) != hashes[name]:
                 return f"{name} does not match its checksum"
         # Only the outline here: a checkpoint whose files match their hashes but whose meta.json is malformed is not
@@ -319,10 +408,11 @@ def _check_lora(lora: dict, config: GPTConfig, params: dict, file: str) -> None:
         raise UserError(f"{file}: lora.trainable: {short(unknown[0])} is not a parameter of this model")
 
 
-def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[GPT, dict]:
+def load_model(path: str, dropout: float = 0.0, weights: str | None = "raw") -> tuple[GPT, dict]:
     """The one way to build a GPT from a verified checkpoint directory: (the model on the CPU with the checkpoint's
     weights, in train mode, with the given dropout; the checkpoint's meta.json). weights="ema": the run's moving
-    average of its weights (train.py --ema_decay) instead of the raw ones."""
+    average of its weights (train.py --ema_decay) instead of the raw ones; None: not the checkpoint's own (a
+    sharded run reads its pieces of them itself; a LoRA model still gets its base)."""
     meta = read_meta(path)
     config = model_config_from_meta(meta, path, dropout=dropout)
     try:
@@ -346,9 +436,12 @@ def load_model(path: str, dropout: float = 0.0, weights: str = "raw") -> tuple[G
         load_weights(base, model)
         targets, trainable = tuple(lora["targets"]), tuple(lora.get("trainable", ()))
         add_lora(model, lora["rank"], lora["alpha"], targets, trainable, lora.get("new_rows_from"))
-        load_weights(path, model, only=[n for n, p in model.named_parameters() if p.requires_grad])
-    else:
+        if weights is not None:
+            load_weights(path, model, only=[n for n, p in model.named_parameters() if p.requires_grad])
+    elif weights is not None:
         load_weights(path, model)
+    if weights is None:
+        return model, meta
     if weights == "ema":
         average = load_state(path).get("ema")
         if average is None:
@@ -393,15 +486,19 @@ def load_weights(path: str, model, only: list[str] | None = None, sharded: bool 
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         if only is not None:
             expected = {name: shape for name, shape in expected.items() if name in only}
-        with safe_open(file, framework="pt") as f:
-            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if is_sharded(path):  # (a sharded run's: its index names the whole shapes)
+            shapes = shard_shapes(os.path.join(path, SHARDS))
+            found = {keys[1]: shape for keys, (shape, _) in shapes.items() if keys[0] == "model" and len(keys) == 2}
+        else:
+            with safe_open(file, framework="pt") as f:
+                found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         extra = sorted(set(found) - set(expected))
         wrong = sorted(n for n in found.keys() & expected.keys() if found[n] != expected[n])
         problems = [f"unexpected tensors {', '.join(extra[:3])}"] if extra else []
         problems += [f"{n} is {list(found[n])}, the model needs {list(expected[n])}" for n in wrong[:1]]
         if problems:
             raise UserError(f"cannot load the weights in {path}: {'; '.join(problems)}")
-        weights = load_file(file)
+        weights = read_shards(os.path.join(path, SHARDS), "model") if is_sharded(path) else load_file(file)
         # A tied weight saved once (under any of its names) also fills the names it is tied to.
         groups: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -424,8 +521,10 @@ def load_weights(path: str, model, only: list[str] | None = None, sharded: bool 
         raise UserError(f"cannot load the weights in {path}: {detail}") from None
 
 
-def load_state(path: str, device: str = "cpu") -> dict:
-    """Optimizer/scaler/loop state; weights_only=True so the file can only hold data, never code."""
+def load_state(path: str, device: str = "cpu", shards: bool = True) -> dict:
+    """Optimizer/scaler/loop state; weights_only=True so the file can only hold data, never code. A sharded
+    checkpoint's moments and average are read whole from its shards (shards=False: not; a sharded run loads its own
+    pieces of them)."""
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=True)
     except Exception as e:  # a refused pickle (UnpicklingError) or a damaged file: either way, not loadable
@@ -435,7 +534,17 @@ def load_state(path: str, device: str = "cpu") -> dict:
     if missing or not isinstance(state["optimizers"], list):
         lacks = ", ".join(missing) or "a list of optimizer states"
         raise UserError(f"{path}/state.pt is not a training state of this code (it lacks {lacks})")
+    if is_sharded(path) and shards:  # the optimizers' moments and the average, put together from every rank's pieces
+        state |= fill_sharded_state(state, read_shards(os.path.join(path, SHARDS), "optimizers"))
+        state |= {"ema": read_shards(os.path.join(path, SHARDS), "ema") or None} if "ema" in state else {}
     return check(TrainingState, state, f"{path}/state.pt")  # what each entry holds, before anything loads it
+
+
+def fill_sharded_state(state: dict, moments: dict) -> dict:
+    """A sharded checkpoint's state.pt entries with the optimizers' moments put back (`moments`: by optimizer
+    index, as the shards hold them, sharded or whole)."""
+    optimizers = [opt | {"state": moments.get(str(i), {})} for i, opt in enumerate(state["optimizers"])]
+    return {"optimizers": optimizers}
 
 
 def code_version() -> str | None:

@@ -8,8 +8,9 @@ t = 2,000), and the full decay applies from t = (10 * decay - 1) / (1 - decay) o
 
 Only the parameters that train are averaged (a frozen LoRA base equals its own average). Under FSDP the average is
 sharded as the weights are (each rank averages its shards), and state_dict() gathers it whole (a collective: call it
-on every rank). train.py saves the average in state.pt, restores it on resume, evaluates with it beside the raw
-weights, and sample.py, tools/evaluate.py and tools/export_hf.py load it with --weights=ema.
+on every rank) or gives the shards (what a sharded checkpoint holds). train.py saves the average in state.pt,
+restores it on resume, evaluates with it beside the raw weights, and sample.py, tools/evaluate.py and
+tools/export_hf.py load it with --weights=ema.
 """
 
 import contextlib
@@ -43,10 +44,11 @@ class EMA:
         if self.updates is not None:
             self.updates += 1
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole average on the CPU, by parameter name (under FSDP gathered from every rank's shards), and the
-        update count as a 0-d tensor under UPDATES (readers of the average skip that key)."""
-        state = {n: _whole(t).cpu() for n, t in zip(self.names, self.average, strict=True)}
+    def state_dict(self, sharded: bool = False) -> dict[str, torch.Tensor]:
+        """The whole average on the CPU, by parameter name (under FSDP gathered from every rank's shards; sharded:
+        this rank's shards themselves, what a sharded checkpoint writes and loads into), and the update count as a
+        0-d tensor under UPDATES (readers of the average skip that key)."""
+        state = {n: t if sharded else _whole(t).cpu() for n, t in zip(self.names, self.average, strict=True)}
         return state | ({UPDATES: torch.tensor(self.updates)} if self.updates is not None else {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -54,7 +56,9 @@ class EMA:
         if missing:
             raise KeyError(f"the saved average lacks {', '.join(missing[:3])}")
         for t, n in zip(self.average, self.names, strict=True):
-            t.copy_(_like(state[n].to(t.device), t))
+            saved = state[n]
+            if saved is not t:  # (a sharded checkpoint loads into the average itself)
+                t.copy_(saved if hasattr(saved, "device_mesh") else _like(saved.to(t.device), t))
         # An average saved before the count was kept was updated with the full decay from its first step, and after
         # an unknown number of steps: it goes on with the full decay (warming up again would let the next steps'
         # weights overwrite most of it), and is saved again without a count, so a later resume agrees.

@@ -1,6 +1,6 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard): shard parameters, gradients and optimizer state across the ranks of a
-torchrun job, for models too big to replicate with DDP; and gather full state dicts, so a checkpoint written by a
-sharded run is the same format a single process writes and loads (sample.py included).
+torchrun job, for models too big to replicate with DDP; and the state dicts of a sharded model, each rank's shards
+(what engine/sharded_checkpoint.py writes), loaded back from shards or from a whole state (one process's checkpoint).
 
 Each transformer block is its own FSDP unit (all-gathered just before it runs, freed after), the rest of the model
 is the root unit. Under FSDP every rank must take part in each forward pass and each state-dict gather.
@@ -33,46 +33,60 @@ def shard_model(
 
 
 def model_state(model: torch.nn.Module, sharded: bool) -> dict:
-    """The full state dict (a collective under FSDP: call it on every rank)."""
+    """The model's state dict: under FSDP each rank's shards (DTensors; nothing is gathered), else its tensors."""
     if not sharded:
         return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model)
 
 
-def load_model_state(model: torch.nn.Module, state: dict, sharded: bool, from_rank0: bool = False) -> None:
-    """Load a full state dict into `model`: under FSDP into its shards (a collective), from every rank's copy of the
-    state, or with from_rank0 from rank 0's alone (the other ranks pass an empty dict)."""
+def is_distributed(state: dict) -> bool:
+    """Whether a (nested) state dict holds shards (DTensors) rather than whole tensors."""
+    values = list(state.values())
+    while values:
+        v = values.pop()
+        if isinstance(v, dict):
+            values.extend(v.values())
+        elif hasattr(v, "device_mesh"):
+            return True
+    return False
+
+
+def load_model_state(model: torch.nn.Module, state: dict, sharded: bool, strict: bool = True) -> None:
+    """Load a state dict into `model`: under FSDP into its shards (a collective), from shards of the same names or
+    from whole tensors on every rank (a checkpoint of one process). strict=False: some of the weights (LoRA's)."""
     if not sharded:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0))
+    options = StateDictOptions(full_state_dict=not is_distributed(state), strict=strict)
+    set_model_state_dict(model, state, options=options)
 
 
 def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
-    """The optimizer's full state dict keyed by parameter name (FQN), the one format every mode reads: one process,
-    DDP and FSDP (a collective under FSDP)."""
+    """The optimizer's state dict keyed by parameter name (FQN), the one format every mode reads: one process, DDP
+    and FSDP (each rank's shards of the moments, as DTensors). Under FSDP an optimizer that has not stepped gets its
+    state made first (torch takes a step of learning rate 0, which changes no weight): a template to load into."""
     if not sharded:
         return _by_name(model, optimizer, optimizer.state_dict())
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(model, optimizer)
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool, from_rank0=False) -> None:
-    """Load a full optimizer state dict into `optimizer` (sharding it when the model is sharded; from_rank0 as in
-    load_model_state). Only the state (moments, step counts) comes from the checkpoint: the hyperparameters of each
-    group (learning rate, weight decay, betas) stay those the optimizer was built with, so a resumed run follows its
-    own command line."""
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    """Load an optimizer state dict into `optimizer`: under FSDP from shards or from a whole state (sharding it).
+    Only the state (moments, step counts) comes from the checkpoint: the hyperparameters of each group (learning
+    rate, weight decay, betas) stay those the optimizer was built with, so a resumed run follows its own command
+    line."""
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     state = _by_name(model, optimizer, state) if state else state
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+        options = StateDictOptions(full_state_dict=not is_distributed(state))
         set_optimizer_state_dict(model, optimizer, state, options=options)
     else:
         optimizer.load_state_dict(_by_index(model, optimizer, state))

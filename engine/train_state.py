@@ -7,7 +7,9 @@ state_dict() is what a checkpoint holds: "model" (the weights, written to model.
 train, the frozen base being saved once), and the rest written to state.pt: "optimizers" (each keyed by parameter
 name, engine/fsdp.py's format, the same in every mode; empty for one that has not stepped yet), "scaler", "ema" (with
 --ema_decay) and the LoopState fields.
-Under FSDP it is a collective that gathers the full state on rank 0 (call it on every rank).
+Under FSDP it is each rank's shards, gathered nowhere: every rank writes its own pieces of the weights, moments and
+average to a sharded checkpoint (save_shards, in the background by default), and reads its own pieces back, on any
+number of ranks; the rollback snapshot is each rank's copy of its pieces.
 """
 
 import copy
@@ -19,8 +21,11 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import (
+    ShardedSave,
     checkpoint_name,
     code_version,
+    fill_sharded_state,
+    is_sharded,
     load_state,
     load_weights,
     prune_checkpoints,
@@ -31,6 +36,7 @@ from engine.checkpoint import (
 from engine.errors import UserError
 from engine.fsdp import load_model_state, load_optimizer_state, model_state, optimizer_state
 from engine.lora import add_lora, parse_targets
+from engine.sharded_checkpoint import SHARDS, load_shards
 from model import GPTConfig
 
 # what checkpoints saved before these options existed ran with
@@ -59,14 +65,28 @@ class TrainState:
     runtime (rank, device, logging)."""
 
     def __init__(
-        self, model, optimizers, scaler, ema, lora, rt, sharded: bool, out_dir: str, keep_last: int, meta: dict
+        self,
+        model,
+        optimizers,
+        scaler,
+        ema,
+        lora,
+        rt,
+        sharded,
+        out_dir: str,
+        keep_last: int,
+        meta: dict,
+        async_save=True,
     ):
         self.model, self.optimizers, self.scaler, self.ema, self.lora = model, optimizers, scaler, ema, lora
         self.rt, self.sharded = rt, sharded
         # where checkpoints go, how many are kept besides the best, and what each records beside the state (the
-        # run's train config, the data's fingerprint)
-        self.out_dir, self.keep_last, self.meta = out_dir, keep_last, meta
+        # run's train config, the data's fingerprint); async_save=False: a sharded run's checkpoint is written
+        # before training goes on
+        self.out_dir, self.keep_last, self.meta, self.async_save = out_dir, keep_last, meta, async_save
         self.loop = LoopState()
+        self.saving: ShardedSave | None = None  # a sharded checkpoint being written
+        self.group = None  # the process group its writers talk over (gloo, apart from training's)
 
     def clip_gradients(self, grad_clip: float) -> torch.Tensor:
         """Undo float16 loss scaling (a no-op otherwise), clip the global gradient norm to grad_clip (0: no
@@ -92,28 +112,28 @@ class TrainState:
         """The names of the parameters that train (with LoRA: the adapters, and on chat data the new rows)."""
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, template: bool = False) -> dict:
+        """Under FSDP each rank's shards (DTensors), gathered nowhere. template: every optimizer's state included,
+        made first for one that has not stepped (a state to load a checkpoint's into)."""
         weights = model_state(self.model, self.sharded)
         if self.lora:
             trained = set(self.trained())
             weights = {n: w for n, w in weights.items() if n in trained}
-        # an optimizer that has not stepped has no state to gather (asking FSDP for it would make it: a step)
+        # an optimizer that has not stepped has no state to save (asking FSDP for it would make it: a step)
         optimizers = [
-            optimizer_state(self.model, opt, self.sharded) if opt.state else {"state": {}, "param_groups": []}
+            optimizer_state(self.model, opt, self.sharded) if opt.state or template else NOT_STEPPED
             for opt in self.optimizers
         ]
         state = {"model": weights, "optimizers": optimizers, "scaler": self.scaler.state_dict()}
-        state |= {"ema": self.ema.state_dict()} if self.ema else {}  # a collective too, under FSDP
+        state |= {"ema": self.ema.state_dict(sharded=self.sharded)} if self.ema else {}
         return state | dataclasses.asdict(self.loop)
 
-    def load_state_dict(self, state: dict, source: str = "the snapshot", from_rank0: bool = False) -> None:
+    def load_state_dict(self, state: dict, source: str = "the snapshot") -> None:
         """Load what state_dict() gave (weights only when "model" is there: a resumed run built its model from the
-        checkpoint). The optimizers' hyperparameters stay this run's; a state of another model is one line naming
-        source. from_rank0: under FSDP, only rank 0 holds the state (the others pass empty dicts)."""
-        if "model" in state and self.lora:  # the trained weights alone (LoRA runs are never sharded)
-            self.model.load_state_dict(state["model"], strict=False)
-        elif "model" in state:
-            load_model_state(self.model, state["model"], self.sharded, from_rank0=from_rank0)
+        checkpoint; under FSDP shards, or whole tensors every rank holds). The optimizers' hyperparameters stay this
+        run's; a state of another model is one line naming source."""
+        if "model" in state:  # (with LoRA the trained weights alone)
+            load_model_state(self.model, state["model"], self.sharded, strict=not self.lora)
         if self.ema:
             if "ema" not in state:
                 raise UserError(f"{source} was trained without --ema_decay: resume without it, or start a new run")
@@ -123,11 +143,11 @@ class TrainState:
                 detail = str(e).splitlines()[0][:200]
                 raise UserError(f"{source}/state.pt: ema: {detail}; it is not this model's") from None
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            if "state" in saved and not saved["state"]:  # an optimizer that had not stepped: fresh again
-                opt.state.clear()  # (under FSDP from rank 0 the other ranks hold {}, and load in the broadcast)
+            if not saved.get("param_groups"):  # an optimizer that had not stepped: fresh again
+                opt.state.clear()
                 continue
             try:
-                load_optimizer_state(self.model, opt, saved, self.sharded, from_rank0=from_rank0)
+                load_optimizer_state(self.model, opt, saved, self.sharded)
             except (KeyError, ValueError, RuntimeError) as e:  # e.g. a Muon run saved when MoE routers were in Muon
                 raise UserError(
                     f"cannot resume {source}: its {type(opt).__name__} state does not fit this optimizer "
@@ -139,23 +159,34 @@ class TrainState:
         self.loop = LoopState(**copy.deepcopy({k: v for k, v in state.items() if k in fields}))
 
     def snapshot(self) -> dict:
-        """state_dict(), copied and held in memory (the weights on the CPU): the run's starting state, where a loss
-        spike before the first checkpoint rolls back to. Under FSDP rank 0 holds it (restore with from_rank0)."""
-        state = self.state_dict()
-        weights = state.pop("model")  # under FSDP already a fresh CPU copy, gathered on rank 0
-        weights = weights if self.sharded else {n: t.detach().to("cpu", copy=True) for n, t in weights.items()}
-        return copy.deepcopy(state) | {"model": weights}
+        """state_dict(), copied and held in memory on the CPU: the run's starting state, where a loss spike before
+        the first checkpoint rolls back to. Under FSDP each rank holds a copy of its own shards."""
+        return _copied(self.state_dict())
 
     def restore(self, snapshot: dict) -> None:
         """Back to a snapshot (it stays as it was: restoring twice gives the same state twice)."""
-        weights = dict(snapshot["model"])  # copied into the parameters; FSDP's loading replaces the dict's entries
-        state = copy.deepcopy({k: v for k, v in snapshot.items() if k != "model"})
-        self.load_state_dict(state | {"model": weights}, from_rank0=self.sharded)
+        if self.sharded:  # each rank's pieces, copied into its shards
+            state = self.state_dict(template=True)
+            _copy_into(state, snapshot)
+        else:
+            state = _copied(snapshot)
+        self.load_state_dict(state)
 
     def resume(self, path: str) -> None:
         """Load checkpoint `path`'s state.pt (its optimizer moments, loss scale, average and loop counters) into this
-        state. The weights are the model's already: init_model built it from the checkpoint."""
-        saved = load_state(path, self.rt.device)
+        state. The weights are the model's already (init_model built it from the checkpoint), except for a sharded
+        run resuming a sharded checkpoint: every rank reads its own pieces of the weights too, nothing whole."""
+        if self.sharded and is_sharded(path):
+            saved = load_state(path, self.rt.device, shards=False)
+            state = self.state_dict(template=True)
+            stepped = [str(i) for i, opt in enumerate(saved["optimizers"]) if opt["param_groups"]]
+            tensors = {"model": state["model"], "optimizers": {}, "ema": state.get("ema", {})}
+            tensors["optimizers"] = {i: state["optimizers"][int(i)]["state"] for i in stepped}
+            load_shards(os.path.join(path, SHARDS), tensors)
+            saved |= fill_sharded_state(saved, tensors["optimizers"]) | {"model": tensors["model"]}
+            saved |= {"ema": tensors["ema"]} if "ema" in saved else {}
+        else:
+            saved = load_state(path, self.rt.device)
         if "tokens" not in saved:  # saved before the token counter: every step was a full batch of its config
             run = read_meta(path)["train_config"]
             batch = run["gradient_accumulation_steps"] * run["batch_size"] * run["block_size"]
@@ -164,37 +195,113 @@ class TrainState:
 
     def roll_back_to(self, path: str) -> None:
         """Checkpoint `path` whole again: its weights (with LoRA the trained ones) and its state.pt."""
-        load_weights(path, self.model, only=self.trained() if self.lora else None, sharded=self.sharded)
+        self.finish_saving()  # (it may be the checkpoint still being written)
+        if not (self.sharded and is_sharded(path)):
+            load_weights(path, self.model, only=self.trained() if self.lora else None, sharded=self.sharded)
         self.resume(path)
+
+    def checkpoint_meta(self, losses: dict | None) -> dict:
+        """What meta.json records beside the state: model and train config, data, code version, losses."""
+        meta = {"model_config": dataclasses.asdict(self.model.config)} | self.meta | {"code_version": code_version()}
+        meta |= {"val_loss": losses["val"] if losses else None, "train_loss": losses["train"] if losses else None}
+        return meta | {"rollbacks": self.loop.rollbacks} | ({"lora": self.lora} if self.lora else {})
 
     def save(self, losses: dict | None) -> str | None:
         """Checkpoint the run to out_dir/ckpt-<iter>[-r<rollbacks>] and prune to keep_last, and return its path (on
         every rank), or None when the weights are not finite: a diverged run keeps its last good checkpoint. losses:
-        the evaluation's, or None. Called on every rank (under FSDP gathering the state is a collective); only the
-        master writes."""
+        the evaluation's, or None. Called on every rank: under DDP only the master writes; under FSDP every rank
+        writes its shards (save_shards)."""
         rt, loop = self.rt, self.loop
+        self.finish_saving()
+        if self.sharded:
+            return self.save_shards(losses)
         path = os.path.join(self.out_dir, checkpoint_name(loop.iter_num, loop.rollbacks))
-        if not (rt.master or self.sharded):  # DDP ranks hold the master's weights: the same finiteness
+        if not rt.master:  # DDP ranks hold the master's weights: the same finiteness
             return path if all(torch.isfinite(p).all() for p in self.model.parameters()) else None
         state = self.state_dict()
         weights = state.pop("model")
-        finite = all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
-        if self.sharded:  # only the master holds the gathered weights: it decides for every rank
-            decision = [bool(finite)]
-            dist.broadcast_object_list(decision, src=0)
-            finite = decision[0]
-        if not rt.master:
-            return path if finite else None
-        if not finite:
+        if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
             rt.print0(f"not saving iteration {loop.iter_num}: the weights are not finite")
             return None
-        meta = {"model_config": dataclasses.asdict(self.model.config)} | self.meta | {"code_version": code_version()}
-        meta |= {"val_loss": losses["val"] if losses else None, "train_loss": losses["train"] if losses else None}
-        meta |= {"rollbacks": loop.rollbacks} | ({"lora": self.lora} if self.lora else {})
-        path = save_checkpoint(self.out_dir, loop.iter_num, weights, state, meta, loop.rollbacks)
+        path = save_checkpoint(
+            self.out_dir, loop.iter_num, weights, state, self.checkpoint_meta(losses), loop.rollbacks
+        )
         prune_checkpoints(self.out_dir, self.keep_last)
         rt.print0(f"saved checkpoint {path}")
         return path
+
+    def save_shards(self, losses: dict | None) -> str | None:
+        """Under FSDP: every rank writes its own shards of the weights, moments and average (DCP), in the background
+        unless async_save=False; rank 0 writes state.pt (the rest) and meta.json, and puts the checkpoint in place
+        once every rank has written. Returns its path at once: finish_saving() waits for it."""
+        rt, loop = self.rt, self.loop
+        path = os.path.join(self.out_dir, checkpoint_name(loop.iter_num, loop.rollbacks))
+        state = self.state_dict()
+        finite = all(torch.isfinite(_local(w)).all() for w in state["model"].values() if w.is_floating_point())
+        agreed = torch.tensor([float(finite)], device=rt.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every rank decides alike
+        if not agreed.item():
+            rt.print0(f"not saving iteration {loop.iter_num}: the weights are not finite")
+            return None
+        tensors = {"model": state.pop("model"), "ema": state.pop("ema", {})}
+        tensors["optimizers"] = {str(i): opt["state"] for i, opt in enumerate(state["optimizers"])}
+        state["optimizers"] = [opt | {"state": {}} for opt in state["optimizers"]]  # state.pt: their groups alone
+        state |= {"ema": {}} if self.ema else {}
+        if self.group is None:  # a gloo group of its own: the background writers never meet training's collectives
+            self.group = dist.new_group(backend="gloo")
+        args = (self.out_dir, loop.iter_num, loop.rollbacks, tensors, state, self.checkpoint_meta(losses), rt)
+        self.saving = ShardedSave(*args, self.group, self.async_save, self.keep_last)
+        if not self.async_save:
+            self.finish_saving()
+        return path
+
+    def __enter__(self) -> "TrainState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Leaving the run: a sharded checkpoint still being written is waited for."""
+        self.finish_saving()
+
+    def finish_saving(self) -> None:
+        """Wait for the sharded checkpoint being written (if any) to be in place; raise what went wrong with it."""
+        saving, self.saving = self.saving, None
+        if saving:
+            path = saving.wait()
+            self.rt.print0(f"saved checkpoint {path}")
+
+
+NOT_STEPPED = {"state": {}, "param_groups": []}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # this rank's piece of a DTensor
+
+
+def _copied(tree):
+    """A copy of a (nested) state dict: tensors (this rank's pieces of DTensors) cloned to the CPU."""
+    if isinstance(tree, dict):
+        return {k: _copied(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copied(v) for v in tree]
+    if isinstance(tree, torch.Tensor):
+        return _local(tree).detach().to("cpu", copy=True)
+    return copy.deepcopy(tree)
+
+
+def _copy_into(state: dict, saved: dict) -> None:
+    """Copy `saved` (a _copied snapshot) into `state` (state_dict(template=True)): tensors in place (into this rank's
+    pieces), everything else by value."""
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(state.get(key), dict):
+            _copy_into(state[key], value)
+        elif isinstance(value, list) and isinstance(state.get(key), list) and key == "optimizers":
+            for own, theirs in zip(state[key], value, strict=True):
+                _copy_into(own, theirs)
+        elif isinstance(value, torch.Tensor) and isinstance(state.get(key), torch.Tensor):
+            with torch.no_grad():
+                _local(state[key]).copy_(value)
+        else:
+            state[key] = copy.deepcopy(value)
 
 
 def check_resumable(meta: dict, options: dict, data_meta: dict, log=print) -> None:

@@ -39,9 +39,10 @@ CONFIG = [
 ]
 
 
-def torchrun(tmp_path, *argv: str) -> subprocess.CompletedProcess:
-    """train.py under `torchrun --standalone --nproc_per_node=2`; each rank's stdout/stderr go to tmp_path/logs."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+def torchrun(tmp_path, *argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """train.py under `torchrun --standalone --nproc_per_node=<nproc>`; each rank's stdout/stderr go to
+    tmp_path/logs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [f"--log-dir={tmp_path / 'logs'}", "--redirects=3", "train.py", *argv]
     env = os.environ.copy()  # keeps TIKTOKEN_CACHE_DIR and PATH
     env.pop("RANK", None)
@@ -52,9 +53,9 @@ def torchrun(tmp_path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
-def rank_logs(tmp_path, stream: str) -> list[str]:
+def rank_logs(tmp_path, stream: str, nproc: int = 2) -> list[str]:
     paths = sorted(glob.glob(str(tmp_path / "logs" / "*" / "attempt_0" / "*" / f"{stream}.log")))
-    assert len(paths) == 2, paths
+    assert len(paths) == nproc, paths
     contents = []
     for path in paths:
         with open(path) as f:
