@@ -139,6 +139,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more compute
     recompute_every: int = 1  # with gradient_checkpointing: recompute every k-th block (1 = all)
     fsdp: bool = False  # under torchrun: shard model, gradients and optimizer state (FSDP2) instead of DDP
+    zero_stage: int = (
+        0  # 1: DDP with the optimizer state sharded; 2: FSDP2 keeping weights gathered till backward; 3: fsdp
+    )
+    cpu_offload: bool = False  # fsdp: weights, gradients and optimizer step in CPU memory (FSDP2's CPUOffloadPolicy)
+    hsdp: int = 0  # fsdp over nodes: shard within groups of this many processes (a node), replicate across; 0 = off
     async_save: bool = True  # fsdp: each rank writes its checkpoint shards in the background while training goes on
     fp8: bool = False  # FP8 matmuls in the Linear layers (torchao; NVIDIA GPUs with compute capability 8.9+)
     seed: int = 1337  # seeds init, data order and dropout; a run is a function of its config
@@ -157,7 +162,7 @@ class TrainConfig:
             ((*positive, "block_size", "spike_window", "spike_patience", "recompute_every"), lambda v: v >= 1, ">= 1"),
             (("max_iters", "keep_last", "warmup_iters", "batch_warmup_tokens"), lambda v: v >= 0, ">= 0"),
             (
-                ("max_nonfinite_steps", "max_rollbacks", "lora_rank", "health_interval"),
+                ("max_nonfinite_steps", "max_rollbacks", "lora_rank", "health_interval", "hsdp"),
                 lambda v: v >= 0,
                 ">= 0 (0 = off)",
             ),
@@ -170,6 +175,7 @@ class TrainConfig:
             (("mlm_probability",), lambda v: 0 < v < 1, "in (0, 1)"),
             (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
             (("optimizer",), lambda v: v in ("adamw", "muon"), "adamw or muon"),
+            (("zero_stage",), lambda v: v in (0, 1, 2, 3), "0 (off), 1, 2 or 3"),
             (("lr_schedule",), lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             (("eval_task",), lambda v: v is None or v in TASKS, f"one of {', '.join(TASKS)}"),
             (("objective",), lambda v: v in (None, "span_corruption"), "span_corruption or none"),
@@ -185,12 +191,11 @@ class TrainConfig:
         if not self.out_dir.strip():
             raise ValueError("out_dir is empty; name the run's directory, e.g. --out_dir=out")
         parse_targets(self.lora_targets)
-        if self.lora_rank and self.fsdp:
-            raise ValueError("lora_rank with fsdp=True is not supported: LoRA's optimizer state is small, use DDP")
         if self.lora_rank and self.fp8:  # torchao would swap the adapters' layers for plain FP8 ones: no adapters
             raise ValueError("fp8=True with lora_rank is not supported: train the adapters in bf16 (drop --fp8)")
-        if self.fsdp and self.optimizer == "muon":
-            raise ValueError("optimizer=muon needs whole matrices; use it without fsdp")
+        self.fsdp = self.fsdp or self.zero_stage >= 2  # ZeRO-2 and ZeRO-3 are FSDP2 (fsdp alone: 3); ZeRO-1 is DDP's
+        if (self.cpu_offload or self.hsdp) and not self.fsdp or self.fsdp and self.zero_stage == 1:
+            raise ValueError("cpu_offload and hsdp need fsdp=True (or zero_stage 2 or 3); zero_stage=1 is without fsdp")
         if self.arch != "decoder" and self.eval_task:
             raise ValueError(f"eval_task scores a decoder's next-token likelihoods; arch={self.arch} has none")
         if self.objective and self.arch != "encoder_decoder":
@@ -228,10 +233,10 @@ def main(argv=None):
         if cfg.fp8:
             enable_fp8(raw_model, rt.device)
         if cfg.fsdp:  # with compile, each block is compiled before it is sharded (FSDP's hooks would break the graph)
-            shard_model(raw_model, rt.device_type, rt.world_size, rt.dtype, cfg.compile)
+            shard_model(raw_model, rt, cfg.compile, cfg.zero_stage, cfg.cpu_offload, cfg.hsdp)
         recompute_every = cfg.recompute_every if cfg.gradient_checkpointing else 0
         adamw = (cfg.optimizer, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
-        optimizers = setup_training(raw_model, *adamw, cfg.muon_learning_rate, recompute_every)
+        optimizers = setup_training(raw_model, *adamw, cfg.muon_learning_rate, recompute_every, cfg.zero_stage == 1)
         scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)  # float16 needs loss scaling
         ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None  # the weights, averaged
         run_meta = {"train_config": dataclasses.asdict(cfg), "data": data.fingerprint()}  # in every checkpoint
@@ -364,7 +369,7 @@ def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | N
             f"{cfg.out_dir} already holds checkpoints; {'evaluate' if cfg.eval_only else 'continue'} them with "
             "--init_from=resume or choose another --out_dir"
         )
-    shards = rt.world_size if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the ranks
+    shards = (cfg.hsdp or rt.world_size) if cfg.fsdp else 1  # FSDP divides weights, gradients and AdamW state
     resume_from = find_checkpoint(cfg.out_dir, log=rt.print0) if cfg.init_from == "resume" else None
     other_run = cfg.init_from not in ("scratch", "resume") and os.path.isdir(cfg.init_from)
     other_run = find_checkpoint(cfg.init_from, log=rt.print0) if other_run and list_checkpoints(cfg.init_from) else None
@@ -378,9 +383,8 @@ def init_model(cfg: TrainConfig, rt, data, objective=None) -> tuple[GPT, str | N
         model = GPT(config)
     elif resume_from:
         check_resumable(read_meta(resume_from), dataclasses.asdict(cfg), data.meta, log=rt.print0)
-        own = None if cfg.fsdp and is_sharded(resume_from) else "raw"  # FSDP: each rank reads its shards, later
-        model, _ = load_model(resume_from, cfg.dropout, weights=own)
-        rt.print0(f"resuming from {resume_from}")
+        model, _ = load_model(resume_from, cfg.dropout, None if cfg.fsdp and is_sharded(resume_from) else "raw")
+        rt.print0(f"resuming from {resume_from}")  # (FSDP from shards: each rank reads its own weights, TrainState)
     elif other_run:  # another run's weights, a fresh start
         model, meta = load_model(other_run, cfg.dropout)
         model.labels = (meta["data"].get("classify") or {}).get("labels")  # a classifier's

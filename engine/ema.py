@@ -82,9 +82,11 @@ class EMA:
 
 
 def _reshard(model: torch.nn.Module) -> None:
-    """FSDP keeps the root unit's weights gathered after a forward pass: back to the shards, which we swap."""
-    if hasattr(model, "reshard"):
-        model.reshard()
+    """FSDP keeps the root unit's weights gathered after a forward pass (and every unit's under ZeRO-2, which does
+    not reshard after forward): back to the shards, which we swap."""
+    for module in model.modules():
+        if hasattr(module, "reshard"):
+            module.reshard()
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:

@@ -8,28 +8,46 @@ is the root unit. Under FSDP every rank must take part in each forward pass and 
 
 import torch
 
+from engine.errors import UserError
+
 # torch.distributed's checkpoint and FSDP modules are imported where they are used, only by sharded runs: importing
 # them costs about a second of every start-up.
 
 
 def shard_model(
-    model: torch.nn.Module, device_type: str, world_size: int, dtype: torch.dtype = torch.float32, compile: bool = False
+    model: torch.nn.Module, rt, compile: bool = False, stage: int = 3, offload: bool = False, hsdp: int = 0
 ) -> None:
-    """Shard `model` in place across the process group: one FSDP unit per block, plus the root.
+    """Shard `model` in place across the process group (rt: engine/runtime.py's Runtime): one FSDP unit per block,
+    plus the root.
 
+    stage 3 (ZeRO-3; also 0, fsdp=True alone): each unit's parameters are gathered for its forward, freed after it
+    and gathered again for its backward. stage 2: kept gathered from forward to backward (FSDP2's
+    reshard_after_forward=False): one all-gather per step instead of two, the whole parameters held meanwhile;
+    gradients and optimizer state stay sharded.
+    offload: the shards, their gradients and the optimizer step live in CPU memory (FSDP2's CPUOffloadPolicy), copied
+    to the GPU for each unit's forward and backward. hsdp=N (hybrid sharding): shards within each group of N
+    processes (a node), whole copies across groups (a 2-D DeviceMesh), so the gradients cross nodes once per step.
     In bf16/fp16 the units all-gather their parameters in that dtype and reduce gradients in float32 (torchtitan's
     policy); the float32 shards stay the master weights. compile=True compiles each block before sharding it, so
     FSDP's hooks sit between graphs rather than breaking one graph of the whole forward (torchtitan does the same)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device_type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    if hsdp and rt.world_size % hsdp:
+        raise UserError(f"hsdp={hsdp} must divide the {rt.world_size} processes into equal groups")
+    if hsdp:
+        mesh = init_device_mesh(rt.device_type, (rt.world_size // hsdp, hsdp), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(rt.device_type, (rt.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    # (pinned memory, for fast copies to the GPU, exists only beside one)
+    offload_policy = CPUOffloadPolicy(pin_memory=rt.device_type == "cuda") if offload else OffloadPolicy()
+    options = {"mesh": mesh, "mp_policy": policy, "offload_policy": offload_policy, "reshard_after_forward": stage != 2}
     for block in model.all_blocks():
         if compile:
             block.compile()  # in place (keeps parameter names): the module's call runs a compiled forward
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
 
 
 def model_state(model: torch.nn.Module, sharded: bool) -> dict:
@@ -69,6 +87,10 @@ def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
     """The optimizer's state dict keyed by parameter name (FQN), the one format every mode reads: one process, DDP
     and FSDP (each rank's shards of the moments, as DTensors). Under FSDP an optimizer that has not stepped gets its
     state made first (torch takes a step of learning rate 0, which changes no weight): a template to load into."""
+    if is_zero(optimizer):  # ZeRO-1: a collective, every rank's part gathered on rank 0 (the others get nothing)
+        optimizer.consolidate_state_dict(to=0)
+        whole = optimizer.state_dict() if torch.distributed.get_rank() == 0 else {"state": {}}
+        return _by_name(model, optimizer, whole) if whole["state"] else NOT_STEPPED
     if not sharded:
         return _by_name(model, optimizer, optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -82,8 +104,14 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded
     rate, weight decay, betas) stay those the optimizer was built with, so a resumed run follows its own command
     line."""
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    if is_zero(optimizer):  # ZeRO-1: rank 0's state (every rank's, read from a file), each rank keeping its part
+        held = [state]
+        torch.distributed.broadcast_object_list(held, src=0)
+        state = held[0]
     state = _by_name(model, optimizer, state) if state else state
-    if sharded:
+    if is_zero(optimizer) and not state["param_groups"]:  # it had not stepped: fresh again
+        optimizer.optim.state.clear()
+    elif sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=not is_distributed(state))
@@ -92,6 +120,14 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded
         optimizer.load_state_dict(_by_index(model, optimizer, state))
     for group, own in zip(optimizer.param_groups, hyper, strict=True):
         group.update(own)
+
+
+NOT_STEPPED = {"state": {}, "param_groups": []}  # the state dict saved for an optimizer that has not stepped
+
+
+def is_zero(optimizer) -> bool:
+    """Whether `optimizer` is ZeRO-1's (engine/optim.py): its state is spread over the ranks, by parameter."""
+    return hasattr(optimizer, "consolidate_state_dict")
 
 
 def _names(model: torch.nn.Module, optimizer) -> list[str]:

@@ -40,6 +40,37 @@ class BlockwiseMuon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):
             ]
         return has_complex
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Muon's step; under FSDP (parameters sharded as DTensors) one matrix at a time: its shards, its gradient's
+        and its momentum's gathered whole, stepped as in one process (orthogonalisation needs the whole matrix), and
+        each rank's pieces of the new weights and momentum kept. The momentum stays sharded between steps."""
+        if not any(hasattr(p, "device_mesh") for group in self.param_groups for p in group["params"]):
+            return super().step(closure)
+        from torch.distributed.tensor import distribute_tensor
+        from torch.optim._muon import muon  # the functional step torch.optim.Muon.step runs
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hyper = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "ns_steps", "eps", "adjust_lr_fn")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)  # (sharded as p is)
+                buf = self.state[p]["momentum_buffer"]
+                whole = {"p": p.full_tensor(), "grad": p.grad.full_tensor(), "buf": buf.full_tensor()}
+                rows = self.row_blocks.get(id(p))
+                pieces = {k: list(t.split(rows)) if rows else [t] for k, t in whole.items()}
+                muon(pieces["p"], pieces["grad"], pieces["buf"], **{k: group[k] for k in hyper}, has_complex=False)
+                for sharded, new in ((p, whole["p"]), (buf, whole["buf"])):
+                    mine = distribute_tensor(new, sharded.device_mesh, sharded.placements, src_data_rank=None)
+                    sharded.to_local().copy_(mine.to_local())
+        return loss
+
 
 def build_optimizers(
     model: torch.nn.Module,
@@ -49,9 +80,11 @@ def build_optimizers(
     betas: tuple[float, float],
     device_type: str,
     muon_learning_rate: float | None = None,
+    zero: bool = False,
 ) -> list:
-    """The optimizers for `model`: [AdamW] or [Muon, AdamW]. Every parameter is in exactly one group; each group
-    records its base learning rate as "base_lr" for the schedule to scale."""
+    """The optimizers for `model`: [AdamW] or [Muon, AdamW], each sharded ZeRO-1 style with zero (see _build). Every
+    parameter is in exactly one group; each group records its base learning rate as "base_lr" for the schedule to
+    scale."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
     # The fused kernel (one pass over all parameters) exists for CUDA and, since torch 2.4, for CPU tensors too.
     fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
@@ -72,7 +105,7 @@ def build_optimizers(
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizers = [torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=fused or None)]
+    optimizers = [_build(torch.optim.AdamW, zero, adamw_groups, lr=learning_rate, betas=betas, fused=fused or None)]
     if muon_params:
         # "match_rms_adamw" scales Muon's orthogonalised update to AdamW's typical size (Liu et al. 2025, Moonshot),
         # so Muon can share AdamW's learning rate.
@@ -82,7 +115,9 @@ def build_optimizers(
             for m in model.modules()
             if isinstance(m, CausalSelfAttention)
         }
-        muon = BlockwiseMuon(
+        muon = _build(
+            BlockwiseMuon,
+            zero,
             muon_params,
             row_blocks=qkv_rows,
             lr=muon_learning_rate or learning_rate,
@@ -96,6 +131,18 @@ def build_optimizers(
     return optimizers
 
 
+def _build(kind, zero: bool, params, **options):
+    """The optimizer `kind` over params; zero: ZeRO-1 (torch.distributed.optim.ZeroRedundancyOptimizer): each rank
+    keeps the state of, and steps, only the whole parameters it owns (about 1/world_size of them), then sends their
+    new values to the other ranks. Each parameter's step is the one-process step (Muon's included: every rank owns
+    whole matrices)."""
+    if not (zero and torch.distributed.is_initialized()):  # (one process: nothing to shard across)
+        return kind(params, **options)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(params, optimizer_class=kind, **options)
+
+
 def setup_training(
     model: torch.nn.Module,
     optimizer: str,
@@ -105,11 +152,14 @@ def setup_training(
     device_type: str,
     muon_learning_rate: float | None = None,
     recompute_every: int = 0,
+    zero: bool = False,
 ) -> list:
     """Make `model` ready to train, as train.py and bench/train_speed.py both do: its blocks recomputed in the
-    backward pass every recompute_every-th one (0: no recomputation, the default), and its optimizers."""
+    backward pass every recompute_every-th one (0: no recomputation, the default), and its optimizers (zero: ZeRO-1,
+    their state sharded across the ranks)."""
     model.recompute_every = recompute_every
-    return build_optimizers(model, optimizer, weight_decay, learning_rate, betas, device_type, muon_learning_rate)
+    adamw = (weight_decay, learning_rate, betas, device_type)
+    return build_optimizers(model, optimizer, *adamw, muon_learning_rate, zero)
 
 
 def build_optimizer(

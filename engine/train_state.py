@@ -34,7 +34,7 @@ from engine.checkpoint import (
     save_lora_base,
 )
 from engine.errors import UserError
-from engine.fsdp import load_model_state, load_optimizer_state, model_state, optimizer_state
+from engine.fsdp import NOT_STEPPED, is_zero, load_model_state, load_optimizer_state, model_state, optimizer_state
 from engine.lora import add_lora, parse_targets
 from engine.sharded_checkpoint import SHARDS, load_shards
 from model import GPTConfig
@@ -120,8 +120,8 @@ class TrainState:
             trained = set(self.trained())
             weights = {n: w for n, w in weights.items() if n in trained}
         # an optimizer that has not stepped has no state to save (asking FSDP for it would make it: a step)
-        optimizers = [
-            optimizer_state(self.model, opt, self.sharded) if opt.state or template else NOT_STEPPED
+        optimizers = [  # (ZeRO-1: a collective whose state only rank 0 gets)
+            optimizer_state(self.model, opt, self.sharded) if opt.state or template or is_zero(opt) else NOT_STEPPED
             for opt in self.optimizers
         ]
         state = {"model": weights, "optimizers": optimizers, "scaler": self.scaler.state_dict()}
@@ -143,8 +143,8 @@ class TrainState:
                 detail = str(e).splitlines()[0][:200]
                 raise UserError(f"{source}/state.pt: ema: {detail}; it is not this model's") from None
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            if not saved.get("param_groups"):  # an optimizer that had not stepped: fresh again
-                opt.state.clear()
+            if not (saved.get("param_groups") or is_zero(opt)):  # one that had not stepped: fresh again (ZeRO-1:
+                opt.state.clear()  # rank 0 decides for every rank)
                 continue
             try:
                 load_optimizer_state(self.model, opt, saved, self.sharded)
@@ -216,7 +216,10 @@ class TrainState:
         if self.sharded:
             return self.save_shards(losses)
         path = os.path.join(self.out_dir, checkpoint_name(loop.iter_num, loop.rollbacks))
+        zero = any(is_zero(opt) for opt in self.optimizers)  # ZeRO-1: every rank sends the master its optimizer state
         if not rt.master:  # DDP ranks hold the master's weights: the same finiteness
+            if zero:
+                self.state_dict()  # (its part of the optimizer state, gathered by the master)
             return path if all(torch.isfinite(p).all() for p in self.model.parameters()) else None
         state = self.state_dict()
         weights = state.pop("model")
@@ -268,9 +271,6 @@ class TrainState:
         if saving:
             path = saving.wait()
             self.rt.print0(f"saved checkpoint {path}")
-
-
-NOT_STEPPED = {"state": {}, "param_groups": []}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

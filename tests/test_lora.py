@@ -121,8 +121,6 @@ def test_lora_lets_a_model_fit_where_full_adamw_would_not(monkeypatch):
 def test_lora_settings_are_checked():
     with pytest.raises(ValueError, match="lora_targets"):
         train.TrainConfig(lora_rank=4, lora_targets="attn,embeddings")
-    with pytest.raises(ValueError, match="fsdp"):
-        train.TrainConfig(lora_rank=4, fsdp=True)
 
 
 @pytest.mark.parametrize("again", [LORA, []], ids=["lora-again", "every-weight"])

@@ -105,12 +105,24 @@ def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_leaves_n
     for pid in [proc.pid, *workers]:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
+    for pid in workers:  # SIGKILL lands when the kernel gets to it: until then a worker still holds out_dir's lock
+        while _alive(pid):
+            time.sleep(0.01)
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt-0000002"]
     assert verify_checkpoint(str(out / "ckpt-0000002")) is None
     assert any(name.startswith(".tmp-") for name in os.listdir(out))  # the unsealed one, until the next start
     assert train.main(options(char_data, out, "--max_iters=4", "--init_from=resume", "--fsdp=False")) == 0
     assert not any(name.startswith(".tmp-") for name in os.listdir(out))
     assert read_meta(find_checkpoint(str(out)))["iter_num"] == 4
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid still runs (a zombie, dead but not yet reaped, holds no lock)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 class _Hostile:

@@ -133,6 +133,37 @@ def test_fsdp_divides_weights_gradients_and_optimizer_state_over_the_gpus(capsys
     assert "FSDP 1/8" in fsdp and "FSDP" not in ddp
 
 
+@pytest.mark.parametrize(
+    "flags, divided",
+    [
+        ([], {"weights": 1, "gradients": 1, "AdamW state": 1}),
+        (["--zero_stage=1"], {"weights": 1, "gradients": 1, "AdamW state": 8}),
+        (["--zero_stage=2"], {"weights": 8, "gradients": 8, "AdamW state": 8}),
+        (["--zero_stage=3"], {"weights": 8, "gradients": 8, "AdamW state": 8}),
+        (["--fsdp=True", "--hsdp=4"], {"weights": 4, "gradients": 4, "AdamW state": 4}),
+        (["--fsdp=True", "--cpu_offload=True"], {"weights": 8, "gradients": 8, "AdamW state": 8}),
+    ],
+)
+def test_each_zero_stage_divides_its_parts_over_the_gpus(capsys, flags, divided):
+    argv = [os.path.join(ROOT, "config", "train_gpt2.py"), "--gpu=A100", "--num_gpus=8"]
+    sizing.main(argv)
+    whole = capsys.readouterr().out
+    sizing.main([*argv, *flags])
+    out = capsys.readouterr().out
+
+    def gib(text, label):
+        line = next(line for line in text.splitlines() if line.strip().startswith(label))
+        return float(line.split()[-2])
+
+    for part, by in divided.items():
+        assert gib(out, part) == pytest.approx(gib(whole, part) / by, abs=0.01), part
+    n = 124_475_904  # GPT-2 124M with the preset's vocabulary of 50304: the weights gathered in bf16
+    gathered = {"--zero_stage=2": n * 2, "--zero_stage=3": n * 2 / 12}.get(flags[0] if flags else "", None)
+    if gathered:
+        assert gib(out, "weights gathered") == pytest.approx(gathered / 2**30, abs=0.01)
+    assert ("CPU memory" in out) == ("--cpu_offload=True" in flags)
+
+
 def test_a_cpu_run_is_sized_for_the_cpu_not_an_a100(capsys):
     sizing.main([os.path.join(ROOT, "config", "train_shakespeare_char_cpu.py"), "--device=cpu", "--vocab_size=65"])
     out = capsys.readouterr().out

@@ -24,7 +24,10 @@ Formulas (b micro-batch, s block_size, h n_embd, a n_head, L n_layer, V vocab, N
                     run whose step takes seconds also has its step timed (train.py's step, eager, random tokens).
   Chinchilla        20 training tokens per parameter (Hoffmann et al. 2022, "Training Compute-Optimal Large
                     Language Models", table 3).
-Memory figures are per GPU: DDP keeps a full copy of weights, gradients and optimizer state on each.
+Memory figures are per GPU: DDP keeps a full copy of weights, gradients and optimizer state on each; --zero_stage=1
+divides the optimizer state over the GPUs, 2 also the gradients (the weights gathered whole from forward to backward),
+3 (--fsdp=True) also the weights (gathered one block at a time); --hsdp=N divides over each group of N GPUs only;
+--cpu_offload=True moves the divided state to CPU memory (docs/distributed.md).
 """
 
 import dataclasses
@@ -166,11 +169,19 @@ def report(
         fp32_s = flops_per_iter / (opts.num_gpus * gpu_peak_flops("cpu", torch.float32) * opts.mfu)
         step_s = fp32_s
     gib = 2**30
-    shards = opts.num_gpus if cfg.fsdp else 1  # FSDP divides weights, gradients and optimizer state over the GPUs
-    sharded = f", FSDP 1/{shards}" if shards > 1 else ""
+    # what is divided over which GPUs: ZeRO-1 the optimizer state, ZeRO-2 also the gradients, ZeRO-3 (fsdp) also the
+    # weights, over all GPUs or, with hsdp, over each group of hsdp of them; with cpu_offload they sit in CPU memory
+    stage = cfg.zero_stage or (3 if cfg.fsdp else 0)
+    group = min(cfg.hsdp or opts.num_gpus, opts.num_gpus)
+    divide = {part: group if stage >= least else 1 for part, least in (("weights", 2), ("grads", 2), ("adamw", 1))}
+    where = ", CPU memory" if cfg.cpu_offload else ""
+    name = {0: "", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}[stage]
+    sharded = {part: f", {name} 1/{d}{where}" if d > 1 else where for part, d in divide.items()}
+    compute_bytes = 4 if cfg.dtype == "float32" else 2  # the weights as all-gathered for compute (bf16 on GPUs)
+    gathered = {2: n, 3: n / L}.get(stage, 0) * compute_bytes  # ZeRO-2: every block kept till backward; 3: one
 
     def row(label: str, value: str) -> str:
-        return f"  {label:<44} {value:>22}"
+        return f"  {label:<50} {value:>16}"
 
     lines = ["parameters"]
     lines += [row(part, f"{count:,}") + f"  {count / n:6.1%}" for part, count in parts.items()]
@@ -187,10 +198,16 @@ def report(
         row("tokens per iteration", f"{tokens_per_iter:,}"),
         row("FLOPs per iteration", f"{flops_per_iter:.4g}"),
         f"memory per GPU (micro-batch {cfg.batch_size} x {s} tokens)",
-        row(f"weights (fp32){sharded}", f"{4 * n / shards / gib:.2f} GiB"),
-        row(f"gradients (fp32){sharded}", f"{4 * n / shards / gib:.2f} GiB"),
-        row(f"AdamW state (fp32, 2 per weight){sharded}", f"{8 * n / shards / gib:.2f} GiB"),
+        row(f"weights (fp32){sharded['weights']}", f"{4 * n / divide['weights'] / gib:.2f} GiB"),
+        row(f"gradients (fp32){sharded['grads']}", f"{4 * n / divide['grads'] / gib:.2f} GiB"),
+        row(f"AdamW state (fp32, 2 per weight){sharded['adamw']}", f"{8 * n / divide['adamw'] / gib:.2f} GiB"),
     ]
+    if gathered:
+        label = "weights gathered, forward to backward" if stage == 2 else "weights gathered, one block at a time"
+        lines.append(row(label, f"{gathered / gib:.2f} GiB"))
+    if cfg.cpu_offload:
+        on_gpu = gathered + activation_bytes(config, cfg.batch_size, cfg.gradient_checkpointing, True)
+        lines.append(row("on the GPU: gathered weights + activations", f"{on_gpu / gib:.2f} GiB"))
     if cfg.lora_rank:  # only the adapters have gradients and AdamW state; the frozen weights stay as they are
         adapters = lora_params(model, cfg.lora_rank, parse_targets(cfg.lora_targets))
         lines += [
