@@ -132,7 +132,7 @@ class TrainConfig:
     lr_decay_iters: int | None = None  # the decay ends here; none = max_iters (Chinchilla: decay over the whole run)
     min_lr: float = 6e-5  # floor of the schedule; ~= learning_rate / 10 per Chinchilla
     # system
-    backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo
+    backend: str = "auto"  # DDP backend: auto (nccl on CUDA, with gloo for CPU tensors; gloo on CPU), nccl or gloo
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (native bf16: Ampere+ GPUs, AMX CPUs; else fp16 on CUDA, fp32), float32, bfloat16
     compile: bool = True  # torch.compile the model (PyTorch 2)
@@ -533,7 +533,7 @@ def setup_lora(cfg: TrainConfig, rt, model: GPT, data, resume_from: str | None) 
 
 def save_wanted(cfg: TrainConfig, loop, better: bool, good: str | None) -> bool:
     """Whether an evaluation's state is saved: when val improved or the run ends (or always, always_save_checkpoint),
-    past iteration 0, unless on disk already (resumed or rolled back to, good: FSDP would gather it all again)."""
+    past iteration 0, unless on disk already (resumed or rolled back to, good: it would be written again)."""
     here = os.path.join(cfg.out_dir, checkpoint_name(loop.iter_num, loop.rollbacks))
     return (better or cfg.always_save_checkpoint) and loop.iter_num > 0 and not cfg.eval_only and good != here
 

@@ -28,6 +28,7 @@ import subprocess
 import threading
 import time
 import typing
+from concurrent.futures import Future
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -173,7 +174,8 @@ def _save_error(e: BaseException, out_dir: str, iter_num: int) -> BaseException:
 
 
 def _install(tmp: str, out_dir: str, name: str) -> str:
-    """Rename the sealed directory `tmp` into place as out_dir/name (a corrupt one there is replaced)."""
+    """Rename the sealed directory `tmp` into place as out_dir/name (one there, which callers have found corrupt, is
+    replaced)."""
     final = os.path.join(out_dir, name)
     old = None
     if os.path.exists(final):
@@ -190,9 +192,9 @@ class ShardedSave:
     """A sharded checkpoint (engine/sharded_checkpoint.py) being written: every rank writes its shards of `tensors`
     into one temporary directory, in the background when asynchronous; then rank 0 alone (DCP's own index is
     written only after every rank's shards are) seals it with COMPLETE, renames it into place and prunes. A
-    collective: every rank constructs it with the same arguments (state and meta matter on rank 0 only). wait()
-    returns the checkpoint's path once it is in place, or raises what went wrong (the temporary directory gone, the
-    previous checkpoints untouched)."""
+    collective: every rank constructs it with the same arguments (state and meta matter on rank 0 only). wait(), a
+    collective too, returns the checkpoint's path on every rank once rank 0 has put it in place, or raises what went
+    wrong on any rank (the temporary directory gone, the previous checkpoints untouched)."""
 
     def __init__(self, out_dir, iter_num, rollbacks, tensors, state, meta, rt, group, asynchronous, keep_last):
         self.out_dir, self.iter_num, self.keep_last = out_dir, iter_num, keep_last
@@ -204,7 +206,9 @@ class ShardedSave:
                 os.makedirs(out_dir, exist_ok=True)
                 tmp = fresh_dir(out_dir, f"{TEMPORARY}{self.name}-")
                 _write_state(tmp, state, meta, iter_num)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # (torch.save reports a full disk as a RuntimeError)
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
             self.error = _save_error(e, out_dir, iter_num)
         # every rank learns where to write, or that rank 0 could not begin
         where = [tmp if self.error is None else None]
@@ -214,13 +218,20 @@ class ShardedSave:
             self.error = self.error or UserError(f"checkpoint {iter_num} not written: rank 0 could not begin it")
             self.sealed.set()
             return
-        self.future = write_shards(os.path.join(self.tmp, SHARDS), tensors, group, asynchronous)
+        try:
+            self.future = write_shards(os.path.join(self.tmp, SHARDS), tensors, group, asynchronous)
+        except Exception as e:  # noqa: BLE001 (a synchronous write's failure: handled as an asynchronous one's)
+            self.future = Future()
+            self.future.set_exception(e)
         self.future.add_done_callback(self._finish)  # (in the writing thread, or here when already done)
 
     def _finish(self, future) -> None:
         try:
             future.result()
-            if self.master:
+            final = os.path.join(self.out_dir, self.name)
+            if self.master and os.path.exists(final) and verify_checkpoint(final) is None:
+                shutil.rmtree(self.tmp, ignore_errors=True)  # the same state is there already: kept (save_checkpoint)
+            elif self.master:
                 shards = [f"{SHARDS}/{f}" for f in sorted(os.listdir(os.path.join(self.tmp, SHARDS)))]
                 _seal(self.tmp, ("state.pt", "meta.json", *shards))
                 _install(self.tmp, self.out_dir, self.name)
@@ -234,14 +245,20 @@ class ShardedSave:
 
     def wait(self) -> str:
         self.sealed.wait()
+        # every rank's outcome (rank 0's: whether the checkpoint is in place), so that all go on, or all stop
+        outcomes = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(outcomes, None if self.error is None else str(self.error))
         if self.error is not None:
             raise self.error
+        failed = next((outcome for outcome in outcomes if outcome), None)
+        if failed:
+            raise UserError(f"checkpoint {self.iter_num} not written: {failed}")
         return os.path.join(self.out_dir, self.name)
 
 
 def _unique(weights: dict) -> dict:
-    """Each tensor once: a tied lm_head is stored as transformer.wte.weight, as nn.Module order gives it (FSDP's
-    gathered dicts are sorted by name); loading restores the tie."""
+    """Each tensor once: a tied lm_head is stored as transformer.wte.weight, as nn.Module order gives it (a dict
+    sorted by name would give lm_head first); loading restores the tie."""
     seen, out = set(), {}
     for name, t in sorted(weights.items(), key=lambda item: item[0] == "lm_head.weight"):
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -289,8 +306,11 @@ def verify_checkpoint(path: str) -> str | None:
         hashes = read_json(os.path.join(path, "COMPLETE"))
         sharded = is_sharded(path)
         names = ("state.pt", "meta.json", f"{SHARDS}/.metadata") if sharded else _FILES
-        if sharded:  # every file of the shards listed, and nothing listed outside the checkpoint
-            names += tuple(f"{SHARDS}/{f}" for f in os.listdir(os.path.join(path, SHARDS)) if f != ".metadata")
+        if sharded:  # the shards' files exactly as listed: none missing, none added, nothing outside the checkpoint
+            present = {f"{SHARDS}/{f}" for f in os.listdir(os.path.join(path, SHARDS))}
+            if present != {name for name in hashes if name.startswith(f"{SHARDS}/")}:
+                return f"the files in {SHARDS}/ are not those its checksums list"
+            names += tuple(sorted(present - {f"{SHARDS}/.metadata"}))
         for name in names:
             if _sha256(os.path.join(path, name)) != hashes[name]:
                 return f"{name} does not match its checksum"
@@ -477,10 +497,11 @@ def load_newest_model(out_dir: str, which: str = "latest", log=print, weights: s
 
 
 def load_weights(path: str, model, only: list[str] | None = None, sharded: bool = False) -> None:
-    """Load model.safetensors of checkpoint `path` into `model` (built from the checkpoint's model config), or only
-    the tensors named in `only` (a LoRA checkpoint's trained ones), which must all be there; sharded: into an FSDP
-    model's shards (a collective). Names and shapes are compared first, from the file's header, so a file with other
-    tensors is refused without reading any of them."""
+    """Load model.safetensors of checkpoint `path` (a sharded checkpoint's weights, every rank's pieces put
+    together) into `model` (built from the checkpoint's model config), or only the tensors named in `only` (a LoRA
+    checkpoint's trained ones), which must all be there; sharded: into an FSDP model's shards (a collective). Names
+    and shapes are compared first, from the file's header (or the shards' index), so a file with other tensors is
+    refused without reading any of them."""
     file = os.path.join(path, "model.safetensors")
     try:
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

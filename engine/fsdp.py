@@ -1,9 +1,10 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard): shard parameters, gradients and optimizer state across the ranks of a
-torchrun job, for models too big to replicate with DDP; and the state dicts of a sharded model, each rank's shards
-(what engine/sharded_checkpoint.py writes), loaded back from shards or from a whole state (one process's checkpoint).
+"""Sharding a run's state over the ranks of a torchrun job: FSDP2 (torch.distributed.fsdp.fully_shard: ZeRO-2 and
+ZeRO-3, CPU offload, hybrid sharding) for models too big to replicate with DDP, and ZeRO-1's optimizers
+(engine/optim.py); and their state dicts: under FSDP each rank's shards (what engine/sharded_checkpoint.py writes),
+loaded back from shards or from a whole state (one process's checkpoint); ZeRO-1's gathered on rank 0.
 
 Each transformer block is its own FSDP unit (all-gathered just before it runs, freed after), the rest of the model
-is the root unit. Under FSDP every rank must take part in each forward pass and each state-dict gather.
+is the root unit. Under FSDP every rank must take part in each forward pass and each state-dict call.
 """
 
 import torch
@@ -83,14 +84,16 @@ def load_model_state(model: torch.nn.Module, state: dict, sharded: bool, strict:
     set_model_state_dict(model, state, options=options)
 
 
-def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
+def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool, local: bool = False) -> dict:
     """The optimizer's state dict keyed by parameter name (FQN), the one format every mode reads: one process, DDP
     and FSDP (each rank's shards of the moments, as DTensors). Under FSDP an optimizer that has not stepped gets its
     state made first (torch takes a step of learning rate 0, which changes no weight): a template to load into."""
+    if is_zero(optimizer) and local:  # ZeRO-1, each rank's own part (its optimizer of the parameters it owns)
+        return {"local": optimizer.optim.state_dict()}
     if is_zero(optimizer):  # ZeRO-1: a collective, every rank's part gathered on rank 0 (the others get nothing)
         optimizer.consolidate_state_dict(to=0)
         whole = optimizer.state_dict() if torch.distributed.get_rank() == 0 else {"state": {}}
-        return _by_name(model, optimizer, whole) if whole["state"] else NOT_STEPPED
+        return _by_name(model, optimizer, whole) if whole["state"] else not_stepped()
     if not sharded:
         return _by_name(model, optimizer, optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -104,25 +107,24 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded
     rate, weight decay, betas) stay those the optimizer was built with, so a resumed run follows its own command
     line."""
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    if is_zero(optimizer):  # ZeRO-1: rank 0's state (every rank's, read from a file), each rank keeping its part
-        held = [state]
-        torch.distributed.broadcast_object_list(held, src=0)
-        state = held[0]
-    state = _by_name(model, optimizer, state) if state else state
-    if is_zero(optimizer) and not state["param_groups"]:  # it had not stepped: fresh again
+    if "local" in state:  # ZeRO-1, a rank's own part (optimizer_state's local)
+        optimizer.optim.load_state_dict(state["local"])
+    elif is_zero(optimizer) and not state["param_groups"]:  # ZeRO-1, from a checkpoint: it had not stepped
         optimizer.optim.state.clear()
     elif sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=not is_distributed(state))
-        set_optimizer_state_dict(model, optimizer, state, options=options)
-    else:
-        optimizer.load_state_dict(_by_index(model, optimizer, state))
+        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, state), options=options)
+    else:  # (ZeRO-1: every rank holds the whole state, read from a checkpoint, and keeps its part)
+        optimizer.load_state_dict(_by_index(model, optimizer, _by_name(model, optimizer, state)))
     for group, own in zip(optimizer.param_groups, hyper, strict=True):
         group.update(own)
 
 
-NOT_STEPPED = {"state": {}, "param_groups": []}  # the state dict saved for an optimizer that has not stepped
+def not_stepped() -> dict:
+    """The state dict saved for an optimizer that has not stepped."""
+    return {"state": {}, "param_groups": []}
 
 
 def is_zero(optimizer) -> bool:

@@ -121,8 +121,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-        if backend == "auto":
-            backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "auto":  # on GPUs NCCL, and gloo for CPU tensors (FSDP's offloaded shards, as torchtitan does)
+            backend = "cuda:nccl,cpu:gloo" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
     device_type = device.split(":")[0]
     if device_type == "cuda":

@@ -7,13 +7,17 @@ name, global shape and dtype, which file holds which piece of it) and one `__<ra
 engine/checkpoint.py puts it in a checkpoint directory beside meta.json and state.pt and seals it with COMPLETE.
 
 DCP pickles `.metadata`, and a pickle can run code when loaded: ShardReader reads it with an unpickler that builds
-only DCP's own index classes (and the torch sizes, dtypes and paths inside them) and refuses anything else, so a
-hostile checkpoint is one line, never code. The tensors themselves DCP loads with torch.load(weights_only=True).
+only DCP's own index classes (and the torch sizes, dtypes and paths inside them) and refuses anything else, then
+refuses an index naming anything but tensors (DCP would load other entries with a full unpickler) or pieces outside
+this directory's shard files, so a hostile checkpoint is one line, never code. The tensors themselves DCP loads with
+torch.load(weights_only=True).
 """
 
 import io
+import math
 import os
 import pickle
+import re
 import warnings
 from concurrent.futures import Future
 
@@ -28,7 +32,6 @@ _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata",
         "TensorStorageMetadata",
-        "BytesStorageMetadata",
         "ChunkStorageMetadata",
         "TensorProperties",
         "MetadataIndex",
@@ -43,7 +46,9 @@ _ALLOWED = {
 }
 
 
-class _IndexUnpickler(pickle.Unpickler):
+class _IndexUnpickler(pickle._Unpickler):  # (the Python one: its BUILD can be checked, below)
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str):
         value = getattr(torch, name, None) if module == "torch" else None
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):  # values, not callables
@@ -51,6 +56,42 @@ class _IndexUnpickler(pickle.Unpickler):
         if name not in _ALLOWED.get(module, ()):
             raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's index")
         return super().find_class(module, name)
+
+    def load_build(self):
+        if isinstance(self.stack[-2], type):  # setting attributes of a class would change it for the whole process
+            raise pickle.UnpicklingError("the index sets attributes of a class")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+_SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")  # the files DCP's writer names, one a rank
+
+
+def _check_index(metadata) -> str | None:
+    """What is wrong with a DCP index for our checkpoints, or None: every entry a tensor (our shards hold nothing
+    else: DCP loads other entries with a full unpickler), of a real dtype and non-negative sizes, whose pieces are
+    in plain shard files of this directory, untransformed."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.planner_data, dict):
+        return "not an index"
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
+        return "not an index"
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata) or not isinstance(item.properties.dtype, torch.dtype):
+            return f"{str(key)[:80]} is not a tensor"
+        if not all(isinstance(d, int) and d >= 0 for d in item.size):
+            return f"{str(key)[:80]} has a negative or non-integer size"
+    for index, info in metadata.storage_data.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            return "not an index"
+        if not isinstance(info.relative_path, str) or not _SHARD_FILE.match(info.relative_path):
+            return f"a piece is in {str(info.relative_path)[:80]}, not a shard file"
+        if info.transform_descriptors or min(info.offset, info.length) < 0:
+            return f"a piece in {info.relative_path} is transformed or out of range"
+    return None
 
 
 def _reader(directory: str):
@@ -67,8 +108,9 @@ def _reader(directory: str):
                     metadata = _IndexUnpickler(io.BytesIO(f.read())).load()
             except Exception as e:  # a refused class, a truncated or foreign file: not an index of ours
                 raise UserError(f"{file} is not a checkpoint index ({type(e).__name__}: {str(e)[:200]})") from None
-            if not isinstance(metadata, Metadata) or not isinstance(metadata.planner_data, dict):
-                raise UserError(f"{file} is not a checkpoint index")
+            problem = _check_index(metadata)
+            if problem:
+                raise UserError(f"{file} is not a checkpoint index of ours: {problem}")
             metadata.storage_meta = metadata.storage_meta or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
@@ -119,7 +161,7 @@ def read_shards(directory: str, top: str) -> dict:
     import torch.distributed.checkpoint as dcp
 
     wanted = {path: spec for path, spec in shard_shapes(directory).items() if path[0] == top}
-    size = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in wanted.values())
+    size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in wanted.values())  # (sizes checked >= 0)
     stored = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".distcp"))
     if size > stored:
         raise UserError(f"{directory}/.metadata names {size:,} bytes of tensors, the shards hold {stored:,}: damaged")

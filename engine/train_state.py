@@ -3,10 +3,10 @@ the loop's counters and the LoRA record. Saving a checkpoint, resuming one and t
 TrainState.state_dict() / load_state_dict(), so the state a rollback restores is the state a checkpoint holds, and a
 stateful feature is one entry here (torchtitan's `Stateful` idea), not an argument through every function.
 
-state_dict() is what a checkpoint holds: "model" (the weights, written to model.safetensors; with LoRA only those that
-train, the frozen base being saved once), and the rest written to state.pt: "optimizers" (each keyed by parameter
-name, engine/fsdp.py's format, the same in every mode; empty for one that has not stepped yet), "scaler", "ema" (with
---ema_decay) and the LoopState fields.
+state_dict() is what a checkpoint holds: "model" (the weights, written to model.safetensors, or shards; with LoRA only
+those that train, the frozen base being saved once), and the rest written to state.pt: "optimizers" (each keyed by
+parameter name, engine/fsdp.py's format, the same in every mode; empty for one that has not stepped yet), "scaler",
+"ema" (with --ema_decay) and the LoopState fields.
 Under FSDP it is each rank's shards, gathered nowhere: every rank writes its own pieces of the weights, moments and
 average to a sharded checkpoint (save_shards, in the background by default), and reads its own pieces back, on any
 number of ranks; the rollback snapshot is each rank's copy of its pieces.
@@ -34,7 +34,7 @@ from engine.checkpoint import (
     save_lora_base,
 )
 from engine.errors import UserError
-from engine.fsdp import NOT_STEPPED, is_zero, load_model_state, load_optimizer_state, model_state, optimizer_state
+from engine.fsdp import is_zero, load_model_state, load_optimizer_state, model_state, not_stepped, optimizer_state
 from engine.lora import add_lora, parse_targets
 from engine.sharded_checkpoint import SHARDS, load_shards
 from model import GPTConfig
@@ -112,16 +112,19 @@ class TrainState:
         """The names of the parameters that train (with LoRA: the adapters, and on chat data the new rows)."""
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def state_dict(self, template: bool = False) -> dict:
+    def state_dict(self, template: bool = False, local: bool = False) -> dict:
         """Under FSDP each rank's shards (DTensors), gathered nowhere. template: every optimizer's state included,
-        made first for one that has not stepped (a state to load a checkpoint's into)."""
+        made first for one that has not stepped (a state to load a checkpoint's into). local: ZeRO-1's optimizer
+        state as each rank holds it (the rollback snapshot's), not gathered on rank 0 (a checkpoint's)."""
         weights = model_state(self.model, self.sharded)
         if self.lora:
             trained = set(self.trained())
             weights = {n: w for n, w in weights.items() if n in trained}
         # an optimizer that has not stepped has no state to save (asking FSDP for it would make it: a step)
         optimizers = [  # (ZeRO-1: a collective whose state only rank 0 gets)
-            optimizer_state(self.model, opt, self.sharded) if opt.state or template or is_zero(opt) else NOT_STEPPED
+            optimizer_state(self.model, opt, self.sharded, local)
+            if opt.state or template or is_zero(opt)
+            else not_stepped()
             for opt in self.optimizers
         ]
         state = {"model": weights, "optimizers": optimizers, "scaler": self.scaler.state_dict()}
@@ -161,7 +164,7 @@ class TrainState:
     def snapshot(self) -> dict:
         """state_dict(), copied and held in memory on the CPU: the run's starting state, where a loss spike before
         the first checkpoint rolls back to. Under FSDP each rank holds a copy of its own shards."""
-        return _copied(self.state_dict())
+        return _copied(self.state_dict(local=True))
 
     def restore(self, snapshot: dict) -> None:
         """Back to a snapshot (it stays as it was: restoring twice gives the same state twice)."""
@@ -180,13 +183,14 @@ class TrainState:
             saved = load_state(path, self.rt.device, shards=False)
             state = self.state_dict(template=True)
             stepped = [str(i) for i, opt in enumerate(saved["optimizers"]) if opt["param_groups"]]
-            tensors = {"model": state["model"], "optimizers": {}, "ema": state.get("ema", {})}
+            ema = state.get("ema", {}) if "ema" in saved else {}  # (one missing: load_state_dict's one line)
+            tensors = {"model": state["model"], "optimizers": {}, "ema": ema}
             tensors["optimizers"] = {i: state["optimizers"][int(i)]["state"] for i in stepped}
             load_shards(os.path.join(path, SHARDS), tensors)
             saved |= fill_sharded_state(saved, tensors["optimizers"]) | {"model": tensors["model"]}
             saved |= {"ema": tensors["ema"]} if "ema" in saved else {}
-        else:
-            saved = load_state(path, self.rt.device)
+        else:  # (ZeRO-1: on the CPU, every rank keeping only its part of the optimizer state)
+            saved = load_state(path, "cpu" if any(is_zero(opt) for opt in self.optimizers) else self.rt.device)
         if "tokens" not in saved:  # saved before the token counter: every step was a full batch of its config
             run = read_meta(path)["train_config"]
             batch = run["gradient_accumulation_steps"] * run["batch_size"] * run["block_size"]
@@ -252,7 +256,8 @@ class TrainState:
         state |= {"ema": {}} if self.ema else {}
         if self.group is None:  # a gloo group of its own: the background writers never meet training's collectives
             self.group = dist.new_group(backend="gloo")
-        args = (self.out_dir, loop.iter_num, loop.rollbacks, tensors, state, self.checkpoint_meta(losses), rt)
+        meta = self.checkpoint_meta(losses) if rt.master else {}  # (rank 0 writes it)
+        args = (self.out_dir, loop.iter_num, loop.rollbacks, tensors, state, meta, rt)
         self.saving = ShardedSave(*args, self.group, self.async_save, self.keep_last)
         if not self.async_save:
             self.finish_saving()

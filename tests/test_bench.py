@@ -23,7 +23,7 @@ def test_smoke_run_prints_the_whole_table(capsys):
 
 
 BENCH = ["train_speed", "sample_speed", "train_overhead", "gpu_acceptance", "tokenizer_speed", "prepare_throughput"]
-BENCH += ["encoder_speed", "seq2seq_speed"]
+BENCH += ["encoder_speed", "seq2seq_speed", "checkpoint_save"]
 
 
 @pytest.mark.parametrize("script", BENCH)
@@ -91,3 +91,14 @@ def test_seq2seq_speed_times_the_cached_and_uncached_decoder(capsys):
     out = capsys.readouterr().out
     assert [r["batch"] for r in rows] == [1, 2] and all(r["cached"] > 0 and r["uncached"] > 0 for r in rows)
     assert "| batch | cached tok/s | uncached tok/s | cached / uncached |" in out
+
+
+@pytest.mark.slow
+def test_checkpoint_save_bench_prints_its_figures_at_tiny_sizes(capsys):
+    from bench import checkpoint_save
+
+    tiny = ["--processes=2", "--n_layer=1", "--n_embd=32", "--n_head=2", "--vocab_size=64", "--block_size=8"]
+    assert checkpoint_save.main([*tiny, "--steps=2", "--save_every=1"]) == 0
+    out = capsys.readouterr().out
+    for label in ("gathered (one file)", "sharded (DCP)", "sharded and asynchronous", "2 sync saves", "2 async saves"):
+        assert label in out, out

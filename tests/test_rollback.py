@@ -154,12 +154,14 @@ def test_the_checkpoint_after_a_rollback_records_it_and_resumes_as_the_run_went_
 
 
 @pytest.mark.slow
-def test_fsdp_rolls_back_to_the_start_twice(char_data, tmp_path):
-    """The start snapshot stays as it was after a restore (FSDP's loading must not turn its tensors into shards), so
-    a second rollback to it restores the same weights: the evaluation after each repeats the first."""
+@pytest.mark.parametrize("sharding", ["--fsdp=True", "--zero_stage=2", "--zero_stage=1"])
+def test_sharded_runs_roll_back_to_the_start_twice(char_data, tmp_path, sharding):
+    """The start snapshot stays as it was after a restore (each rank's copy of its shards under FSDP, rank 0's
+    optimizer state under ZeRO-1), so a second rollback to it restores the same weights: the evaluation after each
+    repeats the first."""
     run = [f"--data_root={char_data}", "--dataset=tiny_char", "--gradient_accumulation_steps=2", *CONFIG]
     run += ["--max_iters=12", "--eval_interval=12", "--learning_rate=50", "--decay_lr=False", "--ema_decay=0.5"]
-    run += ["--spike_lr_scale=0.5", "--max_rollbacks=2", f"--out_dir={tmp_path / 'out'}", "--fsdp=True"]
+    run += ["--spike_lr_scale=0.5", "--max_rollbacks=2", f"--out_dir={tmp_path / 'out'}", sharding]
     torchrun(tmp_path, *run)  # its ranks exit with 3 (the spikes outlast 2 rollbacks): torchrun's own code is 1
     assert "stopping: a loss spike after 2 rollbacks" in rank_logs(tmp_path, "stdout")[0]
     assert "Traceback" not in "".join(rank_logs(tmp_path, "stderr"))

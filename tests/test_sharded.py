@@ -14,13 +14,23 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_distributed import CONFIG, rank_logs, torchrun
 from test_reliability import _children
 
 import sample
 import train
-from engine.checkpoint import find_checkpoint, is_sharded, list_checkpoints, read_meta, verify_checkpoint
+from engine.checkpoint import (
+    find_checkpoint,
+    is_sharded,
+    list_checkpoints,
+    load_newest_model,
+    read_meta,
+    verify_checkpoint,
+)
 from engine.errors import UserError
+from tools import evaluate, export_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -66,12 +76,19 @@ def test_the_same_ranks_resume_a_sharded_checkpoint_bit_for_bit_with_ema(char_da
     ranks(tmp_path / "b", 2, *options(char_data, out, "--max_iters=2", *ema))
     ranks(tmp_path / "c", 2, *options(char_data, out, "--max_iters=6", *ema, "--init_from=resume"))
     assert losses(out) == losses(tmp_path / "whole")
-    # one process reads the pieces of every rank: the weights and their average
+    # one process reads the pieces of every rank: the weights and their average, to sample, score and export
     for weights in ("raw", "ema"):
         sample.main(
             [f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5", "--num_samples=1", f"--weights={weights}"]
         )
     assert capsys.readouterr().out.count("---------------") == 2
+    val = os.path.join(char_data, "tiny_char", "val.bin")
+    evaluate.main([f"--out_dir={out}", f"--tokens={val}", "--device=cpu", "--max_tokens=200", "--weights=ema"])
+    assert "loss" in capsys.readouterr().out
+    export_hf.main([f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}", "--weights=ema"])
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    _, model, _ = load_newest_model(str(out), weights="ema")
+    assert torch.equal(exported["transformer.h.0.mlp.c_fc.weight"], model.transformer.h[0].mlp.c_fc.weight.T)
 
 
 def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_leaves_no_debris(char_data, tmp_path):
@@ -133,14 +150,40 @@ class _Hostile:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_hostile_shard_index_is_one_line_and_runs_nothing(char_data, tmp_path):
+def _forged_index(index: str, how: str, marker) -> None:
+    """Rewrite a real DCP index `how`: a pickle that runs a command, a piece outside the shard files, an entry DCP
+    would load with a full unpickler."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = FileSystemReader(os.path.dirname(index)).read_metadata()  # (DCP's own reader: our real file)
+    if how == "code":
+        metadata = _Hostile(marker)
+    elif how == "outside":
+        info = next(iter(metadata.storage_data.values()))
+        info.relative_path = "../../meta.json"
+    else:
+        key = next(iter(metadata.state_dict_metadata))
+        metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    with open(index, "wb") as f:
+        pickle.dump(metadata, f)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("code", r"UnpicklingError: posix\.system is not part of a checkpoint's index"),
+        ("outside", r"a piece is in \.\./\.\./meta\.json, not a shard file"),
+        ("bytes", r"BytesStorageMetadata is not part of a checkpoint's index"),
+    ],
+)
+def test_a_hostile_shard_index_is_one_line_and_runs_nothing(char_data, tmp_path, how, message):
     out = tmp_path / "out"
     ranks(tmp_path / "a", 2, *options(char_data, out, "--max_iters=2", "--fsdp=True"))
     path = find_checkpoint(str(out))
     marker = tmp_path / "pwned"
     index = os.path.join(path, "shards", ".metadata")
-    with open(index, "wb") as f:
-        pickle.dump(_Hostile(marker), f)
+    _forged_index(index, how, marker)
     complete = os.path.join(path, "COMPLETE")
     with open(complete) as f:
         hashes = json.load(f)
@@ -148,6 +191,15 @@ def test_a_hostile_shard_index_is_one_line_and_runs_nothing(char_data, tmp_path)
         hashes["shards/.metadata"] = hashlib.sha256(f.read()).hexdigest()  # it passes the checksums
     with open(complete, "w") as f:
         json.dump(hashes, f)
-    with pytest.raises(UserError, match=r"is not a checkpoint index \(UnpicklingError: posix\.system is not part"):
+    with pytest.raises(UserError, match=message):
         sample.main([f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5"])
     assert not marker.exists()
+
+
+def test_a_sharded_checkpoint_missing_a_shard_is_skipped_for_the_one_before(char_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    ranks(tmp_path / "a", 2, *options(char_data, out, "--max_iters=4", "--fsdp=True"))
+    os.remove(out / "ckpt-0000004" / "shards" / "__1_0.distcp")
+    assert find_checkpoint(str(out)) == str(out / "ckpt-0000002")
+    assert "skipping corrupt checkpoint" in capsys.readouterr().out
+    sample.main([f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5", "--num_samples=1"])
