@@ -139,9 +139,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more compute
     recompute_every: int = 1  # with gradient_checkpointing: recompute every k-th block (1 = all)
     fsdp: bool = False  # under torchrun: shard model, gradients and optimizer state (FSDP2) instead of DDP
-    zero_stage: int = (
-        0  # 1: DDP with the optimizer state sharded; 2: FSDP2 keeping weights gathered till backward; 3: fsdp
-    )
+    zero_stage: int = 0  # ZeRO: 1 shards the optimizer state (DDP), 2 also gradients, 3 also weights (fsdp); 0 = off
     cpu_offload: bool = False  # fsdp: weights, gradients and optimizer step in CPU memory (FSDP2's CPUOffloadPolicy)
     hsdp: int = 0  # fsdp over nodes: shard within groups of this many processes (a node), replicate across; 0 = off
     async_save: bool = True  # fsdp: each rank writes its checkpoint shards in the background while training goes on
@@ -211,7 +209,7 @@ def main(argv=None):
     # config and runtime: presets and --key=value, then device, dtype and the torchrun process group
     cfg = parse_config(TrainConfig, argv, usage=__doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, training=True)
-    check_process_count(cfg.gradient_accumulation_steps, cfg.batch_warmup_start, rt)
+    check_process_count(cfg.gradient_accumulation_steps, cfg.batch_warmup_start, rt, cfg.fsdp)
     micro_tokens = cfg.batch_size * cfg.block_size  # a step takes gradient_accumulation_steps global micro-steps
     start = cfg.batch_warmup_start or rt.world_size  # (fewer during batch warmup)
     warmup = BatchWarmup(cfg.gradient_accumulation_steps, start, cfg.batch_warmup_tokens, micro_tokens, cfg.max_iters)

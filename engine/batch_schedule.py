@@ -66,9 +66,14 @@ class BatchWarmup:
         return steps + max(0, math.ceil(self.max_iters - progress - DONE))
 
 
-def check_process_count(gradient_accumulation_steps: int, batch_warmup_start: int | None, rt) -> None:
+def check_process_count(gradient_accumulation_steps: int, batch_warmup_start: int | None, rt, fsdp=False) -> None:
     """gradient_accumulation_steps is global: it must split evenly over the processes, and so must every step of
-    batch warmup."""
+    batch warmup. fsdp shards over the processes of a torchrun job: one process alone has none to shard over."""
+    if fsdp and not rt.ddp:
+        raise UserError(
+            "fsdp=True (zero_stage 2 or 3) shards over the processes of a torchrun job: launch with "
+            "`torchrun --standalone --nproc_per_node=N train.py ...`, or drop it"
+        )
     for name, value in (
         ("gradient_accumulation_steps", gradient_accumulation_steps),
         ("batch_warmup_start", batch_warmup_start),

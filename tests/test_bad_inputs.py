@@ -201,7 +201,7 @@ CASES = {
     "accumulation zero": (T("--gradient_accumulation_steps=0"), "gradient_accumulation_steps"),
     "unknown optimizer": (T("--optimizer=sgd"), "optimizer"),
     "unknown schedule": (T("--lr_schedule=linear"), "lr_schedule"),
-    "fsdp with muon": (T("--fsdp=True", "--optimizer=muon"), "muon"),
+    "fsdp without torchrun": (T("--zero_stage=2", "--optimizer=muon"), "shards over the processes of a torchrun job"),
     "fp8 without the hardware": (T("--fp8=True"), "fp8"),
     "negative grad_clip (gradient ascent)": (T("--grad_clip=-1"), "grad_clip must be a number >= 0"),
     "negative learning rate": (T("--learning_rate=-1e-3"), "learning_rate must be"),

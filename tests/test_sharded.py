@@ -134,12 +134,21 @@ def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint_and_leaves_n
 
 
 def _alive(pid: int) -> bool:
-    """Whether process pid still runs (a zombie, dead but not yet reaped, holds no lock)."""
+    """Whether any thread of process pid still runs. A killed process's main thread can be a zombie while another of
+    its threads (a checkpoint writer in the middle of a write) is still exiting, and until the last one has, the
+    process's files stay open and out_dir's lock held; a zombie with no thread left holds nothing."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 class _Hostile:
