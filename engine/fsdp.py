@@ -102,15 +102,16 @@ def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool, local: boo
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
-    """Load an optimizer state dict into `optimizer`: under FSDP from shards or from a whole state (sharding it).
+    """Load an optimizer state dict into `optimizer`: under FSDP from shards or from a whole state (sharding it); an
+    optimizer saved before it stepped is emptied again.
     Only the state (moments, step counts) comes from the checkpoint: the hyperparameters of each group (learning
     rate, weight decay, betas) stay those the optimizer was built with, so a resumed run follows its own command
     line."""
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if "local" in state:  # ZeRO-1, a rank's own part (optimizer_state's local)
         optimizer.optim.load_state_dict(state["local"])
-    elif is_zero(optimizer) and not state["param_groups"]:  # ZeRO-1, from a checkpoint: it had not stepped
-        optimizer.optim.state.clear()
+    elif not state.get("param_groups"):  # one that had not stepped (not_stepped()): fresh again
+        (optimizer.optim if is_zero(optimizer) else optimizer).state.clear()
     elif sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -455,7 +455,7 @@ def hf_format(config: GPTConfig) -> str:
             ("qk_norm", not c.qk_norm, "False"),
             ("n_expert", not c.n_expert, "0"),
         ]
-        unmet = [f"{name}={want} (this model: {getattr(c, name)})" for name, ok, want in t5 if not ok]
+        unmet = _unmet(c, t5)
         if unmet:
             raise UnsupportedModel(
                 f"this encoder-decoder does not fit T5's Hugging Face layout: it would need {', '.join(unmet)}"
@@ -471,7 +471,7 @@ def hf_format(config: GPTConfig) -> str:
             ("qk_norm", not c.qk_norm, "False"),
             ("n_expert", not c.n_expert, "0"),
         ]
-        unmet = [f"{name}={want} (this model: {getattr(c, name)})" for name, ok, want in bert if not ok]
+        unmet = _unmet(c, bert)
         if unmet:
             raise UnsupportedModel(
                 f"this encoder does not fit BERT's Hugging Face layout: it would need {', '.join(unmet)}"
@@ -496,13 +496,19 @@ def hf_format(config: GPTConfig) -> str:
     ]
     unmet = {}
     for layout, rules in (("gpt2", gpt2), ("llama", llama)):
-        unmet[layout] = [f"{name}={want} (this model: {getattr(c, name)})" for name, ok, want in rules if not ok]
+        unmet[layout] = _unmet(c, rules)
         if not unmet[layout]:
             return layout
     raise UnsupportedModel(
         f"this architecture fits neither Hugging Face layout: GPT-2 would need {', '.join(unmet['gpt2'])}; "
         f"Llama would need {', '.join(unmet['llama'])}"
     )
+
+
+def _unmet(config: GPTConfig, rules: list[tuple[str, bool, str]]) -> list[str]:
+    """A layout's rules (switch, whether the model meets it, what the layout wants) the model does not meet, as
+    "switch=wanted (this model: its value)"."""
+    return [f"{name}={want} (this model: {getattr(config, name)})" for name, ok, want in rules if not ok]
 
 
 # every file save_hf writes (an export's directory holds these and nothing else)

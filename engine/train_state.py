@@ -146,9 +146,6 @@ class TrainState:
                 detail = str(e).splitlines()[0][:200]
                 raise UserError(f"{source}/state.pt: ema: {detail}; it is not this model's") from None
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            if not (saved.get("param_groups") or is_zero(opt)):  # one that had not stepped: fresh again (ZeRO-1:
-                opt.state.clear()  # rank 0 decides for every rank)
-                continue
             try:
                 load_optimizer_state(self.model, opt, saved, self.sharded)
             except (KeyError, ValueError, RuntimeError) as e:  # e.g. a Muon run saved when MoE routers were in Muon

@@ -182,12 +182,13 @@ def test_a_one_process_checkpoint_resumes_under_fsdp_exactly(char_data, tmp_path
 
 
 @pytest.mark.slow
-def test_fsdp_with_compile_in_bf16_trains_like_one_eager_process(char_data, tmp_path):
+@pytest.mark.parametrize("stage", ["--fsdp=True", "--zero_stage=2"])
+def test_fsdp_with_compile_in_bf16_trains_like_one_eager_process(char_data, tmp_path, stage):
     """FSDP2 + torch.compile + bf16: blocks compiled before sharding, a bf16/fp32 mixed-precision policy. The losses
     follow one eager bf16 process closely (bf16 rounding differs between the two, hence the tolerance)."""
     out = tmp_path / "fsdp"
     data = [f"--data_root={char_data}", "--dataset=tiny_char", f"--out_dir={out}", *CONFIG, "--dtype=bfloat16"]
-    result = torchrun(tmp_path, *data, "--fsdp=True", "--compile=True", "--gradient_accumulation_steps=2")
+    result = torchrun(tmp_path, *data, stage, "--compile=True", "--gradient_accumulation_steps=2")
     assert result.returncode == 0, "\n".join(rank_logs(tmp_path, "stderr"))[-3000:]
     run(char_data, tmp_path / "single", "--dtype=bfloat16")
     assert losses(out) == pytest.approx(losses(tmp_path / "single"), rel=2e-2)
