@@ -195,15 +195,16 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 def causal_distance(q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
     """(T, k_len) query position minus key position, for queries at positions q_pos (T,) and keys at 0..k_len-1;
-    negative means the key is in the future."""
+    negative means the key is in the future. Per-row positions q_pos (B, T) give (B, T, k_len)."""
     k_pos = torch.arange(k_len, device=q_pos.device)
-    return (q_pos[:, None] - k_pos[None, :]).float()
+    return (q_pos[..., :, None] - k_pos).float()
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
-    """(nh, T, k_len) additive attention bias: -slope * distance to each earlier key, -inf for later keys."""
-    distance = causal_distance(q_pos, k_len)
-    bias = -slopes.to(q_pos.device)[:, None, None] * distance  # (nh, T, k_len)
+    """(nh, T, k_len) additive attention bias: -slope * distance to each earlier key, -inf for later keys; per-row
+    positions q_pos (B, T) give (B, nh, T, k_len)."""
+    distance = causal_distance(q_pos, k_len).unsqueeze(-3)  # (1, T, k_len) or (B, 1, T, k_len)
+    bias = -slopes.to(q_pos.device)[:, None, None] * distance  # (nh, T, k_len) or (B, nh, T, k_len)
     return bias.masked_fill(distance < 0, float("-inf"))
 
 
@@ -232,7 +233,9 @@ class KVCache:
 
     With an int start position, attention reads the filled part only (shapes grow by one each step). With a tensor
     start position the shapes are static: attention reads the whole buffer under a mask, so a compiled decoding
-    step can be captured once as a CUDA graph and replayed."""
+    step can be captured once as a CUDA graph and replayed. A (B,) tensor gives each row its own position: a batch
+    of sequences of different lengths decodes together (a server's continuous batching), each row writing its own
+    slot."""
 
     def __init__(self, batch_size: int, config: "GPTConfig", length: int, device, dtype):
         shape = (batch_size, config.n_kv_head, length, config.head_size)
@@ -240,8 +243,22 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.cross = None  # an encoder-decoder's: the encoder output's keys and values, computed once per request
 
+    def view(self, rows: slice, length: int | None = None) -> "KVCache":
+        """Rows of this cache (their first `length` positions) as a cache of their own, sharing its memory: what
+        is written through the view is written here."""
+        part = object.__new__(KVCache)
+        part.k, part.v, part.cross = self.k[rows, :, :length], self.v[rows, :, :length], None
+        return part
+
     def update(self, start, k, v):
-        """Store k, v (B, nkv, T, hs) at positions start..start+T-1; return the keys and values to attend to."""
+        """Store k, v (B, nkv, T, hs) at positions start..start+T-1 (start an int, a 0-dim tensor, or (B,) one per
+        row); return the keys and values to attend to."""
+        if torch.is_tensor(start) and start.dim() == 1:  # each row at its own position
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+            index = start[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
+            self.k[rows, :, index] = k.transpose(1, 2).to(self.k.dtype)  # indexed as (B, T, nkv, hs)
+            self.v[rows, :, index] = v.transpose(1, 2).to(self.v.dtype)
+            return self.k, self.v
         if torch.is_tensor(start):  # static shapes
             index = start + torch.arange(k.size(2), device=k.device)
             self.k.index_copy_(2, index, k.to(self.k.dtype))  # under autocast k may be bf16, the cache float32
@@ -280,9 +297,10 @@ class CausalSelfAttention(nn.Module):
         self.scale = None if config.attn_scale else 1.0  # None: SDPA's 1/sqrt(hs)
 
     def forward(self, x, rope=None, attn_mask=None, cache: KVCache | None = None, start: int = 0, memory=None):
-        """x (B, T, C) at positions start..start+T-1; rope: (cos, sin) each (T, hs) or None; attn_mask: (nh or 1, T,
-        start+T) additive or boolean mask, or None for plain causal attention; cache: this layer's KVCache. Cross-
-        attention: memory (B, S, C), the encoder's output, whose keys and values a cache keeps (cache.cross)."""
+        """x (B, T, C) at positions start..start+T-1; rope: (cos, sin) each (T, hs) (or (B, 1, T, hs), per row) or
+        None; attn_mask: (nh or 1, T, start+T) (or with a leading B) additive or boolean mask, or None for plain
+        causal attention; cache: this layer's KVCache. Cross-attention: memory (B, S, C), the encoder's output, whose
+        keys and values a cache keeps (cache.cross)."""
         B, T, C = x.size()
         if self.cross:
             q = self.c_q(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -551,7 +569,8 @@ class GPT(nn.Module):
         """idx (B, T) int64 token ids; targets (B, T) int64 or None, -1 marks positions to ignore.
         With kv_cache (from new_kv_cache), idx holds positions start_pos..start_pos+T-1 of the sequences, whose earlier
         keys and values are in the cache: a prefill is start_pos=0 with the prompt, a decoding step T=1. start_pos
-        may be a 0-dim int64 tensor: then every shape is static (see KVCache).
+        may be a 0-dim int64 tensor: then every shape is static (see KVCache); or a (B,) int64 tensor, each row's own
+        start: the rows of a batch then continue sequences of different lengths.
 
         Returns (logits, loss) in every mode. With targets: logits (B, T, V) and loss, the mean cross-entropy over the
         non-ignored targets (a 0-dim tensor), plus moe_aux_loss_coef times the MoE load-balancing loss in training
@@ -580,7 +599,8 @@ class GPT(nn.Module):
         static = torch.is_tensor(start_pos)
         if not static and start_pos + T > self.config.block_size:
             raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
-        pos = start_pos + torch.arange(T, device=idx.device)  # (T,) the positions of idx's tokens
+        per_row = static and start_pos.dim() == 1
+        pos = (start_pos[:, None] if per_row else start_pos) + torch.arange(T, device=idx.device)  # (T,) or (B, T)
 
         # embed the tokens, then the positions: added to the embeddings, or given to attention (rope, alibi, t5)
         x, rope = self.embed(idx, pos, self.transformer)  # (B, T, C), and RoPE's (cos, sin) or None
@@ -611,14 +631,17 @@ class GPT(nn.Module):
 
     def embed(self, idx: torch.Tensor, pos: torch.Tensor, stack: nn.ModuleDict) -> tuple[torch.Tensor, tuple | None]:
         """(the tokens' embeddings with their positions added (B, T, C), RoPE's (cos, sin) each (T, hs) or None), for
-        the tokens idx at positions pos of `stack` (self.transformer, or an encoder-decoder's self.decoder, whose
-        learned positions are its own)."""
+        the tokens idx at positions pos (T,) of `stack` (self.transformer, or an encoder-decoder's self.decoder, whose
+        learned positions are its own). Per-row positions pos (B, T) give RoPE's tables as (B, 1, T, hs)."""
         x = self.transformer.wte(idx)  # (B, T, C): one token embedding for every stack, and the output layer's
         if self.config.pos_embedding == "learned":
-            x = x + stack.wpe(pos)  # (T, C) broadcast over B
+            x = x + stack.wpe(pos)  # (T, C) broadcast over B, or (B, T, C)
         elif self.config.pos_embedding == "sinusoidal":
             x = x + self.pos_table[pos]
-        return x, (self.rope_cos[pos], self.rope_sin[pos]) if self.config.pos_embedding == "rope" else None
+        if self.config.pos_embedding != "rope":
+            return x, None
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs) or (B, T, hs)
+        return x, (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
 
     def blocks(self, blocks, x, rope, mask, kv_cache=None, start_pos=0, memory=None, memory_mask=None):
         """x through `blocks` (a stack's nn.ModuleList), each with its KV cache when decoding."""
@@ -678,10 +701,11 @@ class GPT(nn.Module):
         return shifted.masked_fill(shifted < 0, self.config.pad_id)
 
     def relative_bias(self, table: nn.Embedding, pos: torch.Tensor, k_len: int, bidirectional: bool) -> torch.Tensor:
-        """T5's attention bias [11], (nh, T, k_len), for queries at positions pos over keys 0..k_len-1."""
+        """T5's attention bias [11], (nh, T, k_len), for queries at positions pos over keys 0..k_len-1 ((B, nh, T,
+        k_len) for per-row positions (B, T))."""
         relative = -causal_distance(pos, k_len).long()  # key minus query
         buckets = t5_buckets(relative, bidirectional, self.config.rel_buckets, self.config.rel_max_distance)
-        return table(buckets).permute(2, 0, 1)
+        return table(buckets).movedim(-1, -3)  # (..., T, k_len, nh) -> (..., nh, T, k_len)
 
     def attention_mask(
         self, pos: torch.Tensor, k_len: int, start_pos, dtype: torch.dtype, stack: nn.ModuleDict | None = None
@@ -690,8 +714,8 @@ class GPT(nn.Module):
         - ALiBi: a (nh, T, k_len) float bias, -slope * distance, with -inf on later keys (the causal mask in it);
         - T5's: its bucketed bias (nh, T, k_len) (stack's table: self.transformer's or self.decoder's), -inf on
           later keys;
-        - a static-shape KV cache (start_pos a tensor): a (T, k_len) boolean causal mask, True = may attend, which
-          also hides the buffer's unfilled slots;
+        - a static-shape KV cache (start_pos a tensor): a (1, T, k_len) boolean causal mask, True = may attend,
+          which also hides the buffer's unfilled slots; per-row starts (B,): (B, 1, T, k_len), each row's own;
         - queries after cached keys (start_pos > 0 and T > 1, a chunked prefill): the same mask, offset by start_pos;
         - otherwise None: SDPA's is_causal for a whole sequence (training, a prefill from 0), no mask for one decoding
           query, which may see every cached key."""
@@ -699,9 +723,9 @@ class GPT(nn.Module):
             return alibi_bias(self.alibi_slopes, pos, k_len).to(dtype)
         if self.config.pos_embedding == "t5":
             bias = self.relative_bias((stack or self.transformer).rel_bias, pos, k_len, bidirectional=False)
-            return bias.masked_fill(causal_distance(pos, k_len) < 0, float("-inf")).to(dtype)
-        if torch.is_tensor(start_pos) or (start_pos > 0 and len(pos) > 1):
-            return causal_distance(pos, k_len) >= 0  # (T, k_len)
+            return bias.masked_fill(causal_distance(pos, k_len).unsqueeze(-3) < 0, float("-inf")).to(dtype)
+        if torch.is_tensor(start_pos) or (start_pos > 0 and pos.size(-1) > 1):
+            return (causal_distance(pos, k_len) >= 0).unsqueeze(-3)  # (1, T, k_len), or per row (B, 1, T, k_len)
         return None
 
     def encoder_mask(self, pos: torch.Tensor, padding_mask, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,0 +1,155 @@
+"""Continuous batching (engine/batching.py) against one sequence at a time: each row of a batch at its own position
+gives the full forward's logits, and requests decoded together, joining and leaving at different steps, get the
+tokens sample.py's decoder gives each alone (greedy, and sampled with a seed)."""
+
+import threading
+
+import pytest
+import torch
+
+from engine.batching import BatchEngine, Done, Failed, Overloaded, Request, Token
+from engine.generate import Decoder, Sampling
+from engine.tasks import choice_logprobs
+from model import GPT, GPTConfig
+
+GREEDY = Sampling(temperature=0)
+
+
+def model_of(**switches) -> GPT:
+    config = GPTConfig(block_size=48, vocab_size=61, n_layer=2, n_head=4, n_embd=32, **switches)
+    return GPT(config).eval()
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {},
+        {"pos_embedding": "sinusoidal"},
+        {"pos_embedding": "rope", "n_kv_head": 2, "norm": "rmsnorm", "mlp": "swiglu"},
+        {"pos_embedding": "alibi"},
+        {"pos_embedding": "t5"},
+        {"pos_embedding": "none", "n_kv_head": 1},
+    ],
+    ids=["learned", "sinusoidal", "rope-gqa", "alibi", "t5", "none-mqa"],
+)
+def test_each_row_at_its_own_position_gives_the_full_forward(switches):
+    model = model_of(**switches)
+    lengths = [5, 17, 1, 30]
+    seqs = [torch.randint(0, 61, (n + 1,)) for n in lengths]
+    cache = model.new_kv_cache(len(seqs))
+    with torch.no_grad():
+        for r, seq in enumerate(seqs):  # each prompt written alone into its row, through a view of the row
+            model(seq[None, :-1], kv_cache=[layer.view(slice(r, r + 1)) for layer in cache])
+        # one step for every row: two tokens each (a chunk), at its own position
+        last = torch.stack([torch.cat([seq[-1:], seq[:1]]) for seq in seqs])
+        logits, _ = model(last, kv_cache=cache, start_pos=torch.tensor(lengths), all_logits=True)
+        for r, seq in enumerate(seqs):
+            full, _ = model(torch.cat([seq, seq[:1]])[None], all_logits=True)
+            torch.testing.assert_close(logits[r], full[0, -2:], rtol=1e-5, atol=1e-5)
+
+
+class Collect:
+    """A request's events, with an event set when it ends."""
+
+    def __init__(self):
+        self.events, self.ended = [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if isinstance(event, (Done, Failed)):
+            self.ended.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.id for e in self.events if isinstance(e, Token)]
+
+    def wait(self):
+        assert self.ended.wait(120), "the request never ended"
+        return self.events[-1]
+
+
+def alone(model, prompt: list[int], n: int, sampling: Sampling, seed: int | None = None) -> list[int]:
+    """What sample.py decodes: its Decoder, batch 1, with a generator of the seed."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.tensor(prompt)[None]
+    return [t.item() for t in Decoder(model).generate(x, n, sampling, generator, vocab_size=model.config.vocab_size)]
+
+
+CASES = [  # (prompt length, max_tokens, sampling, seed)
+    (3, 20, GREEDY, None),
+    (11, 5, GREEDY, None),
+    (1, 30, Sampling(temperature=0.9, top_k=20), 7),
+    (25, 12, Sampling(temperature=1.0, top_p=0.8, repetition_penalty=1.3), 3),
+    (8, 17, Sampling(temperature=0, repetition_penalty=1.5), None),
+    (40, 8, Sampling(temperature=0.7, min_p=0.05), 11),
+]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_requests_batched_together_get_what_each_gets_alone(compile):
+    model = model_of(pos_embedding="rope", n_kv_head=2)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n, *_ in CASES]
+    engine = BatchEngine(model, vocab_size=61, max_batch=4, max_queue=8, compile=compile)
+    try:
+        collected = []
+        for prompt, (_, n, sampling, seed) in zip(prompts, CASES, strict=True):  # 6 requests, 4 rows: 2 wait
+            collected.append(Collect())
+            engine.submit(Request(prompt, n, sampling, collected[-1], seed=seed))
+        for c, prompt, (_, n, sampling, seed) in zip(collected, prompts, CASES, strict=True):
+            assert c.wait() == Done("length")
+            assert c.tokens == alone(model, prompt, n, sampling, seed)
+        assert engine.decoded_rows > engine.steps  # rows did share steps
+    finally:
+        engine.close()
+
+
+def test_an_end_token_stops_a_request_and_frees_its_row():
+    model = model_of()
+    prompt = [5, 6, 7]
+    expected = alone(model, prompt, 10, GREEDY)
+    engine = BatchEngine(model, vocab_size=61, max_batch=1, max_queue=0)
+    try:
+        c = Collect()
+        engine.submit(Request(prompt, 10, GREEDY, c, end_ids=frozenset({expected[3]})))
+        assert c.wait() == Done("stop")
+        assert c.tokens == expected[: expected.index(expected[3])]
+        assert engine.load()["active"] == 0
+    finally:
+        engine.close()
+
+
+def test_a_cancelled_request_frees_its_row_for_the_next_and_the_queue_is_bounded():
+    model = model_of()
+    engine = BatchEngine(model, vocab_size=61, max_batch=1, max_queue=1)
+    try:
+        first_token = threading.Event()
+        long = Request([1, 2], 40, GREEDY, lambda e: first_token.set())
+        engine.submit(long)
+        queued = Collect()
+        engine.submit(Request([3], 4, GREEDY, queued))
+        with pytest.raises(Overloaded):  # one decoding, one waiting: the next is refused
+            engine.submit(Request([4], 4, GREEDY, Collect()))
+        assert first_token.wait(120)
+        long.cancel()
+        assert queued.wait() == Done("length")
+        assert queued.tokens == alone(model, [3], 4, GREEDY)
+    finally:
+        engine.close()
+
+
+def test_echoed_prompt_logprobs_are_the_log_likelihoods_evaluate_computes():
+    model = model_of()
+    context, continuation = [4, 9, 2, 33, 12], [7, 7, 50]
+    c = Collect()
+    engine = BatchEngine(model, vocab_size=61, max_batch=2)
+    try:
+        engine.submit(Request(context + continuation, 0, GREEDY, c, logprobs=2, echo_logprobs=True))
+        done = c.wait()
+    finally:
+        engine.close()
+    assert c.tokens == [] and len(done.prompt_logprobs) == len(context + continuation) - 1
+    [(expected, n)] = choice_logprobs(model, [(context, continuation)])
+    got = sum(logprob for logprob, _ in done.prompt_logprobs[-len(continuation) :])
+    assert n == 3 and got == pytest.approx(expected, abs=1e-5)
+    for logprob, top in done.prompt_logprobs:  # the two most likely, in order; none less likely than the target
+        assert len(top) == 2 and top[0][1] >= top[1][1] and logprob <= top[0][1] + 1e-6
