@@ -83,6 +83,7 @@ class BatchEngine:
         self.closing = False
         self.steps = 0  # batched decoding steps run, and rows they decoded: the mean batch is their ratio
         self.decoded_rows = 0
+        self.tokens = 0  # tokens emitted
         self.step = self._decode
         if compile:
             for layer in self.cache:
@@ -107,7 +108,8 @@ class BatchEngine:
 
     def load(self) -> dict:
         with self.lock:
-            return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch}
+            busy = {"active": len(self.rows), "waiting": len(self.waiting)}
+            return busy | {"max_batch": self.max_batch, "max_queue": self.max_queue, "tokens_generated": self.tokens}
 
     def close(self) -> None:
         """Finish every request already submitted, refuse new ones, and stop the thread."""
@@ -152,7 +154,7 @@ class BatchEngine:
         x = torch.tensor(request.prompt, dtype=torch.long, device=self.device)[None]
         cache = [layer.view(slice(row, row + 1)) for layer in self.cache]
         logits, _ = self.model(x, kv_cache=cache, all_logits=request.echo_logprobs)  # (1, T or 1, V)
-        logits = logits[0, :, : self.vocab_size].float()
+        logits = logits[0].float()  # (T or 1, V)
         if request.echo_logprobs:
             request.prompt_logprobs = self._logprobs(logits[:-1], request.prompt[1:], request.logprobs or 0)
         self.rows.append(request)
@@ -163,7 +165,7 @@ class BatchEngine:
 
     def _decode(self, tokens, cache, positions):
         logits, _ = self.model(tokens, kv_cache=cache, start_pos=positions)
-        return logits[:, -1, : self.vocab_size].float()
+        return logits[:, -1].float()
 
     def _step(self) -> None:
         """One token for every active row, each at its own position."""
@@ -181,7 +183,9 @@ class BatchEngine:
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> None:
         """The next token of each request from its row of logits (n, V), emitted, with its log-probabilities when
-        asked for; greedy rows together, sampled ones each with its own settings and generator (as sample.py)."""
+        asked for; greedy rows together, sampled ones each with its own settings and generator (as sample.py). Ids
+        from vocab_size up (a vocabulary's padding) are never chosen."""
+        full, logits = logits, logits[:, : self.vocab_size]
         greedy = [
             i for i, r in enumerate(requests) if r.sampling.temperature == 0 and r.sampling.repetition_penalty == 1
         ]
@@ -198,19 +202,21 @@ class BatchEngine:
             request.ids.append(token)
             logprob, top = None, None
             if request.logprobs is not None:
-                (logprob, top), *_ = self._logprobs(logits[i : i + 1], [token], request.logprobs)
+                (logprob, top), *_ = self._logprobs(full[i : i + 1], [token], request.logprobs)
             request.emit(Token(token, logprob, top))
+            self.tokens += 1
             if len(request.ids) - len(request.prompt) >= request.max_tokens:
                 request.finished = "length"
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[tuple[float, list]]:
-        """(log-probability of each target, the `top` most likely (id, log-probability)) under logits (n, V)."""
+    def _logprobs(self, logits: torch.Tensor, targets: list[int], top: int) -> list[tuple[float, list]]:
+        """(log-probability of each target, the `top` most likely (id, log-probability)) under logits (n, V): the
+        model's own distribution over its whole vocabulary, as tools/evaluate.py scores (the alternatives are
+        tokens the tokenizer can decode)."""
         logp = F.log_softmax(logits, dim=-1)
         picked = logp.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
         if not top:
             return [(p, []) for p in picked]
-        best = torch.topk(logp, min(top, logp.size(-1)))
+        best = torch.topk(logp[:, : self.vocab_size], min(top, self.vocab_size))
         pairs = [list(zip(i, v, strict=True)) for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)]
         return list(zip(picked, pairs, strict=True))
 
