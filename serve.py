@@ -13,14 +13,17 @@ Any OpenAI client talks to it:
 
 Concurrent requests are decoded together, each joining the running batch at the next step (engine/batching.py);
 greedy decoding gives sample.py --temperature=0's text whatever a request was batched with. Ctrl-C or SIGTERM
-finishes the requests already running, then exits.
+finishes the requests already running, then exits (0 after SIGTERM, 130 after Ctrl-C); a second Ctrl-C stops at
+once.
 """
 
-import engine.interrupts  # noqa: F401  (first: Ctrl-C while loading is one line and exit 130)
+from engine.interrupts import EXIT_INTERRUPTED, stop_now  # first: Ctrl-C while loading is one line and exit 130
 
 import os
 import signal
+import socket
 import sys
+import threading
 from dataclasses import dataclass
 
 import uvicorn
@@ -73,21 +76,57 @@ def main(argv=None):
     name = cfg.model_name or (
         os.path.basename(os.path.normpath(cfg.out_dir)) if cfg.init_from == "resume" else cfg.init_from
     )
-    engine = BatchEngine(model, tokenizer.vocab_size, cfg.max_batch, cfg.max_queue, cfg.compile)
+    listening = listen(cfg.host, cfg.port)
+    url = f"http://{cfg.host}:{listening.getsockname()[1]}"
+
+    # The model decodes on this, the main thread (engine/batching.py); uvicorn answers HTTP on another.
+    engine = BatchEngine(model, tokenizer.vocab_size, cfg.max_batch, cfg.max_queue, cfg.compile, thread=False)
     app = build_app(engine, model, tokenizer, name, cfg.api_key)
-    print(f"serving {model.source} as {name!r} on http://{cfg.host}:{cfg.port} (API at /v1, chat page at /)",
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=600)
+    server = uvicorn.Server(config)
+
+    def http():
+        try:
+            server.run(sockets=[listening])
+        finally:
+            engine.close()  # the engine's loop below ends once its requests are done
+
+    def drain(signum, frame):
+        """The first Ctrl-C or SIGTERM: refuse new connections, answer the running requests, then exit. A second
+        Ctrl-C stops at once."""
+        if server.should_exit and signum == signal.SIGINT:
+            stop_now()
+        stopping.append(signum)
+        server.should_exit = True
+        print(f"stopping: answering the {engine.load()['active']} running request(s) first", file=sys.stderr)
+
+    stopping = []
+    signal.signal(signal.SIGINT, drain)
+    signal.signal(signal.SIGTERM, drain)
+    threading.Thread(target=http, name="http", daemon=True).start()
+    print(f"serving {model.source} as {name!r} on {url} (API at {url}/v1, chat page at {url}/)",
           file=sys.stderr, flush=True)  # fmt: skip
-    # uvicorn answers Ctrl-C and SIGTERM by refusing new connections and letting the running requests finish; then
-    # it raises the signal again for the handler it found: Ctrl-C is then the usual interrupted line (exit 130), and
-    # SIGTERM, a service manager's stop, a clean exit
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    engine.run()
+    if not server.started:
+        raise UserError(f"the HTTP server on {url} failed to start (its error is above)")
+    print("stopped: every running request was answered", file=sys.stderr)
+    if signal.SIGINT in stopping:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: one the system picks), or one line saying why there is none."""
     try:
-        uvicorn.run(
-            app, host=cfg.host, port=cfg.port, log_level="info", access_log=False, timeout_graceful_shutdown=600
-        )
-    finally:
-        engine.close()
-        print("stopped: every request was answered", file=sys.stderr)
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host"
+        ) from None
+    return sock
 
 
 if __name__ == "__main__":

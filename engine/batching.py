@@ -1,10 +1,12 @@
 """Continuous batching: many requests decoded together, each joining the running batch at the next step and leaving
 when it is done (Yu et al. 2022, "Orca"; what vLLM and TGI call continuous batching), over our KV cache.
 
-One thread owns the model. A request is prefilled alone, into a free row of one shared cache (a view of that row, so
-the prefill is exactly sample.py's); then every step decodes one token for every active row at once, each row at its
-own position (GPT.forward with a (B,) start_pos). A finished or cancelled request frees its row at the next step:
-the last active row moves into it, so the active rows are always the first n and a step reads only them, and only
+One thread owns the model: a thread of the engine's own, or the caller's with thread=False (serve.py gives it the
+main thread: on a CPU, a step run from any other thread takes about twice as long there, through OpenMP). A request
+is prefilled alone, into a free row of one shared cache (a view of that row, so the prefill is exactly sample.py's);
+then every step decodes one token for every active row at once, each row at its own position (GPT.forward with a
+(B,) start_pos). A finished or cancelled request frees its row at the next step: the last active row moves into it,
+so the active rows are always the first n and a step reads only them, and only
 as many positions as the longest of them holds. compile=True decodes every row over the whole cache instead, static
 shapes through torch.compile: one graph whatever joins or leaves.
 
@@ -71,7 +73,9 @@ class Overloaded(Exception):
 
 
 class BatchEngine:
-    def __init__(self, model, vocab_size: int, max_batch: int = 16, max_queue: int = 64, compile: bool = False):
+    def __init__(
+        self, model, vocab_size: int, max_batch: int = 16, max_queue: int = 64, compile: bool = False, thread=True
+    ):
         self.model = model
         self.vocab_size = vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -92,8 +96,9 @@ class BatchEngine:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.step = torch.compile(self._decode, mode=mode, dynamic=False)
         self.static = compile
-        self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self.run, name="batch-engine", daemon=True) if thread else None
+        if self.thread:
+            self.thread.start()
 
     # --- the callers' side ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -112,14 +117,17 @@ class BatchEngine:
             return busy | {"max_batch": self.max_batch, "max_queue": self.max_queue, "tokens_generated": self.tokens}
 
     def close(self) -> None:
-        """Finish every request already submitted, refuse new ones, and stop the thread."""
+        """Refuse new requests; run() returns once every request already submitted is done (the engine's own thread
+        is waited for)."""
         with self.lock:
             self.closing = True
             self.lock.notify()
-        self.thread.join()
+        if self.thread and self.thread is not threading.current_thread():
+            self.thread.join()
 
     # --- the engine's thread -------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Decode until close(): what the engine's thread runs, or the caller's thread with thread=False."""
         while True:
             with self.lock:
                 self.lock.wait_for(lambda: self.waiting or self.rows or self.closing)

@@ -23,7 +23,7 @@ def test_smoke_run_prints_the_whole_table(capsys):
 
 
 BENCH = ["train_speed", "sample_speed", "train_overhead", "gpu_acceptance", "tokenizer_speed", "prepare_throughput"]
-BENCH += ["encoder_speed", "seq2seq_speed", "checkpoint_save"]
+BENCH += ["encoder_speed", "seq2seq_speed", "checkpoint_save", "serve_throughput"]
 
 
 @pytest.mark.parametrize("script", BENCH)
@@ -102,3 +102,14 @@ def test_checkpoint_save_bench_prints_its_figures_at_tiny_sizes(capsys):
     out = capsys.readouterr().out
     for label in ("gathered (one file)", "sharded (DCP)", "sharded and asynchronous", "2 sync saves", "2 async saves"):
         assert label in out, out
+
+
+def test_serve_throughput_prints_one_row_per_number_of_clients(capsys):
+    from bench import serve_throughput
+
+    serve_throughput.main(["--clients=1,3", "--new_tokens=6", "--requests_per_client=1", "--max_batch=2"]
+                          + ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "sample.py decoder, one stream" in out and "serve.py, 1 concurrent client " in out
+    three = next(line for line in out.splitlines() if line.startswith("serve.py, 3 concurrent clients"))
+    assert float(three.split()[-1]) > 1  # three clients on two rows: steps decoded more than one row

@@ -34,9 +34,9 @@ class Server:
         cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--device=cpu", "--port=0", *args]
         self.process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.lines = []
-        for line in self.process.stderr:  # until uvicorn says where it listens
+        for line in self.process.stderr:  # until it says where it listens
             self.lines.append(line)
-            found = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+            found = re.search(r"^serving .* on (http://[\d.]+:\d+) ", line)
             if found:
                 self.url = found.group(1)
                 break
