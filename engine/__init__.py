@@ -27,6 +27,8 @@ rollback       bad steps: non-finite skips, loss spikes, rollbacks, and when to 
 hf_interop     Hugging Face GPT-2 / Llama weights in and out
 inference      a trained model and its tokenizer, ready to use
 generate       the KV-cache decode loop, sampling, streaming text
+batching       continuous batching: many requests decoded together, each row at its own position
+server         the HTTP API serve.py runs (OpenAI's completions and chat completions) and the chat page
 tasks          multiple-choice benchmarks scored by log-likelihood
 loss_curve     loss_curve.png from metrics.jsonl
 run_log        console lines, metrics.jsonl, wandb, the loss curve, step times and the ETA

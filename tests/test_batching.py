@@ -153,3 +153,29 @@ def test_echoed_prompt_logprobs_are_the_log_likelihoods_evaluate_computes():
     assert n == 3 and got == pytest.approx(expected, abs=1e-5)
     for logprob, top in done.prompt_logprobs:  # the two most likely, in order; none less likely than the target
         assert len(top) == 2 and top[0][1] >= top[1][1] and logprob <= top[0][1] + 1e-6
+
+
+def test_the_compiled_step_in_bfloat16_is_one_graph_and_gives_the_eager_step_s_logits():
+    """The GPU path on a CPU: a bf16 model (serve.py --dtype=bfloat16 casts it), the decoding step compiled with
+    static shapes: requests joining and leaving never recompile it nor break its graph, and its logits are the eager
+    step's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = model_of(pos_embedding="rope", n_kv_head=2).to(torch.bfloat16)
+    engine = BatchEngine(model, vocab_size=61, max_batch=4, compile=True)
+    try:
+        collected = [Collect() for _ in range(6)]
+        for n, c in enumerate(collected):
+            engine.submit(Request(list(range(1, 2 + 3 * n)), 6 + n, GREEDY, c))
+        assert all(c.wait() == Done("length") for c in collected)
+    finally:
+        engine.close()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"] and not counters["recompiles"]
+    tokens = torch.randint(0, 61, (4, 1))
+    positions = torch.tensor([3, 9, 0, 20])
+    with torch.no_grad():
+        compiled = engine.step(tokens, engine.cache, positions)
+        eager = engine._decode(tokens, engine.cache, positions)
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
