@@ -276,45 +276,85 @@ def test_one_row_a_key_a_client_that_leaves_and_sigterm(long_run):
     assert "Traceback" not in "".join(s.lines)
 
 
-def test_the_chat_page_in_a_real_browser(server, tmp_path):
-    """Headless Chromium (Debian's chromium and chromium-driver) loads the page, sends a typed message and gets a
-    streamed reply; the screenshot goes to $SCREENSHOT (the README's) or tmp_path."""
+@pytest.fixture
+def browser():
+    """Headless Chromium (Debian's chromium and chromium-driver, as .ci/run installs them) under selenium."""
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
     driver_path = "/usr/bin/chromedriver"
     if chromium is None or not os.path.exists(driver_path):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,640"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
         options.add_argument(arg)
-    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()
+
+
+def page_ready(browser, url: str | None, title: str):
+    """The page at url (None: the one already open), once it has read the model's card, set to greedy decoding; and
+    a wait of up to two minutes."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if url:
+        browser.get(url)
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda b: b.find_element(By.ID, "title").text == title)
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    return wait
+
+
+def test_the_chat_page_in_a_real_browser(server, browser, tmp_path):
+    """The page loads, two typed messages get streamed replies (the first is the API's greedy reply), a refused one
+    is said on the page; the screenshot goes to $SCREENSHOT or tmp_path."""
+    from selenium.webdriver.common.by import By
+
+    wait = page_ready(browser, server.url, "tiny-chat")
+    assert "chat" in browser.find_element(By.ID, "mode").text
+    for n, thing in enumerate(THINGS[1:3]):
+        browser.find_element(By.ID, "input").send_keys(f"what color is {thing}?\n")
+        wait.until(lambda b, n=n: len(b.find_elements(By.CSS_SELECTOR, ".assistant:not(.streaming)")) == n + 1)
+    replies = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
+    assert all(replies) and len(browser.find_elements(By.CSS_SELECTOR, ".user")) == 2
+    expected = server.client().chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": f"what color is {THINGS[1]}?"}], temperature=0,
+        max_tokens=32,
+    )  # fmt: skip
+    assert replies[0].strip() == expected.choices[0].message.content.strip()
+    browser.find_element(By.ID, "input").send_keys("\u00e9t\u00e9\n")  # not in the vocabulary: said on the page
+    wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
+    assert "vocabulary" in browser.find_element(By.ID, "error").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".user")) == 2  # the refused message went back to the input
+    assert browser.find_element(By.ID, "input").get_attribute("value") == "\u00e9t\u00e9"
+    browser.save_screenshot(os.environ.get("SCREENSHOT") or str(tmp_path / "chat.png"))
+
+
+def test_the_page_asks_for_the_key_and_continues_text_with_a_base_model(long_run, browser):
+    """A base model behind --api_key: the page asks for the key, then continues typed text (/v1/completions) with
+    the API's greedy continuation."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s = Server(f"--out_dir={long_run}", "--api_key=sesame")
     try:
-        browser.get(server.url)
-        wait = WebDriverWait(browser, 120)
-        wait.until(lambda b: b.find_element(By.ID, "title").text == "tiny-chat")
-        assert "chat" in browser.find_element(By.ID, "mode").text
-        temperature = browser.find_element(By.ID, "temperature")
-        temperature.clear()
-        temperature.send_keys("0")
-        for n, thing in enumerate(THINGS[1:3]):
-            browser.find_element(By.ID, "input").send_keys(f"what color is {thing}?\n")
-            wait.until(lambda b, n=n: len(b.find_elements(By.CSS_SELECTOR, ".assistant:not(.streaming)")) == n + 1)
-        replies = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".assistant")]
-        assert all(replies) and len(browser.find_elements(By.CSS_SELECTOR, ".user")) == 2
-        expected = server.client().chat.completions.create(
-            model="tiny-chat",
-            messages=[{"role": "user", "content": f"what color is {THINGS[1]}?"}],
-            temperature=0,
-            max_tokens=32,
-        )
-        assert replies[0].strip() == expected.choices[0].message.content.strip()
-        browser.find_element(By.ID, "input").send_keys("\u00e9t\u00e9\n")  # not in the vocabulary: said on the page
-        wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
-        assert "vocabulary" in browser.find_element(By.ID, "error").text
-        browser.save_screenshot(os.environ.get("SCREENSHOT") or str(tmp_path / "chat.png"))
+        browser.get(s.url)
+        WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "key-dialog").is_displayed())
+        browser.find_element(By.ID, "key").send_keys("sesame\n")
+        wait = page_ready(browser, None, "out-long")
+        assert "continuation" in browser.find_element(By.ID, "mode").text
+        tokens = browser.find_element(By.ID, "max-tokens")
+        tokens.clear()
+        tokens.send_keys("20")
+        browser.find_element(By.ID, "input").send_keys("ROMEO:\n")
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant:not(.streaming)"))
+        expected = s.client(api_key="sesame").completions.create(model="out-long", prompt="ROMEO:", max_tokens=20,
+                                                                 temperature=0)  # fmt: skip
+        got = browser.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("textContent")
+        assert got == expected.choices[0].text
     finally:
-        browser.quit()
+        assert s.stop() == 0
