@@ -117,6 +117,10 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.requests = []
+        choices = len(prompts) * body.n
+        if choices > engine.max_batch + engine.max_queue:
+            limit = engine.max_batch + engine.max_queue
+            raise APIError(400, f"{choices} choices (prompts x n) in one request; this server takes at most {limit}")
         for i, prompt in enumerate(p for p in prompts for _ in range(body.n)):
             seed = None if body.seed is None else body.seed + i % body.n  # n samples of one seed differ
             emit = self._emitter(loop, i)
@@ -141,8 +145,25 @@ class Generation:
         return emit
 
     def cancel(self) -> None:
+        """Cancel every choice (their rows are freed at the engine's next step) and end events()."""
         for request in self.requests:
             request.cancel()
+        self.queue.put_nowait((None, None))
+
+    async def collect(self, http: Request):
+        """Every event of events(), in a list; a client that goes away meanwhile cancels the choices at once (its
+        disconnect is the next message the connection receives, the body having been read)."""
+
+        async def watch():
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return [event async for event in self.events()]
+        finally:
+            watcher.cancel()
 
     async def events(self):
         """(choice index, text, tokens [(id, logprob, top)], finish reason or None, the Done event or None) as they
@@ -153,6 +174,8 @@ class Generation:
         self.completion_tokens, open_choices, cut = 0, len(self.requests), set()
         while open_choices:
             i, event = await self.queue.get()
+            if i is None:  # cancelled
+                return
             if i in cut:  # stopped by a stop string: what is still coming is not sent
                 continue
             if isinstance(event, Failed):
@@ -248,7 +271,7 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
         return {"object": "list", "data": [card | {"chat": is_chat}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: Request):
         check_model(body)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if body.best_of not in (None, body.n):
@@ -293,7 +316,7 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
         texts = [""] * len(gen.requests)
         tokens: list[list] = [[] for _ in gen.requests]
         reasons, dones = [None] * len(gen.requests), [None] * len(gen.requests)
-        async for i, text, toks, reason, done in gen.events():
+        for i, text, toks, reason, done in await gen.collect(http):
             texts[i] += text
             tokens[i] += toks
             reasons[i] = reason or reasons[i]
@@ -315,7 +338,7 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
                 "choices": choices, "usage": usage | {"total_tokens": sum(usage.values())}}  # fmt: skip
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, http: Request):
         check_model(body)
         if not is_chat:
             raise APIError(400, f"{name} was not trained on chat data (no chat template in it): use /v1/completions")
@@ -350,7 +373,7 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
         if body.stream:
             return stream(gen, chunk)
         texts, tokens, reasons = [""] * body.n, [[] for _ in range(body.n)], [None] * body.n
-        async for i, text, toks, reason, _ in gen.events():
+        for i, text, toks, reason, _ in await gen.collect(http):
             texts[i] += text
             tokens[i] += toks
             reasons[i] = reason or reasons[i]

@@ -3,9 +3,11 @@ for what a client library would not send). Its greedy text is sample.py's; concu
 text; lm-evaluation-harness's log-likelihood request scores a task as tools/evaluate.py does; every bad request is
 one line with its status while the server keeps serving; a client that goes away frees its row; SIGTERM drains."""
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -260,6 +262,20 @@ def test_one_row_a_key_a_client_that_leaves_and_sigterm(long_run):
         assert health["tokens_generated"] < 3 + 500
         ok = client.completions.create(model="out-long", prompt="ROMEO:", max_tokens=3)
         assert ok.choices[0].finish_reason == "length"
+        # a client waiting for a whole (not streamed) completion goes away too
+        before = health["tokens_generated"]
+        with socket.create_connection(s.url.removeprefix("http://").split(":")) as raw:
+            payload = json.dumps({"prompt": "ROMEO:", "max_tokens": 500}).encode()
+            head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            raw.sendall(head.encode() + payload)
+            while not (health := httpx.get(f"{s.url}/health").json())["active"]:  # until it decodes (or is done)
+                if health["tokens_generated"] - before >= 500:
+                    break
+                time.sleep(0.01)
+        while (health := httpx.get(f"{s.url}/health").json())["active"]:
+            time.sleep(0.01)
+        assert health["tokens_generated"] - before < 3 + 500
 
         stream = client.completions.create(
             model="out-long", prompt="ROMEO:", max_tokens=400, stream=True, temperature=0
