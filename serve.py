@@ -88,8 +88,8 @@ def main(argv=None):
     def http():
         try:
             server.run(sockets=[listening])
-        finally:
-            engine.close()  # the engine's loop below ends once its requests are done
+        finally:  # every client has been answered or has gone: what is left has nobody to go to
+            engine.close(cancel=True)
 
     def drain(signum, frame):
         """The first Ctrl-C or SIGTERM: refuse new connections, answer the running requests, then exit. A second

@@ -33,6 +33,7 @@ class Token:
     id: int
     logprob: float | None = None  # the model's log-probability of it (with Request.logprobs)
     top: list[tuple[int, float]] | None = None  # the Request.logprobs most likely tokens and theirs
+    end: bool = False  # one of Request.end_ids: no text, emitted only with logprobs (Done follows)
 
 
 @dataclass
@@ -72,6 +73,10 @@ class Overloaded(Exception):
     """max_batch requests are decoding and max_queue more are waiting."""
 
 
+class ShuttingDown(Exception):
+    """close() was called: no new requests."""
+
+
 class BatchEngine:
     def __init__(
         self, model, vocab_size: int, max_batch: int = 16, max_queue: int = 64, compile: bool = False, thread=True
@@ -101,26 +106,31 @@ class BatchEngine:
             self.thread.start()
 
     # --- the callers' side ---------------------------------------------------------------------------------------
-    def submit(self, request: Request) -> None:
-        """Queue a request; Overloaded when max_batch are decoding and max_queue are waiting already."""
+    def submit(self, *requests: Request) -> None:
+        """Queue requests, all or none: Overloaded when there is no room for all of them beside the max_batch
+        decoding and the max_queue waiting; ShuttingDown after close()."""
         with self.lock:
             if self.closing:
-                raise Overloaded("the server is shutting down")
-            if len(self.rows) + len(self.waiting) >= self.max_batch + self.max_queue:
-                raise Overloaded(f"{self.max_batch} requests are decoding and {self.max_queue} waiting")
-            self.waiting.append(request)
+                raise ShuttingDown("the server is shutting down")
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)  # (their clients have gone)
+            if len(self.rows) + len(self.waiting) + len(requests) > self.max_batch + self.max_queue:
+                raise Overloaded(f"{len(self.rows)} requests are decoding and {len(self.waiting)} waiting")
+            self.waiting.extend(requests)
             self.lock.notify()
 
     def load(self) -> dict:
         with self.lock:
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
             busy = {"active": len(self.rows), "waiting": len(self.waiting)}
             return busy | {"max_batch": self.max_batch, "max_queue": self.max_queue, "tokens_generated": self.tokens}
 
-    def close(self) -> None:
-        """Refuse new requests; run() returns once every request already submitted is done (the engine's own thread
-        is waited for)."""
+    def close(self, cancel: bool = False) -> None:
+        """Refuse new requests; run() returns once every request already submitted is done, or at once with
+        cancel=True (nobody is left to receive them); the engine's own thread is waited for."""
         with self.lock:
             self.closing = True
+            for request in [*self.rows, *self.waiting] if cancel else []:
+                request.cancel()
             self.lock.notify()
         if self.thread and self.thread is not threading.current_thread():
             self.thread.join()
@@ -139,15 +149,15 @@ class BatchEngine:
             try:
                 with torch.no_grad():
                     while joining:
-                        request = joining.pop(0)
-                        if not request.cancelled:
-                            self._prefill(request)
+                        if not joining[0].cancelled:
+                            self._prefill(joining[0])
+                        joining.pop(0)  # (after its prefill: one that raises is failed below)
                     self._leave()
                     if self.rows:
                         self._step()
                     self._leave()
             except Exception as e:  # a failing step fails its requests, not the server
-                for request in [*self.rows, *joining]:
+                for request in {id(r): r for r in [*self.rows, *joining]}.values():
                     request.emit(Failed(f"decoding failed: {type(e).__name__}: {e}"))
                 self.rows.clear()
 
@@ -204,13 +214,16 @@ class BatchEngine:
                 chosen[i] = next_token(logits[i : i + 1], request.sampling, seen, request.generator).item()
         for i, request in enumerate(requests):
             token = chosen[i]
-            if token in request.end_ids:
+            end = token in request.end_ids
+            logprob, top = None, None
+            if request.logprobs is not None:  # (an end token too: a scorer reads its log-probability)
+                (logprob, top), *_ = self._logprobs(full[i : i + 1], [token], request.logprobs)
+            if end:
                 request.finished = "stop"
+                if request.logprobs is not None:
+                    request.emit(Token(token, logprob, top, end=True))
                 continue
             request.ids.append(token)
-            logprob, top = None, None
-            if request.logprobs is not None:
-                (logprob, top), *_ = self._logprobs(full[i : i + 1], [token], request.logprobs)
             request.emit(Token(token, logprob, top))
             self.tokens += 1
             if len(request.ids) - len(request.prompt) >= request.max_tokens:

@@ -10,6 +10,7 @@ the model's own sampling controls: top_k, min_p, repetition_penalty.
 """
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -22,9 +23,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from engine import chat
-from engine.batching import Done, Failed, Overloaded
+from engine.batching import Done, Failed, Overloaded, ShuttingDown
 from engine.batching import Request as EngineRequest
 from engine.errors import UserError
 from engine.generate import Sampling, StreamDecoder, cut_at_stop
@@ -93,7 +95,7 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextPart]
 
     def text(self) -> str:
@@ -116,24 +118,26 @@ class Generation:
         self.tokenizer, self.stops = tokenizer, body.stops()
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        limit = engine.max_batch + engine.max_queue
+        if len(prompts) * body.n > limit:
+            raise APIError(400, f"{len(prompts) * body.n} choices (prompts x n) in one request; this server takes at "
+                           f"most {limit}", "n")  # fmt: skip
         self.requests = []
-        choices = len(prompts) * body.n
-        if choices > engine.max_batch + engine.max_queue:
-            limit = engine.max_batch + engine.max_queue
-            raise APIError(400, f"{choices} choices (prompts x n) in one request; this server takes at most {limit}")
         for i, prompt in enumerate(p for p in prompts for _ in range(body.n)):
             seed = None if body.seed is None else body.seed + i % body.n  # n samples of one seed differ
-            emit = self._emitter(loop, i)
-            request = EngineRequest(prompt, max_tokens, body.sampling(), emit, seed, frozenset(end_ids), logprobs)
+            request = EngineRequest(
+                prompt, max_tokens, body.sampling(), self._emitter(loop, i), seed, frozenset(end_ids), logprobs
+            )
             request.echo_logprobs = getattr(body, "echo", False) and logprobs is not None
             self.requests.append(request)
-        self.prompt_tokens = sum(len(p) for p in prompts) * body.n
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.completion_tokens = 0
         try:
-            for request in self.requests:
-                engine.submit(request)
+            engine.submit(*self.requests)
         except Overloaded as e:
-            self.cancel()
             raise APIError(429, f"the server is busy ({e}); retry shortly", headers={"Retry-After": "1"}) from None
+        except ShuttingDown as e:
+            raise APIError(503, f"{e}; retry shortly") from None
 
     def _emitter(self, loop, index: int):
         def emit(event):
@@ -150,7 +154,15 @@ class Generation:
             request.cancel()
         self.queue.put_nowait((None, None))
 
-    async def collect(self, http: Request):
+    def echoed(self, i: int) -> list[tuple]:
+        """Choice i's prompt as (id, logprob, top) tokens: the first has none, the others theirs once the engine
+        has prefilled it (with echo and logprobs)."""
+        request = self.requests[i]
+        scores = request.prompt_logprobs or [(None, None)] * (len(request.prompt) - 1)
+        rest = [(t, lp, top) for t, (lp, top) in zip(request.prompt[1:], scores, strict=True)]
+        return [(request.prompt[0], None, None), *rest]
+
+    async def collect(self, http: Request) -> list[tuple]:
         """Every event of events(), in a list; a client that goes away meanwhile cancels the choices at once (its
         disconnect is the next message the connection receives, the body having been read)."""
 
@@ -166,12 +178,12 @@ class Generation:
             watcher.cancel()
 
     async def events(self):
-        """(choice index, text, tokens [(id, logprob, top)], finish reason or None, the Done event or None) as they
-        come; ends when every choice has finished."""
+        """(choice index, text, tokens [(id, logprob, top)], finish reason or None) as they come; ends when every
+        choice has finished. An end token (sent only with logprobs) is a token without text."""
         pieces = [StreamDecoder(self.tokenizer.token_bytes) for _ in self.requests]
         text, shown = [""] * len(self.requests), [0] * len(self.requests)
         hold = max((len(s) for s in self.stops), default=1) - 1
-        self.completion_tokens, open_choices, cut = 0, len(self.requests), set()
+        open_choices, cut = len(self.requests), set()
         while open_choices:
             i, event = await self.queue.get()
             if i is None:  # cancelled
@@ -183,10 +195,14 @@ class Generation:
                 raise APIError(500, event.message)
             if isinstance(event, Done):
                 text[i] += pieces[i].flush()
-                yield i, text[i][shown[i] :], [], event.reason, event
+                yield i, text[i][shown[i] :], [], event.reason
                 open_choices -= 1
                 continue
             self.completion_tokens += 1
+            token = [(event.id, event.logprob, event.top)]
+            if event.end:
+                yield i, "", token, None
+                continue
             text[i], stopped = cut_at_stop(text[i] + pieces[i].push(event.id), self.stops)
             safe = len(text[i]) if stopped else max(shown[i], len(text[i]) - hold)
             piece, shown[i] = text[i][shown[i] : safe], safe
@@ -194,9 +210,22 @@ class Generation:
                 self.requests[i].cancel()
                 cut.add(i)
                 open_choices -= 1
-                yield i, piece, [(event.id, event.logprob, event.top)], "stop", None
-            else:
-                yield i, piece, [(event.id, event.logprob, event.top)], None, None
+            yield i, piece, token, "stop" if stopped else None
+
+
+class CancellingStream(StreamingResponse):
+    """Server-sent events whose choices are cancelled however the response ends: finished, the client gone while
+    it streams, or gone before it started (when the body's generator never runs its own cleanup)."""
+
+    def __init__(self, gen: Generation, content):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.cancel()
 
 
 # --- the app ----------------------------------------------------------------------------------------------------
@@ -221,20 +250,29 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return error_response(e.status_code, message)
+        message = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"no route {request.method} {request.url.path}",
+            413: f"the body is over {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt",
+        }
+        return error_response(e.status_code, message.get(e.status_code, str(e.detail)))  # fmt: skip
 
     @app.exception_handler(Exception)
     async def crashed(request, e: Exception):
         return error_response(500, f"the server failed on this request ({type(e).__name__}: {e})")
 
+    # a body streamed past MAX_BODY_BYTES is stopped as it comes (inside guard, which refuses one whose
+    # Content-Length says so before reading it)
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY_BYTES:
             return error_response(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt")
         if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
+            sent = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(sent, f"Bearer {api_key}".encode()):
                 return error_response(401, "a missing or wrong API key: send Authorization: Bearer <key>", None,
                                       "invalid_api_key")  # fmt: skip
         return await call_next(request)
@@ -252,14 +290,17 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
         except UserError as e:
             raise APIError(400, f"{param}: {e}", param) from None
 
-    def check_fits(prompt: list[int], max_tokens: int, param: str) -> None:
-        if len(prompt) + max_tokens > block_size:
-            raise APIError(400, f"this model's context is {block_size} tokens; the prompt is {len(prompt)} and "
-                           f"max_tokens {max_tokens}: shorten the prompt or lower max_tokens", param,
-                           "context_length_exceeded")  # fmt: skip
+    def too_long(prompt_len: int, max_tokens: int, what: str, param: str) -> APIError:
+        return APIError(400, f"this model's context is {block_size} tokens; {what} is {prompt_len} and max_tokens "
+                        f"{max_tokens}: shorten it or lower max_tokens", param, "context_length_exceeded")  # fmt: skip
 
     def token_text(t: int) -> str:
-        return tokenizer.decode([t])
+        """A token as text; one that is part of a UTF-8 character is its bytes, written as OpenAI writes them."""
+        piece = tokenizer.token_bytes(t)
+        try:
+            return piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
     @app.get("/health")
     async def health():
@@ -288,14 +329,16 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
                 if tokenizer.eot_id is None:
                     raise APIError(400, "prompt: an empty prompt (this model has no end-of-text token to start from)")
                 ids = [tokenizer.eot_id]
-            check_fits(ids, max_tokens, "prompt")
+            if len(ids) + max_tokens > block_size:
+                raise too_long(len(ids), max_tokens, "the prompt", "prompt")
             prompts.append(ids)
         end_ids = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
         gen = Generation(engine, tokenizer, prompts, body, max_tokens, end_ids, body.logprobs)
-        rid, model_name = f"cmpl-{uuid.uuid4().hex}", name
+        rid = f"cmpl-{uuid.uuid4().hex}"
 
-        def logprobs_of(tokens, offset: int) -> dict:
+        def logprobs_of(tokens) -> dict:
             out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            offset = 0
             for t, logprob, top in tokens:
                 out["tokens"].append(token_text(t))
                 out["token_logprobs"].append(logprob)
@@ -304,50 +347,43 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
                 offset += len(out["tokens"][-1])
             return out
 
-        def chunk(i, text, tokens, reason):
-            c = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            if body.logprobs is not None and tokens:
-                c["logprobs"] = logprobs_of(tokens, 0)
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [c]}  # fmt: skip
+        def choice(i, text, tokens, reason, echo: bool) -> dict:
+            if echo:  # the prompt first, its text and its tokens
+                text, tokens = tokenizer.decode(gen.requests[i].prompt) + text, gen.echoed(i) + tokens
+            scores = logprobs_of(tokens) if body.logprobs is not None and tokens else None
+            return {"index": i, "text": text, "logprobs": scores, "finish_reason": reason}
+
+        def response(choices: list[dict], **usage) -> dict:
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+                    "choices": choices} | usage  # fmt: skip
+
+        def chunk(i, text, tokens, reason, first: bool) -> dict:  # (each choice's first carries the echoed prompt)
+            return response([choice(i, text, tokens, reason, body.echo and first)])
 
         if body.stream:
             return stream(gen, chunk)
-        texts = [""] * len(gen.requests)
-        tokens: list[list] = [[] for _ in gen.requests]
-        reasons, dones = [None] * len(gen.requests), [None] * len(gen.requests)
-        for i, text, toks, reason, done in await gen.collect(http):
+        texts, tokens, reasons = [""] * len(gen.requests), [[] for _ in gen.requests], [None] * len(gen.requests)
+        for i, text, toks, reason in await gen.collect(http):
             texts[i] += text
             tokens[i] += toks
             reasons[i] = reason or reasons[i]
-            dones[i] = done or dones[i]
-        choices = []
-        for i, request in enumerate(gen.requests):
-            prompt_text = tokenizer.decode(request.prompt) if body.echo else ""
-            c = {"index": i, "text": prompt_text + texts[i], "logprobs": None, "finish_reason": reasons[i]}
-            if body.logprobs is not None:
-                echoed = []
-                if body.echo and dones[i] is not None and dones[i].prompt_logprobs is not None:
-                    first = (request.prompt[0], None, None)
-                    echoed = [first] + [(t, lp, top) for t, (lp, top) in
-                                        zip(request.prompt[1:], dones[i].prompt_logprobs, strict=True)]  # fmt: skip
-                c["logprobs"] = logprobs_of(echoed + tokens[i], 0)
-            choices.append(c)
+        choices = [choice(i, texts[i], tokens[i], reasons[i], body.echo) for i in range(len(gen.requests))]
         usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens}
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": choices, "usage": usage | {"total_tokens": sum(usage.values())}}  # fmt: skip
+        return response(choices, usage=usage | {"total_tokens": sum(usage.values())})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: Request):
         check_model(body)
         if not is_chat:
             raise APIError(400, f"{name} was not trained on chat data (no chat template in it): use /v1/completions")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role.replace("developer", "system"), "content": m.text()} for m in body.messages]
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         room = limit if limit is not None else block_size // 4  # left for the reply when the conversation is cut
-        if room >= block_size:
-            raise APIError(400, f"max_tokens: this model's context is {block_size} tokens", "max_tokens")
         try:
+            newest = [*messages[:1], messages[-1]] if messages[0]["role"] == "system" else messages[-1:]
+            least = len(chat.render(newest, tokenizer.encode, tokenizer.special, reply=True)[0])
+            if least + room > block_size:  # what is never cut (the system message and the newest) must fit
+                raise too_long(least, room, "the newest message (with the system message and the template)", "messages")
             ids, _ = chat.prompt_ids(messages, tokenizer.encode, tokenizer.special, block_size - room)
         except UserError as e:
             raise APIError(400, f"messages: {e}", "messages") from None
@@ -363,17 +399,19 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
             return {"content": [entry(t, p) | {"top_logprobs": [entry(i, q) for i, q in best or []]}
                                 for t, p, best in tokens]}  # fmt: skip
 
-        def chunk(i, text, tokens, reason):
+        def response(kind: str, choices: list[dict], **usage) -> dict:
+            return {"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": choices} | usage
+
+        def chunk(i, text, tokens, reason, first):
             delta = {"role": "assistant", "content": text} if text or reason is None else {}
-            c = {"index": i, "delta": delta, "logprobs": logprobs_of(tokens) if body.logprobs else None,
-                 "finish_reason": reason}  # fmt: skip
-            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                    "choices": [c]}  # fmt: skip
+            scores = logprobs_of(tokens) if body.logprobs else None
+            return response("chat.completion.chunk", [{"index": i, "delta": delta, "logprobs": scores,
+                                                       "finish_reason": reason}])  # fmt: skip
 
         if body.stream:
             return stream(gen, chunk)
         texts, tokens, reasons = [""] * body.n, [[] for _ in range(body.n)], [None] * body.n
-        for i, text, toks, reason, _ in await gen.collect(http):
+        for i, text, toks, reason in await gen.collect(http):
             texts[i] += text
             tokens[i] += toks
             reasons[i] = reason or reasons[i]
@@ -383,25 +421,24 @@ def build_app(engine, model, tokenizer, name: str, api_key: str | None = None) -
             for i in range(body.n)
         ]  # fmt: skip
         usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens}
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "choices": choices, "usage": usage | {"total_tokens": sum(usage.values())}}  # fmt: skip
+        return response("chat.completion", choices, usage=usage | {"total_tokens": sum(usage.values())})
 
-    def stream(gen: Generation, chunk) -> StreamingResponse:
-        """Server-sent events: one chunk per piece of text, then [DONE]. A client that goes away cancels every
-        choice at once (Starlette cancels this generator), so their rows are freed at the engine's next step."""
+    def stream(gen: Generation, chunk) -> CancellingStream:
+        """Server-sent events: one chunk per piece of text (chunk(i, text, tokens, reason, first): first is True for
+        a choice's first chunk), then [DONE]."""
 
         async def events():
+            started = set()
             try:
-                async for i, text, tokens, reason, _ in gen.events():
+                async for i, text, tokens, reason in gen.events():
                     if text or tokens or reason:
-                        yield f"data: {json.dumps(chunk(i, text, tokens, reason))}\n\n"
+                        yield f"data: {json.dumps(chunk(i, text, tokens, reason, i not in started))}\n\n"
+                        started.add(i)
                 yield "data: [DONE]\n\n"
             except APIError as e:
                 yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
-            finally:
-                gen.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return CancellingStream(gen, events())
 
     @app.get("/")
     async def page():

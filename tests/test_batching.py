@@ -179,3 +179,65 @@ def test_the_compiled_step_in_bfloat16_is_one_graph_and_gives_the_eager_step_s_l
         compiled = engine.step(tokens, engine.cache, positions)
         eager = engine._decode(tokens, engine.cache, positions)
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_cancelled_waiting_requests_free_their_places_and_a_request_s_choices_queue_all_or_none():
+    model = model_of()
+    engine = BatchEngine(model, vocab_size=61, max_batch=1, max_queue=2)
+    try:
+        first_token = threading.Event()
+        long = Request([1, 2], 40, GREEDY, lambda e: first_token.set())
+        engine.submit(long)
+        assert first_token.wait(120)
+        gone = [Request([3], 4, GREEDY, Collect()) for _ in range(2)]
+        engine.submit(*gone)
+        with pytest.raises(Overloaded):  # two choices, one place: neither is queued
+            engine.submit(Request([3], 4, GREEDY, Collect()), Request([3], 4, GREEDY, Collect()))
+        for request in gone:  # their clients went away while they waited: their places are free again
+            request.cancel()
+        assert engine.load()["waiting"] == 0
+        late = [Collect(), Collect()]
+        engine.submit(*(Request([5], 3, GREEDY, c) for c in late))
+        long.cancel()
+        assert [c.wait() for c in late] == [Done("length")] * 2
+    finally:
+        engine.close()
+
+
+def test_a_prefill_that_raises_fails_its_request_and_the_engine_goes_on(monkeypatch):
+    model = model_of()
+    forward = model.forward
+
+    def exploding(idx, **kw):
+        if idx.size(1) == 7:
+            raise RuntimeError("out of memory (a test's)")
+        return forward(idx, **kw)
+
+    monkeypatch.setattr(model, "forward", exploding)
+    engine = BatchEngine(model, vocab_size=61, max_batch=2)
+    try:
+        doomed, fine = Collect(), Collect()
+        engine.submit(Request(list(range(7)), 5, GREEDY, doomed))
+        assert isinstance(doomed.wait(), Failed) and "out of memory" in doomed.events[-1].message
+        engine.submit(Request(list(range(3)), 5, GREEDY, fine))
+        assert fine.wait() == Done("length") and len(fine.tokens) == 5
+    finally:
+        engine.close()
+
+
+def test_an_end_token_is_sent_with_its_log_probability_when_they_are_asked_for():
+    """A scorer (lm-evaluation-harness's echo + logprobs + max_tokens=1) reads the log-probability of whatever token
+    comes next, an end-of-text one included."""
+    model = model_of()
+    prompt = [5, 6, 7]
+    end = alone(model, prompt, 1, GREEDY)[0]
+    engine = BatchEngine(model, vocab_size=61, max_batch=1)
+    try:
+        c = Collect()
+        engine.submit(Request(prompt, 1, GREEDY, c, end_ids=frozenset({end}), logprobs=1, echo_logprobs=True))
+        done = c.wait()
+    finally:
+        engine.close()
+    assert done.reason == "stop" and len(done.prompt_logprobs) == 2
+    [token] = [e for e in c.events if isinstance(e, Token)]
+    assert token.id == end and token.end and token.top[0][0] == end and token.logprob == pytest.approx(token.top[0][1])

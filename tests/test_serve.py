@@ -182,6 +182,33 @@ def test_lm_eval_harness_log_likelihood_requests_score_as_evaluate_py(server, ch
     assert sum(p == item.label for p, item in zip(picks, items, strict=True)) / len(items) == expected_acc
 
 
+def test_echo_with_a_stop_string_or_streamed_keeps_the_prompt_and_its_logprobs(server):
+    body = {"model": "tiny-chat", "prompt": "what", "max_tokens": 12, "echo": True, "logprobs": 1, "temperature": 0}
+    whole = httpx.post(f"{server.url}/v1/completions", json=body).json()["choices"][0]
+    assert whole["text"].startswith("what") and whole["logprobs"]["tokens"][:4] == list("what")
+    stop = whole["text"][6]  # a stop string inside the completion
+    cut = httpx.post(f"{server.url}/v1/completions", json=body | {"stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == whole["text"][: whole["text"].index(stop, 4)] and cut["finish_reason"] == "stop"
+    assert cut["logprobs"]["tokens"][:4] == list("what") and cut["logprobs"]["token_logprobs"][0] is None
+    assert cut["logprobs"]["token_logprobs"][1:4] == whole["logprobs"]["token_logprobs"][1:4]
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body | {"stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    streamed = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {"tokens": []})["tokens"]]
+    assert streamed == whole["logprobs"]["tokens"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(server):
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(9):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    response = httpx.post(f"{server.url}/v1/completions", content=body(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "8 MiB" in response.json()["error"]["message"]
+
+
 def bad(url, path, body=None, raw=None, headers=None, method="POST"):
     return httpx.request(method, f"{url}{path}", json=body, content=raw, headers=headers, timeout=60)
 
@@ -207,6 +234,14 @@ BAD = [  # (what, path, body or raw bytes, status, words in the message)
     ("a body that is a list", "/v1/chat/completions", [1, 2], 400, "body"),
     ("an unknown path", "/v1/engines", {}, 404, "no route"),
     ("a body over 8 MiB", "/v1/completions", b"x" * (9 << 20), 413, "8 MiB"),
+    ("more choices than places", "/v1/completions", {"prompt": ["a", "b", "c"], "n": 7}, 400, "21 choices"),
+    (
+        "a chat message over the context",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": LONG}], "max_tokens": 8},
+        400,
+        "context is 64",
+    ),
 ]
 
 

@@ -26,16 +26,17 @@ function headers() {
 }
 
 async function askKey() {
+  $("key").value = "";
   $("key-dialog").showModal();
   await new Promise((resolve) => $("key-dialog").addEventListener("close", resolve, { once: true }));
   state.key = $("key").value;
+  return Boolean(state.key);  // Esc or an empty key: give up, and show the server's refusal
 }
 
 async function api(path, options = {}) {
   for (;;) {
     const response = await fetch(path, { ...options, headers: headers() });
-    if (response.status !== 401) return response;
-    await askKey();
+    if (response.status !== 401 || !(await askKey())) return response;
   }
 }
 
@@ -117,6 +118,7 @@ async function send(text) {
     if (e.name !== "AbortError") showError(e.message);
   } finally {
     reply.classList.remove("streaming");
+    if (!reply.textContent) reply.remove();  // stopped before a word: nothing to keep
     if (state.chat && reply.isConnected) state.messages.push({ role: "assistant", content: reply.textContent });
     state.controller = null;
     setBusy(false);
@@ -139,6 +141,7 @@ $("input").addEventListener("keydown", (event) => {
 });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("clear").addEventListener("click", () => {
+  if (state.controller) state.controller.abort();
   state.messages = [];
   $("conversation").replaceChildren();
   showError("");
