@@ -928,3 +928,20 @@ def _class_end(pattern: str, i: int) -> int:
                 return i + 1
         i += 1
     return len(pattern)
+
+
+# --- a scaling law tools/plan.py --fit wrote (tools/plan.py --law reads it) -------------------------------------------
+
+
+class ScalingLawEntry(Shape):
+    """L(N, D) = E + A / N^alpha + B / D^beta (engine/scaling_law.py): every constant finite and positive."""
+
+    E: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    A: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    B: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    alpha: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+    beta: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+
+
+class ScalingLawFile(Shape):
+    law: ScalingLawEntry

@@ -1,0 +1,135 @@
+"""tools/plan.py and engine/scaling_law.py: a budget becomes a run of that many FLOPs (as tools/sizing.py counts
+them); the fitter recovers the constants synthetic losses were made with; a sweep runs, is fitted and plans; bad
+budgets, files and runs are one line."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from engine.configurator import resolve_options
+from engine.scaling_law import Law, bootstrap, fit
+from tools import plan
+
+PINS = ["--dataset=tiny_char", "--block_size=64", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return resolve_options(plan.TRAIN_PY, ["--block_size=256", "--vocab_size=50304", "--pos_embedding=rope"])
+
+
+@pytest.mark.parametrize("flops", [1e15, 3e17, 1e19, 2e21])
+@pytest.mark.parametrize("tokens_per_param", [20.0, 5.0])
+def test_the_planned_run_spends_the_budget_as_sizing_counts_it(cfg, flops, tokens_per_param):
+    opts = plan.PlanOptions(num_gpus=8, tokens_per_param=tokens_per_param)
+    sizes = plan.Sizes(vars(cfg), 50304, opts)
+    p = plan.plan(flops, cfg, opts, sizes, None, 312e12)
+    o = p["options"]
+    tokens_per_iter = o["batch_size"] * o["gradient_accumulation_steps"] * cfg.block_size
+    model = plan.build_meta_model(p["size"].config)
+    spent = o["max_iters"] * tokens_per_iter * model.flops_per_token(cfg.block_size)  # sizing.py's 6N + 12LCT
+    assert spent == pytest.approx(flops, rel=0.03)
+    assert o["gradient_accumulation_steps"] % 8 == 0 and o["max_iters"] >= 50
+
+    # the depth is the one nearest the target ratio: its neighbours are farther from it
+    def off(depth):
+        s = sizes[depth]
+        return abs(math.log(flops / s.flops_per_token / s.params / tokens_per_param))
+
+    assert off(p["size"].depth) <= min(off(p["size"].depth - 1) if p["size"].depth > 1 else 9, off(p["size"].depth + 1))
+
+
+def synthetic(law: Law, budgets, noise: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    n, d = [], []
+    for c in budgets:
+        n_opt, _ = law.optimal(c)
+        for f in np.geomspace(1 / 4, 4, 6):
+            n.append(n_opt * f)
+            d.append(c / 6 / (n_opt * f))
+    n, d = np.array(n), np.array(d)
+    return n, d, law.loss(n, d) * np.exp(rng.normal(0, noise, len(n)))
+
+
+def test_the_fitter_recovers_known_constants_from_noisy_losses():
+    true = Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022's fit
+    n, d, loss = synthetic(true, [1e17, 1e18, 1e19, 1e20, 1e21], noise=0.002)
+    law = fit(n, d, loss)
+    assert law.alpha == pytest.approx(true.alpha, abs=0.04) and law.beta == pytest.approx(true.beta, abs=0.04)
+    assert law.E == pytest.approx(true.E, rel=0.05)
+    for c in (1e19, 1e23):  # what the plan uses: the compute-optimal allocation, and the loss there
+        (n_true, d_true), (n_fit, d_fit) = true.optimal(c), law.optimal(c)
+        assert n_fit == pytest.approx(n_true, rel=0.3)
+        assert law.loss(n_fit, d_fit) == pytest.approx(true.loss(n_true, d_true), rel=0.01)
+    laws = bootstrap(law, n, d, loss, samples=20)
+    low, high = np.percentile([x.alpha for x in laws], [2.5, 97.5])
+    assert len(laws) >= 15 and low < law.alpha < high and high - low < 0.2
+
+
+def run_plan(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools/plan.py"), *args], cwd=cwd, capture_output=True,
+                          text=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--vocab_size=65"], "give one budget"),
+        (["--flops=1e18", "--gpu_hours=2", "--vocab_size=65"], "give one budget"),
+        (["--flops=lots", "--vocab_size=65"], "not a number"),
+        (["--gpu_hours=-3", "--vocab_size=65"], "more than 0 FLOPs"),
+        (["--flops=1e6", "--vocab_size=65"], "too small"),
+        (["--flops=1e18", "--n_layer=12", "--vocab_size=65"], "plan chooses n_layer"),
+        (["--flops=1e18", "--gpu=TPU9", "--vocab_size=65"], "unknown --gpu"),
+        (["--flops=1e18", "--law=/nonexistent.json", "--vocab_size=65"], "cannot read --law"),
+        (["--fit", "/nonexistent-sweep-*"], "no run directory"),
+        (["--sweep", "--vocab_size=65"], "--sweep needs --flops"),
+    ],
+)
+def test_a_bad_budget_or_a_missing_file_is_one_line(args, words, tmp_path):
+    done = run_plan(*args, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_hostile_law_file_is_one_line(tmp_path):
+    law = tmp_path / "law.json"
+    law.write_text('{"law": {"E": 1.0, "A": -5, "B": 1.0, "alpha": 0.3, "beta": 0.3}}')
+    done = run_plan("--flops=1e18", f"--law={law}", "--vocab_size=65", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "A" in done.stderr
+
+
+def test_too_little_data_is_said_with_the_epochs(tmp_path):
+    done = run_plan("--flops=1e18", "--vocab_size=50304", "--tokens_available=1e6", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "epoch(s)" in done.stdout and "warning: the data is too small for this budget" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_fits_and_plans(char_data, tmp_path):
+    """A tiny IsoFLOP sweep (2 budgets x 3 sizes) written as a script, run, fitted (constants, the PNG, the law's
+    file), and the law then plans a run with an expected loss."""
+    pins = [f"--data_root={char_data}", "--dataset=tiny_char", "--block_size=32", "--device=cpu", "--compile=False"]
+    pins += ["--dtype=float32", "--eval_iters=2", "--aspect=8", "--head_size=8"]
+    prefix, script = tmp_path / "run", tmp_path / "sweep.sh"
+    done = run_plan("--sweep", "--flops=2e9,6e9", "--sizes=3", f"--sweep_prefix={prefix}", f"--sweep_script={script}",
+                    *pins, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert script.read_text().count("train.py") == 6 and f"--out_dir={prefix}-2e+09-d" in script.read_text()
+    subprocess.run(["sh", str(script)], cwd=ROOT, check=True, capture_output=True)  # as a user runs it: from here
+    done = run_plan("--fit", *sorted(str(p) for p in tmp_path.glob("run-*")), "--bootstrap=5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "fitted L(N, D)" in done.stdout and "tokens per parameter" in done.stdout
+    assert (tmp_path / "scaling_law.png").stat().st_size > 0
+    done = run_plan("--law=scaling_law.json", "--flops=2e10", *pins, "--out=planned.py", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "expected final loss" in done.stdout and "python train.py" in done.stdout
+    preset = (tmp_path / "planned.py").read_text()
+    assert "n_layer = " in preset and "dataset = 'tiny_char'" in preset

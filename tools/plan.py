@@ -1,0 +1,438 @@
+"""Plan a run from a budget, and fit your own scaling law from a sweep of small runs.
+
+    python tools/plan.py --gpu=A100 --gpu_hours=8                       # budget -> model, tokens, batch, LR, command
+    python tools/plan.py --flops=1e18 --dataset=openwebtext --out=config/planned.py
+    python tools/plan.py --dollars=200 --dollars_per_gpu_hour=2 --gpu=H100 --num_gpus=8 --pos_embedding=rope
+    python tools/plan.py --hours=2 --num_gpus=8 --gpu=H100 --tokens_available=9e9
+    python tools/plan.py --sweep --flops=3e11,1e12,3e12 --sizes=5 --dataset=shakespeare_char   # writes sweep.sh
+    python tools/plan.py --fit out-sweep-*                              # fits L(N, D), writes scaling_law.json + png
+    python tools/plan.py --law=scaling_law.json --flops=1e14 --dataset=shakespeare_char --gpu=cpu
+
+Takes train.py's command line too (presets, then --key=value, resolved by train.py itself): what it pins (block_size,
+dataset, the architecture switches, dtype, ...) stays; the plan sets n_layer, n_head, n_embd, batch_size,
+gradient_accumulation_steps, learning_rate, min_lr, warmup_iters, max_iters and lr_decay_iters.
+
+The rules, and where they come from:
+  compute C         FLOPs = gpu_hours x 3600 x peak FLOP/s x mfu (--hours x --num_gpus GPU-hours; --dollars /
+                    --dollars_per_gpu_hour GPU-hours); FLOPs per token as tools/sizing.py counts them, 6N + 12·L·h·s
+                    (PaLM's appendix B), so C = that x D.
+  model size        one dial, depth (n_layer): n_embd = aspect x depth, heads of head_size (nanochat's depth dial,
+                    karpathy/nanochat, aspect 64, head size 64 by default... or 128 in nanochat; here 64, GPT-2's).
+                    The depth chosen is the one whose tokens per parameter D/N, at D = C / FLOPs per token, is
+                    nearest the target: 20 (Hoffmann et al. 2022, "Chinchilla", table 3), or with --law the fitted
+                    law's compute-optimal N (engine/scaling_law.py). N counts every parameter, embeddings included,
+                    as Hoffmann et al. counted theirs (Pearce & Song 2024).
+  batch and LR      tokens per step 0.292 x C^0.3271 and peak learning rate 0.3118 x C^-0.125, DeepSeek's fits of
+                    the optimal batch size and learning rate to compute (Bi et al. 2024, "DeepSeek LLM", eq. 1),
+                    the batch in whole sequences, at most 1/50 of the run so it takes 50 steps or more; min_lr a
+                    tenth of it (Chinchilla's cosine to 10%).
+  warmup            1% of the steps, at least 10 (GPT-3 and nanoGPT warm up for well under 1% of long runs; short
+                    runs need a few steps more).
+  micro-batch       the largest power of two whose activations (engine/memory.py's formula, flash attention) and
+                    16 bytes per parameter fit 80% of the GPU's memory (--gpu_memory_gb); the rest is accumulation.
+  data              D over the tokens available: the epochs. Past 4, repeated data is worth much less than fresh
+                    (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
+"""
+
+import dataclasses
+import glob
+import itertools
+import json
+import math
+import os
+import shlex
+import sys
+import types
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # python tools/x.py works too
+import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on, imports included  # noqa: F401
+
+import numpy as np
+
+from engine import scaling_law
+from engine.checkpoint import find_checkpoint, read_meta
+from engine.configurator import describe_fields, parse_config, resolve_options
+from engine.data import dataset_vocab_size, load_data
+from engine.errors import UserError, run_cli
+from engine.files import write_file
+from engine.masking import token_ids_needed
+from engine.memory import activation_bytes, device_memory
+from engine.schemas import ScalingLawFile, check, parse_json
+from model import GPTConfig
+from tools.sizing import SizingOptions, build_meta_model, gpu_peak_flops, report
+
+TRAIN_PY = os.path.join(ROOT, "train.py")
+PLANNED = ("n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr")
+PLANNED += ("warmup_iters", "max_iters", "lr_decay_iters")
+MAX_DEPTH = 128
+MAX_EPOCHS = 4  # Muennighoff et al. 2023
+
+
+@dataclass
+class PlanOptions:
+    gpu: str = "A100"  # a GPU name tools/sizing.py knows (H100, A100, RTX 4090, ...), or cpu (measured here)
+    num_gpus: int = 1
+    gpu_hours: float | None = None  # the budget in GPU-hours of --gpu
+    hours: float | None = None  # the budget in wall-clock hours on --num_gpus GPUs
+    dollars: float | None = None  # the budget in dollars, at --dollars_per_gpu_hour
+    dollars_per_gpu_hour: float = 2.0
+    flops: str | None = None  # the budget in FLOPs (1e18); with --sweep, the budgets of the sweep, comma-separated
+    mfu: float = 0.4  # assumed model FLOPs utilisation
+    tokens_available: str | None = None  # tokens of data: a count (9e9) or a prepared dataset's name under data_root
+    tokens_per_param: float = 20.0  # the target D/N without a fitted law (Chinchilla's)
+    aspect: int = 64  # n_embd per layer of depth
+    head_size: int = 64
+    gpu_memory_gb: float = 80.0  # per GPU, for the micro-batch (a CPU: this machine's RAM)
+    law: str | None = None  # a fit written by --fit: its compute-optimal size, and the loss to expect
+    out: str | None = None  # also write the plan as a preset file (config/x.py)
+    sweep: bool = False  # write an IsoFLOP sweep's train.py commands instead (Chinchilla's approach 2)
+    sizes: int = 5  # models per budget in a sweep
+    sweep_script: str = "sweep.sh"
+    sweep_prefix: str = "out-sweep"  # each run's out_dir: <prefix>-<budget>-d<depth>
+    fit: str | None = None  # run directories (or globs) of a finished sweep, comma-separated; `--fit dir...` too
+    fit_out: str = "scaling_law.json"
+    plot: str = "scaling_law.png"
+    bootstrap: int = 100  # resamples for the fit's uncertainty
+
+
+@dataclass
+class Size:
+    depth: int
+    config: GPTConfig
+    params: int
+    flops_per_token: float
+
+
+def budget_flops(opts: PlanOptions, peak: float) -> float:
+    """The budget in FLOPs, from whichever of --flops, --gpu_hours, --hours, --dollars was given (exactly one)."""
+    given = [name for name in ("flops", "gpu_hours", "hours", "dollars") if getattr(opts, name) is not None]
+    if len(given) != 1:
+        raise UserError("give one budget: --flops, --gpu_hours, --hours (with --num_gpus) or --dollars")
+    if opts.flops is not None:
+        try:
+            flops = float(opts.flops)
+        except ValueError:
+            raise UserError(f"--flops={opts.flops} is not a number of FLOPs (like 1e18)") from None
+    else:
+        gpu_hours = {"gpu_hours": opts.gpu_hours, "hours": (opts.hours or 0) * opts.num_gpus}.get(given[0])
+        if given[0] == "dollars":
+            if opts.dollars_per_gpu_hour <= 0:
+                raise UserError("--dollars_per_gpu_hour must be > 0")
+            gpu_hours = opts.dollars / opts.dollars_per_gpu_hour
+        flops = gpu_hours * 3600 * peak * opts.mfu
+    if not flops > 0 or not math.isfinite(flops):
+        raise UserError(f"the budget must be more than 0 FLOPs, got {flops:g}")
+    return flops
+
+
+def size(depth: int, pins: dict, vocab_size: int, opts: PlanOptions) -> Size:
+    """The model of this depth: n_embd = aspect x depth in heads of head_size, the rest as pinned."""
+    n_embd = opts.aspect * depth
+    options = pins | {"n_layer": depth, "n_embd": n_embd, "n_head": max(1, n_embd // opts.head_size)}
+    config = GPTConfig.from_options(options, vocab_size, pad_id=0)
+    model = build_meta_model(config)
+    return Size(depth, config, model.num_params(non_embedding=False), model.flops_per_token(config.block_size))
+
+
+class Sizes:
+    """The models of the depth dial, depth 1 to MAX_DEPTH, each built (on the meta device) when first asked for."""
+
+    def __init__(self, pins: dict, vocab_size: int, opts: PlanOptions):
+        if opts.aspect < 1 or opts.head_size < 1 or opts.aspect % 2:
+            raise UserError("--aspect must be an even number >= 2 and --head_size >= 1")
+        self.pins, self.vocab_size, self.opts, self.built = pins, vocab_size, opts, {}
+
+    def __getitem__(self, depth: int) -> Size:
+        if depth not in self.built:
+            self.built[depth] = size(depth, self.pins, self.vocab_size, self.opts)
+        return self.built[depth]
+
+
+def best_size(flops: float, sizes: Sizes, opts: PlanOptions, law) -> Size:
+    """The size nearest compute-optimal for the budget: the law's N_opt, or D/N nearest tokens_per_param. Both
+    distances fall then rise with depth (N grows, D/N shrinks), so the search stops at the first rise."""
+    if law is not None:
+        n_opt, _ = law.optimal(flops)
+        distance = lambda s: abs(math.log(s.params / n_opt))  # noqa: E731
+    else:
+        distance = lambda s: abs(math.log(flops / s.flops_per_token / s.params / opts.tokens_per_param))  # noqa: E731
+    best = sizes[1]
+    for depth in range(2, MAX_DEPTH + 1):
+        if distance(sizes[depth]) > distance(best):
+            break
+        best = sizes[depth]
+    return best
+
+
+def read_law(path: str) -> scaling_law.Law:
+    """A fit --fit wrote (checked as any file from outside)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except OSError as e:
+        raise UserError(f"cannot read --law={path} ({e.strerror}); write one with --fit") from None
+    row = parse_json(text, path, "write it with tools/plan.py --fit")
+    law = check(ScalingLawFile, row, path, "write it with tools/plan.py --fit")["law"]
+    return scaling_law.Law(**{name: law[name] for name in ("E", "A", "B", "alpha", "beta")})
+
+
+def available_tokens(value: str | None, data_root: str) -> int | None:
+    """--tokens_available: a count, or the train split of a prepared dataset under data_root."""
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        pass
+    data = load_data(os.path.join(data_root, value), 1, splits=("train",))
+    return os.path.getsize(data.split_path("train")) // np.dtype(data.dtype).itemsize
+
+
+def plan(flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, chosen=None) -> dict:
+    """The planned train.py options for a budget of `flops` (for the `chosen` size, or the compute-optimal one), and
+    what to expect of the run."""
+    chosen = chosen or best_size(flops, sizes, opts, law)
+    if chosen.depth == MAX_DEPTH:
+        raise UserError(f"{flops:.3g} FLOPs wants a model deeper than {MAX_DEPTH} layers; raise --aspect")
+    block = cfg.block_size
+    tokens = flops / chosen.flops_per_token
+    ratio = tokens / chosen.params
+    if chosen.depth == 1 and ratio < opts.tokens_per_param / 4:
+        smallest = sizes[1].flops_per_token * sizes[1].params * opts.tokens_per_param
+        raise UserError(
+            f"{flops:.3g} FLOPs is too small for any sensible model: even one layer of n_embd {opts.aspect} "
+            f"({sizes[1].params:,} parameters) would see {ratio:.1f} tokens per parameter; give at least "
+            f"{smallest:.2g} FLOPs, or a smaller --aspect"
+        )
+    batch_tokens = 0.292 * flops**0.3271  # DeepSeek LLM, eq. 1
+    learning_rate = 0.3118 * flops**-0.125
+    sequences = max(1, round(min(batch_tokens, tokens / 50) / block))
+    memory = opts.gpu_memory_gb * 2**30 if opts.gpu.lower() != "cpu" else (device_memory("cpu") or 8 * 2**30)
+    micro = 1
+    while micro * 2 <= sequences and (
+        16 * chosen.params + activation_bytes(chosen.config, micro * 2, False, True) <= 0.8 * memory
+    ):
+        micro *= 2
+    accumulation = max(1, math.ceil(sequences / (micro * opts.num_gpus))) * opts.num_gpus
+    tokens_per_iter = accumulation * micro * block
+    max_iters = max(1, round(tokens / tokens_per_iter))
+    if max_iters < 10:
+        raise UserError(f"{flops:.3g} FLOPs is {max_iters} steps of {tokens_per_iter:,} tokens: too small to plan")
+    options = {
+        "n_layer": chosen.depth,
+        "n_head": chosen.config.n_head,
+        "n_embd": chosen.config.n_embd,
+        "batch_size": micro,
+        "gradient_accumulation_steps": accumulation,
+        "learning_rate": float(f"{learning_rate:.3g}"),
+        "min_lr": float(f"{learning_rate / 10:.3g}"),
+        "warmup_iters": max(10, round(0.01 * max_iters)),
+        "max_iters": max_iters,
+        "lr_decay_iters": max_iters,
+    }
+    trained = max_iters * tokens_per_iter
+    return {
+        "options": options,
+        "size": chosen,
+        "tokens": trained,
+        "flops": trained * chosen.flops_per_token,
+        "hours": trained * chosen.flops_per_token / (opts.num_gpus * peak * opts.mfu) / 3600,
+        "loss": float(law.loss(chosen.params, trained)) if law is not None else None,
+        "tokens_per_param": trained / chosen.params,
+    }
+
+
+def command(argv: list[str], options: dict, num_gpus: int, extra: dict | None = None) -> str:
+    """The train.py command line: the user's own arguments (but the planned ones), then the plan's."""
+    keep = [a for a in argv if a.removeprefix("--").partition("=")[0] not in PLANNED]
+    planned = [f"--{k}={v}" for k, v in (options | (extra or {})).items()]
+    launch = ["torchrun", "--standalone", f"--nproc_per_node={num_gpus}"] if num_gpus > 1 else ["python"]
+    return shlex.join([*launch, "train.py", *keep, *planned])
+
+
+def print_plan(p: dict, cfg, opts: PlanOptions, argv: list[str], available: int | None, law_path: str | None):
+    s = p["size"]
+    hardware = f"{opts.num_gpus} x {opts.gpu}" if opts.gpu.lower() != "cpu" else "this CPU"
+    print(f"budget {p['flops']:.3g} FLOPs: {p['hours']:.2f} hours on {hardware} at {opts.mfu:.0%} MFU")
+    target = f"the law in {law_path}" if law_path else f"{opts.tokens_per_param:g} tokens per parameter"
+    print(f"model: depth {s.depth}, n_embd {s.config.n_embd}, {s.config.n_head} heads: {s.params:,} parameters "
+          f"(all, embeddings included), {s.flops_per_token:.3g} FLOPs per token (6N + 12LCT)")  # fmt: skip
+    print(f"tokens: {p['tokens']:,}, {p['tokens_per_param']:.1f} per parameter (target: {target})")
+    o = p["options"]
+    print(f"batch: {o['batch_size']} x {o['gradient_accumulation_steps']} x {cfg.block_size} = "
+          f"{o['batch_size'] * o['gradient_accumulation_steps'] * cfg.block_size:,} tokens per step, "
+          f"{o['max_iters']:,} steps; learning rate {o['learning_rate']:g} (min {o['min_lr']:g}), warmup "
+          f"{o['warmup_iters']}")  # fmt: skip
+    if p["loss"] is not None:
+        print(f"expected final loss: {p['loss']:.3f} (the fitted law)")
+    if available is not None:
+        epochs = p["tokens"] / available
+        print(f"data: {available:,} tokens available; the plan reads {epochs:.2f} epoch(s)")
+        if epochs > MAX_EPOCHS:
+            print(f"warning: the data is too small for this budget: past {MAX_EPOCHS} epochs repeated tokens are "
+                  f"worth much less than fresh ones (Muennighoff et al. 2023); get more data, or plan for about "
+                  f"{p['flops'] * MAX_EPOCHS / epochs:.3g} FLOPs")  # fmt: skip
+    train_argv = [a for a in argv if a.removeprefix("--").partition("=")[0] not in PLANNED]
+    print("\n" + command(train_argv, o, opts.num_gpus))
+
+
+def sweep(flops_list: list[float], cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, argv) -> str:
+    """An IsoFLOP sweep (Hoffmann et al.'s approach 2): at each budget, `sizes` depths around the compute-optimal
+    one, each trained on the budget's tokens, evaluated once at its end. Returns the shell script."""
+    lines = ["#!/bin/sh", "# an IsoFLOP sweep written by tools/plan.py; fit it with:", "#   python tools/plan.py "
+             f"--fit '{opts.sweep_prefix}-*'", "set -e"]  # fmt: skip
+    for flops in flops_list:
+        center = best_size(flops, sizes, opts, law).depth
+        first = max(1, center - opts.sizes // 2)
+        for depth in range(first, first + opts.sizes):
+            options = plan(flops, cfg, opts, sizes, law, peak, sizes[depth])["options"]
+            steps = options["max_iters"]
+            out_dir = f"{opts.sweep_prefix}-{flops:.0e}-d{depth}"
+            extra = {"eval_interval": steps, "out_dir": out_dir, "log_interval": max(1, steps // 10)}
+            lines.append(command(argv, options, opts.num_gpus, extra))
+    return "\n".join(lines) + "\n"
+
+
+def read_run(run_dir: str) -> dict:
+    """A finished run's parameters N, tokens trained D and final val loss, from its newest checkpoint."""
+    meta = read_meta(find_checkpoint(run_dir, log=lambda *a, **k: None))
+    config = GPTConfig(**meta["model_config"])
+    train = meta["train_config"]
+    if meta.get("val_loss") is None:
+        raise UserError(f"{run_dir}: its newest checkpoint has no val loss; let the run evaluate at its end")
+    tokens = meta["iter_num"] * train["batch_size"] * train["gradient_accumulation_steps"] * config.block_size
+    model = build_meta_model(config)
+    return {"run": run_dir, "N": model.num_params(non_embedding=False), "D": tokens, "loss": meta["val_loss"],
+            "C": tokens * model.flops_per_token(config.block_size)}  # fmt: skip
+
+
+def fit_runs(run_dirs: list[str], opts: PlanOptions) -> None:
+    runs = [read_run(d) for d in run_dirs]
+    if len(runs) < 5:
+        raise UserError(f"{len(runs)} finished run(s): the law has 5 constants, fit it on at least 5 (a sweep)")
+    n, d, loss = (np.array([r[k] for r in runs], dtype=np.float64) for k in ("N", "D", "loss"))
+    law = scaling_law.fit(n, d, loss)
+    laws = scaling_law.bootstrap(law, n, d, loss, opts.bootstrap)
+    print(f"fitted L(N, D) = E + A/N^alpha + B/D^beta on {len(runs)} runs (90% bootstrap intervals, {len(laws)} "
+          "resamples):")  # fmt: skip
+    spread = {}
+    for name in ("E", "A", "B", "alpha", "beta"):
+        low, high = np.percentile([getattr(x, name) for x in laws], [5, 95]) if laws else (math.nan, math.nan)
+        spread[name] = [float(low), float(high)]
+        print(f"  {name:<6} {getattr(law, name):>12.4g}   [{low:.4g}, {high:.4g}]")
+    budgets = sorted({float(f"{r['C']:.1g}") for r in runs})
+    print("compute-optimal allocation (C = 6ND):")
+    for c in budgets + [budgets[-1] * 100]:
+        n_opt, d_opt = law.optimal(c)
+        ratios = [x.optimal(c)[1] / x.optimal(c)[0] for x in laws]
+        low, high = np.percentile(ratios, [5, 95]) if ratios else (math.nan, math.nan)
+        print(f"  {c:9.3g} FLOPs: N {n_opt:,.0f}, D {d_opt:,.0f}, {d_opt / n_opt:.1f} tokens per parameter "
+              f"[{low:.1f}, {high:.1f}], loss {law.loss(n_opt, d_opt):.3f}")  # fmt: skip
+    residual = loss - law.loss(n, d)
+    print(f"fit residuals: rms {np.sqrt(np.mean(residual**2)):.4f}, max {np.max(np.abs(residual)):.4f} (loss units)")
+    write_file(
+        opts.fit_out, json.dumps({"law": dataclasses.asdict(law), "intervals_90": spread, "runs": runs}, indent=2)
+    )
+    draw(runs, law, budgets, opts.plot)
+    print(f"wrote {opts.fit_out} (plan with --law={opts.fit_out}) and {opts.plot}")
+
+
+def draw(runs: list[dict], law, budgets: list[float], path: str) -> None:
+    """IsoFLOP curves (loss against N at each budget: the runs, the law's curve) and the fitted frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(budgets)))
+    for c, color in zip(budgets, colors, strict=True):
+        mine = [r for r in runs if float(f"{r['C']:.1g}") == c]
+        left.scatter([r["N"] for r in mine], [r["loss"] for r in mine], color=color, label=f"{c:.0e} FLOPs")
+        ns = np.geomspace(min(r["N"] for r in mine) / 1.5, max(r["N"] for r in mine) * 1.5, 100)
+        left.plot(ns, law.loss(ns, c / 6 / ns), color=color, lw=1)
+        n_opt, d_opt = law.optimal(c)
+        left.scatter([n_opt], [law.loss(n_opt, d_opt)], color=color, marker="*", s=120, edgecolor="k")
+    left.set(xscale="log", xlabel="parameters N", ylabel="final val loss", title="IsoFLOP curves (* the law's optimum)")
+    left.legend(fontsize=8)
+    cs = np.geomspace(budgets[0] / 3, budgets[-1] * 100, 50)
+    right.plot(cs, [law.optimal(c)[0] for c in cs], color="k", label="N_opt(C), fitted")
+    for c, color in zip(budgets, colors, strict=True):
+        mine = [r for r in runs if float(f"{r['C']:.1g}") == c]
+        best = min(mine, key=lambda r: r["loss"])
+        right.scatter([c], [best["N"]], color=color, label=f"best run at {c:.0e}")
+    right.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="parameters", title="compute-optimal N")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\n" + describe_fields(PlanOptions) + "\n  and every train.py option (python train.py --help)")
+        return
+    if "--fit" in argv:  # `--fit out-sweep-*`: the shell's expansion, a list of directories
+        at = argv.index("--fit")
+        rest = argv[at + 1 :]
+        dirs = list(itertools.takewhile(lambda a: not a.startswith("--"), rest))
+        argv = argv[:at] + [f"--fit={','.join(dirs)}"] + rest[len(dirs) :]
+    if "--sweep" in argv:
+        argv[argv.index("--sweep")] = "--sweep=True"
+    own = {f"--{name}" for name in PlanOptions.__dataclass_fields__}
+    mine = [a for a in argv if a.partition("=")[0] in own]
+    opts = parse_config(PlanOptions, mine)
+    train_argv = [a for a in argv if a not in mine]
+    if opts.num_gpus < 1 or not 0 < opts.mfu <= 1 or opts.sizes < 1:
+        raise UserError("--num_gpus and --sizes must be >= 1 and --mfu in (0, 1]")
+    if opts.fit is not None:
+        dirs = [d for pattern in opts.fit.split(",") if pattern for d in sorted(glob.glob(pattern)) or [pattern]]
+        missing = [d for d in dirs if not os.path.isdir(d)]
+        if missing or not dirs:
+            raise UserError(f"no run directory {missing[0] if missing else opts.fit!r}; give the sweep's out_dirs")
+        return fit_runs(dirs, opts)
+    pinned = [a.removeprefix("--").partition("=")[0] for a in train_argv]
+    clash = [k for k in ("n_layer", "n_head", "n_embd") if k in pinned]
+    if clash:
+        raise UserError(f"the plan chooses {', '.join(clash)} (the depth dial); pin --aspect or --head_size instead")
+    law = read_law(opts.law) if opts.law else None
+    peak = gpu_peak_flops(opts.gpu)
+    if opts.sweep:
+        if opts.flops is None:
+            raise UserError("--sweep needs --flops: the budget of each run, comma-separated for several")
+        try:
+            budgets = [float(f) for f in opts.flops.split(",") if f]
+        except ValueError:
+            raise UserError(f"--flops={opts.flops} is not a list of FLOPs (like 1e12,3e12)") from None
+    else:
+        flops = budget_flops(opts, peak)
+    cfg = resolve_options(TRAIN_PY, train_argv)
+    vocab_size = cfg.vocab_size or dataset_vocab_size(os.path.join(cfg.data_root, cfg.dataset))
+    sizes = Sizes(vars(cfg), token_ids_needed(vocab_size, cfg.arch), opts)
+    if opts.sweep:
+        write_file(opts.sweep_script, sweep(budgets, cfg, opts, sizes, law, peak, train_argv), mode=0o755)
+        print(f"wrote {opts.sweep_script}: {len(budgets) * opts.sizes} runs, {sum(budgets) * opts.sizes:.3g} FLOPs in "
+              f"all; run it, then python tools/plan.py --fit '{opts.sweep_prefix}-*'")  # fmt: skip
+        return
+    available = available_tokens(opts.tokens_available, cfg.data_root)
+    if available is None and os.path.isfile(os.path.join(cfg.data_root, cfg.dataset, "meta.json")):
+        available = available_tokens(cfg.dataset, cfg.data_root)  # the dataset the run would train on
+    p = plan(flops, cfg, opts, sizes, law, peak)
+    print_plan(p, cfg, opts, train_argv, available, opts.law)
+    planned = types.SimpleNamespace(**(vars(cfg) | p["options"]))
+    sizing = SizingOptions(gpu=opts.gpu, num_gpus=opts.num_gpus, mfu=opts.mfu)
+    print("\nsizing of the planned run (tools/sizing.py):\n" + report(planned, sizing, p["size"].config))
+    if opts.out:  # a preset: what the command line pinned, then the plan
+        pinned = {k: getattr(cfg, k) for k in (a.removeprefix("--").partition("=")[0] for a in train_argv)
+                  if hasattr(cfg, k) and k not in PLANNED}  # fmt: skip
+        lines = [f"# planned by tools/plan.py: {p['flops']:.3g} FLOPs on {opts.num_gpus} x {opts.gpu}\n"]
+        lines += [f"{k} = {v!r}\n" for k, v in (pinned | p["options"]).items()]
+        write_file(opts.out, "".join(lines))
+        print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
