@@ -31,5 +31,6 @@ batching       continuous batching: many requests decoded together, each row at 
 server         the HTTP API serve.py runs (OpenAI's completions and chat completions) and the chat page
 tasks          multiple-choice benchmarks scored by log-likelihood
 loss_curve     loss_curve.png from metrics.jsonl
+scaling_law    L(N, D) fitted to runs, and the compute-optimal allocation it gives
 run_log        console lines, metrics.jsonl, wandb, the loss curve, step times and the ETA
 """

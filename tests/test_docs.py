@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = "README.md"
 MAX_README_LINES = 260  # an entry point: what it is, run it, test it, usage essentials, the files in reading order
 # Scripts that take train.py's command line besides their own options: their --help lists their own and says so.
-TAKES_TRAIN_OPTIONS = {"tools/sizing.py", "bench/train_speed.py"}
+TAKES_TRAIN_OPTIONS = {"tools/sizing.py", "tools/plan.py", "bench/train_speed.py"}
 # Paths of ours: what a command or a sentence names under these folders must exist (data/, out*/ and the other
 # folders a command creates are never under them).
 OUR_PATH = re.compile(r"(?<![\w./<>-])((?:config|engine|tools|prepare|bench|docs|tests)/[\w.*-]+(?:/[\w.*-]+)*/?)")

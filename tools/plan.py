@@ -1,7 +1,7 @@
 """Plan a run from a budget, and fit your own scaling law from a sweep of small runs.
 
     python tools/plan.py --gpu=A100 --gpu_hours=8                       # budget -> model, tokens, batch, LR, command
-    python tools/plan.py --flops=1e18 --dataset=openwebtext --out=config/planned.py
+    python tools/plan.py --flops=1e18 --dataset=openwebtext --out=planned.py
     python tools/plan.py --dollars=200 --dollars_per_gpu_hour=2 --gpu=H100 --num_gpus=8 --pos_embedding=rope
     python tools/plan.py --hours=2 --num_gpus=8 --gpu=H100 --tokens_available=9e9
     python tools/plan.py --sweep --flops=3e11,1e12,3e12 --sizes=5 --dataset=shakespeare_char   # writes sweep.sh
