@@ -4,7 +4,8 @@
 
 fitted as Hoffmann et al.'s approach 3 does (and Besiroglu et al. 2024's replication): the Huber loss (delta 1e-3)
 between log L(N, D) and the log of each run's loss, over log-parameters (a = log A, b = log B, e = log E, alpha,
-beta), L-BFGS from a grid of starting points, the best fit kept. Bootstrap refits on runs drawn with replacement
+beta), from a grid of starting points (Adam steps from all of them at once, then L-BFGS from the best), the best fit
+kept. Bootstrap refits on runs drawn with replacement
 give each constant's uncertainty.
 
 Under the budget C = 6ND (FLOPs), the loss is lowest at (Hoffmann et al. 2022, appendix D.2)

@@ -35,6 +35,13 @@ def test_the_planned_run_spends_the_budget_as_sizing_counts_it(cfg, flops, token
     spent = o["max_iters"] * tokens_per_iter * model.flops_per_token(cfg.block_size)  # sizing.py's 6N + 12LCT
     assert spent == pytest.approx(flops, rel=0.03)
     assert o["gradient_accumulation_steps"] % 8 == 0 and o["max_iters"] >= 50
+    # DeepSeek LLM's rules (eq. 1): the batch at most, and more than half, its target; the learning rate its fit
+    tokens = o["max_iters"] * tokens_per_iter
+    target = min(0.292 * flops**0.3271, tokens / 50)
+    assert target / 2 < tokens_per_iter <= target
+    assert o["learning_rate"] == pytest.approx(0.3118 * flops**-0.125, rel=5e-3)  # (3 significant digits)
+    assert o["min_lr"] == pytest.approx(o["learning_rate"] / 10, rel=1e-2)
+    assert o["warmup_iters"] == max(10, round(0.01 * o["max_iters"]))
 
     # the depth is the one nearest the target ratio: its neighbours are farther from it
     def off(depth):
@@ -59,6 +66,9 @@ def synthetic(law: Law, budgets, noise: float, seed: int = 0):
 def test_the_fitter_recovers_known_constants_from_noisy_losses():
     true = Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022's fit
     n, d, loss = synthetic(true, [1e17, 1e18, 1e19, 1e20, 1e21], noise=0.002)
+    for c in (1e18, 1e22):  # the closed-form optimum is where the loss along C = 6ND is lowest (a fine grid)
+        grid = np.geomspace(1e6, 1e12, 200_001)
+        assert true.optimal(c)[0] == pytest.approx(grid[np.argmin(true.loss(grid, c / 6 / grid))], rel=1e-3)
     law = fit(n, d, loss)
     assert law.alpha == pytest.approx(true.alpha, abs=0.04) and law.beta == pytest.approx(true.beta, abs=0.04)
     assert law.E == pytest.approx(true.E, rel=0.05)
@@ -89,6 +99,11 @@ def run_plan(*args, cwd=ROOT):
         (["--flops=1e18", "--law=/nonexistent.json", "--vocab_size=65"], "cannot read --law"),
         (["--fit", "/nonexistent-sweep-*"], "no run directory"),
         (["--sweep", "--vocab_size=65"], "--sweep needs --flops"),
+        (["--flops=1e15", "--tokens_available=0", "--vocab_size=65"], "give a positive count"),
+        (["--flops=1e15", "--tokens_per_param=0", "--vocab_size=65"], "--tokens_per_param must be > 0"),
+        (["--flops=1e15", "--aspect=24", "--head_size=16", "--vocab_size=65"], "multiple of --head_size"),
+        (["--flops=1e15", "--n_kv_head=4", "--vocab_size=65"], "multiple of n_kv_head"),
+        (["--fit", "/", "--plot=/nonexistent/x.png"], "does not exist"),
     ],
 )
 def test_a_bad_budget_or_a_missing_file_is_one_line(args, words, tmp_path):
@@ -103,13 +118,42 @@ def test_a_hostile_law_file_is_one_line(tmp_path):
     law = tmp_path / "law.json"
     law.write_text('{"law": {"E": 1.0, "A": -5, "B": 1.0, "alpha": 0.3, "beta": 0.3}}')
     done = run_plan("--flops=1e18", f"--law={law}", "--vocab_size=65", cwd=tmp_path)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "A" in done.stderr
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: {law}: law.A: input should be greater than 0 (found -5); write it with tools/plan.py --fit"
+    ]
 
 
-def test_too_little_data_is_said_with_the_epochs(tmp_path):
-    done = run_plan("--flops=1e18", "--vocab_size=50304", "--tokens_available=1e6", cwd=tmp_path)
+def test_too_little_data_is_said_with_the_epochs_and_a_budget_the_data_holds(tmp_path):
+    done = run_plan("--flops=1e18", "--vocab_size=50304", "--tokens_available=1e8", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "epoch(s)" in done.stdout and "warning: the data is too small for this budget" in done.stdout
+    smaller = done.stdout.split("plan for at most ")[1].split(" FLOPs")[0]
+    done = run_plan(f"--flops={smaller}", "--vocab_size=50304", "--tokens_available=1e8", cwd=tmp_path)
+    epochs = float(done.stdout.split("the plan reads ")[1].split(" epoch")[0])
+    assert 3 < epochs <= 4 and "warning" not in done.stdout
+
+
+def test_the_preset_written_holds_a_positional_preset_s_settings_and_the_plan(tmp_path):
+    preset = tmp_path / "planned.py"
+    done = run_plan(os.path.join(ROOT, "config/train_shakespeare_char.py"), "--flops=1e14", "--vocab_size=65",
+                    f"--out={preset}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    planned = resolve_options(plan.TRAIN_PY, [str(preset)])
+    shakespeare = resolve_options(plan.TRAIN_PY, [os.path.join(ROOT, "config/train_shakespeare_char.py")])
+    assert (planned.dataset, planned.block_size, planned.dropout) == (shakespeare.dataset, 256, shakespeare.dropout)
+    command = done.stdout.split("\n\n")[1].splitlines()[0].split()
+    for arg in (a for a in command if a.startswith("--n_layer=") or a.startswith("--max_iters=")):
+        key, value = arg[2:].split("=")
+        assert getattr(planned, key) == int(value)
+
+
+def test_a_sweep_s_runs_have_their_own_directories(tmp_path):
+    script = tmp_path / "sweep.sh"
+    done = run_plan("--sweep", "--flops=1e12,1.4e12", "--sizes=3", "--vocab_size=65", "--block_size=64",
+                    "--aspect=16", "--head_size=16", f"--sweep_script={script}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out_dirs = [a for line in script.read_text().splitlines() for a in line.split() if a.startswith("--out_dir=")]
+    assert len(out_dirs) == 6 == len(set(out_dirs))
 
 
 @pytest.mark.slow

@@ -17,19 +17,20 @@ The rules, and where they come from:
                     --dollars_per_gpu_hour GPU-hours); FLOPs per token as tools/sizing.py counts them, 6N + 12·L·h·s
                     (PaLM's appendix B), so C = that x D.
   model size        one dial, depth (n_layer): n_embd = aspect x depth, heads of head_size (nanochat's depth dial,
-                    karpathy/nanochat, aspect 64, head size 64 by default... or 128 in nanochat; here 64, GPT-2's).
+                    karpathy/nanochat; aspect 64 as nanochat's, head size 64 as GPT-2's, by default).
                     The depth chosen is the one whose tokens per parameter D/N, at D = C / FLOPs per token, is
-                    nearest the target: 20 (Hoffmann et al. 2022, "Chinchilla", table 3), or with --law the fitted
-                    law's compute-optimal N (engine/scaling_law.py). N counts every parameter, embeddings included,
-                    as Hoffmann et al. counted theirs (Pearce & Song 2024).
+                    nearest the target: 20 (Hoffmann et al. 2022, "Chinchilla", table 3), or with --law the one the
+                    fitted law predicts the lowest loss for (engine/scaling_law.py). N counts every parameter,
+                    embeddings included, as Hoffmann et al. counted theirs (Pearce & Song 2024).
   batch and LR      tokens per step 0.292 x C^0.3271 and peak learning rate 0.3118 x C^-0.125, DeepSeek's fits of
                     the optimal batch size and learning rate to compute (Bi et al. 2024, "DeepSeek LLM", eq. 1),
-                    the batch in whole sequences, at most 1/50 of the run so it takes 50 steps or more; min_lr a
+                    the batch at most that, in whole sequences per GPU, and at most 1/50 of the run; min_lr a
                     tenth of it (Chinchilla's cosine to 10%).
   warmup            1% of the steps, at least 10 (GPT-3 and nanoGPT warm up for well under 1% of long runs; short
                     runs need a few steps more).
   micro-batch       the largest power of two whose activations (engine/memory.py's formula, flash attention) and
-                    16 bytes per parameter fit 80% of the GPU's memory (--gpu_memory_gb); the rest is accumulation.
+                    16 bytes per parameter fit 80% of the GPU's memory (--gpu's, or --gpu_memory_gb); the rest is
+                    accumulation.
   data              D over the tokens available: the epochs. Past 4, repeated data is worth much less than fresh
                     (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
 """
@@ -52,11 +53,11 @@ import engine.interrupts  # first: Ctrl-C is one line and exit 130 from here on,
 import numpy as np
 
 from engine import scaling_law
-from engine.checkpoint import find_checkpoint, read_meta
+from engine.checkpoint import find_checkpoint, model_config_from_meta, read_meta
 from engine.configurator import describe_fields, parse_config, resolve_options
 from engine.data import dataset_vocab_size, load_data
 from engine.errors import UserError, run_cli
-from engine.files import write_file
+from engine.files import check_output, write_file
 from engine.masking import token_ids_needed
 from engine.memory import activation_bytes, device_memory
 from engine.schemas import ScalingLawFile, check, parse_json
@@ -68,6 +69,10 @@ PLANNED = ("n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_s
 PLANNED += ("warmup_iters", "max_iters", "lr_decay_iters")
 MAX_DEPTH = 128
 MAX_EPOCHS = 4  # Muennighoff et al. 2023
+GPU_MEMORY_GB = {  # per GPU, for the micro-batch; the larger of a GPU's variants (A100: 80 GB, V100: 32 GB)
+    "H200": 141, "H100 PCIe": 80, "H100": 80, "GH200": 96, "B200": 192, "A100": 80, "A800": 80, "L40S": 48, "L40": 48,
+    "L4": 24, "A10G": 24, "A10": 24, "A6000": 48, "RTX 4090": 24, "RTX 3090": 24, "V100": 32, "T4": 16,
+}  # fmt: skip
 
 
 @dataclass
@@ -84,7 +89,7 @@ class PlanOptions:
     tokens_per_param: float = 20.0  # the target D/N without a fitted law (Chinchilla's)
     aspect: int = 64  # n_embd per layer of depth
     head_size: int = 64
-    gpu_memory_gb: float = 80.0  # per GPU, for the micro-batch (a CPU: this machine's RAM)
+    gpu_memory_gb: float | None = None  # per GPU, for the micro-batch; none = --gpu's (a CPU: this machine's RAM)
     law: str | None = None  # a fit written by --fit: its compute-optimal size, and the loss to expect
     out: str | None = None  # also write the plan as a preset file (config/x.py)
     sweep: bool = False  # write an IsoFLOP sweep's train.py commands instead (Chinchilla's approach 2)
@@ -130,8 +135,11 @@ def budget_flops(opts: PlanOptions, peak: float) -> float:
 def size(depth: int, pins: dict, vocab_size: int, opts: PlanOptions) -> Size:
     """The model of this depth: n_embd = aspect x depth in heads of head_size, the rest as pinned."""
     n_embd = opts.aspect * depth
-    options = pins | {"n_layer": depth, "n_embd": n_embd, "n_head": max(1, n_embd // opts.head_size)}
-    config = GPTConfig.from_options(options, vocab_size, pad_id=0)
+    options = pins | {"n_layer": depth, "n_embd": n_embd, "n_head": n_embd // opts.head_size}
+    try:
+        config = GPTConfig.from_options(options, vocab_size, pad_id=0)
+    except ValueError as e:
+        raise UserError(f"depth {depth} (n_embd {n_embd}, {n_embd // opts.head_size} heads): {e}") from None
     model = build_meta_model(config)
     return Size(depth, config, model.num_params(non_embedding=False), model.flops_per_token(config.block_size))
 
@@ -140,8 +148,10 @@ class Sizes:
     """The models of the depth dial, depth 1 to MAX_DEPTH, each built (on the meta device) when first asked for."""
 
     def __init__(self, pins: dict, vocab_size: int, opts: PlanOptions):
-        if opts.aspect < 1 or opts.head_size < 1 or opts.aspect % 2:
-            raise UserError("--aspect must be an even number >= 2 and --head_size >= 1")
+        if opts.head_size < 1 or opts.aspect < 1 or opts.aspect % opts.head_size:
+            raise UserError(
+                "--aspect must be a multiple of --head_size (n_embd = aspect x depth, in heads of head_size)"
+            )
         self.pins, self.vocab_size, self.opts, self.built = pins, vocab_size, opts, {}
 
     def __getitem__(self, depth: int) -> Size:
@@ -151,11 +161,10 @@ class Sizes:
 
 
 def best_size(flops: float, sizes: Sizes, opts: PlanOptions, law) -> Size:
-    """The size nearest compute-optimal for the budget: the law's N_opt, or D/N nearest tokens_per_param. Both
-    distances fall then rise with depth (N grows, D/N shrinks), so the search stops at the first rise."""
-    if law is not None:
-        n_opt, _ = law.optimal(flops)
-        distance = lambda s: abs(math.log(s.params / n_opt))  # noqa: E731
+    """The size nearest compute-optimal for the budget: the one the law predicts the lowest loss for, or D/N nearest
+    tokens_per_param. Both fall then rise with depth (N grows, D/N shrinks), so the search stops at the first rise."""
+    if law is not None:  # the loss the law predicts for this size trained on the budget's tokens
+        distance = lambda s: law.loss(s.params, flops / s.flops_per_token)  # noqa: E731
     else:
         distance = lambda s: abs(math.log(flops / s.flops_per_token / s.params / opts.tokens_per_param))  # noqa: E731
     best = sizes[1]
@@ -183,11 +192,13 @@ def available_tokens(value: str | None, data_root: str) -> int | None:
     if value is None:
         return None
     try:
-        return int(float(value))
-    except ValueError:
-        pass
-    data = load_data(os.path.join(data_root, value), 1, splits=("train",))
-    return os.path.getsize(data.split_path("train")) // np.dtype(data.dtype).itemsize
+        count = float(value)
+    except ValueError:  # a dataset's name
+        data = load_data(os.path.join(data_root, value), 1, splits=("train",))
+        count = os.path.getsize(data.split_path("train")) // np.dtype(data.dtype).itemsize
+    if not 1 <= count < 1e18:
+        raise UserError(f"--tokens_available={value}: {count:g} tokens; give a positive count or a prepared dataset")
+    return int(count)
 
 
 def plan(flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, chosen=None) -> dict:
@@ -208,18 +219,20 @@ def plan(flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, c
         )
     batch_tokens = 0.292 * flops**0.3271  # DeepSeek LLM, eq. 1
     learning_rate = 0.3118 * flops**-0.125
-    sequences = max(1, round(min(batch_tokens, tokens / 50) / block))
-    memory = opts.gpu_memory_gb * 2**30 if opts.gpu.lower() != "cpu" else (device_memory("cpu") or 8 * 2**30)
+    per_gpu = max(1, int(min(batch_tokens, tokens / 50) / block / opts.num_gpus))  # sequences; at most the target
+    memory = gpu_memory(opts)
     micro = 1
-    while micro * 2 <= sequences and (
+    while micro * 2 <= per_gpu and (
         16 * chosen.params + activation_bytes(chosen.config, micro * 2, False, True) <= 0.8 * memory
     ):
         micro *= 2
-    accumulation = max(1, math.ceil(sequences / (micro * opts.num_gpus))) * opts.num_gpus
+    accumulation = per_gpu // micro * opts.num_gpus  # the global count, as train.py takes it
     tokens_per_iter = accumulation * micro * block
     max_iters = max(1, round(tokens / tokens_per_iter))
     if max_iters < 10:
-        raise UserError(f"{flops:.3g} FLOPs is {max_iters} steps of {tokens_per_iter:,} tokens: too small to plan")
+        least = flops * 10 / max_iters
+        raise UserError(f"{flops:.3g} FLOPs is {max_iters} steps of {tokens_per_iter:,} tokens on {opts.num_gpus} "
+                        f"GPU(s): too small to plan; give at least {least:.2g} FLOPs")  # fmt: skip
     options = {
         "n_layer": chosen.depth,
         "n_head": chosen.config.n_head,
@@ -242,6 +255,38 @@ def plan(flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, c
         "loss": float(law.loss(chosen.params, trained)) if law is not None else None,
         "tokens_per_param": trained / chosen.params,
     }
+
+
+def largest_budget_for(tokens: float, flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float):
+    """The largest budget below `flops` whose plan reads at most `tokens` (bisection on log FLOPs), or None."""
+    low, high = math.log(flops) - 30, math.log(flops)
+    found = None
+    for _ in range(40):
+        middle = (low + high) / 2
+        try:
+            fits = plan(math.exp(middle), cfg, opts, sizes, law, peak)["tokens"] <= tokens
+        except UserError:  # too small to plan
+            fits = False
+            low = middle
+            continue
+        if fits:
+            found, low = math.exp(middle), middle
+        else:
+            high = middle
+    return found
+
+
+def gpu_memory(opts: PlanOptions) -> float:
+    """Bytes of memory per GPU: --gpu_memory_gb, or the named GPU's, or a CPU's RAM."""
+    if opts.gpu_memory_gb is not None:
+        return opts.gpu_memory_gb * 2**30
+    if opts.gpu.lower() == "cpu":
+        return device_memory("cpu") or 8 * 2**30
+    plain = "".join(c for c in opts.gpu.lower() if c.isalnum())
+    for key, gb in GPU_MEMORY_GB.items():
+        if "".join(c for c in key.lower() if c.isalnum()) in plain:
+            return gb * 2**30
+    return 80 * 2**30
 
 
 def command(argv: list[str], options: dict, num_gpus: int, extra: dict | None = None) -> str:
@@ -271,9 +316,10 @@ def print_plan(p: dict, cfg, opts: PlanOptions, argv: list[str], available: int 
         epochs = p["tokens"] / available
         print(f"data: {available:,} tokens available; the plan reads {epochs:.2f} epoch(s)")
         if epochs > MAX_EPOCHS:
+            fits = p.get("fits_data")
+            budget = f", or plan for at most {fits:.2g} FLOPs" if fits else ""
             print(f"warning: the data is too small for this budget: past {MAX_EPOCHS} epochs repeated tokens are "
-                  f"worth much less than fresh ones (Muennighoff et al. 2023); get more data, or plan for about "
-                  f"{p['flops'] * MAX_EPOCHS / epochs:.3g} FLOPs")  # fmt: skip
+                  f"worth much less than fresh ones (Muennighoff et al. 2023); get more data{budget}")  # fmt: skip
     train_argv = [a for a in argv if a.removeprefix("--").partition("=")[0] not in PLANNED]
     print("\n" + command(train_argv, o, opts.num_gpus))
 
@@ -289,7 +335,7 @@ def sweep(flops_list: list[float], cfg, opts: PlanOptions, sizes: Sizes, law, pe
         for depth in range(first, first + opts.sizes):
             options = plan(flops, cfg, opts, sizes, law, peak, sizes[depth])["options"]
             steps = options["max_iters"]
-            out_dir = f"{opts.sweep_prefix}-{flops:.0e}-d{depth}"
+            out_dir = f"{opts.sweep_prefix}-{flops:.3g}-d{depth}"
             extra = {"eval_interval": steps, "out_dir": out_dir, "log_interval": max(1, steps // 10)}
             lines.append(command(argv, options, opts.num_gpus, extra))
     return "\n".join(lines) + "\n"
@@ -297,11 +343,15 @@ def sweep(flops_list: list[float], cfg, opts: PlanOptions, sizes: Sizes, law, pe
 
 def read_run(run_dir: str) -> dict:
     """A finished run's parameters N, tokens trained D and final val loss, from its newest checkpoint."""
-    meta = read_meta(find_checkpoint(run_dir, log=lambda *a, **k: None))
-    config = GPTConfig(**meta["model_config"])
+    path = find_checkpoint(run_dir, log=lambda *a, **k: None)
+    meta = read_meta(path)
+    config = model_config_from_meta(meta, path)
     train = meta["train_config"]
-    if meta.get("val_loss") is None:
+    if meta.get("val_loss") is None or not math.isfinite(meta["val_loss"]):
         raise UserError(f"{run_dir}: its newest checkpoint has no val loss; let the run evaluate at its end")
+    if train.get("max_iters") not in (None, meta["iter_num"]):
+        raise UserError(f"{run_dir} has not finished (iteration {meta['iter_num']} of {train['max_iters']}); "
+                        "finish it, or leave it out of --fit")  # fmt: skip
     tokens = meta["iter_num"] * train["batch_size"] * train["gradient_accumulation_steps"] * config.block_size
     model = build_meta_model(config)
     return {"run": run_dir, "N": model.num_params(non_embedding=False), "D": tokens, "loss": meta["val_loss"],
@@ -309,20 +359,24 @@ def read_run(run_dir: str) -> dict:
 
 
 def fit_runs(run_dirs: list[str], opts: PlanOptions) -> None:
-    runs = [read_run(d) for d in run_dirs]
+    runs = [read_run(d) for d in dict.fromkeys(os.path.realpath(d) for d in run_dirs)]  # each run once
     if len(runs) < 5:
         raise UserError(f"{len(runs)} finished run(s): the law has 5 constants, fit it on at least 5 (a sweep)")
     n, d, loss = (np.array([r[k] for r in runs], dtype=np.float64) for k in ("N", "D", "loss"))
-    law = scaling_law.fit(n, d, loss)
+    try:
+        law = scaling_law.fit(n, d, loss)
+    except ValueError as e:
+        raise UserError(f"the fit failed ({e}): the runs may be too few, or too alike; sweep more sizes") from None
     laws = scaling_law.bootstrap(law, n, d, loss, opts.bootstrap)
     print(f"fitted L(N, D) = E + A/N^alpha + B/D^beta on {len(runs)} runs (90% bootstrap intervals, {len(laws)} "
           "resamples):")  # fmt: skip
     spread = {}
     for name in ("E", "A", "B", "alpha", "beta"):
         low, high = np.percentile([getattr(x, name) for x in laws], [5, 95]) if laws else (math.nan, math.nan)
-        spread[name] = [float(low), float(high)]
+        spread[name] = [float(low), float(high)] if laws else None
         print(f"  {name:<6} {getattr(law, name):>12.4g}   [{low:.4g}, {high:.4g}]")
-    budgets = sorted({float(f"{r['C']:.1g}") for r in runs})
+    groups = budget_groups(runs)
+    budgets = [g[0] for g in groups]
     print("compute-optimal allocation (C = 6ND):")
     for c in budgets + [budgets[-1] * 100]:
         n_opt, d_opt = law.optimal(c)
@@ -335,11 +389,23 @@ def fit_runs(run_dirs: list[str], opts: PlanOptions) -> None:
     write_file(
         opts.fit_out, json.dumps({"law": dataclasses.asdict(law), "intervals_90": spread, "runs": runs}, indent=2)
     )
-    draw(runs, law, budgets, opts.plot)
+    draw(groups, law, opts.plot)
     print(f"wrote {opts.fit_out} (plan with --law={opts.fit_out}) and {opts.plot}")
 
 
-def draw(runs: list[dict], law, budgets: list[float], path: str) -> None:
+def budget_groups(runs: list[dict]) -> list[tuple[float, list[dict]]]:
+    """The runs grouped by compute: sorted by C, a run within 25% of the group's first joins it; each group's budget
+    is its runs' median C."""
+    groups: list[list[dict]] = []
+    for run in sorted(runs, key=lambda r: r["C"]):
+        if groups and run["C"] <= groups[-1][0]["C"] * 1.25:
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+    return [(float(np.median([r["C"] for r in g])), g) for g in groups]
+
+
+def draw(groups: list[tuple[float, list[dict]]], law, path: str) -> None:
     """IsoFLOP curves (loss against N at each budget: the runs, the law's curve) and the fitted frontier."""
     import matplotlib
 
@@ -347,20 +413,23 @@ def draw(runs: list[dict], law, budgets: list[float], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    budgets = [budget for budget, _ in groups]
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(budgets)))
     for c, color in zip(budgets, colors, strict=True):
-        mine = [r for r in runs if float(f"{r['C']:.1g}") == c]
+        mine = next(members for budget, members in groups if budget == c)
         left.scatter([r["N"] for r in mine], [r["loss"] for r in mine], color=color, label=f"{c:.0e} FLOPs")
         ns = np.geomspace(min(r["N"] for r in mine) / 1.5, max(r["N"] for r in mine) * 1.5, 100)
-        left.plot(ns, law.loss(ns, c / 6 / ns), color=color, lw=1)
-        n_opt, d_opt = law.optimal(c)
-        left.scatter([n_opt], [law.loss(n_opt, d_opt)], color=color, marker="*", s=120, edgecolor="k")
+        if len(mine) > 1:  # the tokens the budget buys at each size, as its runs had them (log D linear in log N)
+            slope, offset = np.polyfit(np.log([r["N"] for r in mine]), np.log([r["D"] for r in mine]), 1)
+            curve = law.loss(ns, np.exp(offset + slope * np.log(ns)))
+            left.plot(ns, curve, color=color, lw=1)
+            left.scatter([ns[curve.argmin()]], [curve.min()], color=color, marker="*", s=120, edgecolor="k")
     left.set(xscale="log", xlabel="parameters N", ylabel="final val loss", title="IsoFLOP curves (* the law's optimum)")
     left.legend(fontsize=8)
     cs = np.geomspace(budgets[0] / 3, budgets[-1] * 100, 50)
-    right.plot(cs, [law.optimal(c)[0] for c in cs], color="k", label="N_opt(C), fitted")
+    right.plot(cs, [law.optimal(c)[0] for c in cs], color="k", label="N_opt(C = 6ND), fitted")
     for c, color in zip(budgets, colors, strict=True):
-        mine = [r for r in runs if float(f"{r['C']:.1g}") == c]
+        mine = next(members for budget, members in groups if budget == c)
         best = min(mine, key=lambda r: r["loss"])
         right.scatter([c], [best["N"]], color=color, label=f"best run at {c:.0e}")
     right.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="parameters", title="compute-optimal N")
@@ -386,8 +455,16 @@ def main(argv=None):
     mine = [a for a in argv if a.partition("=")[0] in own]
     opts = parse_config(PlanOptions, mine)
     train_argv = [a for a in argv if a not in mine]
-    if opts.num_gpus < 1 or not 0 < opts.mfu <= 1 or opts.sizes < 1:
-        raise UserError("--num_gpus and --sizes must be >= 1 and --mfu in (0, 1]")
+    if opts.num_gpus < 1 or not 0 < opts.mfu <= 1 or not 1 <= opts.sizes <= 16 or opts.bootstrap < 0:
+        raise UserError("--num_gpus must be >= 1, --sizes 1 to 16, --bootstrap >= 0 and --mfu in (0, 1]")
+    if not 0 < opts.tokens_per_param < 1e6:
+        raise UserError(f"--tokens_per_param must be > 0, got {opts.tokens_per_param}")
+    if opts.gpu_memory_gb is not None and not opts.gpu_memory_gb > 0:
+        raise UserError(f"--gpu_memory_gb must be > 0, got {opts.gpu_memory_gb}")
+    outputs = {"--fit_out": opts.fit_out, "--plot": opts.plot} if opts.fit is not None else {}
+    outputs |= {"--sweep_script": opts.sweep_script} if opts.sweep else {"--out": opts.out} if opts.out else {}
+    for flag, path in outputs.items():  # before any work: nothing is written when one cannot be
+        check_output(path, flag)
     if opts.fit is not None:
         dirs = [d for pattern in opts.fit.split(",") if pattern for d in sorted(glob.glob(pattern)) or [pattern]]
         missing = [d for d in dirs if not os.path.isdir(d)]
@@ -421,13 +498,15 @@ def main(argv=None):
     if available is None and os.path.isfile(os.path.join(cfg.data_root, cfg.dataset, "meta.json")):
         available = available_tokens(cfg.dataset, cfg.data_root)  # the dataset the run would train on
     p = plan(flops, cfg, opts, sizes, law, peak)
+    if available is not None and p["tokens"] > MAX_EPOCHS * available:
+        p["fits_data"] = largest_budget_for(available * MAX_EPOCHS, flops, cfg, opts, sizes, law, peak)
     print_plan(p, cfg, opts, train_argv, available, opts.law)
     planned = types.SimpleNamespace(**(vars(cfg) | p["options"]))
     sizing = SizingOptions(gpu=opts.gpu, num_gpus=opts.num_gpus, mfu=opts.mfu)
     print("\nsizing of the planned run (tools/sizing.py):\n" + report(planned, sizing, p["size"].config))
-    if opts.out:  # a preset: what the command line pinned, then the plan
-        pinned = {k: getattr(cfg, k) for k in (a.removeprefix("--").partition("=")[0] for a in train_argv)
-                  if hasattr(cfg, k) and k not in PLANNED}  # fmt: skip
+    if opts.out:  # a preset: what the command line (its presets included) changed from train.py's defaults, the plan
+        defaults = vars(resolve_options(TRAIN_PY, []))
+        pinned = {k: v for k, v in vars(cfg).items() if k not in PLANNED and defaults.get(k) != v}
         lines = [f"# planned by tools/plan.py: {p['flops']:.3g} FLOPs on {opts.num_gpus} x {opts.gpu}\n"]
         lines += [f"{k} = {v!r}\n" for k, v in (pinned | p["options"]).items()]
         write_file(opts.out, "".join(lines))
