@@ -118,13 +118,19 @@ def test_an_end_token_stops_a_request_and_frees_its_row():
         engine.close()
 
 
+def holding_the_row(engine) -> tuple[Request, threading.Event]:
+    """A 40-token request submitted to take the engine's one row, and the event of its first token."""
+    first_token = threading.Event()
+    long = Request([1, 2], 40, GREEDY, lambda e: first_token.set())
+    engine.submit(long)
+    return long, first_token
+
+
 def test_a_cancelled_request_frees_its_row_for_the_next_and_the_queue_is_bounded():
     model = model_of()
     engine = BatchEngine(model, vocab_size=61, max_batch=1, max_queue=1)
     try:
-        first_token = threading.Event()
-        long = Request([1, 2], 40, GREEDY, lambda e: first_token.set())
-        engine.submit(long)
+        long, first_token = holding_the_row(engine)
         queued = Collect()
         engine.submit(Request([3], 4, GREEDY, queued))
         with pytest.raises(Overloaded):  # one decoding, one waiting: the next is refused
@@ -185,9 +191,7 @@ def test_cancelled_waiting_requests_free_their_places_and_a_request_s_choices_qu
     model = model_of()
     engine = BatchEngine(model, vocab_size=61, max_batch=1, max_queue=2)
     try:
-        first_token = threading.Event()
-        long = Request([1, 2], 40, GREEDY, lambda e: first_token.set())
-        engine.submit(long)
+        long, first_token = holding_the_row(engine)
         assert first_token.wait(120)
         gone = [Request([3], 4, GREEDY, Collect()) for _ in range(2)]
         engine.submit(*gone)
