@@ -91,14 +91,14 @@ def test_requests_batched_together_get_what_each_gets_alone(compile):
     prompts = [torch.randint(0, 61, (n,)).tolist() for n, *_ in CASES]
     engine = BatchEngine(model, vocab_size=61, max_batch=4, max_queue=8, compile=compile)
     try:
-        collected = []
-        for prompt, (_, n, sampling, seed) in zip(prompts, CASES, strict=True):  # 6 requests, 4 rows: 2 wait
-            collected.append(Collect())
-            engine.submit(Request(prompt, n, sampling, collected[-1], seed=seed))
+        collected = [Collect() for _ in CASES]
+        pairs = zip(prompts, collected, CASES, strict=True)
+        requests = [Request(p, n, sampling, c, seed=seed) for p, c, (_, n, sampling, seed) in pairs]
+        engine.submit(*requests)  # 6 requests queued at once (so rows do share steps), 4 rows: 2 wait
         for c, prompt, (_, n, sampling, seed) in zip(collected, prompts, CASES, strict=True):
             assert c.wait() == Done("length")
             assert c.tokens == alone(model, prompt, n, sampling, seed)
-        assert engine.decoded_rows > engine.steps  # rows did share steps
+        assert engine.decoded_rows > engine.steps
     finally:
         engine.close()
 
