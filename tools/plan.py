@@ -24,6 +24,8 @@ The rules, and where they come from:
                     embeddings included, as Hoffmann et al. counted theirs (Pearce & Song 2024).
   batch and LR      tokens per step 0.292 x C^0.3271 and peak learning rate 0.3118 x C^-0.125, DeepSeek's fits of
                     the optimal batch size and learning rate to compute (Bi et al. 2024, "DeepSeek LLM", eq. 1),
+                    with C counted as they count it: M x D, M = 72·L·d² + 6·L·d·s for GPT-2's blocks (6 per
+                    weight outside the embeddings and output layer, and causal attention's half of 12·L·d·s),
                     the batch at most that, in whole sequences per GPU, and at most 1/50 of the run; min_lr a
                     tenth of it (Chinchilla's cosine to 10%).
   warmup            1% of the steps, at least 10 (GPT-3 and nanoGPT warm up for well under 1% of long runs; short
@@ -108,6 +110,7 @@ class Size:
     config: GPTConfig
     params: int
     flops_per_token: float
+    deepseek_flops_per_token: float  # Bi et al.'s M for their rules' C: 72·L·d² + 6·L·d·s for GPT-2's blocks
 
 
 def budget_flops(opts: PlanOptions, peak: float) -> float:
@@ -141,7 +144,10 @@ def size(depth: int, pins: dict, vocab_size: int, opts: PlanOptions) -> Size:
     except ValueError as e:
         raise UserError(f"depth {depth} (n_embd {n_embd}, {n_embd // opts.head_size} heads): {e}") from None
     model = build_meta_model(config)
-    return Size(depth, config, model.num_params(non_embedding=False), model.flops_per_token(config.block_size))
+    per_token, weights = model.flops_per_token(config.block_size), model.flops_per_token(0)
+    head = model.lm_head.weight.numel() if hasattr(model, "lm_head") else 0
+    deepseek = weights - 6 * head + (per_token - weights) / 2  # DeepSeek's M: no output layer, causal attention
+    return Size(depth, config, model.num_params(non_embedding=False), per_token, deepseek)
 
 
 class Sizes:
@@ -217,8 +223,9 @@ def plan(flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, c
             f"({sizes[1].params:,} parameters) would see {ratio:.1f} tokens per parameter; give at least "
             f"{smallest:.2g} FLOPs, or a smaller --aspect"
         )
-    batch_tokens = 0.292 * flops**0.3271  # DeepSeek LLM, eq. 1
-    learning_rate = 0.3118 * flops**-0.125
+    compute = chosen.deepseek_flops_per_token * tokens  # C as DeepSeek counts it, for their fits (eq. 1)
+    batch_tokens = 0.292 * compute**0.3271
+    learning_rate = 0.3118 * compute**-0.125
     per_gpu = max(1, int(min(batch_tokens, tokens / 50) / block / opts.num_gpus))  # sequences; at most the target
     memory = gpu_memory(opts)
     micro = 1
@@ -368,8 +375,8 @@ def fit_runs(run_dirs: list[str], opts: PlanOptions) -> None:
     except ValueError as e:
         raise UserError(f"the fit failed ({e}): the runs may be too few, or too alike; sweep more sizes") from None
     laws = scaling_law.bootstrap(law, n, d, loss, opts.bootstrap)
-    print(f"fitted L(N, D) = E + A/N^alpha + B/D^beta on {len(runs)} runs (90% bootstrap intervals, {len(laws)} "
-          "resamples):")  # fmt: skip
+    print(f"fitted L(N, D) = E + A/N^alpha + B/D^beta on {len(runs)} runs (90% bootstrap intervals, from the "
+          f"{len(laws)} of {opts.bootstrap} resamples whose fit converged):")  # fmt: skip
     spread = {}
     for name in ("E", "A", "B", "alpha", "beta"):
         low, high = np.percentile([getattr(x, name) for x in laws], [5, 95]) if laws else (math.nan, math.nan)
@@ -472,11 +479,14 @@ def main(argv=None):
             raise UserError(f"no run directory {missing[0] if missing else opts.fit!r}; give the sweep's out_dirs")
         return fit_runs(dirs, opts)
     pinned = [a.removeprefix("--").partition("=")[0] for a in train_argv]
-    clash = [k for k in ("n_layer", "n_head", "n_embd") if k in pinned]
-    if clash:
-        raise UserError(f"the plan chooses {', '.join(clash)} (the depth dial); pin --aspect or --head_size instead")
+    clash = [k for k in PLANNED if k in pinned]
+    if clash:  # what the plan chooses is its answer, not a setting: never replaced in silence
+        raise UserError(f"the plan chooses {', '.join(clash)}: pin --aspect or --head_size for the shape, "
+                        "--gpu_memory_gb for the micro-batch, or edit the printed command")  # fmt: skip
+    if opts.sweep and opts.out:
+        raise UserError("--out writes one plan's preset; a sweep's commands go to --sweep_script")
     law = read_law(opts.law) if opts.law else None
-    peak = gpu_peak_flops(opts.gpu)
+    peak = gpu_peak_flops(opts.gpu)  # a CPU's float32 rate whatever the dtype: bf16 CPU steps ran near it (sizing.py)
     if opts.sweep:
         if opts.flops is None:
             raise UserError("--sweep needs --flops: the budget of each run, comma-separated for several")
