@@ -14,6 +14,7 @@ EXIT_USER_ERROR = 2  # a UserError: fix what the message says and run again
 EXIT_NONFINITE = 3  # training stopped after too many consecutive non-finite steps; no bad checkpoint was written
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved; run again with --init_from=resume (EX_TEMPFAIL)
 # EXIT_INTERRUPTED = 130 (engine/interrupts.py): Ctrl-C or SIGHUP; as 75 after one; a second Ctrl-C stops at once
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command killed by SIGPIPE (Python ignores the signal instead)
 
 
 class UserError(Exception):
@@ -51,6 +52,8 @@ def _reported(e: BaseException) -> int:
     if isinstance(e, UserError):
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if isinstance(e, BrokenPipeError):  # stdout's reader left (`| head`): quietly, as `yes | head` does
+        return EXIT_BROKEN_PIPE
     if isinstance(e, SystemExit):  # prepare's fail(): its line is on stderr already
         if e.code is None or isinstance(e.code, int):
             return e.code or 0

@@ -57,3 +57,19 @@ def test_prepare_shakespeare_reuses_the_text_shakespeare_char_fetched(tmp_path, 
         f.write(shakespeare_text(20_000))
     shakespeare.main([])  # offline: a download would fail
     assert os.path.exists("data/shakespeare/train.bin") and not os.path.exists("data/shakespeare/input.txt")
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
+    """`python tools/plan.py ... | head -3`: the pipe's reader is gone when the command writes: no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    read, write = os.pipe()
+    os.close(read)  # the reader left before the first line (unbuffered: that line's write fails)
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, f"{ROOT}/tools/plan.py", "--flops=1e18", "--vocab_size=65"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)  # fmt: skip
+    os.close(write)
+    assert (done.returncode, done.stderr) == (141, "") and os.listdir(tmp_path) == []

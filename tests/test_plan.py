@@ -35,13 +35,14 @@ def test_the_planned_run_spends_the_budget_as_sizing_counts_it(cfg, flops, token
     spent = o["max_iters"] * tokens_per_iter * model.flops_per_token(cfg.block_size)  # sizing.py's 6N + 12LCT
     assert spent == pytest.approx(flops, rel=0.03)
     assert o["gradient_accumulation_steps"] % 8 == 0 and o["max_iters"] >= 50
-    # DeepSeek LLM's rules (eq. 1) on C as they count it, M x D with M = 72·L·d² + 6·L·d·s (their section 3.1: no
-    # embeddings, no output layer): the batch at most, and more than half, its target; the learning rate their fit
+    # DeepSeek LLM's rules (eq. 1) on C as they count it, M x D with M = 72·L·d² + 12·L·d·s (their section 3.1: no
+    # embeddings, no output layer): the batch at most its target, short of it by less than a sequence per GPU and
+    # per accumulation step; the learning rate their fit
     tokens = o["max_iters"] * tokens_per_iter
     d, s = o["n_embd"], cfg.block_size
-    compute = (72 * o["n_layer"] * d**2 + 6 * o["n_layer"] * d * s) * flops / p["size"].flops_per_token
+    compute = (72 * o["n_layer"] * d**2 + 12 * o["n_layer"] * d * s) * flops / p["size"].flops_per_token
     target = min(0.292 * compute**0.3271, tokens / 50)
-    assert target / 2 < tokens_per_iter <= target * 1.001  # (their M leaves out the norms' few weights)
+    assert target - (8 + o["gradient_accumulation_steps"]) * s < tokens_per_iter <= target * 1.001  # (M: no norms)
     assert o["learning_rate"] == pytest.approx(0.3118 * compute**-0.125, rel=5e-3)  # (3 significant digits)
     assert o["min_lr"] == pytest.approx(o["learning_rate"] / 10, rel=1e-2)
     assert o["warmup_iters"] == max(10, round(0.01 * o["max_iters"]))
@@ -101,14 +102,21 @@ def run_plan(*args, cwd=ROOT):
         (["--flops=1e18", "--learning_rate=1e-3", "--max_iters=9", "--vocab_size=65"], "learning_rate, max_iters"),
         (["--sweep", "--flops=1e12", "--out=x.py", "--vocab_size=65"], "a sweep's commands go to --sweep_script"),
         (["--flops=1e18", "--gpu=TPU9", "--vocab_size=65"], "unknown --gpu"),
-        (["--flops=1e18", "--law=/nonexistent.json", "--vocab_size=65"], "cannot read --law"),
+        (["--flops=1e18", "--law=/nonexistent.json", "--vocab_size=65"], "cannot read /nonexistent.json"),
         (["--fit", "/nonexistent-sweep-*"], "no run directory"),
         (["--sweep", "--vocab_size=65"], "--sweep needs --flops"),
         (["--flops=1e15", "--tokens_available=0", "--vocab_size=65"], "give a positive count"),
         (["--flops=1e15", "--tokens_per_param=0", "--vocab_size=65"], "--tokens_per_param must be > 0"),
         (["--flops=1e15", "--aspect=24", "--head_size=16", "--vocab_size=65"], "multiple of --head_size"),
-        (["--flops=1e15", "--n_kv_head=4", "--vocab_size=65"], "multiple of n_kv_head"),
+        (["--flops=1e15", "--n_kv_head=256", "--vocab_size=65"], "multiple of n_kv_head"),
         (["--fit", "/", "--plot=/nonexistent/x.png"], "does not exist"),
+        (["--fit", "/", "--plot=law.foo"], "name a picture matplotlib writes"),
+        (["--fit", "/", "--plot=x.png", "--fit_out=x.png"], "--fit_out, --plot must be different files"),
+        (["--flops=1e15", "--law=x.py", "--out=x.py", "--vocab_size=65"], "--law, --out must be different files"),
+        (["--sweep", "--flops=-1", "--vocab_size=65"], "each more than 0"),
+        (["--sweep", "--flops=1e12,1.0004e12", "--vocab_size=65"], "different in its first 3 digits"),
+        (["--sweep", "--flops=,", "--vocab_size=65"], "give the sweep's budgets"),
+        (["--sweep", "--gpu_hours=3", "--vocab_size=65"], "--sweep takes each run's budget as --flops"),
     ],
 )
 def test_a_bad_budget_or_a_missing_file_is_one_line(args, words, tmp_path):
@@ -119,13 +127,44 @@ def test_a_bad_budget_or_a_missing_file_is_one_line(args, words, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_hostile_law_file_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        (b'{"law": {"E": 1.0, "A": -5, "B": 1.0, "alpha": 0.3, "beta": 0.3}}', "law.A: input should be greater than 0"),
+        (b'{"law": "\xff\xfe"}', "not UTF-8 text"),
+        (b'{"law": {"E": 1e308, "A": 1e308, "B": 1e308, "alpha": 1e-300, "beta": 1e-300}}', "no finite loss"),
+    ],
+)
+def test_a_hostile_law_file_is_one_line(tmp_path, text, words):
     law = tmp_path / "law.json"
-    law.write_text('{"law": {"E": 1.0, "A": -5, "B": 1.0, "alpha": 0.3, "beta": 0.3}}')
+    law.write_bytes(text)
     done = run_plan("--flops=1e18", f"--law={law}", "--vocab_size=65", cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: {law}: law.A: input should be greater than 0 (found -5); write it with tools/plan.py --fit"
-    ]
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and words in lines[0] and "tools/plan.py --fit" in lines[0], lines
+
+
+def test_gqa_plans_only_depths_whose_heads_its_kv_heads_divide(tmp_path):
+    cfg = resolve_options(plan.TRAIN_PY, ["--vocab_size=65", "--n_kv_head=4", "--block_size=256"])
+    opts = plan.PlanOptions(aspect=16, head_size=16)
+    sizes = plan.Sizes(vars(cfg), 65, opts)
+    assert sizes[3] is None and sizes[4].config.n_head == 4 and sizes.smallest().depth == 4
+    assert plan.plan(3e15, cfg, opts, sizes, None, 312e12)["options"]["n_head"] % 4 == 0
+    script = tmp_path / "sweep.sh"
+    done = run_plan("--sweep", "--flops=1e14", "--sizes=3", "--vocab_size=65", "--n_kv_head=4", "--aspect=16",
+                    "--head_size=16", "--block_size=256", f"--sweep_script={script}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    depths = [int(a.split("=")[1]) for a in script.read_text().split() if a.startswith("--n_layer=")]
+    assert len(depths) == 3 and all(d % 4 == 0 for d in depths) and len(set(depths)) == 3
+
+
+def test_the_memory_of_a_gpu_is_its_own_not_a_namesake_s():
+    assert plan.gpu_memory(plan.PlanOptions(gpu="GH200")) == 96 * 2**30  # (H200 is inside its name)
+    assert plan.gpu_memory(plan.PlanOptions(gpu="NVIDIA H200")) == 141 * 2**30
+
+
+def test_more_gpus_than_the_budget_s_batch_wants_is_said(tmp_path):
+    done = run_plan("--flops=1e17", "--num_gpus=4096", "--gpu=H100", "--vocab_size=65", cwd=tmp_path)
+    assert done.returncode == 0 and "warning: one sequence per GPU is 4,194,304 tokens per step" in done.stdout
 
 
 def test_too_little_data_is_said_with_the_epochs_and_a_budget_the_data_holds(tmp_path):

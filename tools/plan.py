@@ -24,15 +24,15 @@ The rules, and where they come from:
                     embeddings included, as Hoffmann et al. counted theirs (Pearce & Song 2024).
   batch and LR      tokens per step 0.292 x C^0.3271 and peak learning rate 0.3118 x C^-0.125, DeepSeek's fits of
                     the optimal batch size and learning rate to compute (Bi et al. 2024, "DeepSeek LLM", eq. 1),
-                    with C counted as they count it: M x D, M = 72·L·d² + 6·L·d·s for GPT-2's blocks (6 per
-                    weight outside the embeddings and output layer, and causal attention's half of 12·L·d·s),
+                    with C counted as they count it: M x D, M = 72·L·d² + 12·L·d·s for GPT-2's blocks (6 per
+                    weight outside the embeddings and the output layer, and attention's 12·L·d·s; section 3.1),
                     the batch at most that, in whole sequences per GPU, and at most 1/50 of the run; min_lr a
                     tenth of it (Chinchilla's cosine to 10%).
   warmup            1% of the steps, at least 10 (GPT-3 and nanoGPT warm up for well under 1% of long runs; short
                     runs need a few steps more).
-  micro-batch       the largest power of two whose activations (engine/memory.py's formula, flash attention) and
-                    16 bytes per parameter fit 80% of the GPU's memory (--gpu's, or --gpu_memory_gb); the rest is
-                    accumulation.
+  micro-batch       the batch in the fewest accumulation steps whose micro-batch's activations (engine/memory.py's
+                    formula, flash attention) and 16 bytes per parameter fit 80% of the GPU's memory (--gpu's, or
+                    --gpu_memory_gb).
   data              D over the tokens available: the epochs. Past 4, repeated data is worth much less than fresh
                     (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
 """
@@ -62,7 +62,7 @@ from engine.errors import UserError, run_cli
 from engine.files import check_output, write_file
 from engine.masking import token_ids_needed
 from engine.memory import activation_bytes, device_memory
-from engine.schemas import ScalingLawFile, check, parse_json
+from engine.schemas import ScalingLawFile, check, read_json
 from model import GPTConfig
 from tools.sizing import SizingOptions, build_meta_model, gpu_peak_flops, report
 
@@ -110,7 +110,7 @@ class Size:
     config: GPTConfig
     params: int
     flops_per_token: float
-    deepseek_flops_per_token: float  # Bi et al.'s M for their rules' C: 72·L·d² + 6·L·d·s for GPT-2's blocks
+    deepseek_flops_per_token: float  # Bi et al.'s M for their rules' C: 72·L·d² + 12·L·d·s for GPT-2's blocks
 
 
 def budget_flops(opts: PlanOptions, peak: float) -> float:
@@ -144,9 +144,9 @@ def size(depth: int, pins: dict, vocab_size: int, opts: PlanOptions) -> Size:
     except ValueError as e:
         raise UserError(f"depth {depth} (n_embd {n_embd}, {n_embd // opts.head_size} heads): {e}") from None
     model = build_meta_model(config)
-    per_token, weights = model.flops_per_token(config.block_size), model.flops_per_token(0)
+    per_token = model.flops_per_token(config.block_size)
     head = model.lm_head.weight.numel() if hasattr(model, "lm_head") else 0
-    deepseek = weights - 6 * head + (per_token - weights) / 2  # DeepSeek's M: no output layer, causal attention
+    deepseek = per_token - 6 * head  # DeepSeek's M: 6 per weight outside the embeddings and output layer, + 12·L·d·s
     return Size(depth, config, model.num_params(non_embedding=False), per_token, deepseek)
 
 
@@ -160,10 +160,25 @@ class Sizes:
             )
         self.pins, self.vocab_size, self.opts, self.built = pins, vocab_size, opts, {}
 
-    def __getitem__(self, depth: int) -> Size:
+    def __getitem__(self, depth: int) -> Size | None:
+        """The model of this depth, or None where the pinned options rule it out (GQA's n_kv_head must divide the
+        depth's heads)."""
         if depth not in self.built:
-            self.built[depth] = size(depth, self.pins, self.vocab_size, self.opts)
+            try:
+                self.built[depth] = size(depth, self.pins, self.vocab_size, self.opts)
+            except UserError as e:
+                self.built[depth], self.refused = None, getattr(self, "refused", e)
         return self.built[depth]
+
+    def depths(self, first: int = 1):
+        """The depths with a model, from first up."""
+        return (self[depth] for depth in range(first, MAX_DEPTH + 1) if self[depth])
+
+    def smallest(self) -> Size:
+        found = next(self.depths(), None)
+        if found is None:
+            raise self.refused  # no depth at all: why the first one was refused
+        return found
 
 
 def best_size(flops: float, sizes: Sizes, opts: PlanOptions, law) -> Size:
@@ -173,24 +188,24 @@ def best_size(flops: float, sizes: Sizes, opts: PlanOptions, law) -> Size:
         distance = lambda s: law.loss(s.params, flops / s.flops_per_token)  # noqa: E731
     else:
         distance = lambda s: abs(math.log(flops / s.flops_per_token / s.params / opts.tokens_per_param))  # noqa: E731
-    best = sizes[1]
-    for depth in range(2, MAX_DEPTH + 1):
-        if distance(sizes[depth]) > distance(best):
+    best = sizes.smallest()
+    for candidate in sizes.depths(best.depth + 1):
+        if distance(candidate) > distance(best):
             break
-        best = sizes[depth]
+        best = candidate
     return best
 
 
 def read_law(path: str) -> scaling_law.Law:
     """A fit --fit wrote (checked as any file from outside)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(1 << 20)
-    except OSError as e:
-        raise UserError(f"cannot read --law={path} ({e.strerror}); write one with --fit") from None
-    row = parse_json(text, path, "write it with tools/plan.py --fit")
-    law = check(ScalingLawFile, row, path, "write it with tools/plan.py --fit")["law"]
-    return scaling_law.Law(**{name: law[name] for name in ("E", "A", "B", "alpha", "beta")})
+    fix = "write it with tools/plan.py --fit"
+    law = check(ScalingLawFile, read_json(path, fix), path, fix)["law"]
+    law = scaling_law.Law(**{name: law[name] for name in ("E", "A", "B", "alpha", "beta")})
+    with np.errstate(all="ignore"):
+        finite = all(math.isfinite(law.loss(n, n * 20)) for n in (1e3, 1e6, 1e9, 1e12))
+    if not finite:
+        raise UserError(f"{path}: its law gives no finite loss (overflow); {fix}")
+    return law
 
 
 def available_tokens(value: str | None, data_root: str) -> int | None:
@@ -216,24 +231,28 @@ def plan(flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, c
     block = cfg.block_size
     tokens = flops / chosen.flops_per_token
     ratio = tokens / chosen.params
-    if chosen.depth == 1 and ratio < opts.tokens_per_param / 4:
-        smallest = sizes[1].flops_per_token * sizes[1].params * opts.tokens_per_param
+    least = sizes.smallest()
+    if chosen.depth == least.depth and ratio < opts.tokens_per_param / 4:
         raise UserError(
-            f"{flops:.3g} FLOPs is too small for any sensible model: even one layer of n_embd {opts.aspect} "
-            f"({sizes[1].params:,} parameters) would see {ratio:.1f} tokens per parameter; give at least "
-            f"{smallest:.2g} FLOPs, or a smaller --aspect"
+            f"{flops:.3g} FLOPs is too small for any sensible model: even {least.depth} layer(s) of n_embd "
+            f"{least.config.n_embd} ({least.params:,} parameters) would see {ratio:.1f} tokens per parameter; give at "
+            f"least {least.flops_per_token * least.params * opts.tokens_per_param:.2g} FLOPs, or a smaller --aspect"
         )
     compute = chosen.deepseek_flops_per_token * tokens  # C as DeepSeek counts it, for their fits (eq. 1)
     batch_tokens = 0.292 * compute**0.3271
     learning_rate = 0.3118 * compute**-0.125
-    per_gpu = max(1, int(min(batch_tokens, tokens / 50) / block / opts.num_gpus))  # sequences; at most the target
+    target = min(batch_tokens, tokens / 50)
+    per_gpu = max(1, int(target / block / opts.num_gpus))  # sequences; at most the target, but one per GPU at least
     memory = gpu_memory(opts)
-    micro = 1
-    while micro * 2 <= per_gpu and (
-        16 * chosen.params + activation_bytes(chosen.config, micro * 2, False, True) <= 0.8 * memory
-    ):
-        micro *= 2
-    accumulation = per_gpu // micro * opts.num_gpus  # the global count, as train.py takes it
+    fits = lambda m: 16 * chosen.params + activation_bytes(chosen.config, m, False, True) <= 0.8 * memory  # noqa: E731
+    largest = 1  # the largest micro-batch that fits, by bisection (activations grow with it)
+    high = per_gpu + 1
+    while high - largest > 1:
+        middle = (largest + high) // 2
+        largest, high = (middle, high) if fits(middle) else (largest, middle)
+    steps = -(-per_gpu // largest)  # the fewest accumulation steps, then the micro-batch that fills them
+    micro = per_gpu // steps
+    accumulation = steps * opts.num_gpus  # the global count, as train.py takes it
     tokens_per_iter = accumulation * micro * block
     max_iters = max(1, round(tokens / tokens_per_iter))
     if max_iters < 10:
@@ -261,6 +280,7 @@ def plan(flops: float, cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, c
         "hours": trained * chosen.flops_per_token / (opts.num_gpus * peak * opts.mfu) / 3600,
         "loss": float(law.loss(chosen.params, trained)) if law is not None else None,
         "tokens_per_param": trained / chosen.params,
+        "batch_target": target,
     }
 
 
@@ -289,11 +309,10 @@ def gpu_memory(opts: PlanOptions) -> float:
         return opts.gpu_memory_gb * 2**30
     if opts.gpu.lower() == "cpu":
         return device_memory("cpu") or 8 * 2**30
-    plain = "".join(c for c in opts.gpu.lower() if c.isalnum())
-    for key, gb in GPU_MEMORY_GB.items():
-        if "".join(c for c in key.lower() if c.isalnum()) in plain:
-            return gb * 2**30
-    return 80 * 2**30
+    plain = lambda name: "".join(c for c in name.lower() if c.isalnum())  # noqa: E731
+    exact = [gb for key, gb in GPU_MEMORY_GB.items() if plain(key) == plain(opts.gpu)]  # (GH200 is not H200)
+    within = [gb for key, gb in GPU_MEMORY_GB.items() if plain(key) in plain(opts.gpu)]
+    return (exact + within + [80])[0] * 2**30
 
 
 def command(argv: list[str], options: dict, num_gpus: int, extra: dict | None = None) -> str:
@@ -317,6 +336,10 @@ def print_plan(p: dict, cfg, opts: PlanOptions, argv: list[str], available: int 
           f"{o['batch_size'] * o['gradient_accumulation_steps'] * cfg.block_size:,} tokens per step, "
           f"{o['max_iters']:,} steps; learning rate {o['learning_rate']:g} (min {o['min_lr']:g}), warmup "
           f"{o['warmup_iters']}")  # fmt: skip
+    per_step = o["batch_size"] * o["gradient_accumulation_steps"] * cfg.block_size
+    if per_step > p["batch_target"] * 1.5:
+        print(f"warning: one sequence per GPU is {per_step:,} tokens per step, over the {p['batch_target']:,.0f} this "
+              "budget wants (DeepSeek's rule): fewer GPUs, or a shorter block_size, would train it better")  # fmt: skip
     if p["loss"] is not None:
         print(f"expected final loss: {p['loss']:.3f} (the fitted law)")
     if available is not None:
@@ -338,11 +361,12 @@ def sweep(flops_list: list[float], cfg, opts: PlanOptions, sizes: Sizes, law, pe
              f"--fit '{opts.sweep_prefix}-*'", "set -e"]  # fmt: skip
     for flops in flops_list:
         center = best_size(flops, sizes, opts, law).depth
-        first = max(1, center - opts.sizes // 2)
-        for depth in range(first, first + opts.sizes):
-            options = plan(flops, cfg, opts, sizes, law, peak, sizes[depth])["options"]
+        below = list(itertools.takewhile(lambda s, c=center: s.depth < c, sizes.depths()))  # (GQA may skip depths)
+        below = below[max(0, len(below) - opts.sizes // 2) :]
+        for chosen in itertools.islice(itertools.chain(below, sizes.depths(center)), opts.sizes):
+            options = plan(flops, cfg, opts, sizes, law, peak, chosen)["options"]
             steps = options["max_iters"]
-            out_dir = f"{opts.sweep_prefix}-{flops:.3g}-d{depth}"
+            out_dir = f"{opts.sweep_prefix}-{flops:.3g}-d{chosen.depth}"
             extra = {"eval_interval": steps, "out_dir": out_dir, "log_interval": max(1, steps // 10)}
             lines.append(command(argv, options, opts.num_gpus, extra))
     return "\n".join(lines) + "\n"
@@ -359,14 +383,23 @@ def read_run(run_dir: str) -> dict:
     if train.get("max_iters") not in (None, meta["iter_num"]):
         raise UserError(f"{run_dir} has not finished (iteration {meta['iter_num']} of {train['max_iters']}); "
                         "finish it, or leave it out of --fit")  # fmt: skip
+    if not train.get("batch_size") or not train.get("gradient_accumulation_steps") or train.get("batch_warmup_tokens"):
+        raise UserError(f"{run_dir}: its checkpoint does not say how many tokens it trained on (a batch warm-up, or "
+                        "no batch recorded); fit runs that the sweep wrote")  # fmt: skip
+    if train.get("init_from", "scratch") != "scratch":
+        raise UserError(f"{run_dir} started from {train['init_from']}, not from scratch; fit runs that the sweep wrote")
     tokens = meta["iter_num"] * train["batch_size"] * train["gradient_accumulation_steps"] * config.block_size
     model = build_meta_model(config)
-    return {"run": run_dir, "N": model.num_params(non_embedding=False), "D": tokens, "loss": meta["val_loss"],
+    return {"run": run_dir, "checkpoint": os.path.realpath(path), "data": train.get("dataset"),
+            "N": model.num_params(non_embedding=False), "D": tokens, "loss": meta["val_loss"],
             "C": tokens * model.flops_per_token(config.block_size)}  # fmt: skip
 
 
 def fit_runs(run_dirs: list[str], opts: PlanOptions) -> None:
-    runs = [read_run(d) for d in dict.fromkeys(os.path.realpath(d) for d in run_dirs)]  # each run once
+    runs = list({r["checkpoint"]: r for r in map(read_run, run_dirs)}.values())  # each run once
+    datasets = sorted({str(r["data"]) for r in runs})
+    if len(datasets) > 1:
+        raise UserError(f"the runs trained on different datasets ({', '.join(datasets)}); fit one dataset's sweep")
     if len(runs) < 5:
         raise UserError(f"{len(runs)} finished run(s): the law has 5 constants, fit it on at least 5 (a sweep)")
     n, d, loss = (np.array([r[k] for r in runs], dtype=np.float64) for k in ("N", "D", "loss"))
@@ -383,20 +416,20 @@ def fit_runs(run_dirs: list[str], opts: PlanOptions) -> None:
         spread[name] = [float(low), float(high)] if laws else None
         print(f"  {name:<6} {getattr(law, name):>12.4g}   [{low:.4g}, {high:.4g}]")
     groups = budget_groups(runs)
-    budgets = [g[0] for g in groups]
-    print("compute-optimal allocation (C = 6ND):")
-    for c in budgets + [budgets[-1] * 100]:
+    six_nd = [float(np.median([6 * r["N"] * r["D"] for r in members])) for _, members in groups]
+    print("compute-optimal allocation at each sweep budget's C = 6ND (all parameters; the law's own C) and 100x:")
+    for c in six_nd + [six_nd[-1] * 100]:
         n_opt, d_opt = law.optimal(c)
         ratios = [x.optimal(c)[1] / x.optimal(c)[0] for x in laws]
         low, high = np.percentile(ratios, [5, 95]) if ratios else (math.nan, math.nan)
-        print(f"  {c:9.3g} FLOPs: N {n_opt:,.0f}, D {d_opt:,.0f}, {d_opt / n_opt:.1f} tokens per parameter "
+        print(f"  6ND {c:9.3g}: N {n_opt:,.0f}, D {d_opt:,.0f}, {d_opt / n_opt:.1f} tokens per parameter "
               f"[{low:.1f}, {high:.1f}], loss {law.loss(n_opt, d_opt):.3f}")  # fmt: skip
     residual = loss - law.loss(n, d)
     print(f"fit residuals: rms {np.sqrt(np.mean(residual**2)):.4f}, max {np.max(np.abs(residual)):.4f} (loss units)")
+    draw(groups, law, opts.plot)
     write_file(
         opts.fit_out, json.dumps({"law": dataclasses.asdict(law), "intervals_90": spread, "runs": runs}, indent=2)
     )
-    draw(groups, law, opts.plot)
     print(f"wrote {opts.fit_out} (plan with --law={opts.fit_out}) and {opts.plot}")
 
 
@@ -433,13 +466,12 @@ def draw(groups: list[tuple[float, list[dict]]], law, path: str) -> None:
             left.scatter([ns[curve.argmin()]], [curve.min()], color=color, marker="*", s=120, edgecolor="k")
     left.set(xscale="log", xlabel="parameters N", ylabel="final val loss", title="IsoFLOP curves (* the law's optimum)")
     left.legend(fontsize=8)
-    cs = np.geomspace(budgets[0] / 3, budgets[-1] * 100, 50)
-    right.plot(cs, [law.optimal(c)[0] for c in cs], color="k", label="N_opt(C = 6ND), fitted")
-    for c, color in zip(budgets, colors, strict=True):
-        mine = next(members for budget, members in groups if budget == c)
-        best = min(mine, key=lambda r: r["loss"])
-        right.scatter([c], [best["N"]], color=color, label=f"best run at {c:.0e}")
-    right.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="parameters", title="compute-optimal N")
+    best = [min(members, key=lambda r: r["loss"]) for _, members in groups]
+    cs = np.geomspace(min(6 * r["N"] * r["D"] for r in best) / 3, max(6 * r["N"] * r["D"] for r in best) * 100, 50)
+    right.plot(cs, [law.optimal(c)[0] for c in cs], color="k", label="N_opt(C), fitted")
+    for c, run, color in zip(budgets, best, colors, strict=True):
+        right.scatter([6 * run["N"] * run["D"]], [run["N"]], color=color, label=f"best run at {c:.0e}")
+    right.set(xscale="log", yscale="log", xlabel="C = 6ND (FLOPs)", ylabel="parameters", title="compute-optimal N")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -472,6 +504,18 @@ def main(argv=None):
     outputs |= {"--sweep_script": opts.sweep_script} if opts.sweep else {"--out": opts.out} if opts.out else {}
     for flag, path in outputs.items():  # before any work: nothing is written when one cannot be
         check_output(path, flag)
+    inputs = {"--law": opts.law} if opts.law else {}
+    paths = {os.path.realpath(path): flag for flag, path in (inputs | outputs).items()}
+    if len(paths) < len(inputs | outputs):
+        raise UserError(f"{', '.join(inputs | outputs)} must be different files")
+    if opts.fit is not None:
+        from matplotlib.figure import Figure
+
+        kind = os.path.splitext(opts.plot)[1].removeprefix(".").lower()
+        if kind not in Figure().canvas.get_supported_filetypes():
+            raise UserError(f"--plot={opts.plot}: name a picture matplotlib writes (.png, .svg, .pdf)")
+    if opts.sweep and any(getattr(opts, name) is not None for name in ("gpu_hours", "hours", "dollars")):
+        raise UserError("--sweep takes each run's budget as --flops (like 1e12,3e12), not hours or dollars")
     if opts.fit is not None:
         dirs = [d for pattern in opts.fit.split(",") if pattern for d in sorted(glob.glob(pattern)) or [pattern]]
         missing = [d for d in dirs if not os.path.isdir(d)]
@@ -493,7 +537,11 @@ def main(argv=None):
         try:
             budgets = [float(f) for f in opts.flops.split(",") if f]
         except ValueError:
-            raise UserError(f"--flops={opts.flops} is not a list of FLOPs (like 1e12,3e12)") from None
+            budgets = []
+        names = {f"{f:.3g}" for f in budgets}  # each budget's runs are named by 3 digits
+        if not budgets or not all(0 < f < math.inf for f in budgets) or len(names) < len(budgets):
+            raise UserError(f"--flops={opts.flops}: give the sweep's budgets in FLOPs, each more than 0 and different "
+                            "in its first 3 digits (like 1e12,3e12)")  # fmt: skip
     else:
         flops = budget_flops(opts, peak)
     cfg = resolve_options(TRAIN_PY, train_argv)
