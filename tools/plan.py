@@ -10,7 +10,8 @@
 
 Takes train.py's command line too (presets, then --key=value, resolved by train.py itself): what it pins (block_size,
 dataset, the architecture switches, dtype, ...) stays; the plan sets n_layer, n_head, n_embd, batch_size,
-gradient_accumulation_steps, learning_rate, min_lr, warmup_iters, max_iters and lr_decay_iters.
+gradient_accumulation_steps, learning_rate, min_lr, warmup_iters, max_iters and lr_decay_iters (refused as
+--key=value; a preset's are replaced).
 
 The rules, and where they come from:
   compute C         FLOPs = gpu_hours x 3600 x peak FLOP/s x mfu (--hours x --num_gpus GPU-hours; --dollars /
