@@ -458,7 +458,7 @@ def draw(groups: list[tuple[float, list[dict]]], law, path: str) -> None:
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(budgets)))
     for c, color in zip(budgets, colors, strict=True):
         mine = next(members for budget, members in groups if budget == c)
-        left.scatter([r["N"] for r in mine], [r["loss"] for r in mine], color=color, label=f"{c:.0e} FLOPs")
+        left.scatter([r["N"] for r in mine], [r["loss"] for r in mine], color=color, label=f"{c:.2g} FLOPs")
         ns = np.geomspace(min(r["N"] for r in mine) / 1.5, max(r["N"] for r in mine) * 1.5, 100)
         if len(mine) > 1:  # the tokens the budget buys at each size, as its runs had them (log D linear in log N)
             slope, offset = np.polyfit(np.log([r["N"] for r in mine]), np.log([r["D"] for r in mine]), 1)
@@ -471,7 +471,7 @@ def draw(groups: list[tuple[float, list[dict]]], law, path: str) -> None:
     cs = np.geomspace(min(6 * r["N"] * r["D"] for r in best) / 3, max(6 * r["N"] * r["D"] for r in best) * 100, 50)
     right.plot(cs, [law.optimal(c)[0] for c in cs], color="k", label="N_opt(C), fitted")
     for c, run, color in zip(budgets, best, colors, strict=True):
-        right.scatter([6 * run["N"] * run["D"]], [run["N"]], color=color, label=f"best run at {c:.0e}")
+        right.scatter([6 * run["N"] * run["D"]], [run["N"]], color=color, label=f"best run at {c:.2g}")
     right.set(xscale="log", yscale="log", xlabel="C = 6ND (FLOPs)", ylabel="parameters", title="compute-optimal N")
     right.legend(fontsize=8)
     fig.tight_layout()
