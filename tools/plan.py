@@ -387,7 +387,7 @@ def read_run(run_dir: str) -> dict:
     if not train.get("batch_size") or not train.get("gradient_accumulation_steps") or train.get("batch_warmup_tokens"):
         raise UserError(f"{run_dir}: its checkpoint does not say how many tokens it trained on (a batch warm-up, or "
                         "no batch recorded); fit runs that the sweep wrote")  # fmt: skip
-    if train.get("init_from", "scratch") != "scratch":
+    if train.get("init_from", "scratch") not in ("scratch", "resume"):  # (a sweep's run resumed is still its own)
         raise UserError(f"{run_dir} started from {train['init_from']}, not from scratch; fit runs that the sweep wrote")
     tokens = meta["iter_num"] * train["batch_size"] * train["gradient_accumulation_steps"] * config.block_size
     model = build_meta_model(config)
