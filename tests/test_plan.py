@@ -221,3 +221,35 @@ def test_a_sweep_runs_fits_and_plans(char_data, tmp_path):
     assert "expected final loss" in done.stdout and "python train.py" in done.stdout
     preset = (tmp_path / "planned.py").read_text()
     assert "n_layer = " in preset and "dataset = 'tiny_char'" in preset
+
+    # runs --fit cannot read D = iterations x batch from, or that are not the sweep's, are refused in one line; a
+    # sweep run resumed after an interruption is its own run still
+    import json
+    import shutil
+
+    from conftest import rehash_checkpoint
+
+    from engine.checkpoint import find_checkpoint
+
+    runs = sorted(str(p) for p in tmp_path.glob("run-*"))
+    for change, words in [
+        ({"init_from": "gpt2"}, "started from gpt2, not from scratch"),
+        ({"batch_warmup_tokens": 4096}, "does not say how many tokens it trained on"),
+        ({"dataset": "other_char"}, "the runs trained on different datasets"),
+        ({"init_from": "resume"}, None),
+    ]:
+        odd = tmp_path / "odd"
+        shutil.rmtree(odd, ignore_errors=True)
+        shutil.copytree(runs[0], odd)
+        checkpoint = find_checkpoint(str(odd), log=lambda *a, **k: None)
+        meta = json.loads(open(os.path.join(checkpoint, "meta.json")).read())
+        meta["train_config"] |= change
+        with open(os.path.join(checkpoint, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        rehash_checkpoint(checkpoint)
+        done = run_plan("--fit", *runs, str(odd), "--bootstrap=0", "--fit_out=odd.json", "--plot=odd.png", cwd=tmp_path)
+        if words is None:
+            assert done.returncode == 0 and f"on {len(runs) + 1} runs" in done.stdout, done.stderr
+        else:
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr
