@@ -113,5 +113,5 @@ def test_serve_throughput_prints_one_row_per_number_of_clients(capsys):
     assert "sample.py decoder, one stream" in out and "serve.py, 1 concurrent client " in out
     three = next(line for line in out.splitlines() if line.startswith("serve.py, 3 concurrent clients"))
     # three clients on two rows: each step decoded one or two rows (how often two overlap depends on the machine's
-    # load, so no more is asserted here; tests/test_serve.py checks concurrent streams share steps)
+    # load, so no more is asserted here; tests/test_batching.py checks that requests queued together share steps)
     assert 1 <= float(three.split()[-1]) <= 2

@@ -65,7 +65,7 @@ from engine.masking import token_ids_needed
 from engine.memory import activation_bytes, device_memory
 from engine.schemas import ScalingLawFile, check, read_json
 from model import GPTConfig
-from tools.sizing import SizingOptions, build_meta_model, gpu_peak_flops, report
+from tools.sizing import SizingOptions, build_meta_model, gpu_lookup, gpu_peak_flops, report
 
 TRAIN_PY = os.path.join(ROOT, "train.py")
 PLANNED = ("n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr")
@@ -310,18 +310,15 @@ def gpu_memory(opts: PlanOptions) -> float:
         return opts.gpu_memory_gb * 2**30
     if opts.gpu.lower() == "cpu":
         return device_memory("cpu") or 8 * 2**30
-    plain = lambda name: "".join(c for c in name.lower() if c.isalnum())  # noqa: E731
-    exact = [gb for key, gb in GPU_MEMORY_GB.items() if plain(key) == plain(opts.gpu)]  # (GH200 is not H200)
-    within = [gb for key, gb in GPU_MEMORY_GB.items() if plain(key) in plain(opts.gpu)]
-    return (exact + within + [80])[0] * 2**30
+    return (gpu_lookup(GPU_MEMORY_GB.items(), opts.gpu) or 80) * 2**30
 
 
 def command(argv: list[str], options: dict, num_gpus: int, extra: dict | None = None) -> str:
-    """The train.py command line: the user's own arguments (but the planned ones), then the plan's."""
-    keep = [a for a in argv if a.removeprefix("--").partition("=")[0] not in PLANNED]
+    """The train.py command line: the user's own arguments (none of them planned ones: those are refused), then the
+    plan's."""
     planned = [f"--{k}={v}" for k, v in (options | (extra or {})).items()]
     launch = ["torchrun", "--standalone", f"--nproc_per_node={num_gpus}"] if num_gpus > 1 else ["python"]
-    return shlex.join([*launch, "train.py", *keep, *planned])
+    return shlex.join([*launch, "train.py", *argv, *planned])
 
 
 def print_plan(p: dict, cfg, opts: PlanOptions, argv: list[str], available: int | None, law_path: str | None):
@@ -333,11 +330,10 @@ def print_plan(p: dict, cfg, opts: PlanOptions, argv: list[str], available: int 
           f"(all, embeddings included), {s.flops_per_token:.3g} FLOPs per token (6N + 12LCT)")  # fmt: skip
     print(f"tokens: {p['tokens']:,}, {p['tokens_per_param']:.1f} per parameter (target: {target})")
     o = p["options"]
-    print(f"batch: {o['batch_size']} x {o['gradient_accumulation_steps']} x {cfg.block_size} = "
-          f"{o['batch_size'] * o['gradient_accumulation_steps'] * cfg.block_size:,} tokens per step, "
-          f"{o['max_iters']:,} steps; learning rate {o['learning_rate']:g} (min {o['min_lr']:g}), warmup "
-          f"{o['warmup_iters']}")  # fmt: skip
     per_step = o["batch_size"] * o["gradient_accumulation_steps"] * cfg.block_size
+    print(f"batch: {o['batch_size']} x {o['gradient_accumulation_steps']} x {cfg.block_size} = {per_step:,} tokens per "
+          f"step, {o['max_iters']:,} steps; learning rate {o['learning_rate']:g} (min {o['min_lr']:g}), warmup "
+          f"{o['warmup_iters']}")  # fmt: skip
     if per_step > p["batch_target"] * 1.5:
         print(f"warning: one sequence per GPU is {per_step:,} tokens per step, over the {p['batch_target']:,.0f} this "
               "budget wants (DeepSeek's rule): fewer GPUs, or a shorter block_size, would train it better")  # fmt: skip
@@ -351,8 +347,7 @@ def print_plan(p: dict, cfg, opts: PlanOptions, argv: list[str], available: int 
             budget = f", or plan for at most {fits:.2g} FLOPs" if fits else ""
             print(f"warning: the data is too small for this budget: past {MAX_EPOCHS} epochs repeated tokens are "
                   f"worth much less than fresh ones (Muennighoff et al. 2023); get more data{budget}")  # fmt: skip
-    train_argv = [a for a in argv if a.removeprefix("--").partition("=")[0] not in PLANNED]
-    print("\n" + command(train_argv, o, opts.num_gpus))
+    print("\n" + command(argv, o, opts.num_gpus))
 
 
 def sweep(flops_list: list[float], cfg, opts: PlanOptions, sizes: Sizes, law, peak: float, argv) -> str:

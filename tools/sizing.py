@@ -101,17 +101,22 @@ def gpu_peak_flops(gpu: str, cpu_dtype: torch.dtype = torch.float32) -> float:
     cpu_dtype (the dtype a CPU run trains in: bfloat16 matmuls run several times faster on CPUs with AMX)."""
     if gpu.lower() == "cpu":
         return measured_cpu_flops(cpu_dtype)
+    flops = gpu_lookup(GPU_PEAK_FLOPS, gpu)
+    if flops is None:
+        raise UserError(f"unknown --gpu={gpu!r}; known: cpu, {', '.join(k for k, _ in GPU_PEAK_FLOPS)}")
+    return flops
+
+
+def gpu_lookup(table, gpu: str):
+    """The value of a (name, value) table for a GPU named as in it (case, spaces, dashes and underscores aside), or
+    whose full name contains a table key (an exact name first: GH200 is not H200); None for an unknown GPU."""
 
     def plain(name: str) -> str:
         return "".join(c for c in name.lower() if c.isalnum())
 
-    for key, flops in GPU_PEAK_FLOPS:
-        if plain(key) == plain(gpu):
-            return flops
-    for key, flops in GPU_PEAK_FLOPS:
-        if plain(key) in plain(gpu):
-            return flops
-    raise UserError(f"unknown --gpu={gpu!r}; known: cpu, {', '.join(k for k, _ in GPU_PEAK_FLOPS)}")
+    exact = [value for key, value in table if plain(key) == plain(gpu)]
+    within = [value for key, value in table if plain(key) in plain(gpu)]
+    return (exact + within + [None])[0]
 
 
 def measured_cpu_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
